@@ -1,0 +1,1 @@
+//! mirrordb node: the datastore, its journal, recovery, and the HTTP API.
