@@ -1,1 +1,11 @@
 //! mirrordb node: the datastore, its journal, recovery, and the HTTP API.
+//!
+//! ```text
+//! HTTP API ──► Engine ──► writer thread ──► journal (segments, fdatasync) ──► ack
+//!                 │              └────────► data file (redb, flushed with checkpoint_lsn)
+//!                 └─► readers: MVCC snapshots of the data file
+//! ```
+
+pub mod engine;
+pub mod journal;
+pub mod model;

@@ -1,0 +1,646 @@
+//! The data file: a redb database holding the applied state.
+//!
+//! ```text
+//! records      (table, key)     -> version u64 LE | JSON bytes
+//! tables       name             -> postcard TableMeta
+//! blobs        (table, key)     -> postcard BlobMeta
+//! blob_chunks  (blob_id, index) -> up to 1 MiB of bytes
+//! meta         name             -> db_id | epoch | checkpoint_lsn | format
+//! ```
+//!
+//! Applied batches are committed with `Durability::None`: visible to readers
+//! at once, durable only at the next flush, which is one `Immediate` commit
+//! that also records `checkpoint_lsn`, the last LSN whose effects the durable
+//! file holds. After a crash redb reopens at the last durable commit and
+//! recovery replays the journal from `checkpoint_lsn + 1`.
+//!
+//! A BLOB's chunks are staged under `blob_id` = the LSN of its `BlobBegin`
+//! and become visible only when its transaction commits and links them.
+
+use crate::model::{Record, TableInfo};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+
+const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
+const TABLES: TableDefinition<&str, &[u8]> = TableDefinition::new("tables");
+const BLOBS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("blobs");
+const BLOB_CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("blob_chunks");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Version of the data file's layout.
+pub const DATA_FORMAT: u32 = 1;
+/// Name of the data file inside the data directory.
+pub const DATA_FILE: &str = "mirrordb.redb";
+
+/// A data-file error: the message of the underlying redb error.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+impl<E: Into<redb::Error>> From<E> for StoreError {
+    fn from(e: E) -> Self {
+        StoreError(e.into().to_string())
+    }
+}
+
+/// Per-table facts kept in the data file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableMeta {
+    pub journaled: bool,
+    pub records: u64,
+    pub blobs: u64,
+}
+
+/// Where a BLOB's bytes are and what version wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    pub blob_id: u64,
+    pub size: u64,
+    pub version: u64,
+}
+
+/// The facts recovery needs from the data file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreMeta {
+    pub db_id: [u8; 16],
+    pub epoch: u64,
+    pub checkpoint_lsn: u64,
+}
+
+/// The open data file. Cheap to clone; readers and the single writer share it.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+fn decode_meta<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError(format!("undecodable metadata: {e}")))
+}
+
+fn u64_from(bytes: &[u8]) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StoreError("short integer in metadata".into()))?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+fn split_record(bytes: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+    if bytes.len() < 8 {
+        return Err(StoreError("short record".into()));
+    }
+    Ok((u64_from(&bytes[..8])?, &bytes[8..]))
+}
+
+impl Store {
+    /// Opens an existing data file.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        let db = Database::builder().set_cache_size(cache_bytes).open(path)?;
+        Ok(Store {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Creates a new data file for database `db_id` at `epoch`, durably.
+    pub fn create(
+        path: &Path,
+        cache_bytes: usize,
+        db_id: [u8; 16],
+        epoch: u64,
+    ) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert("db_id", &db_id[..])?;
+            meta.insert("epoch", &epoch.to_le_bytes()[..])?;
+            meta.insert("checkpoint_lsn", &0u64.to_le_bytes()[..])?;
+            meta.insert("format", &DATA_FORMAT.to_le_bytes()[..])?;
+            txn.open_table(RECORDS)?;
+            txn.open_table(TABLES)?;
+            txn.open_table(BLOBS)?;
+            txn.open_table(BLOB_CHUNKS)?;
+        }
+        txn.commit()?;
+        Ok(Store {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The data file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the database id, epoch and checkpoint.
+    pub fn meta(&self) -> Result<StoreMeta, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        let get = |k: &str| -> Result<Vec<u8>, StoreError> {
+            t.get(k)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| StoreError(format!("metadata key {k} missing")))
+        };
+        let id = get("db_id")?;
+        let db_id: [u8; 16] = id
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError("bad database id".into()))?;
+        Ok(StoreMeta {
+            db_id,
+            epoch: u64_from(&get("epoch")?)?,
+            checkpoint_lsn: u64_from(&get("checkpoint_lsn")?)?,
+        })
+    }
+
+    /// A consistent read view.
+    pub fn read(&self) -> Result<ReadView, StoreError> {
+        Ok(ReadView {
+            txn: self.db.begin_read()?,
+        })
+    }
+
+    /// Starts applying a batch; see [`Applier`].
+    pub fn begin_apply(&self) -> Result<Applier, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        Ok(Applier {
+            txn,
+            tables: HashMap::new(),
+            bytes: 0,
+        })
+    }
+}
+
+/// A consistent, read-only view of the data file (an MVCC snapshot).
+pub struct ReadView {
+    txn: ReadTransaction,
+}
+
+/// One page of an ordered scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    pub records: Vec<Record>,
+    /// The key to pass as `start_after` for the next page, if there may be one.
+    pub next: Option<String>,
+}
+
+impl ReadView {
+    /// One record.
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        let t = self.txn.open_table(RECORDS)?;
+        match t.get((table, key))? {
+            None => Ok(None),
+            Some(v) => {
+                let (version, json) = split_record(v.value())?;
+                Ok(Some(Record {
+                    key: key.to_owned(),
+                    version,
+                    value: json.to_vec(),
+                }))
+            }
+        }
+    }
+
+    /// The version of one record (`0` if absent).
+    pub fn version(&self, table: &str, key: &str) -> Result<u64, StoreError> {
+        Ok(self.get(table, key)?.map(|r| r.version).unwrap_or(0))
+    }
+
+    /// Up to `limit` records of `table` in key order, with keys starting with
+    /// `prefix` and greater than `start_after`.
+    pub fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        let t = self.txn.open_table(RECORDS)?;
+        let lower = match start_after {
+            Some(s) if s >= prefix => s,
+            _ => prefix,
+        };
+        let mut records = Vec::new();
+        let mut more = false;
+        for item in t.range((table, lower)..)? {
+            let (k, v) = item?;
+            let (tname, key) = k.value();
+            if tname != table || !key.starts_with(prefix) {
+                break;
+            }
+            if start_after == Some(key) {
+                continue;
+            }
+            if records.len() == limit {
+                more = true;
+                break;
+            }
+            let (version, json) = split_record(v.value())?;
+            records.push(Record {
+                key: key.to_owned(),
+                version,
+                value: json.to_vec(),
+            });
+        }
+        let next = if more {
+            records.last().map(|r| r.key.clone())
+        } else {
+            None
+        };
+        Ok(ScanPage { records, next })
+    }
+
+    /// Every table with its options and counts.
+    pub fn tables(&self) -> Result<Vec<TableInfo>, StoreError> {
+        let t = self.txn.open_table(TABLES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let m: TableMeta = decode_meta(v.value())?;
+            out.push(TableInfo {
+                name: k.value().to_owned(),
+                journaled: m.journaled,
+                records: m.records,
+                blobs: m.blobs,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One table's metadata.
+    pub fn table(&self, name: &str) -> Result<Option<TableMeta>, StoreError> {
+        let t = self.txn.open_table(TABLES)?;
+        t.get(name)?.map(|v| decode_meta(v.value())).transpose()
+    }
+
+    /// A BLOB's metadata.
+    pub fn blob(&self, table: &str, key: &str) -> Result<Option<BlobMeta>, StoreError> {
+        let t = self.txn.open_table(BLOBS)?;
+        t.get((table, key))?
+            .map(|v| decode_meta(v.value()))
+            .transpose()
+    }
+
+    /// One chunk of a BLOB.
+    pub fn blob_chunk(&self, blob_id: u64, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = self.txn.open_table(BLOB_CHUNKS)?;
+        Ok(t.get((blob_id, index))?.map(|v| v.value().to_vec()))
+    }
+
+    /// Number of records and a digest of every record and BLOB (table, key,
+    /// version and bytes), for comparing two nodes or a restore.
+    pub fn digest(&self) -> Result<(u64, u32), StoreError> {
+        let mut crc = 0u32;
+        let mut count = 0u64;
+        let t = self.txn.open_table(RECORDS)?;
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let (table, key) = k.value();
+            crc = crc32c::crc32c_append(crc, table.as_bytes());
+            crc = crc32c::crc32c_append(crc, &[0]);
+            crc = crc32c::crc32c_append(crc, key.as_bytes());
+            crc = crc32c::crc32c_append(crc, &[0]);
+            crc = crc32c::crc32c_append(crc, v.value());
+            count += 1;
+        }
+        let b = self.txn.open_table(BLOBS)?;
+        let chunks: ReadOnlyTable<(u64, u32), &[u8]> = self.txn.open_table(BLOB_CHUNKS)?;
+        for item in b.iter()? {
+            let (k, v) = item?;
+            let (table, key) = k.value();
+            let m: BlobMeta = decode_meta(v.value())?;
+            crc = crc32c::crc32c_append(crc, table.as_bytes());
+            crc = crc32c::crc32c_append(crc, key.as_bytes());
+            crc = crc32c::crc32c_append(crc, &m.size.to_le_bytes());
+            for c in chunks.range((m.blob_id, 0)..=(m.blob_id, u32::MAX))? {
+                crc = crc32c::crc32c_append(crc, c?.1.value());
+            }
+        }
+        Ok((count, crc))
+    }
+}
+
+/// Applies operations inside one write transaction. Table counters are kept
+/// in memory and written once at commit.
+pub struct Applier {
+    txn: WriteTransaction,
+    tables: HashMap<String, TableMeta>,
+    bytes: u64,
+}
+
+impl Applier {
+    fn table_meta(&mut self, table: &str) -> Result<&mut TableMeta, StoreError> {
+        if !self.tables.contains_key(table) {
+            let t = self.txn.open_table(TABLES)?;
+            let m = match t.get(table)? {
+                Some(v) => decode_meta(v.value())?,
+                None => TableMeta {
+                    journaled: true,
+                    ..TableMeta::default()
+                },
+            };
+            drop(t);
+            self.tables.insert(table.to_owned(), m);
+        }
+        self.tables
+            .get_mut(table)
+            .ok_or_else(|| StoreError("table metadata vanished".into()))
+    }
+
+    /// Bytes applied so far in this batch (for `dirty_bytes_max`).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Creates a table or changes its options.
+    pub fn set_table(&mut self, table: &str, journaled: bool) -> Result<(), StoreError> {
+        self.table_meta(table)?.journaled = journaled;
+        self.bytes += table.len() as u64 + 16;
+        Ok(())
+    }
+
+    /// Writes a record at `version`.
+    pub fn put(
+        &mut self,
+        table: &str,
+        key: &str,
+        value: &[u8],
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let mut buf = Vec::with_capacity(8 + value.len());
+        buf.extend_from_slice(&version.to_le_bytes());
+        buf.extend_from_slice(value);
+        let existed = {
+            let mut t = self.txn.open_table(RECORDS)?;
+            t.insert((table, key), buf.as_slice())?.is_some()
+        };
+        if !existed {
+            self.table_meta(table)?.records += 1;
+        }
+        self.bytes += (table.len() + key.len() + buf.len()) as u64;
+        Ok(())
+    }
+
+    /// Removes a record.
+    pub fn delete(&mut self, table: &str, key: &str) -> Result<(), StoreError> {
+        let existed = {
+            let mut t = self.txn.open_table(RECORDS)?;
+            t.remove((table, key))?.is_some()
+        };
+        if existed {
+            let m = self.table_meta(table)?;
+            m.records = m.records.saturating_sub(1);
+        }
+        self.bytes += (table.len() + key.len()) as u64;
+        Ok(())
+    }
+
+    /// Stores one staged chunk of a BLOB (invisible until linked).
+    pub fn stage_chunk(
+        &mut self,
+        blob_id: u64,
+        index: u32,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(BLOB_CHUNKS)?;
+        t.insert((blob_id, index), bytes)?;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Deletes every chunk of a BLOB id.
+    pub fn drop_chunks(&mut self, blob_id: u64) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(BLOB_CHUNKS)?;
+        t.retain_in((blob_id, 0)..=(blob_id, u32::MAX), |_, _| false)?;
+        Ok(())
+    }
+
+    /// Makes staged chunks the BLOB at `(table, key)`, dropping the old one.
+    pub fn link_blob(&mut self, table: &str, key: &str, meta: BlobMeta) -> Result<(), StoreError> {
+        let enc = postcard::to_stdvec(&meta).map_err(|e| StoreError(e.to_string()))?;
+        let old = {
+            let mut t = self.txn.open_table(BLOBS)?;
+            let old = t.insert((table, key), enc.as_slice())?;
+            old.map(|v| decode_meta::<BlobMeta>(v.value()))
+                .transpose()?
+        };
+        match old {
+            Some(o) if o.blob_id != meta.blob_id => self.drop_chunks(o.blob_id)?,
+            Some(_) => {}
+            None => self.table_meta(table)?.blobs += 1,
+        }
+        self.bytes += (table.len() + key.len() + 32) as u64;
+        Ok(())
+    }
+
+    /// Removes a BLOB and its chunks.
+    pub fn delete_blob(&mut self, table: &str, key: &str) -> Result<(), StoreError> {
+        let old = {
+            let mut t = self.txn.open_table(BLOBS)?;
+            let old = t.remove((table, key))?;
+            old.map(|v| decode_meta::<BlobMeta>(v.value()))
+                .transpose()?
+        };
+        if let Some(o) = old {
+            self.drop_chunks(o.blob_id)?;
+            let m = self.table_meta(table)?;
+            m.blobs = m.blobs.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Removes staged chunks that no BLOB links (left by a transaction that
+    /// never committed). Returns how many chunks were removed.
+    pub fn sweep_orphan_chunks(&mut self) -> Result<u64, StoreError> {
+        let mut linked = std::collections::HashSet::new();
+        {
+            let t = self.txn.open_table(BLOBS)?;
+            for item in t.iter()? {
+                let m: BlobMeta = decode_meta(item?.1.value())?;
+                linked.insert(m.blob_id);
+            }
+        }
+        let mut removed = 0u64;
+        let mut t = self.txn.open_table(BLOB_CHUNKS)?;
+        t.retain(|(id, _), _| {
+            let keep = linked.contains(&id);
+            if !keep {
+                removed += 1;
+            }
+            keep
+        })?;
+        Ok(removed)
+    }
+
+    /// Records the epoch.
+    pub fn set_epoch(&mut self, epoch: u64) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(META)?;
+        t.insert("epoch", &epoch.to_le_bytes()[..])?;
+        Ok(())
+    }
+
+    fn write_tables(&mut self) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(TABLES)?;
+        for (name, m) in self.tables.drain() {
+            let enc = postcard::to_stdvec(&m).map_err(|e| StoreError(e.to_string()))?;
+            t.insert(name.as_str(), enc.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Commits the batch: visible to readers now, durable at the next flush.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.write_tables()?;
+        self.txn.commit()?;
+        Ok(())
+    }
+
+    /// Commits the batch durably, recording that everything up to
+    /// `checkpoint_lsn` is in the file.
+    pub fn commit_durable(mut self, checkpoint_lsn: u64) -> Result<(), StoreError> {
+        self.write_tables()?;
+        {
+            let mut t = self.txn.open_table(META)?;
+            t.insert("checkpoint_lsn", &checkpoint_lsn.to_le_bytes()[..])?;
+        }
+        self.txn.set_durability(Durability::Immediate)?;
+        self.txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::create(&dir.path().join(DATA_FILE), 1 << 20, [1; 16], 1).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn put_get_delete_and_counts() {
+        let (_d, s) = store();
+        let mut a = s.begin_apply().unwrap();
+        a.set_table("t", true).unwrap();
+        a.put("t", "a", b"1", 5).unwrap();
+        a.put("t", "b", b"2", 6).unwrap();
+        a.put("t", "a", b"3", 7).unwrap();
+        a.commit().unwrap();
+        let r = s.read().unwrap();
+        assert_eq!(r.get("t", "a").unwrap().unwrap().value, b"3");
+        assert_eq!(r.version("t", "a").unwrap(), 7);
+        assert_eq!(r.version("t", "zz").unwrap(), 0);
+        assert_eq!(r.tables().unwrap()[0].records, 2);
+        let mut a = s.begin_apply().unwrap();
+        a.delete("t", "a").unwrap();
+        a.delete("t", "missing").unwrap();
+        a.commit().unwrap();
+        let r = s.read().unwrap();
+        assert!(r.get("t", "a").unwrap().is_none());
+        assert_eq!(r.tables().unwrap()[0].records, 1);
+    }
+
+    #[test]
+    fn scan_pages_by_prefix_and_start_after() {
+        let (_d, s) = store();
+        let mut a = s.begin_apply().unwrap();
+        for k in ["a1", "a2", "a3", "b1"] {
+            a.put("t", k, b"0", 1).unwrap();
+        }
+        a.put("u", "a0", b"0", 1).unwrap();
+        a.commit().unwrap();
+        let r = s.read().unwrap();
+        let p = r.scan("t", "a", None, 2).unwrap();
+        assert_eq!(
+            p.records.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["a1", "a2"]
+        );
+        assert_eq!(p.next.as_deref(), Some("a2"));
+        let p = r.scan("t", "a", p.next.as_deref(), 2).unwrap();
+        assert_eq!(
+            p.records.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["a3"]
+        );
+        assert_eq!(p.next, None);
+        let all = r.scan("t", "", None, 100).unwrap();
+        assert_eq!(all.records.len(), 4);
+    }
+
+    #[test]
+    fn blobs_link_replace_and_sweep() {
+        let (_d, s) = store();
+        let mut a = s.begin_apply().unwrap();
+        a.stage_chunk(10, 0, b"ab").unwrap();
+        a.stage_chunk(10, 1, b"c").unwrap();
+        a.link_blob(
+            "t",
+            "k",
+            BlobMeta {
+                blob_id: 10,
+                size: 3,
+                version: 10,
+            },
+        )
+        .unwrap();
+        a.stage_chunk(20, 0, b"orphan").unwrap();
+        a.commit().unwrap();
+        let r = s.read().unwrap();
+        let m = r.blob("t", "k").unwrap().unwrap();
+        assert_eq!(r.blob_chunk(m.blob_id, 1).unwrap().unwrap(), b"c");
+        let mut a = s.begin_apply().unwrap();
+        assert_eq!(a.sweep_orphan_chunks().unwrap(), 1);
+        a.stage_chunk(30, 0, b"new").unwrap();
+        a.link_blob(
+            "t",
+            "k",
+            BlobMeta {
+                blob_id: 30,
+                size: 3,
+                version: 30,
+            },
+        )
+        .unwrap();
+        a.commit().unwrap();
+        let r = s.read().unwrap();
+        assert!(r.blob_chunk(10, 0).unwrap().is_none(), "old chunks dropped");
+        assert_eq!(r.tables().unwrap()[0].blobs, 1);
+    }
+
+    #[test]
+    fn durable_checkpoint_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATA_FILE);
+        {
+            let s = Store::create(&path, 1 << 20, [2; 16], 3).unwrap();
+            let mut a = s.begin_apply().unwrap();
+            a.put("t", "k", b"1", 1).unwrap();
+            a.commit_durable(1).unwrap();
+        }
+        let s = Store::open(&path, 1 << 20).unwrap();
+        let m = s.meta().unwrap();
+        assert_eq!(
+            m,
+            StoreMeta {
+                db_id: [2; 16],
+                epoch: 3,
+                checkpoint_lsn: 1
+            }
+        );
+        assert_eq!(s.read().unwrap().digest().unwrap().0, 1);
+    }
+}

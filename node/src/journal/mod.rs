@@ -1,0 +1,7 @@
+//! The journal: segmented, append-only files of checksummed entries with
+//! dense LSNs (DESIGN §3). `format` is the byte layout, `disk` the I/O seam
+//! used for fault injection, `scan` verification and reading back.
+
+pub mod disk;
+pub mod format;
+pub mod scan;

@@ -1,0 +1,523 @@
+//! Reading the journal back: listing segments, verifying every frame, cutting
+//! a torn tail, and iterating entries from a given LSN.
+//!
+//! Verification walks every frame of every segment and checks the segment
+//! header (magic, version, checksum, database id), each frame's checksum, that
+//! LSNs are dense across segments and that epochs never go back. What happens
+//! on a bad frame depends on where it is:
+//!
+//! ```text
+//! bad frame in the last segment, nothing valid after it  -> torn tail: cut it
+//! bad frame with a valid later frame, or in an older one -> corruption: refuse
+//! LSN gap or epoch going back anywhere                    -> corruption: refuse
+//! ```
+//!
+//! A tail can only be torn if it was never acknowledged: acknowledgements
+//! follow a successful fdatasync, and nothing is written after a failed one.
+
+use super::format::{self, FRAME_HEADER_LEN, FrameError, FrameHeader, HEADER_LEN, SegmentHeader};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// File name suffix of journal segments.
+pub const SEGMENT_SUFFIX: &str = ".journal";
+
+/// The file name of the segment whose first entry is `first_lsn`.
+pub fn segment_name(first_lsn: u64) -> String {
+    format!("{first_lsn:020}{SEGMENT_SUFFIX}")
+}
+
+/// A segment found on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentFile {
+    pub path: PathBuf,
+    pub header: SegmentHeader,
+}
+
+/// Why the journal cannot be read.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ScanError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} at offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("{path} belongs to database {found}, expected {expected}")]
+    Foreign {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ScanError + '_ {
+    move |source| ScanError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Formats a database id the way operators see it (a UUID).
+pub fn db_id_string(id: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*id).to_string()
+}
+
+/// Lists the segments in `dir`, ordered by first LSN. A last segment whose
+/// header is incomplete (a crash while creating it, before any entry could
+/// be written) is reported in the second value, not listed.
+pub fn list_segments(dir: &Path) -> Result<(Vec<SegmentFile>, Option<PathBuf>), ScanError> {
+    let mut found = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    for ent in rd {
+        let ent = ent.map_err(io_err(dir))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        let Ok(first_lsn) = stem.parse::<u64>() else {
+            continue;
+        };
+        found.push((first_lsn, ent.path()));
+    }
+    found.sort();
+    let mut segments = Vec::with_capacity(found.len());
+    let mut torn_header = None;
+    let count = found.len();
+    for (i, (first_lsn, path)) in found.into_iter().enumerate() {
+        let mut f = File::open(&path).map_err(io_err(&path))?;
+        let mut buf = [0u8; HEADER_LEN];
+        let n = read_up_to(&mut f, &mut buf).map_err(io_err(&path))?;
+        let header = match SegmentHeader::decode(&buf[..n]) {
+            Ok(h) => h,
+            Err(e) => {
+                if i + 1 == count && (n < HEADER_LEN || matches!(e, FrameError::Crc { .. })) {
+                    torn_header = Some(path);
+                    continue;
+                }
+                return Err(ScanError::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: format!("bad segment header: {e}"),
+                });
+            }
+        };
+        if header.first_lsn != first_lsn {
+            return Err(ScanError::Corrupt {
+                path,
+                offset: 40,
+                reason: format!(
+                    "header says first LSN {} but the file is named for {first_lsn}",
+                    header.first_lsn
+                ),
+            });
+        }
+        segments.push(SegmentFile { path, header });
+    }
+    Ok((segments, torn_header))
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The verified state of a journal directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalState {
+    pub segments: Vec<SegmentFile>,
+    /// LSN of the last valid entry (`0` if there is none).
+    pub last_lsn: u64,
+    /// Epoch of the last valid entry, or of the last segment if it is empty.
+    pub last_epoch: u64,
+    /// Byte length of the valid part of the last segment.
+    pub last_segment_len: u64,
+    /// LSN of the first entry still on disk (`0` if none).
+    pub first_lsn: u64,
+    /// If a torn tail was cut: where, how many bytes, and why.
+    pub cut: Option<TailCut>,
+    /// Entries verified.
+    pub entries: u64,
+}
+
+/// A torn tail that verification removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TailCut {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes_removed: u64,
+    pub reason: String,
+}
+
+/// Verifies every segment in `dir` (see the module doc). With `repair`, a
+/// torn tail in the last segment is truncated away (and synced) and a
+/// last segment with a torn header is removed; without it they are only
+/// reported. `expect_db` rejects segments of another database.
+pub fn verify(
+    dir: &Path,
+    expect_db: Option<[u8; 16]>,
+    repair: bool,
+) -> Result<JournalState, ScanError> {
+    let (segments, torn_header) = list_segments(dir)?;
+    let mut cut = None;
+    if let Some(p) = torn_header {
+        let len = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        if repair {
+            fs::remove_file(&p).map_err(io_err(&p))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+        }
+        cut = Some(TailCut {
+            path: p,
+            offset: 0,
+            bytes_removed: len,
+            reason: "segment header incomplete (crash while creating the segment)".into(),
+        });
+    }
+    let mut state = JournalState {
+        segments: segments.clone(),
+        last_lsn: 0,
+        last_epoch: 0,
+        last_segment_len: 0,
+        first_lsn: segments.first().map(|s| s.header.first_lsn).unwrap_or(0),
+        cut,
+        entries: 0,
+    };
+    let count = segments.len();
+    for (i, seg) in segments.iter().enumerate() {
+        if let Some(db) = expect_db {
+            if seg.header.db_id != db {
+                return Err(ScanError::Foreign {
+                    path: seg.path.clone(),
+                    expected: db_id_string(&db),
+                    found: db_id_string(&seg.header.db_id),
+                });
+            }
+        } else if let Some(first) = segments.first() {
+            if seg.header.db_id != first.header.db_id {
+                return Err(ScanError::Foreign {
+                    path: seg.path.clone(),
+                    expected: db_id_string(&first.header.db_id),
+                    found: db_id_string(&seg.header.db_id),
+                });
+            }
+        }
+        if i > 0 && seg.header.first_lsn != state.last_lsn + 1 {
+            return Err(ScanError::Corrupt {
+                path: seg.path.clone(),
+                offset: 40,
+                reason: format!(
+                    "LSN gap: previous segment ends at {} but this one starts at {}",
+                    state.last_lsn, seg.header.first_lsn
+                ),
+            });
+        }
+        if seg.header.epoch < state.last_epoch {
+            return Err(ScanError::Corrupt {
+                path: seg.path.clone(),
+                offset: 32,
+                reason: format!(
+                    "epoch goes back from {} to {}",
+                    state.last_epoch, seg.header.epoch
+                ),
+            });
+        }
+        state.last_epoch = seg.header.epoch;
+        let is_last = i + 1 == count;
+        let mut reader = SegmentReader::open(seg)?;
+        let mut expected = seg.header.first_lsn;
+        loop {
+            let at = reader.offset;
+            match reader.next_frame() {
+                Ok(None) => break,
+                Ok(Some(frame)) => {
+                    let h = frame.header;
+                    if h.lsn != expected || h.epoch < state.last_epoch {
+                        return Err(ScanError::Corrupt {
+                            path: seg.path.clone(),
+                            offset: at,
+                            reason: if h.lsn != expected {
+                                format!("LSN gap: expected {expected}, found {}", h.lsn)
+                            } else {
+                                format!("epoch goes back from {} to {}", state.last_epoch, h.epoch)
+                            },
+                        });
+                    }
+                    expected += 1;
+                    state.last_lsn = h.lsn;
+                    state.last_epoch = h.epoch;
+                    state.entries += 1;
+                }
+                Err(ReadFrameError::Io(e)) => return Err(io_err(&seg.path)(e)),
+                Err(ReadFrameError::Bad(e)) => {
+                    let file_len = reader.file_len;
+                    if !is_last || valid_frame_after(&seg.path, at, expected)? {
+                        return Err(ScanError::Corrupt {
+                            path: seg.path.clone(),
+                            offset: at,
+                            reason: format!("{e}, and valid entries follow it"),
+                        });
+                    }
+                    if repair {
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&seg.path)
+                            .map_err(io_err(&seg.path))?;
+                        f.set_len(at).map_err(io_err(&seg.path))?;
+                        f.sync_all().map_err(io_err(&seg.path))?;
+                    }
+                    state.cut = Some(TailCut {
+                        path: seg.path.clone(),
+                        offset: at,
+                        bytes_removed: file_len - at,
+                        reason: e.to_string(),
+                    });
+                    reader.offset = at;
+                    break;
+                }
+            }
+        }
+        if state.first_lsn == 0 && state.entries > 0 {
+            state.first_lsn = seg.header.first_lsn;
+        }
+        if is_last {
+            state.last_segment_len = reader.offset;
+        }
+        if expected == seg.header.first_lsn && i + 1 < count {
+            // An empty segment that is not the last one: the next must start
+            // at the same LSN, which the gap check above enforces.
+            state.last_lsn = seg.header.first_lsn - 1;
+        }
+    }
+    if state.entries == 0 {
+        state.first_lsn = 0;
+        if let Some(last) = state.segments.last() {
+            state.last_lsn = last.header.first_lsn.saturating_sub(1);
+        }
+    }
+    Ok(state)
+}
+
+/// Whether any frame with a valid checksum and an LSN after `expected` starts
+/// anywhere after `bad_at` in the file: if so the bad frame is not a torn tail.
+fn valid_frame_after(path: &Path, bad_at: u64, expected: u64) -> Result<bool, ScanError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(bad_at + 1)).map_err(io_err(path))?;
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest).map_err(io_err(path))?;
+    let max_lsn = expected.saturating_add(rest.len() as u64 / FRAME_HEADER_LEN as u64 + 1);
+    for i in 0..rest.len().saturating_sub(FRAME_HEADER_LEN - 1) {
+        let Ok(h) = format::decode_frame_header(&rest[i..]) else {
+            continue;
+        };
+        if h.lsn < expected || h.lsn > max_lsn {
+            continue;
+        }
+        if format::decode_frame(&rest[i..]).is_ok() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub enum ReadFrameError {
+    Io(io::Error),
+    Bad(FrameError),
+}
+
+/// An owned, verified entry frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedFrame {
+    pub header: FrameHeader,
+    /// The whole frame as on disk (header and payload).
+    pub bytes: Vec<u8>,
+}
+
+impl OwnedFrame {
+    /// The payload (the encoded operation).
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[FRAME_HEADER_LEN..]
+    }
+}
+
+/// Reads the frames of one segment in order.
+pub struct SegmentReader {
+    reader: BufReader<File>,
+    offset: u64,
+    file_len: u64,
+}
+
+impl SegmentReader {
+    /// Opens a segment positioned at its first frame.
+    pub fn open(seg: &SegmentFile) -> Result<SegmentReader, ScanError> {
+        let f = File::open(&seg.path).map_err(io_err(&seg.path))?;
+        let file_len = f.metadata().map_err(io_err(&seg.path))?.len();
+        let mut reader = BufReader::with_capacity(1 << 20, f);
+        reader
+            .seek(SeekFrom::Start(HEADER_LEN as u64))
+            .map_err(io_err(&seg.path))?;
+        Ok(SegmentReader {
+            reader,
+            offset: HEADER_LEN as u64,
+            file_len,
+        })
+    }
+
+    /// Byte offset of the next frame.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next verified frame, `None` at a clean end of file.
+    pub fn next_frame(&mut self) -> Result<Option<OwnedFrame>, ReadFrameError> {
+        if self.offset >= self.file_len {
+            return Ok(None);
+        }
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        let n = read_up_to(&mut self.reader, &mut head).map_err(ReadFrameError::Io)?;
+        if n < FRAME_HEADER_LEN {
+            return Err(ReadFrameError::Bad(FrameError::Short {
+                need: FRAME_HEADER_LEN,
+                have: n,
+            }));
+        }
+        let h = format::decode_frame_header(&head).map_err(ReadFrameError::Bad)?;
+        let total = FRAME_HEADER_LEN + h.len as usize;
+        let mut bytes = Vec::with_capacity(total);
+        bytes.extend_from_slice(&head);
+        bytes.resize(total, 0);
+        let got = read_up_to(&mut self.reader, &mut bytes[FRAME_HEADER_LEN..])
+            .map_err(ReadFrameError::Io)?;
+        if got < h.len as usize {
+            return Err(ReadFrameError::Bad(FrameError::Short {
+                need: total,
+                have: FRAME_HEADER_LEN + got,
+            }));
+        }
+        let frame = format::decode_frame(&bytes).map_err(ReadFrameError::Bad)?;
+        let header = frame.header;
+        self.offset += total as u64;
+        Ok(Some(OwnedFrame { header, bytes }))
+    }
+}
+
+/// Iterates verified frames across segments, starting at a given LSN. Used by
+/// replay, activity analysis and replication. It expects a journal that
+/// [`verify`] accepted; anything unexpected is an error, never a panic.
+pub struct EntryIter {
+    segments: Vec<SegmentFile>,
+    next_segment: usize,
+    current: Option<SegmentReader>,
+    from_lsn: u64,
+    /// Stop before this LSN is exceeded (inclusive bound).
+    to_lsn: u64,
+    expected: Option<u64>,
+}
+
+impl EntryIter {
+    /// Entries with `from_lsn <= lsn <= to_lsn`.
+    pub fn new(segments: Vec<SegmentFile>, from_lsn: u64, to_lsn: u64) -> EntryIter {
+        // Start at the last segment whose first LSN is <= from_lsn.
+        let start = segments
+            .iter()
+            .rposition(|s| s.header.first_lsn <= from_lsn)
+            .unwrap_or(0);
+        EntryIter {
+            segments,
+            next_segment: start,
+            current: None,
+            from_lsn,
+            to_lsn,
+            expected: None,
+        }
+    }
+
+    fn current_path(&self) -> PathBuf {
+        self.next_segment
+            .checked_sub(1)
+            .and_then(|i| self.segments.get(i))
+            .map(|s| s.path.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Iterator for EntryIter {
+    type Item = Result<OwnedFrame, ScanError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.current.is_none() {
+                let seg = self.segments.get(self.next_segment)?;
+                self.next_segment += 1;
+                match SegmentReader::open(seg) {
+                    Ok(r) => self.current = Some(r),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            let reader = self.current.as_mut()?;
+            let at = reader.offset();
+            match reader.next_frame() {
+                Ok(None) => {
+                    self.current = None;
+                    continue;
+                }
+                Ok(Some(frame)) => {
+                    let lsn = frame.header.lsn;
+                    if let Some(exp) = self.expected {
+                        if lsn != exp {
+                            return Some(Err(ScanError::Corrupt {
+                                path: self.current_path(),
+                                offset: at,
+                                reason: format!("LSN gap: expected {exp}, found {lsn}"),
+                            }));
+                        }
+                    }
+                    self.expected = Some(lsn + 1);
+                    if lsn > self.to_lsn {
+                        self.segments.clear();
+                        self.current = None;
+                        return None;
+                    }
+                    if lsn < self.from_lsn {
+                        continue;
+                    }
+                    return Some(Ok(frame));
+                }
+                Err(ReadFrameError::Io(e)) => {
+                    return Some(Err(ScanError::Io {
+                        path: self.current_path(),
+                        source: e,
+                    }));
+                }
+                Err(ReadFrameError::Bad(e)) => {
+                    return Some(Err(ScanError::Corrupt {
+                        path: self.current_path(),
+                        offset: at,
+                        reason: e.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+}
