@@ -7,3 +7,9 @@
 //! `RoleControl` trait defined here.
 
 pub use mirrordb_replication::{Epoch, Lsn, NodeId};
+
+pub mod state;
+
+pub use state::{
+    ClusterCommand, ClusterState, CommitMode, CommitPolicy, Member, OnUnavailable, Rejected, Role,
+};
