@@ -1,7 +1,633 @@
 //! The engine: recovery at open, the single writer with group commit, the
 //! data file and the read paths.
+//!
+//! ```text
+//! Engine::write ──mpsc──► writer thread (writer.rs) ──► journal + data file
+//! Engine::get/scan ─────► MVCC read view of the data file (store.rs)
+//! Engine::open ─────────► recovery.rs (decision table), then starts the writer
+//! ```
+//!
+//! An `Engine` is a cheap handle (`Clone`); the writer thread stops when
+//! `shutdown` is called or when the last handle is dropped.
 
 pub mod error;
+pub mod recovery;
+pub mod replay;
 pub mod store;
+mod writer;
 
 pub use error::{OpenError, ReadError, WriteError};
+pub use recovery::{RecoveryAction, RecoveryReport};
+pub use store::ScanPage;
+
+use crate::journal::disk::{Disk, RealDisk};
+use crate::model::{
+    self, ClientIdentity, InvalidInput, MAX_BLOB_BYTES, MAX_TXN_BYTES, Record, SessionId,
+    TableInfo, TableOptions, WriteAck, WriteOp,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::Store;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use writer::{Request, Writer};
+
+/// Depth of the writer's request queue; senders wait when it is full.
+const REQUEST_QUEUE_DEPTH: usize = 16_384;
+
+/// How the engine is set up. `new` gives the documented defaults.
+#[derive(Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub flush_interval: Duration,
+    pub dirty_bytes_max: u64,
+    pub cache_bytes: usize,
+    pub segment_bytes: u64,
+    pub auto_restore: bool,
+    pub session_idle: Duration,
+    pub write_timeout: Duration,
+    pub disk: Arc<dyn Disk>,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("data_dir", &self.data_dir)
+            .field("node_name", &self.node_name)
+            .field("flush_interval", &self.flush_interval)
+            .field("dirty_bytes_max", &self.dirty_bytes_max)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("segment_bytes", &self.segment_bytes)
+            .field("auto_restore", &self.auto_restore)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineConfig {
+    /// Defaults: flush every 1 s or past 64 MiB dirty, 256 MiB cache,
+    /// 64 MiB segments, no auto-restore, sessions idle after 60 s, writes
+    /// time out after 5 s, the real disk.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            node_name: "n1".into(),
+            flush_interval: Duration::from_secs(1),
+            dirty_bytes_max: 64 << 20,
+            cache_bytes: 256 << 20,
+            segment_bytes: 64 << 20,
+            auto_restore: false,
+            session_idle: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(5),
+            disk: Arc::new(RealDisk),
+        }
+    }
+}
+
+/// State the writer publishes for readers and status.
+pub(crate) struct Shared {
+    pub durable_lsn: AtomicU64,
+    pub applied_lsn: AtomicU64,
+    pub checkpoint_lsn: AtomicU64,
+    pub dirty_bytes: AtomicU64,
+    pub journal_error: Mutex<Option<String>>,
+    pub durable_tx: watch::Sender<u64>,
+    pub sessions: Mutex<HashMap<ClientIdentity, SessionId>>,
+}
+
+/// A snapshot of the engine's positions and health.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineStatus {
+    pub db_id: String,
+    pub epoch: u64,
+    pub last_lsn: u64,
+    pub durable_lsn: u64,
+    pub applied_lsn: u64,
+    pub checkpoint_lsn: u64,
+    pub journal_available: bool,
+    pub journal_error: Option<String>,
+    pub dirty_bytes: u64,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Request>,
+    store: Store,
+    shared: Arc<Shared>,
+    cfg: EngineConfig,
+    report: RecoveryReport,
+    db_id: String,
+    epoch: u64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    _lock: File,
+}
+
+/// A handle to an open database.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("data_dir", &self.inner.cfg.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock_data_dir(dir: &Path) -> Result<File, OpenError> {
+    let path = dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| OpenError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(OpenError::DataDir { path, source }),
+    }
+}
+
+impl Engine {
+    /// Opens (or creates) the database in `cfg.data_dir`: runs recovery,
+    /// then starts the writer thread. Blocking.
+    pub fn open(cfg: EngineConfig) -> Result<Engine, OpenError> {
+        let dd = |path: &Path| {
+            let path = path.to_owned();
+            move |source| OpenError::DataDir { path, source }
+        };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(dd(&cfg.data_dir))?;
+        let lock = lock_data_dir(&cfg.data_dir)?;
+        for sub in ["journal", "tmp", "logs"] {
+            let p = cfg.data_dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(dd(&p))?;
+        }
+        // Staged BLOB bodies of a previous run are never needed again.
+        if let Ok(rd) = std::fs::read_dir(cfg.data_dir.join("tmp")) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let rec = recovery::recover(&cfg)?;
+        tracing::info!(report = ?rec.report, "recovery finished");
+        let last = rec.journal.last_lsn();
+        let (durable_tx, _) = watch::channel(last);
+        let shared = Arc::new(Shared {
+            durable_lsn: AtomicU64::new(last),
+            applied_lsn: AtomicU64::new(rec.replayer.complete_lsn()),
+            checkpoint_lsn: AtomicU64::new(rec.checkpoint_lsn),
+            dirty_bytes: AtomicU64::new(0),
+            journal_error: Mutex::new(None),
+            durable_tx,
+            sessions: Mutex::new(HashMap::new()),
+        });
+        metrics::gauge!("mirrordb_journal_available").set(1.0);
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);
+        let epoch = rec.journal.epoch();
+        let db_id = rec.report.db_id.clone();
+        let writer = Writer {
+            journal: rec.journal,
+            store: rec.store.clone(),
+            replayer: rec.replayer,
+            tables: rec.tables,
+            shared: shared.clone(),
+            flush_interval: cfg.flush_interval,
+            dirty_bytes_max: cfg.dirty_bytes_max,
+            session_idle: cfg.session_idle,
+            sessions: HashMap::new(),
+            last_flush: Instant::now(),
+            dirty_bytes: 0,
+            unavailable: None,
+            unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
+        };
+        let handle = std::thread::Builder::new()
+            .name("mirrordb-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| OpenError::DataDir {
+                path: cfg.data_dir.clone(),
+                source,
+            })?;
+        start_ticker(
+            tx.downgrade(),
+            cfg.flush_interval
+                .min(cfg.session_idle)
+                .min(Duration::from_millis(200)),
+        );
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                tx,
+                store: rec.store,
+                shared,
+                report: rec.report,
+                db_id,
+                epoch,
+                cfg,
+                writer: Mutex::new(Some(handle)),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// What recovery did at open.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// The configuration the engine was opened with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    /// The journal directory.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.inner.cfg.data_dir.join("journal")
+    }
+
+    /// A receiver of the durable LSN, updated after every fdatasync.
+    pub fn durable_lsn_watch(&self) -> watch::Receiver<u64> {
+        self.inner.shared.durable_tx.subscribe()
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(writer::Reply<T>) -> Request,
+    ) -> Result<T, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = self.inner.cfg.write_timeout;
+        let fut = async {
+            self.inner
+                .tx
+                .send(make(reply))
+                .await
+                .map_err(|_| WriteError::Closed)?;
+            rx.await.map_err(|_| WriteError::Closed)?
+        };
+        if deadline.is_zero() {
+            return fut.await;
+        }
+        match tokio::time::timeout(deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(WriteError::WriteBlocked(format!(
+                "the write did not complete within {} ms; it may still be applied",
+                deadline.as_millis()
+            ))),
+        }
+    }
+
+    /// The session for a client identity, journaling `SessionOpen` the first
+    /// time it is seen.
+    pub async fn session(&self, identity: ClientIdentity) -> Result<SessionId, WriteError> {
+        if let Some(s) = self
+            .inner
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&identity)
+        {
+            return Ok(*s);
+        }
+        let id = identity.clone();
+        let s = self
+            .call(|reply| Request::OpenSession {
+                identity: id,
+                reply,
+            })
+            .await?;
+        self.inner
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(identity, s);
+        Ok(s)
+    }
+
+    /// Writes records: one operation is a single write, more are one atomic
+    /// transaction. Answers after the entries are durable and applied.
+    pub async fn write(
+        &self,
+        session: SessionId,
+        ops: Vec<WriteOp>,
+    ) -> Result<WriteAck, WriteError> {
+        let mut total = 0usize;
+        for op in &ops {
+            op.validate()?;
+            if let WriteOp::Put { value, .. } = op {
+                total += value.len();
+            }
+        }
+        if total > MAX_TXN_BYTES {
+            return Err(InvalidInput::TooLarge {
+                got: total as u64,
+                limit: MAX_TXN_BYTES as u64,
+            }
+            .into());
+        }
+        self.call(|reply| Request::Write {
+            session,
+            ops,
+            reply,
+        })
+        .await
+    }
+
+    /// Creates a table or changes its options.
+    pub async fn set_table(
+        &self,
+        session: SessionId,
+        table: &str,
+        opts: TableOptions,
+    ) -> Result<WriteAck, WriteError> {
+        model::validate_table(table)?;
+        let table = table.to_owned();
+        self.call(|reply| Request::SetTable {
+            session,
+            table,
+            journaled: opts.journaled,
+            reply,
+        })
+        .await
+    }
+
+    /// Stores a BLOB from a stream of bytes. The body is staged in the data
+    /// directory's `tmp/` (never held whole in memory), then journaled in
+    /// chunks by the writer.
+    pub async fn put_blob<S, E>(
+        &self,
+        session: SessionId,
+        table: &str,
+        key: &str,
+        mut body: S,
+    ) -> Result<WriteAck, WriteError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        model::validate_table(table)?;
+        model::validate_key(key)?;
+        let staged = self
+            .inner
+            .cfg
+            .data_dir
+            .join("tmp")
+            .join(format!("blob-{}", uuid::Uuid::new_v4().simple()));
+        let guard = StagedFile(staged.clone());
+        let mut file = tokio::fs::File::create(&staged)
+            .await
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > MAX_BLOB_BYTES {
+                return Err(InvalidInput::TooLarge {
+                    got: size,
+                    limit: MAX_BLOB_BYTES,
+                }
+                .into());
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| WriteError::Storage(e.to_string()))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        drop(file);
+        let (table, key) = (table.to_owned(), key.to_owned());
+        let r = self
+            .call(|reply| Request::Blob {
+                session,
+                table,
+                key,
+                staged: staged.clone(),
+                size,
+                reply,
+            })
+            .await;
+        drop(guard);
+        r
+    }
+
+    /// Deletes a BLOB.
+    pub async fn delete_blob(
+        &self,
+        session: SessionId,
+        table: &str,
+        key: &str,
+    ) -> Result<WriteAck, WriteError> {
+        model::validate_table(table)?;
+        model::validate_key(key)?;
+        let (table, key) = (table.to_owned(), key.to_owned());
+        self.call(|reply| Request::DeleteBlob {
+            session,
+            table,
+            key,
+            reply,
+        })
+        .await
+    }
+
+    /// One record, if present.
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<Record>, ReadError> {
+        model::validate_table(table)?;
+        model::validate_key(key)?;
+        let view = self
+            .inner
+            .store
+            .read()
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        view.get(table, key)
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// An ordered page of records (see [`store::ReadView::scan`]).
+    pub fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, ReadError> {
+        model::validate_table(table)?;
+        let limit = limit.clamp(1, model::MAX_SCAN_LIMIT);
+        let view = self
+            .inner
+            .store
+            .read()
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        view.scan(table, prefix, start_after, limit)
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// Every table.
+    pub fn tables(&self) -> Result<Vec<TableInfo>, ReadError> {
+        let view = self
+            .inner
+            .store
+            .read()
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        view.tables().map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// A BLOB as a stream of chunks, read from one consistent snapshot.
+    pub fn blob(&self, table: &str, key: &str) -> Result<Option<BlobStream>, ReadError> {
+        model::validate_table(table)?;
+        model::validate_key(key)?;
+        let view = self
+            .inner
+            .store
+            .read()
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let Some(meta) = view
+            .blob(table, key)
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let (tx, rx) = mpsc::channel::<Result<Bytes, ReadError>>(4);
+        std::thread::Builder::new()
+            .name("mirrordb-blob-read".into())
+            .spawn(move || {
+                let mut index = 0u32;
+                loop {
+                    match view.blob_chunk(meta.blob_id, index) {
+                        Ok(Some(c)) => {
+                            if tx.blocking_send(Ok(Bytes::from(c))).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(ReadError::Storage(e.to_string())));
+                            return;
+                        }
+                    }
+                    index += 1;
+                }
+            })
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        Ok(Some(BlobStream {
+            size: meta.size,
+            version: meta.version,
+            rx,
+        }))
+    }
+
+    /// Positions and health.
+    pub fn status(&self) -> EngineStatus {
+        let s = &self.inner.shared;
+        let durable = s.durable_lsn.load(Ordering::Acquire);
+        let err = s
+            .journal_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        EngineStatus {
+            db_id: self.inner.db_id.clone(),
+            epoch: self.inner.epoch,
+            last_lsn: durable,
+            durable_lsn: durable,
+            applied_lsn: s.applied_lsn.load(Ordering::Acquire),
+            checkpoint_lsn: s.checkpoint_lsn.load(Ordering::Acquire),
+            journal_available: err.is_none(),
+            journal_error: err,
+            dirty_bytes: s.dirty_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Number of records and a digest of the whole content.
+    pub fn digest(&self) -> Result<(u64, u32), ReadError> {
+        let view = self
+            .inner
+            .store
+            .read()
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        view.digest().map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// Flushes the data file now; answers the new checkpoint LSN.
+    pub async fn flush(&self) -> Result<u64, WriteError> {
+        self.call(|reply| Request::Flush { reply }).await
+    }
+
+    /// Closes cleanly: closes sessions, journals `DataFileClose`, flushes,
+    /// and stops the writer. Later writes answer `shutting_down`.
+    pub async fn shutdown(&self) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Request::Shutdown { reply })
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        let r = rx.await.map_err(|_| WriteError::Closed)?;
+        let handle = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        r
+    }
+}
+
+/// Removes a staged BLOB body when dropped (request failed or finished).
+struct StagedFile(PathBuf);
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn start_ticker(tx: mpsc::WeakSender<Request>, every: Duration) {
+    let every = every.max(Duration::from_millis(10));
+    let _ = std::thread::Builder::new()
+        .name("mirrordb-ticker".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let Some(tx) = tx.upgrade() else { return };
+                // A full queue means the writer is busy and will flush anyway.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Request::Tick) {
+                    return;
+                }
+            }
+        });
+}
+
+/// A BLOB being read: its size and version, and its bytes as a stream.
+pub struct BlobStream {
+    pub size: u64,
+    pub version: u64,
+    rx: mpsc::Receiver<Result<Bytes, ReadError>>,
+}
+
+impl Stream for BlobStream {
+    type Item = Result<Bytes, ReadError>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,3 +5,4 @@
 pub mod disk;
 pub mod format;
 pub mod scan;
+pub mod writer;

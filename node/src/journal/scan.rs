@@ -467,6 +467,11 @@ impl Iterator for EntryIter {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
+            if self.expected.is_some_and(|e| e > self.to_lsn) {
+                // Done: never read past the bound, where a live journal may
+                // hold a frame that is still being written.
+                return None;
+            }
             if self.current.is_none() {
                 let seg = self.segments.get(self.next_segment)?;
                 self.next_segment += 1;

@@ -1,0 +1,391 @@
+//! Recovery at start: the decision table of DESIGN §4.
+//!
+//! | data file | journal | action |
+//! | --- | --- | --- |
+//! | opens, checkpoint = journal end | intact | open |
+//! | opens, checkpoint < journal end | intact | replay (checkpoint, end] |
+//! | opens | torn or bad-CRC tail in the last segment | cut the tail, replay |
+//! | opens | bad CRC before the tail, or an LSN gap | refuse, naming segment and offset |
+//! | damaged or missing | journal complete from LSN 1 (or backups, with the backup pipeline) | `auto_restore = true`: rebuild; otherwise refuse with the command to run |
+//! | any | journal of another database id | refuse |
+//! | opens | journal ends before the checkpoint, or starts after it | refuse: journal files are missing |
+//!
+//! Each row has its own test in `engine::tests`. After replay an open
+//! transaction at the end of the journal (never acknowledged) is closed with
+//! a journaled `TxnAbort`, staged BLOB chunks nobody links are swept, a
+//! `DataFileOpen` entry is journaled, and the data file is flushed so the
+//! next start has nothing to replay.
+
+use super::replay::Replayer;
+use super::store::{DATA_FILE, Store};
+use super::{EngineConfig, OpenError};
+use crate::journal::format::decode_op;
+use crate::journal::scan::{self, EntryIter, JournalState, ScanError, db_id_string};
+use crate::journal::writer::{JournalWriter, now_us};
+use crate::model::Op;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Entries applied per data-file transaction during replay.
+const REPLAY_TXN_ENTRIES: u64 = 20_000;
+
+/// Which row of the decision table recovery took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryAction {
+    /// No data file and no journal: a new database.
+    Created,
+    /// The data file was up to date with the journal.
+    Opened,
+    /// Journal entries after the checkpoint were replayed.
+    Replayed,
+    /// The data file was missing or damaged and rebuilt from the journal.
+    RebuiltFromJournal,
+}
+
+/// What recovery found and did; printed at start and served by the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryReport {
+    pub action: RecoveryAction,
+    pub db_id: String,
+    pub epoch: u64,
+    pub checkpoint_lsn: u64,
+    pub journal_first_lsn: u64,
+    pub journal_last_lsn: u64,
+    pub replayed_entries: u64,
+    pub replay_ms: u64,
+    pub tail_cut: Option<TailCutReport>,
+    pub aborted_txn_lsn: Option<u64>,
+    pub orphan_chunks_removed: u64,
+    pub damaged_file_moved_to: Option<PathBuf>,
+}
+
+/// A torn tail that was cut.
+#[derive(Clone, Debug, Serialize)]
+pub struct TailCutReport {
+    pub segment: PathBuf,
+    pub offset: u64,
+    pub bytes_removed: u64,
+    pub reason: String,
+}
+
+pub(crate) struct Recovered {
+    pub store: Store,
+    pub journal: JournalWriter,
+    pub replayer: Replayer,
+    pub tables: HashMap<String, bool>,
+    pub report: RecoveryReport,
+    pub checkpoint_lsn: u64,
+}
+
+fn restore_hint(data_dir: &Path) -> String {
+    format!(
+        "restore from your backups with `mirrordb restore --from <backup dir> --to {}` (or move the data directory aside and re-seed this node from a mirror)",
+        data_dir.display()
+    )
+}
+
+fn scan_err(e: ScanError, data_dir: &Path) -> OpenError {
+    match e {
+        ScanError::Io { path, source } => OpenError::JournalIo { path, source },
+        ScanError::Corrupt {
+            path,
+            offset,
+            reason,
+        } => OpenError::JournalCorrupt {
+            segment: path,
+            offset,
+            reason,
+            hint: restore_hint(data_dir),
+        },
+        ScanError::Foreign {
+            path,
+            expected,
+            found,
+        } => OpenError::ForeignJournal {
+            segment: path,
+            expected,
+            found,
+        },
+    }
+}
+
+/// Runs the decision table for `cfg.data_dir`.
+pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
+    let data_dir = &cfg.data_dir;
+    let journal_dir = data_dir.join("journal");
+    let data_path = data_dir.join(DATA_FILE);
+    let t0 = Instant::now();
+
+    let (store, state, mut action, moved) = match open_store(&data_path, cfg.cache_bytes) {
+        StoreOpen::Opened(store) => {
+            let meta = store.meta().map_err(|e| OpenError::Store(e.to_string()))?;
+            let state = scan::verify(&journal_dir, Some(meta.db_id), true)
+                .map_err(|e| scan_err(e, data_dir))?;
+            (store, state, RecoveryAction::Opened, None)
+        }
+        StoreOpen::Missing => {
+            let state =
+                scan::verify(&journal_dir, None, true).map_err(|e| scan_err(e, data_dir))?;
+            if state.segments.is_empty() {
+                let db_id = *uuid::Uuid::new_v4().as_bytes();
+                let store = Store::create(&data_path, cfg.cache_bytes, db_id, 1)
+                    .map_err(|e| OpenError::Store(e.to_string()))?;
+                (store, state, RecoveryAction::Created, None)
+            } else {
+                let store =
+                    rebuild_base(cfg, &data_path, &state, "the data file is missing", None)?;
+                (store, state, RecoveryAction::RebuiltFromJournal, None)
+            }
+        }
+        StoreOpen::Damaged(reason) => {
+            let state =
+                scan::verify(&journal_dir, None, true).map_err(|e| scan_err(e, data_dir))?;
+            let moved = data_path.with_extension(format!("redb.damaged-{}", now_us() / 1_000_000));
+            let store = rebuild_base(cfg, &data_path, &state, &reason, Some(&moved))?;
+            (
+                store,
+                state,
+                RecoveryAction::RebuiltFromJournal,
+                Some(moved),
+            )
+        }
+    };
+
+    let meta = store.meta().map_err(|e| OpenError::Store(e.to_string()))?;
+    let checkpoint = meta.checkpoint_lsn;
+    if state.segments.is_empty() && checkpoint > 0 {
+        return Err(OpenError::JournalBehindDataFile {
+            checkpoint,
+            journal_end: 0,
+            dir: journal_dir,
+        });
+    }
+    if !state.segments.is_empty() {
+        let first_seg_lsn = state.segments[0].header.first_lsn;
+        if state.last_lsn < checkpoint || first_seg_lsn > checkpoint + 1 {
+            return Err(OpenError::JournalBehindDataFile {
+                checkpoint,
+                journal_end: state.last_lsn,
+                dir: journal_dir,
+            });
+        }
+    }
+
+    // Replay (checkpoint, end].
+    let mut replayer = Replayer::after(checkpoint);
+    let mut replayed = 0u64;
+    if state.last_lsn > checkpoint {
+        if action == RecoveryAction::Opened {
+            action = RecoveryAction::Replayed;
+        }
+        let mut w = store
+            .begin_apply()
+            .map_err(|e| OpenError::Store(e.to_string()))?;
+        for frame in EntryIter::new(state.segments.clone(), checkpoint + 1, state.last_lsn) {
+            let frame = frame.map_err(|e| scan_err(e, data_dir))?;
+            let op = decode_op(frame.payload()).map_err(|e| OpenError::JournalCorrupt {
+                segment: journal_dir.clone(),
+                offset: 0,
+                reason: format!("entry {} does not decode: {e}", frame.header.lsn),
+                hint: restore_hint(data_dir),
+            })?;
+            replayer
+                .apply(&mut w, frame.header.lsn, op)
+                .map_err(|e| OpenError::Store(e.to_string()))?;
+            replayed += 1;
+            if replayed % REPLAY_TXN_ENTRIES == 0 {
+                w.commit().map_err(|e| OpenError::Store(e.to_string()))?;
+                w = store
+                    .begin_apply()
+                    .map_err(|e| OpenError::Store(e.to_string()))?;
+            }
+        }
+        w.commit().map_err(|e| OpenError::Store(e.to_string()))?;
+    }
+    let replay_ms = t0.elapsed().as_millis() as u64;
+
+    let epoch = meta.epoch.max(state.last_epoch).max(1);
+    let mut journal = open_journal(cfg, &journal_dir, &state, meta.db_id, epoch, checkpoint)?;
+
+    // Close a transaction the journal ends inside, sweep orphans, mark the open.
+    let mut w = store
+        .begin_apply()
+        .map_err(|e| OpenError::Store(e.to_string()))?;
+    let mut closing = Vec::new();
+    let aborted_txn_lsn = if replayer.in_txn() {
+        let lsn = journal.append(&Op::TxnAbort, now_us());
+        closing.push((lsn, Op::TxnAbort));
+        Some(lsn)
+    } else {
+        None
+    };
+    let open_op = Op::DataFileOpen {
+        node: cfg.node_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let lsn = journal.append(&open_op, now_us());
+    closing.push((lsn, open_op));
+    journal
+        .write_out()
+        .and_then(|()| journal.sync())
+        .map_err(|source| OpenError::JournalIo {
+            path: journal.segment_path().to_owned(),
+            source,
+        })?;
+    for (lsn, op) in closing {
+        replayer
+            .apply(&mut w, lsn, op)
+            .map_err(|e| OpenError::Store(e.to_string()))?;
+    }
+    let orphans = w
+        .sweep_orphan_chunks()
+        .map_err(|e| OpenError::Store(e.to_string()))?;
+    w.set_epoch(epoch)
+        .map_err(|e| OpenError::Store(e.to_string()))?;
+    let new_checkpoint = replayer.complete_lsn();
+    w.commit_durable(new_checkpoint)
+        .map_err(|e| OpenError::Store(e.to_string()))?;
+
+    let view = store.read().map_err(|e| OpenError::Store(e.to_string()))?;
+    let tables = view
+        .tables()
+        .map_err(|e| OpenError::Store(e.to_string()))?
+        .into_iter()
+        .map(|t| (t.name, t.journaled))
+        .collect();
+
+    let report = RecoveryReport {
+        action,
+        db_id: db_id_string(&meta.db_id),
+        epoch,
+        checkpoint_lsn: checkpoint,
+        journal_first_lsn: state.first_lsn,
+        journal_last_lsn: state.last_lsn,
+        replayed_entries: replayed,
+        replay_ms,
+        tail_cut: state.cut.clone().map(|c| TailCutReport {
+            segment: c.path,
+            offset: c.offset,
+            bytes_removed: c.bytes_removed,
+            reason: c.reason,
+        }),
+        aborted_txn_lsn,
+        orphan_chunks_removed: orphans,
+        damaged_file_moved_to: moved,
+    };
+    Ok(Recovered {
+        store,
+        journal,
+        replayer,
+        tables,
+        report,
+        checkpoint_lsn: new_checkpoint,
+    })
+}
+
+enum StoreOpen {
+    Opened(Store),
+    Missing,
+    Damaged(String),
+}
+
+fn open_store(path: &Path, cache_bytes: usize) -> StoreOpen {
+    if !path.exists() {
+        return StoreOpen::Missing;
+    }
+    match Store::open(path, cache_bytes) {
+        Ok(s) => match s.meta() {
+            Ok(_) => StoreOpen::Opened(s),
+            Err(e) => StoreOpen::Damaged(format!("metadata unreadable: {e}")),
+        },
+        Err(e) => StoreOpen::Damaged(e.to_string()),
+    }
+}
+
+/// Creates an empty data file to rebuild into from a journal that starts at
+/// LSN 1, if `auto_restore` allows it; otherwise refuses with the command.
+fn rebuild_base(
+    cfg: &EngineConfig,
+    data_path: &Path,
+    state: &JournalState,
+    reason: &str,
+    move_damaged_to: Option<&Path>,
+) -> Result<Store, OpenError> {
+    let complete = state.segments.first().map(|s| s.header.first_lsn) == Some(1);
+    let hint = if complete {
+        format!(
+            "The journal holds the whole history (from LSN 1 to {}): set `recovery.auto_restore = true` to rebuild the data file from it, or {}",
+            state.last_lsn,
+            restore_hint(&cfg.data_dir)
+        )
+    } else {
+        format!(
+            "The journal starts at LSN {}, so it cannot rebuild the data file alone: {}",
+            state.first_lsn,
+            restore_hint(&cfg.data_dir)
+        )
+    };
+    if !(cfg.auto_restore && complete) {
+        return Err(OpenError::DataFileDamaged {
+            path: data_path.to_owned(),
+            reason: reason.to_owned(),
+            hint,
+        });
+    }
+    if let Some(to) = move_damaged_to {
+        std::fs::rename(data_path, to).map_err(|source| OpenError::DataDir {
+            path: data_path.to_owned(),
+            source,
+        })?;
+        tracing::warn!(moved_to = %to.display(), "damaged data file moved aside");
+    }
+    let first = &state.segments[0].header;
+    tracing::warn!(reason, db_id = %db_id_string(&first.db_id), "rebuilding the data file from the journal (recovery.auto_restore)");
+    Store::create(data_path, cfg.cache_bytes, first.db_id, first.epoch)
+        .map_err(|e| OpenError::Store(e.to_string()))
+}
+
+fn open_journal(
+    cfg: &EngineConfig,
+    journal_dir: &Path,
+    state: &JournalState,
+    db_id: [u8; 16],
+    epoch: u64,
+    checkpoint: u64,
+) -> Result<JournalWriter, OpenError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| OpenError::JournalIo { path, source }
+    };
+    match state.segments.last() {
+        Some(last) => {
+            let mut w = JournalWriter::resume(
+                cfg.disk.clone(),
+                journal_dir,
+                &last.path,
+                state.last_segment_len,
+                db_id,
+                epoch,
+                state.last_lsn,
+                cfg.segment_bytes,
+            )
+            .map_err(io(&last.path))?;
+            if w.wants_rotation() || last.header.epoch < epoch {
+                w.rotate().map_err(io(journal_dir))?;
+            }
+            Ok(w)
+        }
+        None => JournalWriter::create(
+            cfg.disk.clone(),
+            journal_dir,
+            db_id,
+            epoch,
+            checkpoint + 1,
+            cfg.segment_bytes,
+        )
+        .map_err(io(journal_dir)),
+    }
+}

@@ -1,0 +1,1 @@
+//! Engine tests: one per recovery decision-table row, fault injection, and the write paths.

@@ -1,0 +1,875 @@
+//! The single writer thread: group commit.
+//!
+//! ```text
+//!  requests ──► drain a batch ──► check preconditions ──► encode entries
+//!        ▲                                                    │
+//!        │                                     one write + one fdatasync
+//!     acks ◄── publish LSNs ◄── apply to data file ◄──────────┘
+//! ```
+//!
+//! Every write goes through this thread, so LSNs are dense and a
+//! transaction's entries are contiguous. A request is acknowledged only
+//! after its entries are durable and applied (so a read after an
+//! acknowledged write sees it). If a journal write or fdatasync fails the
+//! journal becomes unavailable: the failed batch and every later write are
+//! refused with `journal_unavailable`, and the error is never retried
+//! (DESIGN §3). Reads go on. Flushes of the data file (one durable redb
+//! commit recording `checkpoint_lsn`) happen between batches.
+
+use super::replay::Replayer;
+use super::store::{Applier, Store, StoreError};
+use super::{Shared, WriteError};
+use crate::journal::writer::{JournalWriter, now_us};
+use crate::model::{
+    BLOB_CHUNK_BYTES, ClientIdentity, MAX_TXN_OPS, Op, SessionId, WriteAck, WriteOp,
+};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most requests taken into one group-commit batch.
+pub const MAX_BATCH_REQUESTS: usize = 4096;
+/// Journal bytes buffered before they are written out mid-batch.
+const WRITE_OUT_BYTES: usize = 4 << 20;
+/// BLOB bytes staged per data-file transaction.
+const BLOB_APPLY_BYTES: u64 = 32 << 20;
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, WriteError>>;
+
+/// What the writer thread is asked to do.
+pub(crate) enum Request {
+    Write {
+        session: SessionId,
+        ops: Vec<WriteOp>,
+        reply: Reply<WriteAck>,
+    },
+    SetTable {
+        session: SessionId,
+        table: String,
+        journaled: bool,
+        reply: Reply<WriteAck>,
+    },
+    Blob {
+        session: SessionId,
+        table: String,
+        key: String,
+        staged: PathBuf,
+        size: u64,
+        reply: Reply<WriteAck>,
+    },
+    DeleteBlob {
+        session: SessionId,
+        table: String,
+        key: String,
+        reply: Reply<WriteAck>,
+    },
+    OpenSession {
+        identity: ClientIdentity,
+        reply: Reply<SessionId>,
+    },
+    Flush {
+        reply: Reply<u64>,
+    },
+    Tick,
+    Shutdown {
+        reply: Reply<()>,
+    },
+}
+
+/// A reply waiting for its batch to become durable.
+enum Pending {
+    Ack(Reply<WriteAck>, WriteAck),
+    Session(Reply<SessionId>, SessionId),
+}
+
+impl Pending {
+    fn send_ok(self) {
+        match self {
+            Pending::Ack(r, a) => {
+                let _ = r.send(Ok(a));
+            }
+            Pending::Session(r, s) => {
+                let _ = r.send(Ok(s));
+            }
+        }
+    }
+    fn send_err(self, e: WriteError) {
+        match self {
+            Pending::Ack(r, _) => {
+                let _ = r.send(Err(e));
+            }
+            Pending::Session(r, _) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+}
+
+/// A write to an unjournaled table, applied without a journal entry.
+struct Unjournaled {
+    table: String,
+    key: String,
+    value: Option<Vec<u8>>,
+    version: u64,
+}
+
+pub(crate) struct Writer {
+    pub journal: JournalWriter,
+    pub store: Store,
+    pub replayer: Replayer,
+    /// Known tables and whether they are journaled.
+    pub tables: HashMap<String, bool>,
+    pub shared: Arc<Shared>,
+    pub flush_interval: Duration,
+    pub dirty_bytes_max: u64,
+    pub session_idle: Duration,
+    pub sessions: HashMap<SessionId, Instant>,
+    pub last_flush: Instant,
+    pub dirty_bytes: u64,
+    pub unavailable: Option<String>,
+    pub unjournaled_blob_seq: u64,
+}
+
+impl Writer {
+    /// Runs until shutdown or until every sender is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(256);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH_REQUESTS {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let stop = self.process(&mut batch);
+            self.maybe_flush(false);
+            if stop {
+                return;
+            }
+        }
+        // Every handle dropped without a shutdown: flush what we have.
+        self.maybe_flush(true);
+    }
+
+    /// Handles a batch; returns true on shutdown.
+    fn process(&mut self, batch: &mut Vec<Request>) -> bool {
+        let mut group: Vec<Request> = Vec::new();
+        let mut stop = false;
+        for req in batch.drain(..) {
+            match req {
+                Request::Write { .. }
+                | Request::SetTable { .. }
+                | Request::DeleteBlob { .. }
+                | Request::OpenSession { .. } => group.push(req),
+                other => {
+                    self.commit_group(std::mem::take(&mut group));
+                    match other {
+                        Request::Blob {
+                            session,
+                            table,
+                            key,
+                            staged,
+                            size,
+                            reply,
+                        } => {
+                            let r = self.write_blob(session, &table, &key, &staged, size);
+                            let _ = std::fs::remove_file(&staged);
+                            let _ = reply.send(r);
+                        }
+                        Request::Flush { reply } => {
+                            let r = self.flush();
+                            let _ = reply.send(r);
+                        }
+                        Request::Tick => self.close_idle_sessions(),
+                        Request::Shutdown { reply } => {
+                            let r = self.shutdown();
+                            let _ = reply.send(r);
+                            stop = true;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.commit_group(group);
+        stop
+    }
+
+    fn journal_error(&self) -> Option<WriteError> {
+        self.unavailable
+            .as_ref()
+            .map(|e| WriteError::JournalUnavailable(e.clone()))
+    }
+
+    fn mark_unavailable(&mut self, what: &str, e: &std::io::Error) {
+        let msg = format!(
+            "{what} failed on {}: {e}",
+            self.journal.segment_path().display()
+        );
+        tracing::error!(error = %msg, "journal unavailable; refusing writes");
+        metrics::gauge!("mirrordb_journal_available").set(0.0);
+        *self
+            .shared
+            .journal_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+        self.unavailable = Some(msg);
+    }
+
+    fn touch(&mut self, session: SessionId) {
+        if session != SessionId::SYSTEM {
+            self.sessions.insert(session, Instant::now());
+        }
+    }
+
+    /// Journals, syncs and applies a group of writes with one fdatasync.
+    fn commit_group(&mut self, group: Vec<Request>) {
+        if group.is_empty() {
+            return;
+        }
+        let view = match self.store.read() {
+            Ok(v) => v,
+            Err(e) => {
+                for r in group {
+                    reply_err(r, WriteError::Storage(e.to_string()));
+                }
+                return;
+            }
+        };
+        let now = now_us();
+        let mut overlay: HashMap<(String, String), u64> = HashMap::new();
+        let mut entries: Vec<(u64, Op)> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut unjournaled: Vec<Unjournaled> = Vec::new();
+        let mut ops_acked = 0u64;
+        for req in group {
+            if let Some(e) = self.journal_error() {
+                reply_err(req, e);
+                continue;
+            }
+            match req {
+                Request::Write {
+                    session,
+                    ops,
+                    reply,
+                } => {
+                    match self.plan_write(
+                        session,
+                        ops,
+                        &view,
+                        &mut overlay,
+                        &mut entries,
+                        &mut unjournaled,
+                        now,
+                    ) {
+                        Ok(ack) => {
+                            ops_acked += ack.versions.len() as u64;
+                            self.touch(session);
+                            pending.push(Pending::Ack(reply, ack));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Request::SetTable {
+                    session,
+                    table,
+                    journaled,
+                    reply,
+                } => {
+                    let op = if self.tables.contains_key(&table) {
+                        Op::TableAlter {
+                            session,
+                            table: table.clone(),
+                            journaled,
+                        }
+                    } else {
+                        Op::TableCreate {
+                            session,
+                            table: table.clone(),
+                            journaled,
+                        }
+                    };
+                    let lsn = self.journal.append(&op, now);
+                    entries.push((lsn, op));
+                    self.tables.insert(table, journaled);
+                    pending.push(Pending::Ack(
+                        reply,
+                        WriteAck {
+                            lsn,
+                            versions: vec![],
+                        },
+                    ));
+                }
+                Request::DeleteBlob {
+                    session,
+                    table,
+                    key,
+                    reply,
+                } => {
+                    let op = Op::BlobDelete {
+                        session,
+                        table,
+                        key,
+                    };
+                    let lsn = self.journal.append(&op, now);
+                    entries.push((lsn, op));
+                    pending.push(Pending::Ack(
+                        reply,
+                        WriteAck {
+                            lsn,
+                            versions: vec![lsn],
+                        },
+                    ));
+                }
+                Request::OpenSession { identity, reply } => {
+                    let lsn = self.journal.next_lsn();
+                    let op = Op::SessionOpen {
+                        session: SessionId(lsn),
+                        identity,
+                    };
+                    self.journal.append(&op, now);
+                    entries.push((lsn, op));
+                    self.touch(SessionId(lsn));
+                    pending.push(Pending::Session(reply, SessionId(lsn)));
+                }
+                other => reply_err(other, WriteError::Storage("misrouted request".into())),
+            }
+            if self.journal.buffered() > WRITE_OUT_BYTES {
+                if let Err(e) = self.journal.write_out() {
+                    self.mark_unavailable("journal write", &e);
+                }
+            }
+        }
+        drop(view);
+        if !entries.is_empty() && self.unavailable.is_none() {
+            if let Err(e) = self.journal.write_out() {
+                self.mark_unavailable("journal write", &e);
+            } else {
+                let t = Instant::now();
+                match self.journal.sync() {
+                    Ok(()) => {
+                        metrics::histogram!("mirrordb_fsync_seconds")
+                            .record(t.elapsed().as_secs_f64());
+                    }
+                    Err(e) => self.mark_unavailable("journal fdatasync", &e),
+                }
+            }
+        }
+        if let Some(err) = self.journal_error() {
+            if !entries.is_empty() {
+                for p in pending {
+                    p.send_err(WriteError::JournalUnavailable(err.to_string()));
+                }
+                return;
+            }
+        }
+        let last = self.journal.last_lsn();
+        self.shared.durable_lsn.store(last, Ordering::Release);
+        let _ = self.shared.durable_tx.send(last);
+        if let Err(e) = self.apply(entries, unjournaled) {
+            self.fail_store(&e);
+            for p in pending {
+                p.send_err(WriteError::Storage(format!(
+                    "the write is journaled but the data file could not be updated: {e}"
+                )));
+            }
+            return;
+        }
+        metrics::counter!("mirrordb_writes_total").increment(ops_acked);
+        metrics::counter!("mirrordb_write_batches_total").increment(1);
+        for p in pending {
+            p.send_ok();
+        }
+        self.after_batch();
+    }
+
+    /// Decides what a write request journals; checks its preconditions
+    /// against the data file plus this batch's earlier writes.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_write(
+        &mut self,
+        session: SessionId,
+        ops: Vec<WriteOp>,
+        view: &super::store::ReadView,
+        overlay: &mut HashMap<(String, String), u64>,
+        entries: &mut Vec<(u64, Op)>,
+        unjournaled: &mut Vec<Unjournaled>,
+        now: u64,
+    ) -> Result<WriteAck, WriteError> {
+        if ops.is_empty() {
+            return Err(crate::model::InvalidInput::EmptyTransaction.into());
+        }
+        if ops.len() > MAX_TXN_OPS {
+            return Err(crate::model::InvalidInput::TooManyOps(ops.len()).into());
+        }
+        let journaled_of = |t: &str| self.tables.get(t).copied().unwrap_or(true);
+        let first = journaled_of(ops[0].table());
+        if let Some(other) = ops.iter().find(|o| journaled_of(o.table()) != first) {
+            return Err(WriteError::MixedJournaling(format!(
+                "{} is {}journaled, {} is not",
+                ops[0].table(),
+                if first { "" } else { "un" },
+                other.table()
+            )));
+        }
+        for op in &ops {
+            if let Some(expected) = op.if_version() {
+                let k = (op.table().to_owned(), op.key().to_owned());
+                let actual = match overlay.get(&k) {
+                    Some(v) => *v,
+                    None => view
+                        .version(op.table(), op.key())
+                        .map_err(|e| WriteError::Storage(e.to_string()))?,
+                };
+                if actual != expected {
+                    return Err(WriteError::VersionConflict {
+                        table: k.0,
+                        key: k.1,
+                        expected,
+                        actual,
+                    });
+                }
+            }
+        }
+        if !first {
+            let version = self.journal.last_lsn();
+            let mut versions = Vec::with_capacity(ops.len());
+            for op in ops {
+                let (table, key, value) = match op {
+                    WriteOp::Put {
+                        table, key, value, ..
+                    } => (table, key, Some(value)),
+                    WriteOp::Delete { table, key, .. } => (table, key, None),
+                };
+                overlay.insert(
+                    (table.clone(), key.clone()),
+                    if value.is_some() { version } else { 0 },
+                );
+                versions.push(version);
+                unjournaled.push(Unjournaled {
+                    table,
+                    key,
+                    value,
+                    version,
+                });
+            }
+            return Ok(WriteAck {
+                lsn: version,
+                versions,
+            });
+        }
+        for op in &ops {
+            if !self.tables.contains_key(op.table()) {
+                let create = Op::TableCreate {
+                    session,
+                    table: op.table().to_owned(),
+                    journaled: true,
+                };
+                let lsn = self.journal.append(&create, now);
+                entries.push((lsn, create));
+                self.tables.insert(op.table().to_owned(), true);
+            }
+        }
+        let txn = ops.len() > 1;
+        if txn {
+            let begin = Op::TxnBegin {
+                session,
+                ops: ops.len() as u32,
+            };
+            let lsn = self.journal.append(&begin, now);
+            entries.push((lsn, begin));
+        }
+        let mut versions = Vec::with_capacity(ops.len());
+        for op in ops {
+            let entry = match op {
+                WriteOp::Put {
+                    table, key, value, ..
+                } => Op::Put {
+                    session,
+                    table,
+                    key,
+                    value,
+                },
+                WriteOp::Delete { table, key, .. } => Op::Delete {
+                    session,
+                    table,
+                    key,
+                },
+            };
+            let lsn = self.journal.append(&entry, now);
+            if let Some((table, Some(key))) = entry.target() {
+                let v = if matches!(entry, Op::Put { .. }) {
+                    lsn
+                } else {
+                    0
+                };
+                overlay.insert((table.to_owned(), key.to_owned()), v);
+            }
+            versions.push(lsn);
+            entries.push((lsn, entry));
+        }
+        let mut lsn = self.journal.last_lsn();
+        if txn {
+            lsn = self.journal.append(&Op::TxnCommit, now);
+            entries.push((lsn, Op::TxnCommit));
+        }
+        Ok(WriteAck { lsn, versions })
+    }
+
+    fn apply(
+        &mut self,
+        entries: Vec<(u64, Op)>,
+        unjournaled: Vec<Unjournaled>,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() && unjournaled.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.store.begin_apply()?;
+        for (lsn, op) in entries {
+            self.replayer.apply(&mut w, lsn, op)?;
+        }
+        for u in unjournaled {
+            match u.value {
+                Some(v) => w.put(&u.table, &u.key, &v, u.version)?,
+                None => w.delete(&u.table, &u.key)?,
+            }
+        }
+        self.finish_apply(w)
+    }
+
+    fn finish_apply(&mut self, w: Applier) -> Result<(), StoreError> {
+        self.dirty_bytes += w.bytes();
+        w.commit()?;
+        let applied = self.replayer.complete_lsn();
+        self.shared.applied_lsn.store(applied, Ordering::Release);
+        self.shared
+            .dirty_bytes
+            .store(self.dirty_bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn fail_store(&mut self, e: &StoreError) {
+        let msg = format!("data file update failed: {e}");
+        tracing::error!(error = %msg, "refusing writes");
+        *self
+            .shared
+            .journal_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+        self.unavailable = Some(msg);
+    }
+
+    fn after_batch(&mut self) {
+        let last = self.journal.last_lsn();
+        metrics::gauge!("mirrordb_last_lsn").set(last as f64);
+        metrics::gauge!("mirrordb_flush_lag_entries")
+            .set(last.saturating_sub(self.shared.checkpoint_lsn.load(Ordering::Relaxed)) as f64);
+        metrics::counter!("mirrordb_journal_bytes_total").absolute(self.journal.written_bytes());
+        if self.journal.wants_rotation() {
+            match self.journal.rotate() {
+                Ok(closed) => {
+                    tracing::info!(closed = %closed.display(), next_lsn = self.journal.next_lsn(), "journal segment rotated")
+                }
+                Err(e) => self.mark_unavailable("journal rotation", &e),
+            }
+        }
+    }
+
+    /// Writes one BLOB from its staged file: journaled in 1 MiB chunks inside
+    /// a transaction, staged in the data file as it goes, linked at commit.
+    fn write_blob(
+        &mut self,
+        session: SessionId,
+        table: &str,
+        key: &str,
+        staged: &std::path::Path,
+        size: u64,
+    ) -> Result<WriteAck, WriteError> {
+        if let Some(e) = self.journal_error() {
+            return Err(e);
+        }
+        let mut file = std::fs::File::open(staged).map_err(|e| WriteError::Body(e.to_string()))?;
+        let journaled = self.tables.get(table).copied().unwrap_or(true);
+        if !journaled {
+            return self.write_unjournaled_blob(table, key, &mut file, size);
+        }
+        let now = now_us();
+        let mut w = self
+            .store
+            .begin_apply()
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        let result = (|| -> Result<WriteAck, WriteError> {
+            let storage = |e: StoreError| WriteError::Storage(e.to_string());
+            if !self.tables.contains_key(table) {
+                let op = Op::TableCreate {
+                    session,
+                    table: table.to_owned(),
+                    journaled: true,
+                };
+                let lsn = self.journal.append(&op, now);
+                self.replayer.apply(&mut w, lsn, op).map_err(storage)?;
+                self.tables.insert(table.to_owned(), true);
+            }
+            let begin = Op::TxnBegin { session, ops: 1 };
+            let lsn = self.journal.append(&begin, now);
+            self.replayer.apply(&mut w, lsn, begin).map_err(storage)?;
+            let bb = Op::BlobBegin {
+                session,
+                table: table.to_owned(),
+                key: key.to_owned(),
+                size,
+            };
+            let blob_lsn = self.journal.append(&bb, now);
+            self.replayer.apply(&mut w, blob_lsn, bb).map_err(storage)?;
+            let mut staged_bytes = 0u64;
+            loop {
+                let mut chunk = vec![0u8; BLOB_CHUNK_BYTES];
+                let n = read_full(&mut file, &mut chunk)
+                    .map_err(|e| WriteError::Body(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                chunk.truncate(n);
+                let op = Op::BlobChunk { bytes: chunk };
+                let lsn = self.journal.append(&op, now);
+                self.replayer.apply(&mut w, lsn, op).map_err(storage)?;
+                staged_bytes += n as u64;
+                if self.journal.buffered() > WRITE_OUT_BYTES {
+                    self.journal.write_out().map_err(|e| {
+                        self.mark_unavailable("journal write", &e);
+                        WriteError::JournalUnavailable(e.to_string())
+                    })?;
+                }
+                if staged_bytes >= BLOB_APPLY_BYTES {
+                    let next = self.store.begin_apply().map_err(storage)?;
+                    let done = std::mem::replace(&mut w, next);
+                    self.dirty_bytes += done.bytes();
+                    done.commit().map_err(storage)?;
+                    staged_bytes = 0;
+                }
+            }
+            let lsn = self.journal.append(&Op::TxnCommit, now);
+            self.journal.write_out().map_err(|e| {
+                self.mark_unavailable("journal write", &e);
+                WriteError::JournalUnavailable(e.to_string())
+            })?;
+            let t = Instant::now();
+            self.journal.sync().map_err(|e| {
+                self.mark_unavailable("journal fdatasync", &e);
+                WriteError::JournalUnavailable(e.to_string())
+            })?;
+            metrics::histogram!("mirrordb_fsync_seconds").record(t.elapsed().as_secs_f64());
+            self.shared.durable_lsn.store(lsn, Ordering::Release);
+            let _ = self.shared.durable_tx.send(lsn);
+            self.replayer
+                .apply(&mut w, lsn, Op::TxnCommit)
+                .map_err(storage)?;
+            Ok(WriteAck {
+                lsn,
+                versions: vec![blob_lsn],
+            })
+        })();
+        match result {
+            Ok(ack) => {
+                self.finish_apply(w).map_err(|e| {
+                    self.fail_store(&e);
+                    WriteError::Storage(e.to_string())
+                })?;
+                self.touch(session);
+                metrics::counter!("mirrordb_writes_total").increment(1);
+                self.after_batch();
+                Ok(ack)
+            }
+            Err(e) => {
+                // Drop what was staged; the journal's open transaction is
+                // aborted at the next start (nothing after it was written).
+                let _ = self.replayer.abort_open(&mut w);
+                let _ = w.commit();
+                Err(e)
+            }
+        }
+    }
+
+    fn write_unjournaled_blob(
+        &mut self,
+        table: &str,
+        key: &str,
+        file: &mut std::fs::File,
+        size: u64,
+    ) -> Result<WriteAck, WriteError> {
+        let storage = |e: StoreError| WriteError::Storage(e.to_string());
+        self.unjournaled_blob_seq += 1;
+        let blob_id = self.unjournaled_blob_seq;
+        let version = self.journal.last_lsn();
+        let mut w = self.store.begin_apply().map_err(storage)?;
+        let mut index = 0u32;
+        loop {
+            let mut chunk = vec![0u8; BLOB_CHUNK_BYTES];
+            let n = read_full(file, &mut chunk).map_err(|e| WriteError::Body(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            w.stage_chunk(blob_id, index, &chunk[..n])
+                .map_err(storage)?;
+            index += 1;
+        }
+        w.link_blob(
+            table,
+            key,
+            super::store::BlobMeta {
+                blob_id,
+                size,
+                version,
+            },
+        )
+        .map_err(storage)?;
+        self.finish_apply(w).map_err(storage)?;
+        Ok(WriteAck {
+            lsn: version,
+            versions: vec![version],
+        })
+    }
+
+    /// Durable commit of the data file recording `checkpoint_lsn`.
+    fn flush(&mut self) -> Result<u64, WriteError> {
+        let checkpoint = self.replayer.complete_lsn();
+        let t = Instant::now();
+        let w = self
+            .store
+            .begin_apply()
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        w.commit_durable(checkpoint)
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        metrics::histogram!("mirrordb_flush_seconds").record(t.elapsed().as_secs_f64());
+        metrics::gauge!("mirrordb_checkpoint_lsn").set(checkpoint as f64);
+        self.shared
+            .checkpoint_lsn
+            .store(checkpoint, Ordering::Release);
+        self.dirty_bytes = 0;
+        self.shared.dirty_bytes.store(0, Ordering::Relaxed);
+        self.last_flush = Instant::now();
+        Ok(checkpoint)
+    }
+
+    fn maybe_flush(&mut self, force: bool) {
+        let behind =
+            self.replayer.complete_lsn() > self.shared.checkpoint_lsn.load(Ordering::Relaxed);
+        if !(behind || self.dirty_bytes > 0) {
+            return;
+        }
+        if force
+            || self.dirty_bytes >= self.dirty_bytes_max
+            || self.last_flush.elapsed() >= self.flush_interval
+        {
+            if let Err(e) = self.flush() {
+                tracing::error!(error = %e, "data file flush failed");
+            }
+        }
+    }
+
+    /// Appends and syncs system entries outside a client batch.
+    fn journal_system(&mut self, ops: Vec<Op>) -> Result<(), WriteError> {
+        if let Some(e) = self.journal_error() {
+            return Err(e);
+        }
+        let now = now_us();
+        let mut entries = Vec::new();
+        for op in ops {
+            let lsn = self.journal.append(&op, now);
+            entries.push((lsn, op));
+        }
+        self.journal
+            .write_out()
+            .and_then(|()| self.journal.sync())
+            .map_err(|e| {
+                self.mark_unavailable("journal write", &e);
+                WriteError::JournalUnavailable(e.to_string())
+            })?;
+        let last = self.journal.last_lsn();
+        self.shared.durable_lsn.store(last, Ordering::Release);
+        let _ = self.shared.durable_tx.send(last);
+        self.apply(entries, Vec::new())
+            .map_err(|e| WriteError::Storage(e.to_string()))
+    }
+
+    fn close_idle_sessions(&mut self) {
+        let idle: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= self.session_idle)
+            .map(|(s, _)| *s)
+            .collect();
+        if idle.is_empty() || self.unavailable.is_some() {
+            return;
+        }
+        for s in &idle {
+            self.sessions.remove(s);
+        }
+        let ops = idle
+            .iter()
+            .map(|s| Op::SessionClose { session: *s })
+            .collect();
+        if self.journal_system(ops).is_ok() {
+            let mut reg = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            reg.retain(|_, s| !idle.contains(s));
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<(), WriteError> {
+        if self.unavailable.is_none() {
+            let mut ops: Vec<Op> = self
+                .sessions
+                .drain()
+                .map(|(s, _)| Op::SessionClose { session: s })
+                .collect();
+            ops.push(Op::DataFileClose);
+            self.journal_system(ops)?;
+        }
+        self.flush().map(|_| ())
+    }
+}
+
+fn reply_err(req: Request, e: WriteError) {
+    match req {
+        Request::Write { reply, .. }
+        | Request::SetTable { reply, .. }
+        | Request::Blob { reply, .. }
+        | Request::DeleteBlob { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::OpenSession { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Flush { reply } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Shutdown { reply } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Tick => {}
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
