@@ -8,8 +8,12 @@
 
 pub use mirrordb_replication::{Epoch, Lsn, NodeId};
 
+pub mod controller;
 pub mod state;
+pub mod timing;
 
+pub use controller::{Action, Controller, ControllerConfig, Report, Status};
 pub use state::{
     ClusterCommand, ClusterState, CommitMode, CommitPolicy, Member, OnUnavailable, Rejected, Role,
 };
+pub use timing::{Timing, TimingError};

@@ -1,0 +1,1199 @@
+//! The failover controller: decides when and whom to promote. No I/O.
+//!
+//! It runs on every node but acts only while its node is the Raft leader. The
+//! driver feeds it events (`handle_*`: the applied [`ClusterState`], Raft
+//! leadership, reports from data nodes, clock ticks, switchover requests) and
+//! executes what [`Controller::poll_action`] returns. Time is always an
+//! argument (`now_ms`, milliseconds since the Unix epoch), so tests run it on
+//! simulated time.
+//!
+//! Failover (DESIGN §8):
+//!
+//! ```text
+//!  leader for ≥ lease_ttl ─┐
+//!  lease.expires_at + margin < now ─┼─► best candidate ─► Propose(Promote{c, epoch+1, c.flushed+1})
+//!  candidate: reachable data node, not nofailover, not the lapsed primary,
+//!             async: lag ≤ max_lag_on_failover; quorum: member of sync_set
+//!  best: highest (epoch, flushed_lsn), then lowest name
+//! ```
+//!
+//! Switchover (planned, zero loss):
+//!
+//! ```text
+//!  FenceWrites(primary) ─► handle_fenced(last_lsn) ─► target.flushed ≥ last_lsn
+//!   ─► Propose(Demote), Propose(Promote{target, epoch+1, last_lsn+1})
+//!   ─► applied ─► BecomeMirror(old primary)
+//!  (timeout before the promotion ─► UnfenceWrites(primary), aborted)
+//! ```
+//!
+//! Choices the design left open:
+//! - A primary whose lease lapsed is never its own successor while it is still
+//!   recorded as primary: it could not renew, so it is not trusted to write.
+//! - In a quorum mode that has degraded to async (`degraded` is set) the sync
+//!   set no longer covers every acknowledged write; candidates are then chosen
+//!   like in async mode with [`DEFAULT_MAX_LAG_ON_FAILOVER`].
+//! - A candidate whose `flushed_lsn + 1` is before the current epoch's first
+//!   LSN is skipped (its promotion would make the epoch history go back).
+//! - The promoted node's `first_lsn` is its reported `flushed_lsn + 1`; entries
+//!   it holds beyond that are the node's to save to `data/rollback/`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use crate::state::{ClusterCommand, ClusterState, CommitMode, DEFAULT_MAX_LAG_ON_FAILOVER, Role};
+use crate::timing::Timing;
+use crate::{Epoch, Lsn, NodeId};
+
+/// Controller settings, all in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// Lease length, also the wait of a new leader before it may promote.
+    pub lease_ttl_ms: u64,
+    /// Extra wait after a lease's expiry.
+    pub failover_margin_ms: u64,
+    /// A report older than this counts as unreachable.
+    pub report_max_age_ms: u64,
+    /// Time before a proposed promotion that has not shown up in the applied
+    /// state is proposed again.
+    pub retry_after_ms: u64,
+    /// A switchover that has not reached its promotion by then is aborted.
+    pub switchover_timeout_ms: u64,
+}
+
+impl From<&Timing> for ControllerConfig {
+    fn from(t: &Timing) -> Self {
+        ControllerConfig {
+            lease_ttl_ms: t.lease_ttl_ms,
+            failover_margin_ms: t.failover_margin_ms,
+            report_max_age_ms: t.lease_ttl_ms,
+            retry_after_ms: t.lease_ttl_ms,
+            switchover_timeout_ms: 10 * t.lease_ttl_ms,
+        }
+    }
+}
+
+/// What a data node says about itself (or what the driver learned when it
+/// could not reach it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The reporting node.
+    pub node: NodeId,
+    /// The epoch of its last journal entry.
+    pub epoch: Epoch,
+    /// Last LSN durable in its journal.
+    pub flushed_lsn: Lsn,
+    /// Last LSN applied to its data file.
+    pub applied_lsn: Lsn,
+    /// Whether the driver could reach it.
+    pub reachable: bool,
+    /// When the report was taken.
+    pub at_ms: u64,
+}
+
+/// Why no node is promoted although the primary is gone: the cluster is
+/// read-only until this changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadOnlyReason {
+    /// Quorum mode: no reachable member of the sync set.
+    NoSyncCandidate,
+    /// Async mode: every reachable candidate lags more than allowed.
+    LagTooLarge {
+        /// The limit, in journal entries.
+        max_lag: u64,
+        /// The best candidate's lag.
+        best_lag: u64,
+    },
+    /// No reachable data node may fail over at all.
+    NoCandidate,
+}
+
+impl fmt::Display for ReadOnlyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadOnlyReason::NoSyncCandidate => {
+                f.write_str("read-only: no reachable node holds every acknowledged write")
+            }
+            ReadOnlyReason::LagTooLarge { max_lag, best_lag } => write!(
+                f,
+                "read-only: the best reachable node lags {best_lag} entries, more than max_lag_on_failover {max_lag}"
+            ),
+            ReadOnlyReason::NoCandidate => {
+                f.write_str("read-only: no reachable data node is allowed to fail over")
+            }
+        }
+    }
+}
+
+/// What the controller thinks of the cluster, for `GET /v1/cluster` and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// This node is not the Raft leader; another node's controller acts.
+    NotLeader,
+    /// Just became leader: waits one lease before it may promote.
+    WaitingForLease {
+        /// When it may act.
+        until_ms: u64,
+    },
+    /// The primary holds a valid lease.
+    Healthy {
+        /// The primary.
+        primary: NodeId,
+        /// Its epoch.
+        epoch: Epoch,
+    },
+    /// A promotion was proposed.
+    Promoting {
+        /// The candidate.
+        node: NodeId,
+        /// The new epoch.
+        epoch: Epoch,
+    },
+    /// No primary and no node may be promoted.
+    ReadOnly(ReadOnlyReason),
+    /// A planned switchover is under way.
+    Switchover {
+        /// Its target.
+        target: NodeId,
+        /// Where it is.
+        phase: SwitchoverPhase,
+    },
+    /// A switchover gave up; the old primary writes again.
+    SwitchoverAborted {
+        /// Its target.
+        target: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::NotLeader => f.write_str("not the raft leader"),
+            Status::WaitingForLease { until_ms } => write!(
+                f,
+                "new raft leader: waiting until {until_ms} ms for any old lease to lapse"
+            ),
+            Status::Healthy { primary, epoch } => {
+                write!(f, "primary {primary} in epoch {epoch} holds its lease")
+            }
+            Status::Promoting { node, epoch } => write!(f, "promoting {node} to epoch {epoch}"),
+            Status::ReadOnly(r) => r.fmt(f),
+            Status::Switchover { target, phase } => {
+                write!(f, "switchover to {target}: {phase:?}")
+            }
+            Status::SwitchoverAborted { target, reason } => {
+                write!(f, "switchover to {target} aborted: {reason}")
+            }
+        }
+    }
+}
+
+/// The steps of a planned switchover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchoverPhase {
+    /// Waiting for the primary to confirm it holds writes.
+    Fencing,
+    /// Waiting for the target to flush up to the primary's last LSN.
+    CatchingUp {
+        /// The primary's last LSN.
+        last_lsn: Lsn,
+    },
+    /// Demote and Promote proposed; waiting for them to apply.
+    Promoting,
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Propose this command through Raft (`client_write`).
+    Propose(ClusterCommand),
+    /// Ask the primary to hold new writes and report its last LSN
+    /// ([`Controller::handle_fenced`]).
+    FenceWrites {
+        /// The primary.
+        node: NodeId,
+        /// Its epoch.
+        epoch: Epoch,
+    },
+    /// Let the primary take writes again (aborted switchover).
+    UnfenceWrites {
+        /// The primary.
+        node: NodeId,
+        /// Its epoch.
+        epoch: Epoch,
+    },
+    /// Tell the old primary to follow the new one.
+    BecomeMirror {
+        /// The old primary.
+        node: NodeId,
+        /// The new primary.
+        of: NodeId,
+        /// The new epoch.
+        epoch: Epoch,
+    },
+    /// The status changed (log it, expose it).
+    Status(Status),
+}
+
+/// Why a switchover request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SwitchoverError {
+    /// Only the Raft leader runs switchovers.
+    #[error("this node is not the raft leader")]
+    NotLeader,
+    /// One switchover at a time.
+    #[error("a switchover is already in progress")]
+    InProgress,
+    /// There is no primary with a valid lease to hand over from.
+    #[error("there is no primary holding a valid lease")]
+    NoPrimary,
+    /// The target cannot take over.
+    #[error("{node} cannot become primary: {reason}")]
+    BadTarget {
+        /// The target.
+        node: NodeId,
+        /// Why not.
+        reason: &'static str,
+    },
+    /// No target was given and no node qualifies.
+    #[error("no reachable data node can take over")]
+    NoCandidate,
+}
+
+#[derive(Clone, Debug)]
+struct Switchover {
+    from: NodeId,
+    target: NodeId,
+    epoch: Epoch,
+    phase: SwitchoverPhase,
+    started_ms: u64,
+}
+
+/// The failover controller state machine.
+#[derive(Debug)]
+pub struct Controller {
+    config: ControllerConfig,
+    is_leader: bool,
+    term: u64,
+    leader_since_ms: u64,
+    state: Option<ClusterState>,
+    reports: BTreeMap<NodeId, Report>,
+    /// Highest flushed LSN any node reported in the current epoch.
+    known_lsn: Lsn,
+    /// A proposed promotion: (new epoch, proposed at).
+    inflight: Option<(Epoch, u64)>,
+    switchover: Option<Switchover>,
+    status: Status,
+    actions: VecDeque<Action>,
+}
+
+impl Controller {
+    /// A controller that is not leader and knows nothing yet.
+    #[must_use]
+    pub fn new(config: ControllerConfig) -> Self {
+        Controller {
+            config,
+            is_leader: false,
+            term: 0,
+            leader_since_ms: 0,
+            state: None,
+            reports: BTreeMap::new(),
+            known_lsn: Lsn::ZERO,
+            inflight: None,
+            switchover: None,
+            status: Status::NotLeader,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The current status.
+    #[must_use]
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// The last report of every node.
+    #[must_use]
+    pub fn reports(&self) -> &BTreeMap<NodeId, Report> {
+        &self.reports
+    }
+
+    /// The next thing to do, if any. Always `None` when not leader.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        if !self.is_leader {
+            self.actions.clear();
+            return None;
+        }
+        self.actions.pop_front()
+    }
+
+    /// Raft leadership changed (or was confirmed) at `now_ms`.
+    pub fn handle_leadership(&mut self, is_leader: bool, term: u64, now_ms: u64) {
+        if is_leader && (!self.is_leader || term != self.term) {
+            self.leader_since_ms = now_ms;
+            self.inflight = None;
+            self.switchover = None;
+        }
+        if !is_leader {
+            self.actions.clear();
+            self.inflight = None;
+            self.switchover = None;
+            self.status = Status::NotLeader;
+        }
+        self.is_leader = is_leader;
+        self.term = term;
+    }
+
+    /// The applied cluster state changed.
+    pub fn handle_state(&mut self, state: &ClusterState) {
+        let new_epoch = self.state.as_ref().is_none_or(|s| s.epoch != state.epoch);
+        if new_epoch {
+            self.known_lsn = Lsn::ZERO;
+        }
+        if let Some((epoch, _)) = self.inflight
+            && state.epoch >= epoch
+        {
+            self.inflight = None;
+        }
+        if let Some(sw) = &self.switchover
+            && state.epoch != sw.epoch
+        {
+            let next = Epoch(sw.epoch.0.saturating_add(1));
+            if state.epoch == next && state.primary.as_ref() == Some(&sw.target) {
+                self.actions.push_back(Action::BecomeMirror {
+                    node: sw.from.clone(),
+                    of: sw.target.clone(),
+                    epoch: next,
+                });
+            }
+            self.switchover = None;
+        }
+        self.state = Some(state.clone());
+    }
+
+    /// A data node reported its position (or the driver found it unreachable).
+    pub fn handle_report(&mut self, report: Report) {
+        if let Some(s) = &self.state
+            && report.epoch == s.epoch
+        {
+            self.known_lsn = self.known_lsn.max(report.flushed_lsn);
+        }
+        self.reports.insert(report.node.clone(), report);
+    }
+
+    /// The primary confirms it holds writes; `last_lsn` is its last entry.
+    pub fn handle_fenced(&mut self, node: &NodeId, epoch: Epoch, last_lsn: Lsn, now_ms: u64) {
+        if let Some(sw) = &mut self.switchover
+            && sw.phase == SwitchoverPhase::Fencing
+            && sw.from == *node
+            && sw.epoch == epoch
+        {
+            sw.phase = SwitchoverPhase::CatchingUp { last_lsn };
+            self.handle_tick(now_ms);
+        }
+    }
+
+    /// Starts a planned switchover to `target`, or to the best candidate.
+    /// Returns the chosen target.
+    pub fn handle_switchover(
+        &mut self,
+        target: Option<NodeId>,
+        now_ms: u64,
+    ) -> Result<NodeId, SwitchoverError> {
+        if !self.is_leader {
+            return Err(SwitchoverError::NotLeader);
+        }
+        if self.switchover.is_some() {
+            return Err(SwitchoverError::InProgress);
+        }
+        let state = self.state.as_ref().ok_or(SwitchoverError::NoPrimary)?;
+        let primary = state.primary.clone().ok_or(SwitchoverError::NoPrimary)?;
+        if state.valid_lease(now_ms).is_none() {
+            return Err(SwitchoverError::NoPrimary);
+        }
+        let target = match target {
+            Some(t) => {
+                let bad = |reason| SwitchoverError::BadTarget {
+                    node: t.clone(),
+                    reason,
+                };
+                let m = state.members.get(&t).ok_or_else(|| bad("not a member"))?;
+                if m.role == Role::Witness {
+                    return Err(bad("it is a witness"));
+                }
+                if t == primary {
+                    return Err(bad("it is already primary"));
+                }
+                if m.nofailover {
+                    return Err(bad("it is marked nofailover"));
+                }
+                if !self.is_fresh(&t, now_ms) {
+                    return Err(bad("it is not reachable"));
+                }
+                t
+            }
+            None => self
+                .eligible(state, Some(&primary), now_ms)
+                .into_iter()
+                .max_by(|a, b| rank(a).cmp(&rank(b)))
+                .map(|r| r.node.clone())
+                .ok_or(SwitchoverError::NoCandidate)?,
+        };
+        let epoch = state.epoch;
+        self.actions.push_back(Action::FenceWrites {
+            node: primary.clone(),
+            epoch,
+        });
+        self.switchover = Some(Switchover {
+            from: primary,
+            target: target.clone(),
+            epoch,
+            phase: SwitchoverPhase::Fencing,
+            started_ms: now_ms,
+        });
+        self.set_status(Status::Switchover {
+            target: target.clone(),
+            phase: SwitchoverPhase::Fencing,
+        });
+        Ok(target)
+    }
+
+    /// Time passed: re-evaluate.
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        if !self.is_leader {
+            return;
+        }
+        let Some(state) = self.state.clone() else {
+            return;
+        };
+        let until_ms = self
+            .leader_since_ms
+            .saturating_add(self.config.lease_ttl_ms);
+        if now_ms < until_ms {
+            self.set_status(Status::WaitingForLease { until_ms });
+            return;
+        }
+        // The lease counts as valid until `failover_margin_ms` past its expiry.
+        let lease_ok = state
+            .valid_lease(now_ms.saturating_sub(self.config.failover_margin_ms))
+            .is_some();
+        if self.switchover.is_some() {
+            if lease_ok || state.primary.is_none() {
+                self.drive_switchover(now_ms);
+                return;
+            }
+            // The primary died during the switchover: fail over instead.
+            self.switchover = None;
+        }
+        if let Some((epoch, at_ms)) = self.inflight {
+            if now_ms < at_ms.saturating_add(self.config.retry_after_ms) {
+                return;
+            }
+            tracing::warn!(%epoch, "promotion not applied in time; re-evaluating");
+            self.inflight = None;
+        }
+        if let (Some(primary), true) = (&state.primary, lease_ok) {
+            self.set_status(Status::Healthy {
+                primary: primary.clone(),
+                epoch: state.epoch,
+            });
+            return;
+        }
+        // No primary, or its lease lapsed more than the margin ago.
+        match self.choose(&state, now_ms) {
+            Ok(report) => {
+                let epoch = Epoch(state.epoch.0.saturating_add(1));
+                let node = report.node.clone();
+                let first_lsn = report.flushed_lsn.next();
+                tracing::info!(%node, %epoch, %first_lsn, "proposing promotion");
+                self.actions
+                    .push_back(Action::Propose(ClusterCommand::Promote {
+                        node: node.clone(),
+                        epoch,
+                        first_lsn,
+                        now_ms,
+                        lease_ttl_ms: self.config.lease_ttl_ms,
+                    }));
+                self.inflight = Some((epoch, now_ms));
+                self.set_status(Status::Promoting { node, epoch });
+            }
+            Err(reason) => self.set_status(Status::ReadOnly(reason)),
+        }
+    }
+
+    fn drive_switchover(&mut self, now_ms: u64) {
+        let Some(sw) = self.switchover.clone() else {
+            return;
+        };
+        if sw.phase != SwitchoverPhase::Promoting
+            && now_ms
+                > sw.started_ms
+                    .saturating_add(self.config.switchover_timeout_ms)
+        {
+            self.actions.push_back(Action::UnfenceWrites {
+                node: sw.from.clone(),
+                epoch: sw.epoch,
+            });
+            self.switchover = None;
+            self.set_status(Status::SwitchoverAborted {
+                target: sw.target,
+                reason: format!("not done within {} ms", self.config.switchover_timeout_ms),
+            });
+            return;
+        }
+        if let SwitchoverPhase::CatchingUp { last_lsn } = sw.phase {
+            let caught_up = self
+                .reports
+                .get(&sw.target)
+                .is_some_and(|r| r.reachable && r.flushed_lsn >= last_lsn);
+            if caught_up {
+                let epoch = Epoch(sw.epoch.0.saturating_add(1));
+                self.actions
+                    .push_back(Action::Propose(ClusterCommand::Demote {
+                        node: sw.from.clone(),
+                        epoch: sw.epoch,
+                    }));
+                self.actions
+                    .push_back(Action::Propose(ClusterCommand::Promote {
+                        node: sw.target.clone(),
+                        epoch,
+                        first_lsn: last_lsn.next(),
+                        now_ms,
+                        lease_ttl_ms: self.config.lease_ttl_ms,
+                    }));
+                if let Some(s) = &mut self.switchover {
+                    s.phase = SwitchoverPhase::Promoting;
+                }
+                self.set_status(Status::Switchover {
+                    target: sw.target,
+                    phase: SwitchoverPhase::Promoting,
+                });
+                return;
+            }
+        }
+        self.set_status(Status::Switchover {
+            target: sw.target,
+            phase: sw.phase,
+        });
+    }
+
+    fn is_fresh(&self, node: &NodeId, now_ms: u64) -> bool {
+        self.reports.get(node).is_some_and(|r| {
+            r.reachable && now_ms.saturating_sub(r.at_ms) <= self.config.report_max_age_ms
+        })
+    }
+
+    /// Reachable data nodes allowed to fail over, except `exclude`.
+    fn eligible(
+        &self,
+        state: &ClusterState,
+        exclude: Option<&NodeId>,
+        now_ms: u64,
+    ) -> Vec<&Report> {
+        let epoch_start = state.epoch_history.last().map_or(Lsn::ZERO, |&(_, l)| l);
+        state
+            .members
+            .iter()
+            .filter(|(n, m)| m.role == Role::Data && !m.nofailover && Some(*n) != exclude)
+            .filter(|(n, _)| self.is_fresh(n, now_ms))
+            .filter_map(|(n, _)| self.reports.get(n))
+            .filter(|r| r.epoch <= state.epoch && r.flushed_lsn.next() >= epoch_start)
+            .collect()
+    }
+
+    fn choose(&self, state: &ClusterState, now_ms: u64) -> Result<Report, ReadOnlyReason> {
+        let lapsed = state.primary.as_ref();
+        let eligible = self.eligible(state, lapsed, now_ms);
+        let max_lag = match state.commit_policy.mode {
+            CommitMode::Async {
+                max_lag_on_failover,
+            } => Some(max_lag_on_failover),
+            CommitMode::Quorum { .. } | CommitMode::RemoteApply { .. } => {
+                if state.degraded.is_some() {
+                    Some(DEFAULT_MAX_LAG_ON_FAILOVER)
+                } else {
+                    None
+                }
+            }
+        };
+        let best = match max_lag {
+            None => eligible
+                .into_iter()
+                .filter(|r| state.sync_set.contains(&r.node))
+                .max_by(|a, b| rank(a).cmp(&rank(b)))
+                .ok_or(ReadOnlyReason::NoSyncCandidate)?,
+            Some(max_lag) => {
+                let best = eligible
+                    .into_iter()
+                    .max_by(|a, b| rank(a).cmp(&rank(b)))
+                    .ok_or(ReadOnlyReason::NoCandidate)?;
+                let known = if best.epoch == state.epoch {
+                    self.known_lsn
+                } else {
+                    // The best node is still in an older epoch: measure the
+                    // lag to what the current epoch's primary was known at.
+                    self.known_lsn.max(
+                        state
+                            .epoch_history
+                            .last()
+                            .map_or(Lsn::ZERO, |&(_, l)| Lsn(l.0.saturating_sub(1))),
+                    )
+                };
+                let best_lag = known.0.saturating_sub(best.flushed_lsn.0);
+                if best_lag > max_lag {
+                    return Err(ReadOnlyReason::LagTooLarge { max_lag, best_lag });
+                }
+                best
+            }
+        };
+        Ok(best.clone())
+    }
+
+    fn set_status(&mut self, status: Status) {
+        if self.status != status {
+            tracing::info!(%status, "failover controller");
+            self.status = status.clone();
+            self.actions.push_back(Action::Status(status));
+        }
+    }
+}
+
+/// Candidate order: highest (epoch, flushed_lsn), then the lowest name.
+fn rank(r: &Report) -> (Epoch, Lsn, std::cmp::Reverse<&NodeId>) {
+    (r.epoch, r.flushed_lsn, std::cmp::Reverse(&r.node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{CommitPolicy, Member, OnUnavailable};
+
+    const TTL: u64 = 1000;
+    const MARGIN: u64 = 250;
+
+    fn n(s: &str) -> NodeId {
+        NodeId::from(s)
+    }
+
+    fn config() -> ControllerConfig {
+        ControllerConfig {
+            lease_ttl_ms: TTL,
+            failover_margin_ms: MARGIN,
+            report_max_age_ms: 1000,
+            retry_after_ms: 1000,
+            switchover_timeout_ms: 5000,
+        }
+    }
+
+    /// n1 primary of epoch 1 (lease until 1000 + 1000), n2, n3 data, w witness.
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for (name, role) in [
+            ("n1", Role::Data),
+            ("n2", Role::Data),
+            ("n3", Role::Data),
+            ("w", Role::Witness),
+        ] {
+            s.apply(&ClusterCommand::AddMember {
+                node: n(name),
+                member: Member {
+                    role,
+                    raft_addr: format!("{name}:7000"),
+                    http_addr: format!("{name}:7070"),
+                    nofailover: false,
+                },
+            })
+            .unwrap();
+        }
+        s.apply(&ClusterCommand::Promote {
+            node: n("n1"),
+            epoch: Epoch(1),
+            first_lsn: Lsn(1),
+            now_ms: 1000,
+            lease_ttl_ms: TTL,
+        })
+        .unwrap();
+        s
+    }
+
+    fn report(node: &str, epoch: u64, flushed: u64, at_ms: u64) -> Report {
+        Report {
+            node: n(node),
+            epoch: Epoch(epoch),
+            flushed_lsn: Lsn(flushed),
+            applied_lsn: Lsn(flushed),
+            reachable: true,
+            at_ms,
+        }
+    }
+
+    /// A controller that has led since t=0 and knows `state`.
+    fn leader(state: &ClusterState) -> Controller {
+        let mut c = Controller::new(config());
+        c.handle_leadership(true, 1, 0);
+        c.handle_state(state);
+        c
+    }
+
+    fn drain(c: &mut Controller) -> Vec<Action> {
+        std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    fn proposals(c: &mut Controller) -> Vec<ClusterCommand> {
+        drain(c)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Propose(cmd) => Some(cmd),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn promoted(cmds: &[ClusterCommand]) -> Option<(NodeId, Epoch, Lsn)> {
+        cmds.iter().find_map(|c| match c {
+            ClusterCommand::Promote {
+                node,
+                epoch,
+                first_lsn,
+                ..
+            } => Some((node.clone(), *epoch, *first_lsn)),
+            _ => None,
+        })
+    }
+
+    /// Expiry of n1's lease is 2000; promotion allowed after 2000 + MARGIN.
+    const AFTER_LAPSE: u64 = 2000 + MARGIN + 1;
+
+    #[test]
+    fn no_action_while_lease_is_valid() {
+        let s = state();
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 10, 1900));
+        for now in [1500, 1999, 2000, 2000 + MARGIN - 1] {
+            c.handle_tick(now);
+            assert!(proposals(&mut c).is_empty(), "at {now}");
+        }
+        assert_eq!(
+            c.status(),
+            &Status::Healthy {
+                primary: n("n1"),
+                epoch: Epoch(1)
+            }
+        );
+    }
+
+    #[test]
+    fn lease_expiry_promotes_best_candidate() {
+        let s = state();
+        let mut c = leader(&s);
+        c.handle_report(report("n1", 1, 50, 1900));
+        c.handle_report(report("n2", 1, 48, 2200));
+        c.handle_report(report("n3", 1, 49, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        let cmds = proposals(&mut c);
+        assert_eq!(promoted(&cmds), Some((n("n3"), Epoch(2), Lsn(50))));
+        assert_eq!(
+            c.status(),
+            &Status::Promoting {
+                node: n("n3"),
+                epoch: Epoch(2)
+            }
+        );
+        // The promotion commits with a state the replicas accept.
+        let mut applied = s.clone();
+        applied.apply(&cmds[0]).unwrap();
+        applied.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn candidate_order_is_epoch_then_flushed_lsn_then_name() {
+        let mut s = state();
+        // Epoch 2 started at lsn 40 with n1 again.
+        s.apply(&ClusterCommand::Promote {
+            node: n("n1"),
+            epoch: Epoch(2),
+            first_lsn: Lsn(40),
+            now_ms: 3000,
+            lease_ttl_ms: TTL,
+        })
+        .unwrap();
+        let mut c = leader(&s);
+        // n2 has more entries but of the old epoch (a divergent tail); n3 is
+        // in the current epoch.
+        c.handle_report(report("n2", 1, 45, 4000));
+        c.handle_report(report("n3", 2, 41, 4000));
+        c.handle_tick(4000 + MARGIN + 1);
+        assert_eq!(
+            promoted(&proposals(&mut c)),
+            Some((n("n3"), Epoch(3), Lsn(42)))
+        );
+
+        // Equal positions: the lowest name wins, deterministically.
+        let mut c = leader(&state());
+        c.handle_report(report("n3", 1, 7, 2200));
+        c.handle_report(report("n2", 1, 7, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+
+    #[test]
+    fn nofailover_node_is_skipped() {
+        let mut s = state();
+        s.apply(&ClusterCommand::SetNoFailover {
+            node: n("n3"),
+            nofailover: true,
+        })
+        .unwrap();
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 40, 2200));
+        c.handle_report(report("n3", 1, 50, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+
+    #[test]
+    fn unreachable_and_stale_reports_are_skipped() {
+        let mut c = leader(&state());
+        c.handle_report(Report {
+            reachable: false,
+            ..report("n3", 1, 50, 2200)
+        });
+        c.handle_report(report("n2", 1, 49, 500)); // too old at AFTER_LAPSE
+        c.handle_tick(AFTER_LAPSE);
+        assert!(proposals(&mut c).is_empty());
+        assert_eq!(c.status(), &Status::ReadOnly(ReadOnlyReason::NoCandidate));
+        c.handle_report(report("n2", 1, 49, AFTER_LAPSE));
+        c.handle_tick(AFTER_LAPSE + 1);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+
+    #[test]
+    fn async_mode_respects_max_lag_on_failover() {
+        let mut s = state();
+        s.apply(&ClusterCommand::SetCommitPolicy {
+            policy: CommitPolicy::parse("async:10", "strict").unwrap(),
+        })
+        .unwrap();
+        let mut c = leader(&s);
+        c.handle_report(report("n1", 1, 100, 1900)); // last known primary position
+        c.handle_report(report("n2", 1, 85, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert!(proposals(&mut c).is_empty());
+        assert_eq!(
+            c.status(),
+            &Status::ReadOnly(ReadOnlyReason::LagTooLarge {
+                max_lag: 10,
+                best_lag: 15
+            })
+        );
+        // n2 catches up to within the limit (it keeps replaying what it got).
+        c.handle_report(report("n2", 1, 90, AFTER_LAPSE));
+        c.handle_tick(AFTER_LAPSE + 1);
+        assert_eq!(
+            promoted(&proposals(&mut c)),
+            Some((n("n2"), Epoch(2), Lsn(91)))
+        );
+    }
+
+    fn quorum_state() -> ClusterState {
+        let mut s = state();
+        s.apply(&ClusterCommand::SetCommitPolicy {
+            policy: CommitPolicy::parse("quorum:1", "strict").unwrap(),
+        })
+        .unwrap();
+        s.apply(&ClusterCommand::SetSyncSet {
+            epoch: Epoch(1),
+            nodes: [n("n2")].into(),
+        })
+        .unwrap();
+        s
+    }
+
+    #[test]
+    fn quorum_mode_promotes_only_from_sync_set() {
+        let mut c = leader(&quorum_state());
+        // n3 is further ahead but not known to hold every acknowledged write.
+        c.handle_report(report("n2", 1, 40, 2200));
+        c.handle_report(report("n3", 1, 60, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+
+    #[test]
+    fn quorum_mode_stays_read_only_without_reachable_sync_member() {
+        let mut c = leader(&quorum_state());
+        c.handle_report(Report {
+            reachable: false,
+            ..report("n2", 1, 40, 2200)
+        });
+        c.handle_report(report("n3", 1, 60, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        let actions = drain(&mut c);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Propose(_))),
+            "{actions:?}"
+        );
+        assert_eq!(
+            c.status().to_string(),
+            "read-only: no reachable node holds every acknowledged write"
+        );
+        assert!(actions.contains(&Action::Status(Status::ReadOnly(
+            ReadOnlyReason::NoSyncCandidate
+        ))));
+    }
+
+    #[test]
+    fn degraded_quorum_mode_falls_back_to_async_choice() {
+        let mut s = quorum_state();
+        s.apply(&ClusterCommand::MarkDegraded {
+            epoch: Epoch(1),
+            from_lsn: Lsn(30),
+            now_ms: 1500,
+        })
+        .unwrap();
+        s.policy_on_unavailable_is(OnUnavailable::Degrade);
+        let mut c = leader(&s);
+        c.handle_report(Report {
+            reachable: false,
+            ..report("n2", 1, 40, 2200)
+        });
+        c.handle_report(report("n3", 1, 60, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n3"));
+    }
+
+    impl ClusterState {
+        fn policy_on_unavailable_is(&mut self, on: OnUnavailable) {
+            let mut policy = self.commit_policy;
+            policy.on_unavailable = on;
+            self.apply(&ClusterCommand::SetCommitPolicy { policy })
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn new_leader_waits_a_full_lease_ttl() {
+        let s = state();
+        let mut c = Controller::new(config());
+        c.handle_state(&s);
+        c.handle_report(report("n2", 1, 10, 5000));
+        // Elected long after the lease lapsed: it still cannot know that no
+        // renewal was committed under the previous leader, so it waits.
+        c.handle_leadership(true, 7, 5000);
+        c.handle_tick(5000);
+        c.handle_tick(5000 + TTL - 1);
+        assert!(proposals(&mut c).is_empty());
+        assert_eq!(
+            c.status(),
+            &Status::WaitingForLease {
+                until_ms: 5000 + TTL
+            }
+        );
+        c.handle_report(report("n2", 1, 10, 5000 + TTL));
+        c.handle_tick(5000 + TTL);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+
+    #[test]
+    fn non_leader_emits_nothing_and_loses_queued_actions() {
+        let s = state();
+        let mut c = Controller::new(config());
+        c.handle_state(&s);
+        c.handle_report(report("n2", 1, 10, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert!(c.poll_action().is_none());
+
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 10, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        c.handle_leadership(false, 2, AFTER_LAPSE);
+        assert!(c.poll_action().is_none());
+        assert_eq!(c.status(), &Status::NotLeader);
+        assert_eq!(
+            c.handle_switchover(None, AFTER_LAPSE),
+            Err(SwitchoverError::NotLeader)
+        );
+    }
+
+    #[test]
+    fn witness_is_never_promoted() {
+        // The controller may run on the witness (it can be Raft leader); it
+        // promotes a data node, never a witness however far ahead it claims.
+        let mut c = leader(&state());
+        c.handle_report(report("w", 1, 1000, 2200));
+        c.handle_report(report("n2", 1, 5, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+
+    #[test]
+    fn lapsed_primary_is_not_its_own_successor() {
+        let mut c = leader(&state());
+        c.handle_report(report("n1", 1, 100, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert!(proposals(&mut c).is_empty());
+        assert_eq!(c.status(), &Status::ReadOnly(ReadOnlyReason::NoCandidate));
+    }
+
+    #[test]
+    fn first_promotion_of_a_new_cluster() {
+        let mut s = state();
+        s = ClusterState {
+            primary: None,
+            lease: None,
+            epoch: Epoch(0),
+            epoch_history: vec![],
+            last_failover: None,
+            ..s
+        };
+        let mut c = leader(&s);
+        for node in ["n1", "n2", "n3"] {
+            c.handle_report(report(node, 0, 0, TTL));
+        }
+        c.handle_tick(TTL);
+        assert_eq!(
+            promoted(&proposals(&mut c)),
+            Some((n("n1"), Epoch(1), Lsn(1)))
+        );
+    }
+
+    #[test]
+    fn inflight_promotion_is_not_reproposed_until_retry() {
+        let s = state();
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 10, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(proposals(&mut c).len(), 1);
+        c.handle_tick(AFTER_LAPSE + 500);
+        assert!(proposals(&mut c).is_empty());
+        // Not applied within retry_after_ms (e.g. the write was lost).
+        c.handle_report(report("n2", 1, 10, AFTER_LAPSE + 900));
+        c.handle_tick(AFTER_LAPSE + 1000);
+        assert_eq!(proposals(&mut c).len(), 1);
+        // Applied: back to healthy with the new primary.
+        let mut s2 = s.clone();
+        s2.apply(&ClusterCommand::Promote {
+            node: n("n2"),
+            epoch: Epoch(2),
+            first_lsn: Lsn(11),
+            now_ms: AFTER_LAPSE + 1000,
+            lease_ttl_ms: TTL,
+        })
+        .unwrap();
+        c.handle_state(&s2);
+        c.handle_tick(AFTER_LAPSE + 1100);
+        assert!(proposals(&mut c).is_empty());
+        assert_eq!(
+            c.status(),
+            &Status::Healthy {
+                primary: n("n2"),
+                epoch: Epoch(2)
+            }
+        );
+    }
+
+    #[test]
+    fn switchover_runs_fence_catch_up_promote_demote() {
+        let mut s = state();
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 90, 1500));
+        c.handle_report(report("n3", 1, 95, 1500));
+        assert_eq!(c.handle_switchover(None, 1500), Ok(n("n3")));
+        assert_eq!(
+            c.handle_switchover(None, 1500),
+            Err(SwitchoverError::InProgress)
+        );
+        let a = drain(&mut c);
+        assert_eq!(
+            a[0],
+            Action::FenceWrites {
+                node: n("n1"),
+                epoch: Epoch(1)
+            }
+        );
+        c.handle_fenced(&n("n1"), Epoch(1), Lsn(100), 1550);
+        c.handle_tick(1600);
+        assert!(proposals(&mut c).is_empty(), "target not caught up yet");
+        c.handle_report(report("n3", 1, 100, 1650));
+        c.handle_tick(1700);
+        let cmds = proposals(&mut c);
+        assert_eq!(
+            cmds[0],
+            ClusterCommand::Demote {
+                node: n("n1"),
+                epoch: Epoch(1)
+            }
+        );
+        assert_eq!(promoted(&cmds), Some((n("n3"), Epoch(2), Lsn(101))));
+        // The lease is still valid: only the Demote before it makes the
+        // Promote acceptable.
+        for cmd in &cmds {
+            s.apply(cmd).unwrap();
+        }
+        s.check_invariants().unwrap();
+        c.handle_state(&s);
+        assert_eq!(
+            drain(&mut c),
+            vec![Action::BecomeMirror {
+                node: n("n1"),
+                of: n("n3"),
+                epoch: Epoch(2)
+            }]
+        );
+    }
+
+    #[test]
+    fn switchover_target_checks_and_timeout_unfences() {
+        let s = state();
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 90, 1500));
+        for (target, reason) in [
+            ("w", "it is a witness"),
+            ("n1", "it is already primary"),
+            ("n3", "it is not reachable"),
+        ] {
+            assert_eq!(
+                c.handle_switchover(Some(n(target)), 1500),
+                Err(SwitchoverError::BadTarget {
+                    node: n(target),
+                    reason
+                })
+            );
+        }
+        assert_eq!(c.handle_switchover(Some(n("n2")), 1500), Ok(n("n2")));
+        drain(&mut c);
+        c.handle_fenced(&n("n1"), Epoch(1), Lsn(100), 1600);
+        // The primary keeps renewing its lease while fenced; n2 never catches up.
+        let mut renewed = s.clone();
+        renewed
+            .apply(&ClusterCommand::RenewLease {
+                node: n("n1"),
+                epoch: Epoch(1),
+                now_ms: 6000,
+                lease_ttl_ms: TTL,
+            })
+            .unwrap();
+        c.handle_state(&renewed);
+        c.handle_tick(1500 + 5001);
+        let a = drain(&mut c);
+        assert!(a.contains(&Action::UnfenceWrites {
+            node: n("n1"),
+            epoch: Epoch(1)
+        }));
+        assert!(matches!(c.status(), Status::SwitchoverAborted { .. }));
+    }
+
+    #[test]
+    fn primary_death_during_switchover_turns_into_failover() {
+        let mut c = leader(&state());
+        c.handle_report(report("n2", 1, 90, 1500));
+        c.handle_switchover(Some(n("n2")), 1500).unwrap();
+        drain(&mut c);
+        // No fence confirmation, no renewal: the lease lapses.
+        c.handle_report(report("n2", 1, 90, 2200));
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+}
