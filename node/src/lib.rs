@@ -6,6 +6,7 @@
 //!                 └─► readers: MVCC snapshots of the data file
 //! ```
 
+pub mod activity;
 pub mod engine;
 pub mod journal;
 pub mod model;
