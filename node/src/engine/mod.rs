@@ -124,8 +124,23 @@ struct Inner {
     report: RecoveryReport,
     db_id: String,
     epoch: u64,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    // Declared after `tx`: fields drop in order, so the channel is closed
+    // first and the writer can finish before it is joined.
+    writer: WriterThread,
     _lock: File,
+}
+
+/// Joins the writer thread when the last handle goes away, so the data file
+/// is closed (and the directory free to reopen) once `Engine` is dropped.
+struct WriterThread(Mutex<Option<std::thread::JoinHandle<()>>>);
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        let handle = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
 }
 
 /// A handle to an open database.
@@ -234,7 +249,7 @@ impl Engine {
                 db_id,
                 epoch,
                 cfg,
-                writer: Mutex::new(Some(handle)),
+                writer: WriterThread(Mutex::new(Some(handle))),
                 _lock: lock,
             }),
         })
@@ -577,6 +592,7 @@ impl Engine {
         let handle = self
             .inner
             .writer
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
