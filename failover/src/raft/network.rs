@@ -1,0 +1,1 @@
+//! Raft RPCs over a byte transport. (filled in below)
