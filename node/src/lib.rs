@@ -7,6 +7,7 @@
 //! ```
 
 pub mod activity;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod journal;
