@@ -1,0 +1,220 @@
+//! Three Raft nodes over the in-memory transport: election, replication of
+//! cluster commands, a partitioned leader replaced by the majority, and
+//! identical applied states after healing.
+//!
+//! Replay a run with `MIRRORDB_TEST_SEED=<seed> cargo test -p mirrordb-failover --test raft_cluster`.
+
+// Helpers outside `#[test]` functions: a panic here is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mirrordb_failover::raft::network::{MemNetwork, NetworkFactory};
+use mirrordb_failover::raft::{Raft, RaftNode, store};
+use mirrordb_failover::state::{Applied, ClusterCommand, ClusterState, Member, Role, raft_id};
+use mirrordb_failover::{NodeId, Timing};
+use openraft::ServerState;
+use tokio::sync::watch;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn seed() -> u64 {
+    let seed = std::env::var("MIRRORDB_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("seed: {seed} (replay with MIRRORDB_TEST_SEED={seed})");
+    seed
+}
+
+fn fast_timing() -> Timing {
+    Timing {
+        heartbeat_ms: 50,
+        election_min_ms: 200,
+        election_max_ms: 400,
+        lease_renew_ms: 100,
+        lease_ttl_ms: 400,
+        failover_margin_ms: 150,
+        max_clock_skew_ms: 50,
+    }
+}
+
+struct TestNode {
+    id: u64,
+    raft: Raft,
+    state: watch::Receiver<ClusterState>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(net: &MemNetwork, name: &str) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, sm) = store::open(dir.path()).unwrap();
+    let state = sm.subscribe();
+    let id = raft_id(&NodeId::from(name));
+    let config = Arc::new(fast_timing().raft_config().unwrap());
+    let factory = NetworkFactory::new(Arc::new(net.transport(id)));
+    let raft = Raft::new(id, config, factory, log, sm).await.unwrap();
+    net.register(id, raft.clone());
+    TestNode {
+        id,
+        raft,
+        state,
+        _dir: dir,
+    }
+}
+
+fn add(name: &str) -> ClusterCommand {
+    ClusterCommand::AddMember {
+        node: NodeId::from(name),
+        member: Member {
+            role: Role::Data,
+            raft_addr: format!("{name}:7000"),
+            http_addr: format!("{name}:7070"),
+            nofailover: false,
+        },
+    }
+}
+
+async fn leader_among(nodes: &[&TestNode], exclude: Option<u64>) -> u64 {
+    let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    let m = nodes[0]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| {
+                m.current_leader
+                    .is_some_and(|l| Some(l) != exclude && ids.contains(&l))
+            },
+            "a leader is elected",
+        )
+        .await
+        .unwrap();
+    m.current_leader.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_replicate_and_survive_leader_partition() {
+    let net = MemNetwork::new(seed());
+    let names = ["n1", "n2", "n3"];
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(start(&net, name).await);
+    }
+    let by_id = |id: u64| nodes.iter().find(|n| n.id == id).unwrap();
+
+    eprintln!("--- initialize the cluster on n1 and wait for a leader");
+    let members: BTreeMap<u64, RaftNode> = names
+        .iter()
+        .map(|n| {
+            let node = RaftNode {
+                name: NodeId::from(*n),
+                raft_addr: format!("{n}:7000"),
+            };
+            (node.id(), node)
+        })
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader = leader_among(&all, None).await;
+
+    eprintln!("--- replicate cluster commands through leader {leader}");
+    for name in names {
+        let resp = by_id(leader).raft.client_write(add(name)).await.unwrap();
+        assert_eq!(resp.data, Ok(Applied::Ok));
+    }
+    let dup = by_id(leader).raft.client_write(add("n1")).await.unwrap();
+    assert!(
+        dup.data.is_err(),
+        "a rejected command is answered, not lost"
+    );
+    let applied = by_id(leader)
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .unwrap()
+        .index;
+    for n in &nodes {
+        n.raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(applied), "replicated")
+            .await
+            .unwrap();
+        assert_eq!(n.state.borrow().members.len(), 3);
+    }
+
+    eprintln!("--- partition the leader {leader} from the others");
+    let others: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|&i| i != leader)
+        .collect();
+    net.partition(&[leader], &others);
+    let majority: Vec<&TestNode> = others.iter().map(|&i| by_id(i)).collect();
+    let new_leader = leader_among(&majority, Some(leader)).await;
+    assert_ne!(new_leader, leader);
+    by_id(new_leader)
+        .raft
+        .wait(Some(WAIT))
+        .state(ServerState::Leader, "new leader active")
+        .await
+        .unwrap();
+
+    eprintln!("--- the majority commits; the isolated old leader cannot");
+    let resp = by_id(new_leader)
+        .raft
+        .client_write(ClusterCommand::Promote {
+            node: NodeId::from("n2"),
+            epoch: mirrordb_failover::Epoch(1),
+            first_lsn: mirrordb_failover::Lsn(1),
+            now_ms: 1_000,
+            lease_ttl_ms: 1_000,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(resp.data, Ok(Applied::Promoted { .. })));
+    let stale = tokio::time::timeout(
+        Duration::from_millis(800),
+        by_id(leader).raft.client_write(add("n4")),
+    )
+    .await;
+    assert!(
+        !matches!(stale, Ok(Ok(_))),
+        "a partitioned leader must not commit: {stale:?}"
+    );
+
+    eprintln!("--- heal and check every node applies the same state");
+    net.heal();
+    let applied = by_id(new_leader)
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .unwrap()
+        .index;
+    for n in &nodes {
+        n.raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(applied), "caught up after heal")
+            .await
+            .unwrap();
+    }
+    let reference = by_id(new_leader).state.borrow().clone();
+    assert_eq!(reference.primary, Some(NodeId::from("n2")));
+    assert!(
+        !reference.members.contains_key(&NodeId::from("n4")),
+        "the write to the isolated leader was never committed"
+    );
+    for n in &nodes {
+        assert_eq!(*n.state.borrow(), reference, "node {} differs", n.id);
+    }
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
