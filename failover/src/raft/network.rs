@@ -116,8 +116,7 @@ pub async fn serve_rpc(
     if request.len() > MAX_RPC_BYTES {
         return Err(TransportError::TooLarge(request.len()));
     }
-    let envelope: RpcEnvelope = postcard::from_bytes(request)
-        .map_err(|e| TransportError::Refused(format!("undecodable request: {e}")))?;
+    let envelope = decode_request(request)?;
     if envelope.target != local_id {
         return Err(TransportError::Refused(format!(
             "request for raft id {} reached {local_id}",
@@ -132,6 +131,15 @@ pub async fn serve_rpc(
         }
     };
     postcard::to_stdvec(&reply).map_err(|e| TransportError::Refused(format!("encode reply: {e}")))
+}
+
+/// Decodes a request envelope received from the network.
+pub fn decode_request(bytes: &[u8]) -> Result<RpcEnvelope, TransportError> {
+    if bytes.len() > MAX_RPC_BYTES {
+        return Err(TransportError::TooLarge(bytes.len()));
+    }
+    postcard::from_bytes(bytes)
+        .map_err(|e| TransportError::Refused(format!("undecodable request: {e}")))
 }
 
 /// openraft's network factory over a [`RaftTransport`].
@@ -419,5 +427,123 @@ impl RaftTransport for MemTransport {
             return Err(unreachable("partitioned on the way back"));
         }
         Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeId;
+    use openraft::{CommittedLeaderId, LogId, Vote};
+    use proptest::prelude::*;
+
+    /// A transport that answers every call with a fixed outcome.
+    struct Fixed(Result<Vec<u8>, TransportError>);
+
+    impl RaftTransport for Fixed {
+        async fn call(
+            &self,
+            _target: &RaftNode,
+            _request: Vec<u8>,
+            _timeout: Duration,
+        ) -> Result<Vec<u8>, TransportError> {
+            self.0.clone()
+        }
+    }
+
+    fn node() -> RaftNode {
+        RaftNode {
+            name: NodeId::from("n2"),
+            raft_addr: "n2:7000".into(),
+        }
+    }
+
+    async fn vote_via(
+        transport: Fixed,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, RaftNode, RaftError<u64>>> {
+        let mut factory = NetworkFactory::new(Arc::new(transport));
+        let mut conn = factory.new_client(node().id(), &node()).await;
+        let req = VoteRequest::new(
+            Vote::new(2, 1),
+            Some(LogId::new(CommittedLeaderId::new(1, 1), 5)),
+        );
+        conn.vote(req, RPCOption::new(Duration::from_millis(100)))
+            .await
+    }
+
+    #[tokio::test]
+    async fn transport_failure_is_unreachable() {
+        let err = vote_via(Fixed(Err(TransportError::Unreachable(
+            "n2".into(),
+            "down".into(),
+        ))))
+        .await
+        .unwrap_err();
+        assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn garbage_reply_is_a_network_error() {
+        let err = vote_via(Fixed(Ok(vec![0xff, 0xff, 0xff])))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RPCError::Network(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn wrong_reply_kind_is_a_network_error() {
+        let reply = RpcReply::AppendEntries(Ok(AppendEntriesResponse::Success));
+        let err = vote_via(Fixed(Ok(postcard::to_stdvec(&reply).unwrap())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RPCError::Network(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn remote_error_is_passed_through_and_success_decodes() {
+        let ok = RpcReply::Vote(Ok(VoteResponse {
+            vote: Vote::new(2, 1),
+            vote_granted: true,
+            last_log_id: None,
+        }));
+        let resp = vote_via(Fixed(Ok(postcard::to_stdvec(&ok).unwrap())))
+            .await
+            .unwrap();
+        assert!(resp.vote_granted);
+        let remote = RpcReply::Vote(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
+        let err = vote_via(Fixed(Ok(postcard::to_stdvec(&remote).unwrap())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RPCError::RemoteError(_)), "{err:?}");
+    }
+
+    #[test]
+    fn request_envelope_round_trips() {
+        let env = RpcEnvelope {
+            target: 7,
+            request: RaftRequest::Vote(VoteRequest::new(Vote::new(3, 7), None)),
+        };
+        let bytes = postcard::to_stdvec(&env).unwrap();
+        let back = decode_request(&bytes).unwrap();
+        assert_eq!(back.target, 7);
+        assert!(matches!(back.request, RaftRequest::Vote(_)));
+    }
+
+    #[test]
+    fn oversized_request_is_refused() {
+        let big = vec![0u8; MAX_RPC_BYTES + 1];
+        assert_eq!(
+            decode_request(&big).unwrap_err(),
+            TransportError::TooLarge(MAX_RPC_BYTES + 1)
+        );
+    }
+
+    proptest! {
+        /// Arbitrary bytes from the network give an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = postcard::from_bytes::<RpcReply>(&bytes);
+        }
     }
 }
