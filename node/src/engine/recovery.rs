@@ -196,7 +196,7 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
                 .apply(&mut w, frame.header.lsn, op)
                 .map_err(|e| OpenError::Store(e.to_string()))?;
             replayed += 1;
-            if replayed % REPLAY_TXN_ENTRIES == 0 {
+            if replayed.is_multiple_of(REPLAY_TXN_ENTRIES) {
                 w.commit().map_err(|e| OpenError::Store(e.to_string()))?;
                 w = store
                     .begin_apply()

@@ -341,10 +341,10 @@ impl Writer {
                 }
                 other => reply_err(other, WriteError::Storage("misrouted request".into())),
             }
-            if self.journal.buffered() > WRITE_OUT_BYTES {
-                if let Err(e) = self.journal.write_out() {
-                    self.mark_unavailable("journal write", &e);
-                }
+            if self.journal.buffered() > WRITE_OUT_BYTES
+                && let Err(e) = self.journal.write_out()
+            {
+                self.mark_unavailable("journal write", &e);
             }
         }
         drop(view);
@@ -362,13 +362,13 @@ impl Writer {
                 }
             }
         }
-        if let Some(err) = self.journal_error() {
-            if !entries.is_empty() {
-                for p in pending {
-                    p.send_err(WriteError::JournalUnavailable(err.to_string()));
-                }
-                return;
+        if !entries.is_empty()
+            && let Some(msg) = self.unavailable.clone()
+        {
+            for p in pending {
+                p.send_err(WriteError::JournalUnavailable(msg.clone()));
             }
+            return;
         }
         let last = self.journal.last_lsn();
         self.shared.durable_lsn.store(last, Ordering::Release);
@@ -764,13 +764,11 @@ impl Writer {
         if !(behind || self.dirty_bytes > 0) {
             return;
         }
-        if force
+        let due = force
             || self.dirty_bytes >= self.dirty_bytes_max
-            || self.last_flush.elapsed() >= self.flush_interval
-        {
-            if let Err(e) = self.flush() {
-                tracing::error!(error = %e, "data file flush failed");
-            }
+            || self.last_flush.elapsed() >= self.flush_interval;
+        if due && let Err(e) = self.flush() {
+            tracing::error!(error = %e, "data file flush failed");
         }
     }
 

@@ -203,23 +203,17 @@ pub fn verify(
         entries: 0,
     };
     let count = segments.len();
+    // Without an expected id, every segment must match the first one.
+    let expect_db = expect_db.or_else(|| segments.first().map(|s| s.header.db_id));
     for (i, seg) in segments.iter().enumerate() {
-        if let Some(db) = expect_db {
-            if seg.header.db_id != db {
-                return Err(ScanError::Foreign {
-                    path: seg.path.clone(),
-                    expected: db_id_string(&db),
-                    found: db_id_string(&seg.header.db_id),
-                });
-            }
-        } else if let Some(first) = segments.first() {
-            if seg.header.db_id != first.header.db_id {
-                return Err(ScanError::Foreign {
-                    path: seg.path.clone(),
-                    expected: db_id_string(&first.header.db_id),
-                    found: db_id_string(&seg.header.db_id),
-                });
-            }
+        if let Some(db) = expect_db
+            && seg.header.db_id != db
+        {
+            return Err(ScanError::Foreign {
+                path: seg.path.clone(),
+                expected: db_id_string(&db),
+                found: db_id_string(&seg.header.db_id),
+            });
         }
         if i > 0 && seg.header.first_lsn != state.last_lsn + 1 {
             return Err(ScanError::Corrupt {
@@ -489,14 +483,14 @@ impl Iterator for EntryIter {
                 }
                 Ok(Some(frame)) => {
                     let lsn = frame.header.lsn;
-                    if let Some(exp) = self.expected {
-                        if lsn != exp {
-                            return Some(Err(ScanError::Corrupt {
-                                path: self.current_path(),
-                                offset: at,
-                                reason: format!("LSN gap: expected {exp}, found {lsn}"),
-                            }));
-                        }
+                    if let Some(exp) = self.expected
+                        && lsn != exp
+                    {
+                        return Some(Err(ScanError::Corrupt {
+                            path: self.current_path(),
+                            offset: at,
+                            reason: format!("LSN gap: expected {exp}, found {lsn}"),
+                        }));
                     }
                     self.expected = Some(lsn + 1);
                     if lsn > self.to_lsn {
