@@ -8,19 +8,25 @@
 //!
 //! ```text
 //!  openraft ──► Connection::append_entries ──► RpcEnvelope{target, request}
-//!     ──► postcard ──► RaftTransport::call ──► (peer) serve_rpc(raft, bytes)
+//!     ──► postcard ──► RaftTransport::call ──► (peer) RpcHandler::handle(bytes)
 //!     ──► Raft::append_entries ──► RpcReply ──► postcard ──► back
 //! ```
+//!
+//! The same transport carries the control plane's own requests
+//! ([`ControlRequest`]: forward a proposal to the leader, ask a node for its
+//! journal position, fence or unfence its writes), so one connection per
+//! peer serves both; [`RpcHandler`] answers both on the receiving side.
 //!
 //! Error mapping: a transport failure (no route, connection lost, timeout)
 //! is `RPCError::Unreachable`, so openraft backs off; an error returned by
 //! the peer's Raft is `RPCError::RemoteError`; an undecodable reply is
 //! `RPCError::Network`. The envelope names the intended target id, and
-//! [`serve_rpc`] refuses a request meant for another node (a stale address
+//! [`RpcHandler`] refuses a request meant for another node (a stale address
 //! must not make a node answer in someone else's name).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +41,9 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use super::{Raft, RaftNode, TypeConfig};
+use crate::role::{NoData, Position, RoleControl, RoleError};
+use crate::state::{ClusterCommand, CommandResult};
+use crate::{Epoch, Lsn};
 
 /// Largest request or reply a transport carries, in bytes. Snapshot chunks
 /// (openraft's `snapshot_max_chunk_size`, 3 MiB by default) fit well below.
@@ -62,7 +71,8 @@ pub enum TransportError {
 ///
 /// Implementations connect lazily (openraft creates clients infallibly) and
 /// must give up after `timeout`. On the receiving side they hand the bytes
-/// to [`serve_rpc`] and send back what it returns.
+/// to the node's [`RpcService`] (an [`RpcHandler`]) and send back what it
+/// returns.
 pub trait RaftTransport: Send + Sync + 'static {
     /// One request/response exchange with `target`.
     fn call(
@@ -82,6 +92,50 @@ pub enum RaftRequest {
     Vote(VoteRequest<u64>),
     /// A snapshot chunk.
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A control-plane request (not Raft itself).
+    Control(ControlRequest),
+}
+
+/// Control-plane requests between drivers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Propose a command (sent to the Raft leader).
+    Propose(ClusterCommand),
+    /// Report your journal position.
+    Position,
+    /// Hold new writes of `epoch` and report the last LSN.
+    Fence {
+        /// The epoch the caller believes current.
+        epoch: Epoch,
+    },
+    /// Take writes of `epoch` again.
+    Unfence {
+        /// The epoch the caller believes current.
+        epoch: Epoch,
+    },
+}
+
+/// Answers to [`ControlRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// The proposal was committed and applied with this result.
+    Proposed(CommandResult),
+    /// This node is not the leader; try `leader`.
+    NotLeader {
+        /// The leader as this node knows it.
+        leader: Option<RaftNode>,
+    },
+    /// The node's position.
+    Position(Position),
+    /// Writes are held; this is the last LSN.
+    Fenced {
+        /// Last LSN written.
+        last_lsn: Lsn,
+    },
+    /// Writes are open again.
+    Unfenced,
+    /// The node could not do it.
+    Failed(RoleError),
 }
 
 /// A request with the raft id it is meant for.
@@ -102,35 +156,146 @@ pub enum RpcReply {
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     /// Answer to [`RaftRequest::InstallSnapshot`].
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    /// Answer to [`RaftRequest::Control`].
+    Control(ControlReply),
 }
 
-/// Handles one incoming request for the local `raft` whose id is `local_id`.
+/// The receiving side of a node: answers Raft RPCs and control requests.
 ///
-/// Bytes come from the network: anything undecodable, too large or meant for
-/// another node is a [`TransportError::Refused`], never a panic.
-pub async fn serve_rpc(
-    raft: &Raft,
+/// Object-safe so a transport can hold the handlers of nodes of different
+/// kinds (`RpcHandler<Node>`, `RpcHandler<NoData>` for a witness).
+pub trait RpcService: Send + Sync + 'static {
+    /// Handles one request's bytes and returns the reply's bytes. Bytes come
+    /// from the network: anything undecodable, too large or meant for another
+    /// node is a [`TransportError::Refused`], never a panic.
+    fn serve<'a>(
+        &'a self,
+        request: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, TransportError>> + Send + 'a>>;
+}
+
+/// Serves the local Raft and, on data nodes, the local [`RoleControl`].
+pub struct RpcHandler<R> {
+    raft: Raft,
     local_id: u64,
-    request: &[u8],
-) -> Result<Vec<u8>, TransportError> {
-    if request.len() > MAX_RPC_BYTES {
-        return Err(TransportError::TooLarge(request.len()));
+    role: std::sync::Arc<R>,
+}
+
+impl<R> std::fmt::Debug for RpcHandler<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcHandler")
+            .field("local_id", &self.local_id)
+            .finish_non_exhaustive()
     }
-    let envelope = decode_request(request)?;
-    if envelope.target != local_id {
-        return Err(TransportError::Refused(format!(
-            "request for raft id {} reached {local_id}",
-            envelope.target
-        )));
-    }
-    let reply = match envelope.request {
-        RaftRequest::AppendEntries(rpc) => RpcReply::AppendEntries(raft.append_entries(rpc).await),
-        RaftRequest::Vote(rpc) => RpcReply::Vote(raft.vote(rpc).await),
-        RaftRequest::InstallSnapshot(rpc) => {
-            RpcReply::InstallSnapshot(raft.install_snapshot(rpc).await)
+}
+
+impl RpcHandler<NoData> {
+    /// A handler for a node without data (a witness, or Raft-only tests).
+    #[must_use]
+    pub fn raft_only(raft: Raft, local_id: u64) -> Self {
+        RpcHandler {
+            raft,
+            local_id,
+            role: std::sync::Arc::new(NoData),
         }
+    }
+}
+
+impl<R: RoleControl> RpcHandler<R> {
+    /// A handler for the node `local_id` running `raft` with `role`.
+    pub fn new(raft: Raft, local_id: u64, role: std::sync::Arc<R>) -> Self {
+        RpcHandler {
+            raft,
+            local_id,
+            role,
+        }
+    }
+
+    /// Handles one request's bytes; see [`RpcService::serve`].
+    pub async fn handle(&self, request: &[u8]) -> Result<Vec<u8>, TransportError> {
+        let envelope = decode_request(request)?;
+        if envelope.target != self.local_id {
+            return Err(TransportError::Refused(format!(
+                "request for raft id {} reached {}",
+                envelope.target, self.local_id
+            )));
+        }
+        let raft = &self.raft;
+        let reply = match envelope.request {
+            RaftRequest::AppendEntries(rpc) => {
+                RpcReply::AppendEntries(raft.append_entries(rpc).await)
+            }
+            RaftRequest::Vote(rpc) => RpcReply::Vote(raft.vote(rpc).await),
+            RaftRequest::InstallSnapshot(rpc) => {
+                RpcReply::InstallSnapshot(raft.install_snapshot(rpc).await)
+            }
+            RaftRequest::Control(req) => RpcReply::Control(self.control(req).await),
+        };
+        postcard::to_stdvec(&reply)
+            .map_err(|e| TransportError::Refused(format!("encode reply: {e}")))
+    }
+
+    async fn control(&self, req: ControlRequest) -> ControlReply {
+        match req {
+            ControlRequest::Propose(cmd) => propose_local(&self.raft, cmd).await,
+            ControlRequest::Position => match self.role.position().await {
+                Ok(p) => ControlReply::Position(p),
+                Err(e) => ControlReply::Failed(e),
+            },
+            ControlRequest::Fence { epoch } => match self.role.fence_writes(epoch).await {
+                Ok(last_lsn) => ControlReply::Fenced { last_lsn },
+                Err(e) => ControlReply::Failed(e),
+            },
+            ControlRequest::Unfence { epoch } => match self.role.unfence_writes(epoch).await {
+                Ok(()) => ControlReply::Unfenced,
+                Err(e) => ControlReply::Failed(e),
+            },
+        }
+    }
+}
+
+impl<R: RoleControl> RpcService for RpcHandler<R> {
+    fn serve<'a>(
+        &'a self,
+        request: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, TransportError>> + Send + 'a>> {
+        Box::pin(self.handle(request))
+    }
+}
+
+/// Proposes `cmd` through the local Raft; answers `NotLeader` when this node
+/// is not the leader.
+pub async fn propose_local(raft: &Raft, cmd: ClusterCommand) -> ControlReply {
+    match raft.client_write(cmd).await {
+        Ok(resp) => ControlReply::Proposed(resp.data),
+        Err(e) => match e.forward_to_leader() {
+            Some(f) => ControlReply::NotLeader {
+                leader: f.leader_node.clone(),
+            },
+            None => ControlReply::Failed(RoleError::Failed(e.to_string())),
+        },
+    }
+}
+
+/// Sends a control request to `target` over `transport`.
+pub async fn call_control<T: RaftTransport>(
+    transport: &T,
+    target: &RaftNode,
+    request: ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, TransportError> {
+    let envelope = RpcEnvelope {
+        target: target.id(),
+        request: RaftRequest::Control(request),
     };
-    postcard::to_stdvec(&reply).map_err(|e| TransportError::Refused(format!("encode reply: {e}")))
+    let bytes = postcard::to_stdvec(&envelope)
+        .map_err(|e| TransportError::Refused(format!("encode request: {e}")))?;
+    let reply = transport.call(target, bytes, timeout).await?;
+    match postcard::from_bytes(&reply) {
+        Ok(RpcReply::Control(r)) => Ok(r),
+        Ok(_) => Err(TransportError::Refused("wrong reply kind".into())),
+        Err(e) => Err(TransportError::Refused(format!("undecodable reply: {e}"))),
+    }
 }
 
 /// Decodes a request envelope received from the network.
@@ -286,7 +451,7 @@ pub struct MemNetwork {
 }
 
 struct MemInner {
-    nodes: BTreeMap<u64, Raft>,
+    nodes: BTreeMap<u64, Arc<dyn RpcService>>,
     blocked: BTreeSet<(u64, u64)>,
     drop_per_mille: BTreeMap<(u64, u64), u32>,
     rng: u64,
@@ -312,9 +477,14 @@ impl MemNetwork {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes `raft` (id `id`) reachable.
+    /// Makes `raft` (id `id`) reachable, answering Raft RPCs only.
     pub fn register(&self, id: u64, raft: Raft) {
-        self.lock().nodes.insert(id, raft);
+        self.register_service(id, Arc::new(RpcHandler::raft_only(raft, id)));
+    }
+
+    /// Makes node `id` reachable through `service`.
+    pub fn register_service(&self, id: u64, service: Arc<dyn RpcService>) {
+        self.lock().nodes.insert(id, service);
     }
 
     /// Removes a node, as if its process died.
@@ -403,7 +573,7 @@ impl RaftTransport for MemTransport {
     ) -> Result<Vec<u8>, TransportError> {
         let to = target.id();
         let unreachable = |why: &str| TransportError::Unreachable(target.to_string(), why.into());
-        let raft = {
+        let service = {
             let mut inner = self.net.lock();
             if inner.blocked.contains(&(self.from, to)) {
                 return Err(unreachable("partitioned"));
@@ -419,7 +589,7 @@ impl RaftTransport for MemTransport {
                 .cloned()
                 .ok_or_else(|| unreachable("not running"))?
         };
-        let reply = tokio::time::timeout(timeout, serve_rpc(&raft, to, &request))
+        let reply = tokio::time::timeout(timeout, service.serve(&request))
             .await
             .map_err(|_| TransportError::Timeout(target.to_string(), timeout))??;
         // The reply travels back over the same link.
