@@ -7,8 +7,12 @@
 //! ```
 
 pub mod activity;
+pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod journal;
+pub mod metrics;
 pub mod model;
+pub mod serve;

@@ -1,1 +1,32 @@
-fn main() {}
+//! The `mirrordb` binary: installs the one rustls crypto provider
+//! (aws-lc-rs), sets up logging, and runs the command (see `cli`).
+
+use clap::Parser;
+use mirrordb::cli::{self, Cli};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    // One crypto provider for the whole process (DEPENDENCIES.md pitfalls):
+    // installed before anything builds a TLS config.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let args = Cli::parse();
+    cli::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("mirrordb")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mirrordb: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mirrordb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

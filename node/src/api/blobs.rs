@@ -1,0 +1,114 @@
+//! BLOBs: `PUT/GET/DELETE /v1/tables/{table}/blobs/{key}`, binary values up
+//! to 1 GiB, streamed both ways.
+//!
+//! ```text
+//! PUT  body chunks ──► Engine::put_blob (staged on disk, journaled in 1 MiB chunks)
+//! GET  Engine::blob ──► chunks read from one snapshot ──► response body
+//! ```
+//!
+//! Neither direction holds a whole BLOB in memory. A `Content-Length` past
+//! the limit is refused before any byte is read.
+
+use super::records::{precondition, table_key};
+use super::{ApiError, Caller, St, content_length, json_ok};
+use crate::model::MAX_BLOB_BYTES;
+use axum::body::Body;
+use axum::extract::Path;
+use axum::extract::rejection::PathRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+struct BlobAnswer {
+    lsn: u64,
+    version: u64,
+    size: Option<u64>,
+}
+
+/// BLOB writes take no preconditions yet: refuse them instead of ignoring.
+fn no_precondition(headers: &HeaderMap) -> Result<(), ApiError> {
+    match precondition(headers, None)? {
+        None => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            "BLOB writes do not support If-Match / If-None-Match",
+        )),
+    }
+}
+
+/// `PUT /v1/tables/{table}/blobs/{key}`: the body is the BLOB's bytes.
+pub async fn put_blob(
+    st: St,
+    caller: Caller,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (table, key) = table_key(path)?;
+    no_precondition(&headers)?;
+    let declared = content_length(&headers)?;
+    if let Some(len) = declared.filter(|l| *l > MAX_BLOB_BYTES) {
+        return Err(ApiError::too_large(Some(len), MAX_BLOB_BYTES));
+    }
+    let session = st.session(&caller).await?;
+    let ack = st
+        .engine()
+        .put_blob(session, &table, &key, body.into_data_stream())
+        .await?;
+    let version = ack.versions.first().copied().unwrap_or(ack.lsn);
+    let mut resp = json_ok(&BlobAnswer {
+        lsn: ack.lsn,
+        version,
+        size: declared,
+    });
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /v1/tables/{table}/blobs/{key}`: the bytes, streamed, with
+/// `Content-Length` and `ETag` = version.
+pub async fn get_blob(
+    st: St,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (table, key) = table_key(path)?;
+    let Some(blob) = st.engine().blob(&table, &key)? else {
+        return Err(ApiError::not_found(format!("no BLOB {table}/{key}")));
+    };
+    let size = blob.size;
+    let tag = HeaderValue::from_str(&format!("\"{}\"", blob.version))
+        .unwrap_or(HeaderValue::from_static("\"0\""));
+    Ok((
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(size)),
+            (header::ETAG, tag),
+        ],
+        Body::from_stream(blob),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/tables/{table}/blobs/{key}`.
+pub async fn delete_blob(
+    st: St,
+    caller: Caller,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (table, key) = table_key(path)?;
+    no_precondition(&headers)?;
+    let session = st.session(&caller).await?;
+    let ack = st.engine().delete_blob(session, &table, &key).await?;
+    Ok(json_ok(&BlobAnswer {
+        lsn: ack.lsn,
+        version: ack.versions.first().copied().unwrap_or(ack.lsn),
+        size: None,
+    }))
+}

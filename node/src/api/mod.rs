@@ -1,0 +1,259 @@
+//! The HTTP/JSON API of one node (DESIGN §2), on axum.
+//!
+//! ```text
+//! request ─► TraceLayer ─► track (metrics) ─► authorize (bearer token, role)
+//!        ─► handler: parse + check limits ─► Engine ─► JSON answer / ApiError
+//! ```
+//!
+//! Handlers never trust request bytes: paths, headers, queries and bodies are
+//! checked and a bad one is a 4xx JSON error, never a panic. JSON bodies are
+//! read with a byte limit and answered 413 past it; BLOB bodies are streamed
+//! to the engine (which stages them on disk) and streamed back on reads.
+//!
+//! Sessions: the identity of a request is (token name or `anonymous`, the
+//! peer's IP address, the `X-Mirrordb-Session` header or `default`). The
+//! engine keeps the identity → session map, journals `SessionOpen` only for a
+//! new identity and closes idle sessions, so the API asks it on every write
+//! and never holds a session id the engine may have closed.
+
+pub mod auth;
+pub mod blobs;
+pub mod error;
+pub mod records;
+pub mod status;
+pub mod tables;
+
+pub use error::ApiError;
+
+use crate::config::{Config, TokenConfig};
+use crate::engine::Engine;
+use crate::model::{ClientIdentity, SessionId};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tower_http::trace::TraceLayer;
+
+/// Header carrying the client-chosen session name.
+pub const SESSION_HEADER: &str = "x-mirrordb-session";
+/// Longest accepted session name.
+pub const MAX_SESSION_NAME_BYTES: usize = 128;
+/// Session name used when the client sends none.
+pub const DEFAULT_SESSION_NAME: &str = "default";
+/// Token name of requests when no tokens are configured.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// What every handler shares: the engine and the API settings.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    engine: Engine,
+    node_name: String,
+    tokens: Vec<TokenConfig>,
+    max_body_bytes: usize,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl ApiState {
+    /// State for a node running `engine` with the `[node]` and `[api]`
+    /// settings of `cfg`.
+    pub fn new(engine: Engine, cfg: &Config) -> ApiState {
+        ApiState {
+            inner: Arc::new(StateInner {
+                engine,
+                node_name: cfg.node.name.clone(),
+                tokens: cfg.api.tokens.clone(),
+                max_body_bytes: usize::try_from(cfg.api.max_body_bytes.0).unwrap_or(usize::MAX),
+                metrics: crate::metrics::handle(),
+            }),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// Opens (or reuses) the engine session of a request's identity.
+    pub async fn session(&self, caller: &Caller) -> Result<SessionId, ApiError> {
+        Ok(self.inner.engine.session(caller.identity.clone()).await?)
+    }
+}
+
+/// The whole API as a router; serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` so sessions know
+/// the peer address.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/health", get(status::health))
+        .route("/metrics", get(status::metrics))
+        .route("/v1/status", get(status::status))
+        .route("/v1/tables", get(tables::list))
+        .route("/v1/tables/{table}", put(tables::set_options))
+        .route("/v1/tables/{table}/records", get(records::scan))
+        .route(
+            "/v1/tables/{table}/records/{*key}",
+            get(records::get_record)
+                .put(records::put_record)
+                .delete(records::delete_record),
+        )
+        .route(
+            "/v1/tables/{table}/blobs/{*key}",
+            get(blobs::get_blob)
+                .put(blobs::put_blob)
+                .delete(blobs::delete_blob),
+        )
+        .route("/v1/transactions", post(records::transaction))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
+        .route_layer(middleware::from_fn(track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no such path: {}", req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Records the request count and latency per route.
+async fn track(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    crate::metrics::record_http(&method, &route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// Who sent a request, as the engine's session identity. Extracted from the
+/// authorisation result, the peer address and the session header.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub identity: ClientIdentity,
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &ApiState) -> Result<Self, ApiError> {
+        let token_name = parts
+            .extensions
+            .get::<auth::Authorized>()
+            .map(|a| a.token_name.clone())
+            .unwrap_or_else(|| ANONYMOUS.to_owned());
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_string())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let client_session = match parts.headers.get(SESSION_HEADER) {
+            None => DEFAULT_SESSION_NAME.to_owned(),
+            Some(v) => {
+                let s = v.to_str().ok().filter(|s| {
+                    !s.is_empty()
+                        && s.len() <= MAX_SESSION_NAME_BYTES
+                        && s.bytes().all(|b| b.is_ascii_graphic())
+                });
+                match s {
+                    Some(s) => s.to_owned(),
+                    None => {
+                        return Err(ApiError::invalid(format!(
+                            "{SESSION_HEADER} must be 1..={MAX_SESSION_NAME_BYTES} printable ASCII characters without spaces"
+                        )));
+                    }
+                }
+            }
+        };
+        Ok(Caller {
+            identity: ClientIdentity {
+                token_name,
+                peer,
+                client_session,
+            },
+        })
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes, refusing early on a
+/// `Content-Length` past it and answering 413 the moment it is exceeded.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match content_length(headers)? {
+        Some(len) if len > limit as u64 => {
+            return Err(ApiError::too_large(Some(len), limit as u64));
+        }
+        _ => {}
+    }
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(format!("reading the request body failed: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(None, limit as u64));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// The `Content-Length` header, if present and well formed.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid("Content-Length is not a number")),
+    }
+}
+
+/// A JSON answer with status 200.
+pub fn json_ok(value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot encode the answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// Shared by handlers that take the state only for the engine.
+pub(crate) type St = State<ApiState>;

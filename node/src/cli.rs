@@ -1,0 +1,299 @@
+//! The `mirrordb` command line (clap derive): one variant of [`Command`] per
+//! subcommand, dispatched by [`run`]. Exit codes: 0 success, 1 failure,
+//! 2 unusable configuration or arguments.
+//!
+//! `serve` logs to stderr (filter with `RUST_LOG`, default `info`) and writes
+//! machine-readable lines to stdout: the recovery report and the address it
+//! listens on (`mirrordb listening on http://…`, or JSON with `--json`), so a
+//! supervising process (tests, scripts) can wait for it.
+
+use crate::config::{Config, Overrides, parse_duration};
+use crate::engine::RecoveryReport;
+use crate::serve::{self, ServeError};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code for an unusable configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// mirrordb: a journaled record database for deployments that run 24/7.
+#[derive(Debug, Parser)]
+#[command(name = "mirrordb", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Open the database (recovering it if needed) and serve the HTTP API.
+    Serve(ServeArgs),
+    /// Exit 0 if and only if a node's /health answers 200 (Docker healthchecks).
+    Healthcheck(HealthcheckArgs),
+    /// Print the default configuration, or check a configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Measure throughput and latency against a node.
+    Bench(crate::bench::BenchArgs),
+    // More subcommands go here, one variant each, plus one arm in `run`:
+    // `Journal(JournalCommand)` for `journal show|rotate` (activity analysis),
+    // then backup, restore, verify, rollback, lock, cluster, switchover.
+}
+
+/// `mirrordb serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); without it the defaults are used.
+    #[arg(long, short, env = "MIRRORDB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory; overrides `node.data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address; overrides `node.listen` (port 0 picks a free one).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Print the recovery report and the listen address as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mirrordb healthcheck`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The node's base URL.
+    #[arg(long, env = "MIRRORDB_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token (not needed for /health, sent if given).
+    #[arg(long, env = "MIRRORDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Give up after this long: 500ms, 3s, …
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print the node's health answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mirrordb config …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigCommand {
+    /// Print every key with its default value, as a TOML file.
+    Defaults,
+    /// Load a file, apply the overrides, validate, print the result.
+    Check {
+        #[arg(long, short, env = "MIRRORDB_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Print the resolved configuration as JSON (tokens redacted).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(a) => Ok(serve_cmd(a).await),
+        Command::Healthcheck(a) => Ok(healthcheck(a).await),
+        Command::Config(c) => Ok(config_cmd(c)),
+        Command::Bench(a) => crate::bench::run(a).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn overrides(data_dir: Option<PathBuf>, listen: Option<SocketAddr>) -> Overrides {
+    Overrides { data_dir, listen }
+}
+
+async fn serve_cmd(a: ServeArgs) -> ExitCode {
+    let cfg = match Config::resolve(a.config.as_deref(), &overrides(a.data_dir, a.listen)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrordb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing::info!(
+        node = %cfg.node.name,
+        data_dir = %cfg.node.data_dir.display(),
+        listen = %cfg.node.listen,
+        tokens = cfg.api.tokens.len(),
+        "starting mirrordb {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let engine = match serve::open_engine(serve::engine_config(&cfg)).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("mirrordb: cannot open the database: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_recovery(engine.recovery(), a.json);
+    let server = match serve::start(&cfg, engine.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mirrordb: {e}");
+            let _ = engine.shutdown().await;
+            return ExitCode::from(match e {
+                ServeError::Config(_) => EXIT_CONFIG,
+                _ => 1,
+            });
+        }
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "listening", "addr": server.local_addr().to_string()})
+        );
+    } else {
+        println!("mirrordb listening on {}", server.base_url());
+    }
+    match server.run_until_signal().await {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mirrordb: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_recovery(r: &RecoveryReport, json: bool) {
+    if json {
+        let v = serde_json::json!({"event": "recovery", "report": r});
+        println!("{v}");
+        return;
+    }
+    let action = serde_json::to_value(r.action)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{:?}", r.action));
+    println!(
+        "recovery: {action}: database {} epoch {}, checkpoint LSN {}, journal LSN {}..={}, replayed {} entries in {} ms",
+        r.db_id,
+        r.epoch,
+        r.checkpoint_lsn,
+        r.journal_first_lsn,
+        r.journal_last_lsn,
+        r.replayed_entries,
+        r.replay_ms
+    );
+    if let Some(t) = &r.tail_cut {
+        println!(
+            "recovery: cut a torn journal tail in {} at offset {} ({} bytes, never acknowledged)",
+            t.segment.display(),
+            t.offset,
+            t.bytes_removed
+        );
+    }
+    if let Some(lsn) = r.aborted_txn_lsn {
+        println!("recovery: discarded an unfinished transaction begun at LSN {lsn}");
+    }
+    if let Some(p) = &r.damaged_file_moved_to {
+        println!(
+            "recovery: the damaged data file was moved to {}",
+            p.display()
+        );
+    }
+}
+
+async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
+    let url = format!("{}/health", a.url.trim_end_matches('/'));
+    let client = match reqwest::Client::builder().timeout(a.timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrordb healthcheck: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut req = client.get(&url);
+    if let Some(t) = &a.token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            if a.json {
+                println!("{body}");
+            } else if status.is_success() {
+                println!("ok: {url}");
+            } else {
+                println!("unhealthy: {url} answered {status}: {body}");
+            }
+            if status == reqwest::StatusCode::OK {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            if a.json {
+                println!("{}", serde_json::json!({"error": e.to_string()}));
+            } else {
+                eprintln!("unhealthy: {url}: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_cmd(c: ConfigCommand) -> ExitCode {
+    match c {
+        ConfigCommand::Defaults => {
+            print!("{}", Config::defaults_toml());
+            ExitCode::SUCCESS
+        }
+        ConfigCommand::Check {
+            config,
+            data_dir,
+            listen,
+            json,
+        } => match Config::resolve(config.as_deref(), &overrides(data_dir, listen)) {
+            Ok(mut cfg) => {
+                for t in &mut cfg.api.tokens {
+                    t.token = "<redacted>".into();
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&cfg).unwrap_or_default());
+                } else {
+                    print!("{}", toml::to_string(&cfg).unwrap_or_default());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mirrordb: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

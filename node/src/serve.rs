@@ -1,0 +1,205 @@
+//! Wiring of a running node: configuration → engine → HTTP server, and the
+//! orderly way down.
+//!
+//! ```text
+//! Config ──► engine_config ──► open_engine (recovery, blocking thread)
+//!                                   │
+//!            start: check listen rule, bind, serve api::router ──► Server
+//!                                   │
+//! SIGTERM/SIGINT or Server::shutdown: stop accepting, finish requests,
+//!                                     Engine::shutdown (flush, DataFileClose)
+//! ```
+//!
+//! Tests use the same path: `open_engine` + `start` on `127.0.0.1:0`.
+
+use crate::api::{self, ApiState};
+use crate::config::{Config, ConfigError};
+use crate::engine::{Engine, EngineConfig, OpenError, WriteError};
+use std::net::SocketAddr;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a graceful shutdown waits for in-flight requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the node could not start or stop cleanly.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("closing the engine failed: {0}")]
+    Close(#[from] WriteError),
+    #[error("the engine could not be opened: {0}")]
+    Join(String),
+}
+
+/// The engine settings a configuration asks for (the real disk).
+pub fn engine_config(cfg: &Config) -> EngineConfig {
+    let mut e = EngineConfig::new(cfg.node.data_dir.clone());
+    e.node_name = cfg.node.name.clone();
+    e.flush_interval = cfg.cache.flush_interval.0;
+    e.dirty_bytes_max = cfg.cache.dirty_bytes_max.0;
+    e.cache_bytes = usize::try_from(cfg.cache.cache_bytes.0).unwrap_or(usize::MAX);
+    e.segment_bytes = cfg.journal.segment_bytes.0;
+    e.auto_restore = cfg.recovery.auto_restore;
+    e.session_idle = cfg.session.idle_timeout.0;
+    e.write_timeout = cfg.api.write_timeout.0;
+    e
+}
+
+/// Opens the engine (runs recovery) on a blocking thread.
+pub async fn open_engine(cfg: EngineConfig) -> Result<Engine, ServeError> {
+    tokio::task::spawn_blocking(move || Engine::open(cfg))
+        .await
+        .map_err(|e| ServeError::Join(e.to_string()))?
+        .map_err(ServeError::from)
+}
+
+/// A node serving HTTP.
+pub struct Server {
+    addr: SocketAddr,
+    engine: Engine,
+    stop: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds `cfg.node.listen` and serves the API for `engine`. Refuses an
+/// address beyond loopback when no tokens are configured, whatever the
+/// caller checked before.
+pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
+    cfg.validate()?;
+    let addr = cfg.node.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let app = api::router(ApiState::new(engine.clone(), cfg));
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { signal.cancelled().await })
+        .await
+    });
+    tracing::info!(addr = %local, "HTTP API listening");
+    Ok(Server {
+        addr: local,
+        engine,
+        stop,
+        task,
+    })
+}
+
+impl Server {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ip:port`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The engine this server runs.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish (up to
+    /// [`SHUTDOWN_GRACE`]), then closes the engine cleanly.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.stop.cancel();
+        let Server { engine, task, .. } = self;
+        let abort = task.abort_handle();
+        match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+            Ok(Ok(Err(e))) => tracing::warn!("HTTP server ended with an error: {e}"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(
+                    "requests still running after {}s; closing anyway",
+                    SHUTDOWN_GRACE.as_secs()
+                );
+                abort.abort();
+            }
+        }
+        engine.shutdown().await?;
+        Ok(())
+    }
+
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully. An HTTP
+    /// server failure also ends it (after closing the engine).
+    pub async fn run_until_signal(mut self) -> Result<(), ServeError> {
+        let failed = tokio::select! {
+            _ = shutdown_signal() => None,
+            r = &mut self.task => Some(match r {
+                Ok(Ok(())) => std::io::Error::other("the HTTP server stopped"),
+                Ok(Err(e)) => e,
+                Err(e) => std::io::Error::other(e.to_string()),
+            }),
+        };
+        match failed {
+            None => {
+                tracing::info!("signal received: shutting down");
+                self.shutdown().await
+            }
+            Some(e) => {
+                let _ = self.engine.shutdown().await;
+                Err(ServeError::Http(e))
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
