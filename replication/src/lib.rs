@@ -6,6 +6,8 @@
 //! plugs its journal in through the traits defined here, so this crate stays
 //! free of datastore details and is testable with in-memory fakes.
 
+pub mod frame;
 pub mod types;
 
+pub use frame::{FramedEntry, Message};
 pub use types::{Epoch, Lsn, NodeId};
