@@ -481,7 +481,7 @@ impl Controller {
             .is_some();
         if self.switchover.is_some() {
             if lease_ok || state.primary.is_none() {
-                self.drive_switchover(now_ms);
+                self.drive_switchover(&state, now_ms);
                 return;
             }
             // The primary died during the switchover: fail over instead.
@@ -523,19 +523,23 @@ impl Controller {
         }
     }
 
-    fn drive_switchover(&mut self, now_ms: u64) {
+    fn drive_switchover(&mut self, state: &ClusterState, now_ms: u64) {
         let Some(sw) = self.switchover.clone() else {
             return;
         };
-        if sw.phase != SwitchoverPhase::Promoting
-            && now_ms
-                > sw.started_ms
-                    .saturating_add(self.config.switchover_timeout_ms)
+        if now_ms
+            > sw.started_ms
+                .saturating_add(self.config.switchover_timeout_ms)
         {
-            self.actions.push_back(Action::UnfenceWrites {
-                node: sw.from.clone(),
-                epoch: sw.epoch,
-            });
+            // If the old primary is still primary (the Demote did not apply),
+            // it may write again. Otherwise there is no primary and the
+            // ordinary failover rules pick one from the next tick on.
+            if state.primary.as_ref() == Some(&sw.from) && state.epoch == sw.epoch {
+                self.actions.push_back(Action::UnfenceWrites {
+                    node: sw.from.clone(),
+                    epoch: sw.epoch,
+                });
+            }
             self.switchover = None;
             self.set_status(Status::SwitchoverAborted {
                 target: sw.target,
@@ -1183,6 +1187,32 @@ mod tests {
             epoch: Epoch(1)
         }));
         assert!(matches!(c.status(), Status::SwitchoverAborted { .. }));
+    }
+
+    #[test]
+    fn switchover_stuck_after_demote_falls_back_to_failover() {
+        let mut s = state();
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 100, 1500));
+        c.handle_switchover(Some(n("n2")), 1500).unwrap();
+        c.handle_fenced(&n("n1"), Epoch(1), Lsn(100), 1600);
+        let cmds = proposals(&mut c);
+        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        // Only the Demote applies (the Promote was lost).
+        s.apply(&cmds[0]).unwrap();
+        c.handle_state(&s);
+        c.handle_report(report("n2", 1, 100, 1500 + 5000));
+        c.handle_tick(1500 + 5001);
+        let a = drain(&mut c);
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::UnfenceWrites { .. })),
+            "the demoted primary must stay fenced: {a:?}"
+        );
+        c.handle_tick(1500 + 5002);
+        assert_eq!(
+            promoted(&proposals(&mut c)),
+            Some((n("n2"), Epoch(2), Lsn(101)))
+        );
     }
 
     #[test]

@@ -1,0 +1,641 @@
+//! The async driver: wires the [`Controller`], openraft and the node's
+//! [`RoleControl`] together. One driver runs on every node.
+//!
+//! ```text
+//!            ┌──────────── every tick (≤ heartbeat_ms) ────────────┐
+//!  agent:    applied state ─► become_primary / become_mirror / fence
+//!  (data     primary: RenewLease every lease_renew_ms (to the leader)
+//!   nodes)   primary: no renewal committed for lease_ttl ─► fence_writes
+//!  controller (acts only on the Raft leader):
+//!            positions of data nodes ─► Controller ─► actions:
+//!            Propose ─► raft.client_write; FenceWrites ─► peer's RoleControl
+//! ```
+//!
+//! Lease arithmetic stays on the primary's own clock: a renewal proposed at
+//! `t` gives a local deadline `t + lease_ttl_ms`, whenever it commits. The
+//! state machine orders a renewal and a promotion, so a committed renewal
+//! proves no promotion happened and the primary may unfence.
+//!
+//! Slow node operations (`become_primary`, `fence_writes`) run inline: the
+//! driver does nothing else meanwhile, which is what we want while the
+//! node's role is changing. Network calls and proposals run in spawned tasks
+//! whose results come back as events, so an unreachable leader never stalls
+//! the self-fencing check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::controller::{Action, Controller, ControllerConfig, Report, Status, SwitchoverError};
+use crate::raft::network::{
+    ControlReply, ControlRequest, RaftTransport, call_control, propose_local,
+};
+use crate::raft::{Raft, RaftNode};
+use crate::role::RoleControl;
+use crate::state::{Applied, ClusterCommand, ClusterState, Member, Role, raft_id};
+use crate::timing::Timing;
+use crate::{Epoch, Lsn, NodeId};
+
+/// The time source: milliseconds since the Unix epoch. Tests inject skew.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+#[must_use]
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })
+}
+
+/// Queue depth of the driver's internal event and command channels.
+const CHANNEL_DEPTH: usize = 256;
+
+/// Requests to a running driver.
+#[derive(Debug)]
+enum Command {
+    Switchover(
+        Option<NodeId>,
+        oneshot::Sender<Result<NodeId, SwitchoverError>>,
+    ),
+}
+
+/// Results of spawned work, back into the driver loop.
+#[derive(Debug)]
+enum Event {
+    Renewed {
+        epoch: Epoch,
+        proposed_at_ms: u64,
+        reply: Result<ControlReply, String>,
+    },
+    Report(Report),
+    ReportsDone,
+    Fenced {
+        node: NodeId,
+        epoch: Epoch,
+        last_lsn: Lsn,
+    },
+}
+
+/// What this node currently does, as far as the driver has told it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Acting {
+    Idle,
+    Primary(Epoch),
+    Mirror(NodeId, Epoch),
+}
+
+/// The driver's outside handle: switchover requests and status.
+#[derive(Clone, Debug)]
+pub struct DriverHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<Status>,
+}
+
+/// Why a handle request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The driver has stopped.
+    #[error("the failover driver is not running")]
+    Stopped,
+    /// The controller refused.
+    #[error(transparent)]
+    Switchover(#[from] SwitchoverError),
+}
+
+impl DriverHandle {
+    /// Starts a planned switchover (only on the Raft leader's driver).
+    pub async fn switchover(&self, target: Option<NodeId>) -> Result<NodeId, DriverError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Switchover(target, tx))
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        Ok(rx.await.map_err(|_| DriverError::Stopped)??)
+    }
+
+    /// The controller's status on this node.
+    #[must_use]
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+}
+
+/// The failover driver of one node.
+pub struct Driver<T, R> {
+    name: NodeId,
+    id: u64,
+    timing: Timing,
+    raft: Raft,
+    transport: Arc<T>,
+    role: Arc<R>,
+    state_rx: watch::Receiver<ClusterState>,
+    clock: Clock,
+    controller: Controller,
+    status_tx: watch::Sender<Status>,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
+    commands_rx: mpsc::Receiver<Command>,
+    /// Controller proposals, executed one after the other (a switchover's
+    /// Demote must apply before its Promote).
+    proposals_tx: Option<mpsc::Sender<ClusterCommand>>,
+    acting: Acting,
+    lease_until_ms: u64,
+    renew_inflight: bool,
+    last_renew_ms: u64,
+    self_fenced: bool,
+    reports_inflight: bool,
+    last_reports_ms: u64,
+}
+
+impl<T, R> std::fmt::Debug for Driver<T, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("name", &self.name)
+            .field("acting", &self.acting)
+            .field("lease_until_ms", &self.lease_until_ms)
+            .field("self_fenced", &self.self_fenced)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
+    /// A driver for node `name`. `state_rx` is the state machine's
+    /// [`subscribe`](crate::raft::store::StateMachineStore::subscribe).
+    pub fn new(
+        name: NodeId,
+        timing: Timing,
+        raft: Raft,
+        transport: Arc<T>,
+        role: Arc<R>,
+        state_rx: watch::Receiver<ClusterState>,
+        clock: Clock,
+    ) -> (Self, DriverHandle) {
+        let (events_tx, events_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (commands_tx, commands_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (status_tx, status) = watch::channel(Status::NotLeader);
+        let driver = Driver {
+            id: raft_id(&name),
+            name,
+            timing,
+            raft,
+            transport,
+            role,
+            state_rx,
+            clock,
+            controller: Controller::new(ControllerConfig::from(&timing)),
+            status_tx,
+            events_tx,
+            events_rx,
+            commands_rx,
+            proposals_tx: None,
+            acting: Acting::Idle,
+            lease_until_ms: 0,
+            renew_inflight: false,
+            last_renew_ms: 0,
+            self_fenced: false,
+            reports_inflight: false,
+            last_reports_ms: 0,
+        };
+        (
+            driver,
+            DriverHandle {
+                commands: commands_tx,
+                status,
+            },
+        )
+    }
+
+    /// Runs until `shutdown` becomes true (or its sender is dropped).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let (proposals_tx, mut proposals_rx) = mpsc::channel::<ClusterCommand>(CHANNEL_DEPTH);
+        self.proposals_tx = Some(proposals_tx);
+        let (raft, transport, id) = (self.raft.clone(), self.transport.clone(), self.id);
+        let deadline = Duration::from_millis(self.timing.lease_ttl_ms);
+        let proposer = tokio::spawn(async move {
+            while let Some(cmd) = proposals_rx.recv().await {
+                let r =
+                    tokio::time::timeout(deadline, propose(&raft, id, &*transport, cmd, deadline))
+                        .await;
+                tracing::info!(result = ?r, "controller proposal");
+            }
+        });
+        let tick_ms = self
+            .timing
+            .heartbeat_ms
+            .min(self.timing.lease_renew_ms / 2)
+            .max(1);
+        let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.on_tick().await,
+                Some(ev) = self.events_rx.recv() => self.on_event(ev).await,
+                Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
+                changed = self.state_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let state = self.state_rx.borrow_and_update().clone();
+                    self.controller.handle_state(&state);
+                    self.follow_state(&state).await;
+                }
+                res = shutdown.changed() => {
+                    if res.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
+        proposer.abort();
+        tracing::info!(node = %self.name, "failover driver stopped");
+    }
+
+    fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Switchover(target, reply) => {
+                let now = self.now_ms();
+                let result = self.controller.handle_switchover(target, now);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = self.now_ms();
+        let state = self.state_rx.borrow().clone();
+        self.follow_state(&state).await;
+        self.lease_duties(now).await;
+
+        let (is_leader, term) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader == Some(self.id), m.current_term)
+        };
+        self.controller.handle_leadership(is_leader, term, now);
+        if is_leader
+            && !self.reports_inflight
+            && now.saturating_sub(self.last_reports_ms) >= self.timing.heartbeat_ms
+        {
+            self.gather_reports(&state, now);
+        }
+        self.controller.handle_tick(now);
+        self.run_actions().await;
+    }
+
+    /// Makes the node's role match the applied state.
+    async fn follow_state(&mut self, state: &ClusterState) {
+        if !matches!(
+            state.members.get(&self.name).map(|m| m.role),
+            Some(Role::Data)
+        ) {
+            return;
+        }
+        match &state.primary {
+            Some(p) if *p == self.name => {
+                if self.acting == Acting::Primary(state.epoch) {
+                    return;
+                }
+                let first_lsn = state.first_lsn_of(state.epoch).unwrap_or(Lsn(1));
+                match self.role.become_primary(state.epoch, first_lsn).await {
+                    Ok(()) => {
+                        tracing::info!(node = %self.name, epoch = %state.epoch, %first_lsn, "became primary");
+                        self.acting = Acting::Primary(state.epoch);
+                        self.self_fenced = false;
+                        // The grant from Promote is on the proposer's clock;
+                        // renew at once to get a deadline on ours.
+                        self.lease_until_ms = state
+                            .lease
+                            .as_ref()
+                            .filter(|l| l.holder == self.name && l.epoch == state.epoch)
+                            .map_or(0, |l| l.expires_at_ms);
+                        self.role
+                            .lease_valid_until(state.epoch, self.lease_until_ms);
+                        self.last_renew_ms = 0;
+                    }
+                    Err(e) => {
+                        tracing::error!(node = %self.name, %e, "cannot become primary; will retry")
+                    }
+                }
+            }
+            Some(p) => {
+                let want = Acting::Mirror(p.clone(), state.epoch);
+                if self.acting == want {
+                    return;
+                }
+                self.stop_writing_if_primary().await;
+                let Some(member) = state.members.get(p) else {
+                    return;
+                };
+                match self.role.become_mirror(p, member, state.epoch).await {
+                    Ok(()) => {
+                        tracing::info!(node = %self.name, primary = %p, epoch = %state.epoch, "following");
+                        self.acting = want;
+                    }
+                    Err(e) => {
+                        tracing::error!(node = %self.name, %e, "cannot become mirror; will retry")
+                    }
+                }
+            }
+            None => {
+                self.stop_writing_if_primary().await;
+            }
+        }
+    }
+
+    async fn stop_writing_if_primary(&mut self) {
+        if let Acting::Primary(epoch) = self.acting {
+            if !self.self_fenced {
+                if let Err(e) = self.role.fence_writes(epoch).await {
+                    tracing::error!(node = %self.name, %e, "fencing after demotion failed");
+                }
+                self.self_fenced = true;
+            }
+            self.acting = Acting::Idle;
+        }
+    }
+
+    /// Lease renewal and self-fencing of the primary.
+    async fn lease_duties(&mut self, now: u64) {
+        let Acting::Primary(epoch) = self.acting else {
+            return;
+        };
+        if !self.renew_inflight
+            && now.saturating_sub(self.last_renew_ms) >= self.timing.lease_renew_ms
+        {
+            self.renew_inflight = true;
+            self.last_renew_ms = now;
+            let cmd = ClusterCommand::RenewLease {
+                node: self.name.clone(),
+                epoch,
+                now_ms: now,
+                lease_ttl_ms: self.timing.lease_ttl_ms,
+            };
+            let (raft, transport, tx, id) = (
+                self.raft.clone(),
+                self.transport.clone(),
+                self.events_tx.clone(),
+                self.id,
+            );
+            let deadline = Duration::from_millis(self.timing.lease_ttl_ms);
+            tokio::spawn(async move {
+                let reply =
+                    tokio::time::timeout(deadline, propose(&raft, id, &*transport, cmd, deadline))
+                        .await
+                        .unwrap_or_else(|_| Err("renewal timed out".to_owned()));
+                let _ = tx
+                    .send(Event::Renewed {
+                        epoch,
+                        proposed_at_ms: now,
+                        reply,
+                    })
+                    .await;
+            });
+        }
+        if now >= self.lease_until_ms && !self.self_fenced {
+            tracing::warn!(node = %self.name, %epoch, lease_until_ms = self.lease_until_ms, "lease not renewed in time: fencing writes");
+            if let Err(e) = self.role.fence_writes(epoch).await {
+                tracing::error!(node = %self.name, %e, "self-fencing failed");
+            }
+            self.self_fenced = true;
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Renewed {
+                epoch,
+                proposed_at_ms,
+                reply,
+            } => {
+                self.renew_inflight = false;
+                match reply {
+                    Ok(ControlReply::Proposed(Ok(Applied::LeaseUntil { .. })))
+                        if self.acting == Acting::Primary(epoch) =>
+                    {
+                        let until = proposed_at_ms.saturating_add(self.timing.lease_ttl_ms);
+                        self.lease_until_ms = self.lease_until_ms.max(until);
+                        self.role.lease_valid_until(epoch, self.lease_until_ms);
+                        if self.self_fenced && self.now_ms() < self.lease_until_ms {
+                            // Committed renewal: no promotion can have happened.
+                            match self.role.unfence_writes(epoch).await {
+                                Ok(()) => self.self_fenced = false,
+                                Err(e) => tracing::error!(node = %self.name, %e, "unfence failed"),
+                            }
+                        }
+                    }
+                    other => {
+                        tracing::debug!(node = %self.name, ?other, "lease renewal not applied")
+                    }
+                }
+            }
+            Event::Report(r) => self.controller.handle_report(r),
+            Event::ReportsDone => {
+                self.reports_inflight = false;
+                let now = self.now_ms();
+                self.controller.handle_tick(now);
+                self.run_actions().await;
+            }
+            Event::Fenced {
+                node,
+                epoch,
+                last_lsn,
+            } => {
+                let now = self.now_ms();
+                self.controller.handle_fenced(&node, epoch, last_lsn, now);
+                self.run_actions().await;
+            }
+        }
+    }
+
+    /// Asks every data member for its position, in parallel.
+    fn gather_reports(&mut self, state: &ClusterState, now: u64) {
+        self.reports_inflight = true;
+        self.last_reports_ms = now;
+        let timeout = Duration::from_millis(self.timing.heartbeat_ms.saturating_mul(2));
+        let targets: Vec<(NodeId, Member)> = state
+            .members
+            .iter()
+            .filter(|(_, m)| m.role == Role::Data)
+            .map(|(n, m)| (n.clone(), m.clone()))
+            .collect();
+        let (transport, role, tx, me, clock) = (
+            self.transport.clone(),
+            self.role.clone(),
+            self.events_tx.clone(),
+            self.name.clone(),
+            self.clock.clone(),
+        );
+        tokio::spawn(async move {
+            let calls = targets.into_iter().map(|(name, member)| {
+                let (transport, role, me) = (transport.clone(), role.clone(), me.clone());
+                async move {
+                    let position = if name == me {
+                        role.position().await.map_err(|e| e.to_string())
+                    } else {
+                        let node = RaftNode {
+                            name: name.clone(),
+                            raft_addr: member.raft_addr.clone(),
+                        };
+                        match call_control(&*transport, &node, ControlRequest::Position, timeout)
+                            .await
+                        {
+                            Ok(ControlReply::Position(p)) => Ok(p),
+                            Ok(other) => Err(format!("{other:?}")),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    };
+                    (name, position)
+                }
+            });
+            for (name, position) in futures::future::join_all(calls).await {
+                let at_ms = clock();
+                let report = match position {
+                    Ok(p) => Report {
+                        node: name,
+                        epoch: p.epoch,
+                        flushed_lsn: p.flushed_lsn,
+                        applied_lsn: p.applied_lsn,
+                        reachable: true,
+                        at_ms,
+                    },
+                    Err(_) => Report {
+                        node: name,
+                        epoch: Epoch(0),
+                        flushed_lsn: Lsn::ZERO,
+                        applied_lsn: Lsn::ZERO,
+                        reachable: false,
+                        at_ms,
+                    },
+                };
+                let _ = tx.send(Event::Report(report)).await;
+            }
+            let _ = tx.send(Event::ReportsDone).await;
+        });
+    }
+
+    async fn run_actions(&mut self) {
+        while let Some(action) = self.controller.poll_action() {
+            match action {
+                Action::Propose(cmd) => {
+                    let sent = match &self.proposals_tx {
+                        Some(tx) => tx.try_send(cmd).is_ok(),
+                        None => false,
+                    };
+                    if !sent {
+                        // The controller re-proposes after retry_after_ms.
+                        tracing::warn!(node = %self.name, "proposal queue full; dropped");
+                    }
+                }
+                Action::FenceWrites { node, epoch } => self.fence_remote(node, epoch, true).await,
+                Action::UnfenceWrites { node, epoch } => {
+                    self.fence_remote(node, epoch, false).await;
+                }
+                Action::BecomeMirror { node, of, epoch } => {
+                    // The old primary's own driver follows the applied state.
+                    tracing::info!(%node, %of, %epoch, "switchover done; old primary follows");
+                }
+                Action::Status(s) => {
+                    tracing::info!(node = %self.name, status = %s, "failover status");
+                    self.status_tx.send_replace(s);
+                }
+            }
+        }
+    }
+
+    async fn fence_remote(&mut self, node: NodeId, epoch: Epoch, fence: bool) {
+        if node == self.name {
+            if fence {
+                match self.role.fence_writes(epoch).await {
+                    Ok(last_lsn) => {
+                        let now = self.now_ms();
+                        self.controller.handle_fenced(&node, epoch, last_lsn, now);
+                    }
+                    Err(e) => tracing::error!(%e, "fence for switchover failed"),
+                }
+            } else if let Err(e) = self.role.unfence_writes(epoch).await {
+                tracing::error!(%e, "unfence failed");
+            }
+            return;
+        }
+        let Some(member) = self.state_rx.borrow().members.get(&node).cloned() else {
+            return;
+        };
+        let target = RaftNode {
+            name: node.clone(),
+            raft_addr: member.raft_addr,
+        };
+        let (transport, tx) = (self.transport.clone(), self.events_tx.clone());
+        let timeout = Duration::from_millis(self.timing.lease_ttl_ms);
+        tokio::spawn(async move {
+            let req = if fence {
+                ControlRequest::Fence { epoch }
+            } else {
+                ControlRequest::Unfence { epoch }
+            };
+            match call_control(&*transport, &target, req, timeout).await {
+                Ok(ControlReply::Fenced { last_lsn }) => {
+                    let _ = tx
+                        .send(Event::Fenced {
+                            node,
+                            epoch,
+                            last_lsn,
+                        })
+                        .await;
+                }
+                other => tracing::info!(%node, ?other, "fence/unfence reply"),
+            }
+        });
+    }
+}
+
+/// Proposes `cmd`: locally when this node leads, else forwarded to the
+/// leader (following one `NotLeader` redirect).
+async fn propose<T: RaftTransport>(
+    raft: &Raft,
+    my_id: u64,
+    transport: &T,
+    cmd: ClusterCommand,
+    timeout: Duration,
+) -> Result<ControlReply, String> {
+    let leader = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.current_leader.and_then(|id| {
+            if id == my_id {
+                None
+            } else {
+                m.membership_config.membership().get_node(&id).cloned()
+            }
+        })
+    };
+    let leader = match leader {
+        None => match propose_local(raft, cmd.clone()).await {
+            ControlReply::NotLeader { leader: Some(l) } => l,
+            reply => return Ok(reply),
+        },
+        Some(l) => l,
+    };
+    match call_control(
+        transport,
+        &leader,
+        ControlRequest::Propose(cmd.clone()),
+        timeout,
+    )
+    .await
+    {
+        Ok(ControlReply::NotLeader { leader: Some(l) }) if l != leader => {
+            call_control(transport, &l, ControlRequest::Propose(cmd), timeout)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        r => r.map_err(|e| e.to_string()),
+    }
+}

@@ -1,0 +1,386 @@
+//! The failover driver on three in-memory nodes with fake `RoleControl`s:
+//! first promotion, lease renewal, self-fencing of a partitioned primary
+//! *before* the promotion of its successor, rejoin as mirror, and a planned
+//! switchover.
+//!
+//! Replay a run with `MIRRORDB_TEST_SEED=<seed> cargo test -p mirrordb-failover --test driver`.
+
+// Helpers outside `#[test]` functions: a panic here is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mirrordb_failover::driver::{Driver, DriverHandle, system_clock};
+use mirrordb_failover::raft::network::{MemNetwork, RpcHandler};
+use mirrordb_failover::raft::{Raft, RaftNode, store};
+use mirrordb_failover::role::{Position, RoleControl, RoleError};
+use mirrordb_failover::state::{ClusterCommand, ClusterState, Member, Role, raft_id};
+use mirrordb_failover::{Epoch, Lsn, NodeId, Timing};
+use tokio::sync::watch;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn seed() -> u64 {
+    let seed = std::env::var("MIRRORDB_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("seed: {seed} (replay with MIRRORDB_TEST_SEED={seed})");
+    seed
+}
+
+fn fast_timing() -> Timing {
+    Timing {
+        heartbeat_ms: 50,
+        election_min_ms: 200,
+        election_max_ms: 400,
+        lease_renew_ms: 100,
+        lease_ttl_ms: 400,
+        failover_margin_ms: 150,
+        max_clock_skew_ms: 50,
+    }
+}
+
+/// What a fake node was told, with when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Told {
+    Primary(Epoch, Lsn),
+    Mirror(NodeId, Epoch),
+    Fence,
+    Unfence,
+}
+
+#[derive(Debug, Default)]
+struct FakeInner {
+    position: Position,
+    fenced: bool,
+    log: Vec<(Instant, Told)>,
+}
+
+/// A node that records what it is told and reports a settable position.
+#[derive(Debug, Default)]
+struct FakeRole {
+    inner: Mutex<FakeInner>,
+}
+
+impl FakeRole {
+    fn set_position(&self, epoch: u64, flushed: u64) {
+        self.inner.lock().unwrap().position = Position {
+            epoch: Epoch(epoch),
+            flushed_lsn: Lsn(flushed),
+            applied_lsn: Lsn(flushed),
+        };
+    }
+
+    fn told(&self) -> Vec<(Instant, Told)> {
+        self.inner.lock().unwrap().log.clone()
+    }
+
+    fn first_time(&self, what: &Told) -> Option<Instant> {
+        self.told()
+            .iter()
+            .find(|(_, t)| t == what)
+            .map(|(at, _)| *at)
+    }
+
+    fn record(&self, t: Told) {
+        self.inner.lock().unwrap().log.push((Instant::now(), t));
+    }
+}
+
+impl RoleControl for FakeRole {
+    async fn become_primary(&self, epoch: Epoch, first_lsn: Lsn) -> Result<(), RoleError> {
+        self.record(Told::Primary(epoch, first_lsn));
+        let mut i = self.inner.lock().unwrap();
+        i.fenced = false;
+        i.position.epoch = epoch;
+        Ok(())
+    }
+
+    async fn become_mirror(
+        &self,
+        primary: &NodeId,
+        _: &Member,
+        epoch: Epoch,
+    ) -> Result<(), RoleError> {
+        self.record(Told::Mirror(primary.clone(), epoch));
+        Ok(())
+    }
+
+    fn lease_valid_until(&self, _: Epoch, _: u64) {}
+
+    async fn fence_writes(&self, _: Epoch) -> Result<Lsn, RoleError> {
+        self.record(Told::Fence);
+        let mut i = self.inner.lock().unwrap();
+        i.fenced = true;
+        Ok(i.position.flushed_lsn)
+    }
+
+    async fn unfence_writes(&self, _: Epoch) -> Result<(), RoleError> {
+        self.record(Told::Unfence);
+        self.inner.lock().unwrap().fenced = false;
+        Ok(())
+    }
+
+    async fn position(&self) -> Result<Position, RoleError> {
+        Ok(self.inner.lock().unwrap().position)
+    }
+}
+
+struct TestNode {
+    name: NodeId,
+    id: u64,
+    raft: Raft,
+    role: Arc<FakeRole>,
+    state: watch::Receiver<ClusterState>,
+    handle: DriverHandle,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(net: &MemNetwork, name: &str, shutdown: &watch::Receiver<bool>) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, sm) = store::open(dir.path()).unwrap();
+    let state = sm.subscribe();
+    let node = NodeId::from(name);
+    let id = raft_id(&node);
+    let timing = fast_timing();
+    let config = Arc::new(timing.raft_config().unwrap());
+    let transport = Arc::new(net.transport(id));
+    let factory = mirrordb_failover::raft::network::NetworkFactory::new(transport.clone());
+    let raft = Raft::new(id, config, factory, log, sm).await.unwrap();
+    let role = Arc::new(FakeRole::default());
+    net.register_service(
+        id,
+        Arc::new(RpcHandler::new(raft.clone(), id, role.clone())),
+    );
+    let (driver, handle) = Driver::new(
+        node.clone(),
+        timing,
+        raft.clone(),
+        transport,
+        role.clone(),
+        state.clone(),
+        system_clock(),
+    );
+    tokio::spawn(driver.run(shutdown.clone()));
+    TestNode {
+        name: node,
+        id,
+        raft,
+        role,
+        state,
+        handle,
+        _dir: dir,
+    }
+}
+
+async fn cluster(net: &MemNetwork, shutdown: &watch::Receiver<bool>) -> Vec<TestNode> {
+    let names = ["n1", "n2", "n3"];
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(start(net, name, shutdown).await);
+    }
+    let members: BTreeMap<u64, RaftNode> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.id,
+                RaftNode {
+                    name: n.name.clone(),
+                    raft_addr: format!("{}:7000", n.name),
+                },
+            )
+        })
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let m = nodes[0]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(|m| m.current_leader.is_some(), "leader")
+        .await
+        .unwrap();
+    let leader = nodes
+        .iter()
+        .find(|n| Some(n.id) == m.current_leader)
+        .unwrap();
+    for name in names {
+        leader
+            .raft
+            .client_write(ClusterCommand::AddMember {
+                node: NodeId::from(name),
+                member: Member {
+                    role: Role::Data,
+                    raft_addr: format!("{name}:7000"),
+                    http_addr: format!("{name}:7070"),
+                    nofailover: false,
+                },
+            })
+            .await
+            .unwrap();
+    }
+    nodes
+}
+
+/// Polls `f` on `node`'s applied state until it holds.
+async fn wait_state(
+    node: &TestNode,
+    what: &str,
+    f: impl Fn(&ClusterState) -> bool,
+) -> ClusterState {
+    let mut rx = node.state.clone();
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            if f(&rx.borrow_and_update()) {
+                return rx.borrow().clone();
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await;
+    match found {
+        Ok(s) => s,
+        Err(_) => panic!(
+            "{} never saw: {what}; state {:?}",
+            node.name,
+            *node.state.borrow()
+        ),
+    }
+}
+
+async fn wait_told(node: &TestNode, what: Told) -> Instant {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(at) = node.role.first_time(&what) {
+            return at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} was never told {what:?}: {:?}",
+            node.name,
+            node.role.told()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_primary_fences_itself_before_its_successor_is_promoted() {
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+
+    eprintln!("--- a fresh cluster promotes the lowest-named of equal nodes");
+    let s = wait_state(by("n1"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+    assert_eq!(s.epoch, Epoch(1));
+    wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
+    for n in ["n2", "n3"] {
+        wait_told(by(n), Told::Mirror(NodeId::from("n1"), Epoch(1))).await;
+    }
+
+    eprintln!("--- the primary renews its lease");
+    let first = s.lease.clone().unwrap().expires_at_ms;
+    wait_state(by("n2"), "lease renewed", |s| {
+        s.lease
+            .as_ref()
+            .is_some_and(|l| l.expires_at_ms > first + 200)
+    })
+    .await;
+    assert!(
+        by("n1").role.first_time(&Told::Fence).is_none(),
+        "no fencing while healthy"
+    );
+
+    eprintln!("--- n1 wrote up to 20; n3 has 18, n2 has 15");
+    by("n1").role.set_position(1, 20);
+    by("n2").role.set_position(1, 15);
+    by("n3").role.set_position(1, 18);
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the leader see them
+
+    eprintln!("--- partition n1 away from n2 and n3");
+    net.partition(&[by("n1").id], &[by("n2").id, by("n3").id]);
+    let fenced_at = wait_told(by("n1"), Told::Fence).await;
+    let promoted_at = wait_told(by("n3"), Told::Primary(Epoch(2), Lsn(19))).await;
+    assert!(
+        fenced_at < promoted_at,
+        "old primary fenced at {fenced_at:?}, successor promoted at {promoted_at:?}"
+    );
+    let s = wait_state(by("n2"), "n3 primary", |s| {
+        s.primary == Some(NodeId::from("n3"))
+    })
+    .await;
+    assert_eq!(s.epoch_history.last(), Some(&(Epoch(2), Lsn(19))));
+    let lf = s.last_failover.clone().unwrap();
+    assert_eq!(lf.from, Some(NodeId::from("n1")));
+
+    eprintln!("--- heal: n1 learns the new epoch and follows n3");
+    net.heal();
+    wait_told(by("n1"), Told::Mirror(NodeId::from("n3"), Epoch(2))).await;
+    let reference = wait_state(by("n1"), "n1 caught up", |st| st.epoch == Epoch(2)).await;
+    assert_eq!(reference.primary, s.primary);
+    assert!(
+        by("n1").role.first_time(&Told::Unfence).is_none(),
+        "a deposed primary never unfences"
+    );
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_waits_for_catch_up_then_swaps_roles() {
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    wait_state(by("n2"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+    by("n1").role.set_position(1, 30);
+    by("n2").role.set_position(1, 25);
+    by("n3").role.set_position(1, 20);
+
+    eprintln!("--- ask the raft leader's driver for a switchover to n2");
+    let leader_id = by("n1").raft.metrics().borrow().current_leader.unwrap();
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    // The leader needs one lease_ttl of leadership and fresh reports first.
+    let deadline = Instant::now() + WAIT;
+    let target = loop {
+        match leader.handle.switchover(Some(NodeId::from("n2"))).await {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "switchover refused: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(target, NodeId::from("n2"));
+    wait_told(by("n1"), Told::Fence).await;
+
+    eprintln!("--- n2 is behind: no promotion until it reaches 30");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(by("n3").state.borrow().epoch, Epoch(1));
+    by("n2").role.set_position(1, 30);
+    wait_told(by("n2"), Told::Primary(Epoch(2), Lsn(31))).await;
+    wait_told(by("n1"), Told::Mirror(NodeId::from("n2"), Epoch(2))).await;
+    let s = wait_state(by("n3"), "n2 primary", |s| {
+        s.primary == Some(NodeId::from("n2"))
+    })
+    .await;
+    assert_eq!(s.epoch_history.last(), Some(&(Epoch(2), Lsn(31))));
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
