@@ -12,8 +12,9 @@
 //!
 //! The controller compares the expiry (primary's clock) with its own clock, so
 //! `failover_margin_ms` must exceed the worst clock difference between nodes
-//! (`max_clock_skew_ms`); the node must check its lease before acknowledging
-//! any write. A freshly elected Raft leader additionally waits one full
+//! (`max_clock_skew_ms`) plus the interval of the driver's self-fencing check
+//! (at most `heartbeat_ms`); the node must also check its lease before
+//! acknowledging any write. A freshly elected Raft leader additionally waits one full
 //! `lease_ttl_ms` before it promotes anyone (see the controller).
 //!
 //! openraft 0.9 has no pre-vote (it arrives in 0.10); a partitioned node that
@@ -104,13 +105,15 @@ pub enum TimingError {
     },
     /// Clock skew could let a promotion overtake the old primary's self-fence.
     #[error(
-        "failover_margin_ms ({margin}) must be greater than max_clock_skew_ms ({skew}) so a fenced primary stops before a promotion"
+        "failover_margin_ms ({margin}) must be greater than max_clock_skew_ms + heartbeat_ms ({skew} + {heartbeat}) so a fenced primary stops before a promotion"
     )]
-    MarginBelowSkew {
+    MarginTooSmall {
         /// The margin.
         margin: u64,
         /// The tolerated skew.
         skew: u64,
+        /// The heartbeat, which bounds the driver's self-fencing check interval.
+        heartbeat: u64,
     },
     /// openraft refused the derived configuration.
     #[error("openraft rejected the configuration: {0}")]
@@ -155,10 +158,11 @@ impl Timing {
                 election_max: self.election_max_ms,
             });
         }
-        if self.failover_margin_ms <= self.max_clock_skew_ms {
-            return Err(TimingError::MarginBelowSkew {
+        if self.failover_margin_ms <= self.max_clock_skew_ms.saturating_add(self.heartbeat_ms) {
+            return Err(TimingError::MarginTooSmall {
                 margin: self.failover_margin_ms,
                 skew: self.max_clock_skew_ms,
+                heartbeat: self.heartbeat_ms,
             });
         }
         Ok(())
@@ -238,10 +242,10 @@ mod tests {
             ),
             (
                 Timing {
-                    failover_margin_ms: 100,
+                    failover_margin_ms: 200,
                     ..d
                 },
-                "max_clock_skew_ms",
+                "max_clock_skew_ms + heartbeat_ms",
             ),
             (
                 Timing {

@@ -17,35 +17,11 @@ use mirrordb_failover::raft::network::{MemNetwork, RpcHandler};
 use mirrordb_failover::raft::{Raft, RaftNode, store};
 use mirrordb_failover::role::{Position, RoleControl, RoleError};
 use mirrordb_failover::state::{ClusterCommand, ClusterState, Member, Role, raft_id};
-use mirrordb_failover::{Epoch, Lsn, NodeId, Timing};
+use mirrordb_failover::{Epoch, Lsn, NodeId};
 use tokio::sync::watch;
 
-const WAIT: Duration = Duration::from_secs(10);
-
-fn seed() -> u64 {
-    let seed = std::env::var("MIRRORDB_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("seed: {seed} (replay with MIRRORDB_TEST_SEED={seed})");
-    seed
-}
-
-fn fast_timing() -> Timing {
-    Timing {
-        heartbeat_ms: 50,
-        election_min_ms: 200,
-        election_max_ms: 400,
-        lease_renew_ms: 100,
-        lease_ttl_ms: 400,
-        failover_margin_ms: 150,
-        max_clock_skew_ms: 50,
-    }
-}
+mod fixtures;
+use fixtures::{WAIT, fast_timing, seed};
 
 /// What a fake node was told, with when.
 #[derive(Clone, Debug, PartialEq, Eq)]
