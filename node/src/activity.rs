@@ -411,7 +411,7 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
 #[derive(Clone, Debug, clap::Args)]
 pub struct JournalShowArgs {
     /// The node's data directory; the journal is its `journal/` folder.
-    #[arg(long, env = "MIRRORDB_DATA_DIR", default_value = "data")]
+    #[arg(long, env = "MIRRORDB_DATA_DIR", default_value = crate::config::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// Read this journal directory instead (an archive, a copy).
     #[arg(long)]

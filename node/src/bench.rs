@@ -239,6 +239,9 @@ pub struct BenchArgs {
     /// With --in-process: the engine's flush interval.
     #[arg(long, value_parser = parse_duration)]
     pub flush_interval: Option<Duration>,
+    /// With --in-process: flush the cache past this many dirty bytes.
+    #[arg(long, requires = "in_process")]
+    pub dirty_bytes_max: Option<u64>,
     /// With --in-process: end the process without a clean shutdown, as a
     /// crash would, so the next open replays the journal (for measuring
     /// recovery; the journal stays durable).
@@ -787,6 +790,9 @@ async fn run_in_process(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     cfg.node_name = "bench".into();
     if let Some(f) = args.flush_interval {
         cfg.flush_interval = f;
+    }
+    if let Some(d) = args.dirty_bytes_max {
+        cfg.dirty_bytes_max = d;
     }
     let open_start = Instant::now();
     let engine = tokio::task::spawn_blocking(move || Engine::open(cfg))

@@ -38,9 +38,18 @@ pub enum Command {
     Config(ConfigCommand),
     /// Measure throughput and latency against a node.
     Bench(crate::bench::BenchArgs),
+    /// Read the journal: who did what, when (activity analysis).
+    #[command(subcommand)]
+    Journal(JournalCommand),
     // More subcommands go here, one variant each, plus one arm in `run`:
-    // `Journal(JournalCommand)` for `journal show|rotate` (activity analysis),
-    // then backup, restore, verify, rollback, lock, cluster, switchover.
+    // `journal rotate`, then backup, restore, verify, rollback, lock, cluster, switchover.
+}
+
+/// `mirrordb journal …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum JournalCommand {
+    /// List journal entries filtered by LSN, time, table, key or session.
+    Show(crate::activity::JournalShowArgs),
 }
 
 /// `mirrordb serve`.
@@ -114,6 +123,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Healthcheck(a) => Ok(healthcheck(a).await),
         Command::Config(c) => Ok(config_cmd(c)),
         Command::Bench(a) => crate::bench::run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Journal(JournalCommand::Show(a)) => {
+            tokio::task::spawn_blocking(move || crate::activity::run_show(a)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
