@@ -1226,4 +1226,121 @@ mod tests {
         c.handle_tick(AFTER_LAPSE);
         assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Ev {
+            Tick(u64),
+            Report(usize, u64, u64, bool),
+            Leadership(bool),
+            Renew,
+            Apply(bool),
+        }
+
+        const NODES: [&str; 4] = ["n1", "n2", "n3", "w"];
+
+        fn ev() -> impl Strategy<Value = Ev> {
+            prop_oneof![
+                3 => (0u64..600).prop_map(Ev::Tick),
+                4 => (0usize..4, 0u64..3, 0u64..60, proptest::bool::weighted(0.8))
+                    .prop_map(|(i, e, l, r)| Ev::Report(i, e, l, r)),
+                1 => proptest::bool::weighted(0.7).prop_map(Ev::Leadership),
+                1 => Just(Ev::Renew),
+                2 => any::<bool>().prop_map(Ev::Apply),
+            ]
+        }
+
+        proptest! {
+            /// Whatever happens, a promotion the controller proposes is one
+            /// the rules allow and the state machine accepts.
+            #[test]
+            fn proposed_promotions_are_always_allowed(
+                quorum in any::<bool>(),
+                n3_nofailover in any::<bool>(),
+                events in proptest::collection::vec(ev(), 0..120),
+            ) {
+                let mut s = state();
+                if quorum {
+                    s.apply(&ClusterCommand::SetCommitPolicy {
+                        policy: CommitPolicy::parse("quorum:1", "strict").unwrap(),
+                    }).unwrap();
+                    s.apply(&ClusterCommand::SetSyncSet {
+                        epoch: Epoch(1),
+                        nodes: [n("n2")].into(),
+                    }).unwrap();
+                } else {
+                    s.apply(&ClusterCommand::SetCommitPolicy {
+                        policy: CommitPolicy::parse("async:10", "strict").unwrap(),
+                    }).unwrap();
+                }
+                s.apply(&ClusterCommand::SetNoFailover { node: n("n3"), nofailover: n3_nofailover }).unwrap();
+                let mut c = Controller::new(config());
+                c.handle_state(&s);
+                let mut now = 1000u64;
+                let mut leader_since: Option<u64> = Some(now);
+                let mut term = 1;
+                c.handle_leadership(true, term, now);
+                let mut pending: Vec<ClusterCommand> = Vec::new();
+                for e in events {
+                    match e {
+                        Ev::Tick(d) => {
+                            now += d;
+                            c.handle_tick(now);
+                        }
+                        Ev::Report(i, epoch, lsn, reachable) => c.handle_report(Report {
+                            reachable,
+                            ..report(NODES[i], epoch, lsn, now)
+                        }),
+                        Ev::Leadership(l) => {
+                            if l != leader_since.is_some() {
+                                term += 1;
+                                leader_since = l.then_some(now);
+                            }
+                            c.handle_leadership(l, term, now);
+                        }
+                        Ev::Renew => {
+                            if let Some(p) = s.primary.clone() {
+                                let _ = s.apply(&ClusterCommand::RenewLease {
+                                    node: p, epoch: s.epoch, now_ms: now, lease_ttl_ms: TTL,
+                                });
+                                c.handle_state(&s);
+                            }
+                        }
+                        Ev::Apply(apply) => {
+                            for cmd in pending.drain(..) {
+                                // May be rejected now: the state moved on since
+                                // (e.g. the primary renewed in between).
+                                if apply {
+                                    let _ = s.apply(&cmd);
+                                }
+                            }
+                            c.handle_state(&s);
+                        }
+                    }
+                    while let Some(a) = c.poll_action() {
+                        let since = leader_since.expect("only a leader emits");
+                        if let Action::Propose(cmd @ ClusterCommand::Promote { .. }) = &a {
+                            let ClusterCommand::Promote { node, .. } = cmd else { unreachable!() };
+                            prop_assert!(now >= since + TTL, "promoted {}ms after election", now - since);
+                            let m = &s.members[node];
+                            prop_assert_eq!(m.role, Role::Data);
+                            prop_assert!(!m.nofailover);
+                            prop_assert!(s.primary.as_ref() != Some(node));
+                            prop_assert!(s.valid_lease(now - MARGIN).is_none(), "lease still valid at {}", now);
+                            if quorum && s.degraded.is_none() && s.epoch == Epoch(1) {
+                                prop_assert!(s.sync_set.contains(node));
+                            }
+                            let r = &c.reports()[node];
+                            prop_assert!(r.reachable && now - r.at_ms <= 1000);
+                            prop_assert!(s.clone().apply(cmd).is_ok(), "state machine rejects {:?}", cmd);
+                            pending.push(cmd.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
