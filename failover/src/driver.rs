@@ -28,9 +28,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::controller::{Action, Controller, ControllerConfig, Report, Status, SwitchoverError};
-use crate::raft::network::{
-    ControlReply, ControlRequest, RaftTransport, call_control, propose_local,
-};
+use crate::raft::network::{ControlReply, ControlRequest, RaftTransport, call_control, propose};
 use crate::raft::{Raft, RaftNode};
 use crate::role::RoleControl;
 use crate::state::{Applied, ClusterCommand, ClusterState, Member, Role, raft_id};
@@ -389,7 +387,8 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 let reply =
                     tokio::time::timeout(deadline, propose(&raft, id, &*transport, cmd, deadline))
                         .await
-                        .unwrap_or_else(|_| Err("renewal timed out".to_owned()));
+                        .map_err(|_| "renewal timed out".to_owned())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
                 let _ = tx
                     .send(Event::Renewed {
                         epoch,
@@ -593,49 +592,5 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 other => tracing::info!(%node, ?other, "fence/unfence reply"),
             }
         });
-    }
-}
-
-/// Proposes `cmd`: locally when this node leads, else forwarded to the
-/// leader (following one `NotLeader` redirect).
-async fn propose<T: RaftTransport>(
-    raft: &Raft,
-    my_id: u64,
-    transport: &T,
-    cmd: ClusterCommand,
-    timeout: Duration,
-) -> Result<ControlReply, String> {
-    let leader = {
-        let m = raft.metrics();
-        let m = m.borrow();
-        m.current_leader.and_then(|id| {
-            if id == my_id {
-                None
-            } else {
-                m.membership_config.membership().get_node(&id).cloned()
-            }
-        })
-    };
-    let leader = match leader {
-        None => match propose_local(raft, cmd.clone()).await {
-            ControlReply::NotLeader { leader: Some(l) } => l,
-            reply => return Ok(reply),
-        },
-        Some(l) => l,
-    };
-    match call_control(
-        transport,
-        &leader,
-        ControlRequest::Propose(cmd.clone()),
-        timeout,
-    )
-    .await
-    {
-        Ok(ControlReply::NotLeader { leader: Some(l) }) if l != leader => {
-            call_control(transport, &l, ControlRequest::Propose(cmd), timeout)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        r => r.map_err(|e| e.to_string()),
     }
 }

@@ -10,6 +10,7 @@ pub use mirrordb_replication::{Epoch, Lsn, NodeId};
 
 pub mod controller;
 pub mod driver;
+pub mod membership;
 pub mod raft;
 pub mod role;
 pub mod state;

@@ -194,3 +194,79 @@ async fn three_nodes_elect_replicate_and_survive_leader_partition() {
         n.raft.shutdown().await.unwrap();
     }
 }
+
+fn member(name: &str, role: Role) -> Member {
+    Member {
+        role,
+        raft_addr: format!("{name}:7000"),
+        http_addr: format!("{name}:7070"),
+        nofailover: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_is_idempotent_and_a_member_can_join_later() {
+    use mirrordb_failover::membership::{add_member, bootstrap};
+    let net = MemNetwork::new(seed());
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "w"] {
+        nodes.push(start(&net, name).await);
+    }
+    let members: BTreeMap<NodeId, Member> =
+        [("n1", Role::Data), ("n2", Role::Data), ("w", Role::Witness)]
+            .into_iter()
+            .map(|(n, r)| (NodeId::from(n), member(n, r)))
+            .collect();
+
+    eprintln!("--- bootstrap from n2, twice");
+    let t = net.transport(nodes[1].id);
+    for _ in 0..2 {
+        bootstrap(&nodes[1].raft, nodes[1].id, &t, &members, WAIT)
+            .await
+            .unwrap();
+    }
+    for n in &nodes {
+        let mut rx = n.state.clone();
+        tokio::time::timeout(WAIT, rx.wait_for(|s| s.members == members))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    eprintln!("--- n3 joins through the leader");
+    nodes.push(start(&net, "n3").await);
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader_id = leader_among(&all, None).await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let n3 = NodeId::from("n3");
+    add_member(
+        &leader.raft,
+        leader.id,
+        &net.transport(leader.id),
+        &n3,
+        &member("n3", Role::Data),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let joined = &nodes[3];
+    let mut rx = joined.state.clone();
+    let s = tokio::time::timeout(WAIT, rx.wait_for(|s| s.members.contains_key(&n3)))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    assert_eq!(s.members.len(), 4);
+    let voters: Vec<u64> = leader
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert!(voters.contains(&joined.id), "n3 is a voter: {voters:?}");
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}

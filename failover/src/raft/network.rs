@@ -277,6 +277,50 @@ pub async fn propose_local(raft: &Raft, cmd: ClusterCommand) -> ControlReply {
     }
 }
 
+/// Proposes `cmd`: locally when this node leads, else forwarded to the
+/// leader over `transport` (following one `NotLeader` redirect). Each
+/// network call gives up after `timeout`; a local proposal waits for the
+/// commit, so callers bound the whole call themselves.
+pub async fn propose<T: RaftTransport>(
+    raft: &Raft,
+    my_id: u64,
+    transport: &T,
+    cmd: ClusterCommand,
+    timeout: Duration,
+) -> Result<ControlReply, TransportError> {
+    let leader = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.current_leader.and_then(|id| {
+            if id == my_id {
+                None
+            } else {
+                m.membership_config.membership().get_node(&id).cloned()
+            }
+        })
+    };
+    let leader = match leader {
+        None => match propose_local(raft, cmd.clone()).await {
+            ControlReply::NotLeader { leader: Some(l) } => l,
+            reply => return Ok(reply),
+        },
+        Some(l) => l,
+    };
+    match call_control(
+        transport,
+        &leader,
+        ControlRequest::Propose(cmd.clone()),
+        timeout,
+    )
+    .await
+    {
+        Ok(ControlReply::NotLeader { leader: Some(l) }) if l != leader => {
+            call_control(transport, &l, ControlRequest::Propose(cmd), timeout).await
+        }
+        r => r,
+    }
+}
+
 /// Sends a control request to `target` over `transport`.
 pub async fn call_control<T: RaftTransport>(
     transport: &T,
