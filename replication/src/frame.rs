@@ -187,8 +187,14 @@ pub enum Message {
         last_lsn: Lsn,
         last_epoch: Epoch,
     },
-    /// The primary accepts the subscription and streams from `from_lsn`.
-    Streaming { from_lsn: Lsn, epoch: Epoch },
+    /// The primary accepts the subscription and streams from `from_lsn`;
+    /// `epoch` is the primary's, `db_id` its database's (an empty mirror
+    /// adopts it).
+    Streaming {
+        from_lsn: Lsn,
+        epoch: Epoch,
+        db_id: [u8; 16],
+    },
     /// A batch of consecutive entries.
     Entries { entries: Vec<FramedEntry> },
     /// Mirror's progress: durable in its journal / applied to its data file.
@@ -200,6 +206,7 @@ pub enum Message {
     NeedsReseed {
         oldest_lsn: Lsn,
         primary_last_lsn: Lsn,
+        db_id: [u8; 16],
     },
     /// A snapshot containing exactly the entries `<= lsn` begins.
     SnapshotBegin {
@@ -215,11 +222,7 @@ pub enum Message {
     /// The snapshot is complete; `checksum` is the crc32c of all its bytes.
     SnapshotEnd { checksum: u32 },
     /// Primary keep-alive and position report.
-    Heartbeat {
-        primary_last_lsn: Lsn,
-        epoch: Epoch,
-        time_us: u64,
-    },
+    Heartbeat { primary_last_lsn: Lsn, epoch: Epoch },
     /// The subscription is refused; the primary closes the stream.
     Refused { code: RefuseCode, reason: String },
 }
@@ -365,6 +368,7 @@ mod tests {
             Message::Streaming {
                 from_lsn: Lsn(42),
                 epoch: Epoch(3),
+                db_id: [7; 16],
             },
             Message::Entries {
                 entries: vec![
@@ -383,6 +387,7 @@ mod tests {
             Message::NeedsReseed {
                 oldest_lsn: Lsn(100),
                 primary_last_lsn: Lsn(200),
+                db_id: [7; 16],
             },
             Message::SnapshotBegin {
                 lsn: Lsn(99),
@@ -396,7 +401,6 @@ mod tests {
             Message::Heartbeat {
                 primary_last_lsn: Lsn(200),
                 epoch: Epoch(4),
-                time_us: 123,
             },
             Message::Refused {
                 code: RefuseCode::StalePrimary,

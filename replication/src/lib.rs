@@ -7,6 +7,7 @@
 //! free of datastore details and is testable with in-memory fakes.
 
 pub mod frame;
+pub mod protocol;
 pub mod types;
 
 pub use frame::{FramedEntry, Message};
