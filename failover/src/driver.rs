@@ -278,6 +278,14 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             (m.current_leader == Some(self.id), m.current_term)
         };
         self.controller.handle_leadership(is_leader, term, now);
+        if !is_leader {
+            // A follower's controller emits nothing, so publish this here.
+            self.status_tx.send_if_modified(|s| {
+                let changed = *s != Status::NotLeader;
+                *s = Status::NotLeader;
+                changed
+            });
+        }
         if is_leader
             && !self.reports_inflight
             && now.saturating_sub(self.last_reports_ms) >= self.timing.heartbeat_ms

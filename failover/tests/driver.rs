@@ -12,12 +12,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mirrordb_failover::driver::{Driver, DriverHandle, system_clock};
+use mirrordb_failover::driver::{Clock, Driver, DriverHandle, system_clock};
 use mirrordb_failover::raft::network::{MemNetwork, RpcHandler};
 use mirrordb_failover::raft::{Raft, RaftNode, store};
 use mirrordb_failover::role::{Position, RoleControl, RoleError};
 use mirrordb_failover::state::{ClusterCommand, ClusterState, Member, Role, raft_id};
-use mirrordb_failover::{Epoch, Lsn, NodeId};
+use mirrordb_failover::{Epoch, Lsn, NodeId, Status};
 use tokio::sync::watch;
 
 mod fixtures;
@@ -119,7 +119,18 @@ struct TestNode {
     _dir: tempfile::TempDir,
 }
 
-async fn start(net: &MemNetwork, name: &str, shutdown: &watch::Receiver<bool>) -> TestNode {
+/// A clock `behind_ms` behind the system clock.
+fn clock_behind(behind_ms: u64) -> Clock {
+    let system = system_clock();
+    Arc::new(move || system().saturating_sub(behind_ms))
+}
+
+async fn start(
+    net: &MemNetwork,
+    name: &str,
+    clock: Clock,
+    shutdown: &watch::Receiver<bool>,
+) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let (log, sm) = store::open(dir.path()).unwrap();
     let state = sm.subscribe();
@@ -142,7 +153,7 @@ async fn start(net: &MemNetwork, name: &str, shutdown: &watch::Receiver<bool>) -
         transport,
         role.clone(),
         state.clone(),
-        system_clock(),
+        clock,
     );
     tokio::spawn(driver.run(shutdown.clone()));
     TestNode {
@@ -156,11 +167,22 @@ async fn start(net: &MemNetwork, name: &str, shutdown: &watch::Receiver<bool>) -
     }
 }
 
-async fn cluster(net: &MemNetwork, shutdown: &watch::Receiver<bool>) -> Vec<TestNode> {
-    let names = ["n1", "n2", "n3"];
+/// Starts `names` (all data nodes unless named `w…`), forms the cluster.
+/// `n1`'s clock runs `n1_behind_ms` behind the others'.
+async fn cluster(
+    net: &MemNetwork,
+    names: &[&str],
+    n1_behind_ms: u64,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<TestNode> {
     let mut nodes = Vec::new();
-    for name in names {
-        nodes.push(start(net, name, shutdown).await);
+    for &name in names {
+        let clock = if name == "n1" {
+            clock_behind(n1_behind_ms)
+        } else {
+            system_clock()
+        };
+        nodes.push(start(net, name, clock, shutdown).await);
     }
     let members: BTreeMap<u64, RaftNode> = nodes
         .iter()
@@ -185,13 +207,18 @@ async fn cluster(net: &MemNetwork, shutdown: &watch::Receiver<bool>) -> Vec<Test
         .iter()
         .find(|n| Some(n.id) == m.current_leader)
         .unwrap();
-    for name in names {
+    for &name in names {
+        let role = if name.starts_with('w') {
+            Role::Witness
+        } else {
+            Role::Data
+        };
         leader
             .raft
             .client_write(ClusterCommand::AddMember {
                 node: NodeId::from(name),
                 member: Member {
-                    role: Role::Data,
+                    role,
                     raft_addr: format!("{name}:7000"),
                     http_addr: format!("{name}:7070"),
                     nofailover: false,
@@ -247,9 +274,21 @@ async fn wait_told(node: &TestNode, what: Told) -> Instant {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_primary_fences_itself_before_its_successor_is_promoted() {
+    partition_the_primary(0).await;
+}
+
+/// The dangerous direction of clock skew: the primary's clock runs behind, so
+/// it believes its lease lasts longer than the others do. Up to
+/// `max_clock_skew_ms` this must still fence it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_with_a_slow_clock_still_fences_first() {
+    partition_the_primary(fast_timing().max_clock_skew_ms).await;
+}
+
+async fn partition_the_primary(n1_behind_ms: u64) {
     let net = MemNetwork::new(seed());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &stop_rx).await;
+    let nodes = cluster(&net, &["n1", "n2", "n3"], n1_behind_ms, &stop_rx).await;
     let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
 
     eprintln!("--- a fresh cluster promotes the lowest-named of equal nodes");
@@ -317,7 +356,7 @@ async fn partitioned_primary_fences_itself_before_its_successor_is_promoted() {
 async fn planned_switchover_waits_for_catch_up_then_swaps_roles() {
     let net = MemNetwork::new(seed());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &stop_rx).await;
+    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
     let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
     wait_state(by("n2"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
@@ -355,6 +394,54 @@ async fn planned_switchover_waits_for_catch_up_then_swaps_roles() {
     })
     .await;
     assert_eq!(s.epoch_history.last(), Some(&(Epoch(2), Lsn(31))));
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_as_raft_leader_promotes_a_data_node() {
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &["n1", "n2", "w"], 0, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    wait_state(by("w"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+    by("n1").role.set_position(1, 10);
+    by("n2").role.set_position(1, 9);
+
+    eprintln!("--- make the witness the Raft leader");
+    let w = by("w");
+    let deadline = Instant::now() + WAIT;
+    while w.raft.metrics().borrow().current_leader != Some(w.id) {
+        assert!(Instant::now() < deadline, "the witness never became leader");
+        let _ = w.raft.trigger().elect().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    eprintln!("--- cut n1 off: the witness's controller must promote n2");
+    net.partition(&[by("n1").id], &[by("n2").id, w.id]);
+    wait_told(by("n2"), Told::Primary(Epoch(2), Lsn(10))).await;
+    let s = wait_state(w, "n2 primary", |s| s.primary == Some(NodeId::from("n2"))).await;
+    assert_eq!(s.epoch, Epoch(2));
+    assert!(by("n1").role.first_time(&Told::Fence).is_some());
+    // It was the witness's controller that acted.
+    let mut status = w.handle.status();
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|st| {
+            *st == Status::Healthy {
+                primary: NodeId::from("n2"),
+                epoch: Epoch(2),
+            }
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     stop_tx.send(true).unwrap();
     for n in &nodes {
         n.raft.shutdown().await.unwrap();
