@@ -6,6 +6,7 @@
 //! plugs its journal in through the traits defined here, so this crate stays
 //! free of datastore details and is testable with in-memory fakes.
 
+pub mod certs;
 pub mod frame;
 pub mod protocol;
 pub mod types;
