@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write as _;
+use std::io::{Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -247,8 +247,9 @@ pub struct BenchArgs {
     /// recovery; the journal stays durable).
     #[arg(long, requires = "in_process")]
     pub exit_without_shutdown: bool,
-    /// Measure this disk's fdatasync latency on --data-dir (append 4 KiB +
-    /// fdatasync, --probe-count times) instead of running a load.
+    /// Measure this disk's fdatasync latency on --data-dir (4 KiB write +
+    /// fdatasync, --probe-count times, appending and over a preallocated
+    /// file) instead of running a load.
     #[arg(long, conflicts_with = "in_process")]
     pub fsync_probe: bool,
     /// Number of fdatasync calls of the probe.
@@ -342,7 +343,10 @@ pub struct ProbeReport {
     pub mode: &'static str,
     pub dir: PathBuf,
     pub write_bytes: usize,
+    /// Appending writes (the file grows): the journal's pattern today.
     pub latency: Percentiles,
+    /// Overwrites of a preallocated, synced file.
+    pub preallocated: Percentiles,
 }
 
 /// Runs `mirrordb bench` with the given arguments.
@@ -875,17 +879,32 @@ async fn run_in_process(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
 }
 
-/// Appends 4 KiB and calls fdatasync `count` times on a scratch file in
-/// `dir` (the pattern of a journal append), then removes the file.
+/// Measures fdatasync on a scratch file in `dir`, `count` times each way,
+/// then removes the file:
+///
+/// - **append**: write 4 KiB at the end of the file, then fdatasync (the
+///   file grows, so the filesystem also commits the new size and blocks;
+///   this is what an append-only journal without preallocation pays);
+/// - **preallocated**: the same writes over a file that was written full of
+///   zeros and synced first (only data goes to the disk; the floor for a
+///   journal that preallocates its segments).
 pub fn fsync_probe(dir: &Path, count: usize) -> anyhow::Result<ProbeReport> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!(".mirrordb-fsync-probe-{}", std::process::id()));
-    let result = (|| -> anyhow::Result<Vec<u32>> {
+    let run = |preallocate: bool| -> anyhow::Result<Vec<u32>> {
         let mut f = std::fs::OpenOptions::new()
             .create_new(true)
             .write(true)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
+        if preallocate {
+            let zeros = vec![0u8; PROBE_WRITE_BYTES];
+            for _ in 0..count {
+                f.write_all(&zeros)?;
+            }
+            f.sync_all()?;
+            f.seek(std::io::SeekFrom::Start(0))?;
+        }
         let block = vec![0xA5u8; PROBE_WRITE_BYTES];
         let mut samples = Vec::with_capacity(count);
         for _ in 0..count {
@@ -895,14 +914,18 @@ pub fn fsync_probe(dir: &Path, count: usize) -> anyhow::Result<ProbeReport> {
             samples.push(u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX));
         }
         Ok(samples)
-    })();
+    };
+    let append = run(false);
     let _ = std::fs::remove_file(&path);
-    let mut samples = result?;
+    let preallocated = append.and_then(|a| Ok((a, run(true)?)));
+    let _ = std::fs::remove_file(&path);
+    let (mut append, mut preallocated) = preallocated?;
     Ok(ProbeReport {
         mode: "fsync_probe",
         dir: dir.to_owned(),
         write_bytes: PROBE_WRITE_BYTES,
-        latency: Percentiles::from_samples(&mut samples),
+        latency: Percentiles::from_samples(&mut append),
+        preallocated: Percentiles::from_samples(&mut preallocated),
     })
 }
 
@@ -911,22 +934,23 @@ fn ms(us: u64) -> String {
 }
 
 fn print_probe(r: &ProbeReport) {
-    let l = &r.latency;
     println!(
-        "fdatasync probe on {} ({} x {} B append + fdatasync)",
+        "fdatasync probe on {} ({} x {} B write + fdatasync, each way)",
         r.dir.display(),
-        l.samples,
+        r.latency.samples,
         r.write_bytes
     );
-    println!(
-        "latency ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {:.3}",
-        ms(l.p50_us),
-        ms(l.p90_us),
-        ms(l.p99_us),
-        ms(l.p999_us),
-        ms(l.max_us),
-        l.mean_us / 1000.0
-    );
+    for (name, l) in [("append", &r.latency), ("preallocated", &r.preallocated)] {
+        println!(
+            "{name:<13} latency ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {:.3}",
+            ms(l.p50_us),
+            ms(l.p90_us),
+            ms(l.p99_us),
+            ms(l.p999_us),
+            ms(l.max_us),
+            l.mean_us / 1000.0
+        );
+    }
 }
 
 fn print_report(r: &BenchReport) {
@@ -1112,6 +1136,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let r = fsync_probe(tmp.path(), 5).expect("probe");
         assert_eq!(r.latency.samples, 5);
+        assert_eq!(r.preallocated.samples, 5);
         assert!(r.latency.p50_us <= r.latency.max_us);
         assert_eq!(std::fs::read_dir(tmp.path()).expect("ls").count(), 0);
     }
