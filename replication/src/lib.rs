@@ -7,8 +7,10 @@
 //! free of datastore details and is testable with in-memory fakes.
 
 pub mod certs;
+pub mod endpoint;
 pub mod frame;
 pub mod protocol;
+pub mod tls;
 pub mod types;
 
 pub use frame::{FramedEntry, Message};
