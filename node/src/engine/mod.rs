@@ -10,12 +10,17 @@
 //! An `Engine` is a cheap handle (`Clone`); the writer thread stops when
 //! `shutdown` is called or when the last handle is dropped.
 
+pub mod backup;
 pub mod error;
 pub mod recovery;
 pub mod replay;
 pub mod store;
 mod writer;
 
+pub use backup::{
+    BackupPoint, DataFileBuilder, HistorySource, LiveJournalHistory, LockStatus, RestoredDataDir,
+    RollbackReport, RotatedSegment, Snapshot, SnapshotCounts, SnapshotError, SnapshotItem,
+};
 pub use error::{OpenError, ReadError, WriteError};
 pub use recovery::{RecoveryAction, RecoveryReport};
 pub use store::ScanPage;
@@ -37,10 +42,12 @@ use std::time::{Duration, Instant};
 use store::Store;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
-use writer::{Request, Writer};
+use writer::{Envelope, Request, Writer};
 
 /// Depth of the writer's request queue; senders wait when it is full.
 const REQUEST_QUEUE_DEPTH: usize = 16_384;
+/// How much longer than a request's deadline a caller waits for the writer.
+const WRITER_GRACE: Duration = Duration::from_secs(2);
 
 /// How the engine is set up. `new` gives the documented defaults.
 #[derive(Clone)]
@@ -99,6 +106,7 @@ pub(crate) struct Shared {
     pub dirty_bytes: AtomicU64,
     pub journal_error: Mutex<Option<String>>,
     pub durable_tx: watch::Sender<u64>,
+    pub lock: Mutex<backup::LockStatus>,
     pub sessions: Mutex<HashMap<ClientIdentity, SessionId>>,
 }
 
@@ -117,7 +125,7 @@ pub struct EngineStatus {
 }
 
 struct Inner {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Envelope>,
     store: Store,
     shared: Arc<Shared>,
     cfg: EngineConfig,
@@ -207,6 +215,7 @@ impl Engine {
             journal_error: Mutex::new(None),
             durable_tx,
             sessions: Mutex::new(HashMap::new()),
+            lock: Mutex::new(backup::LockStatus::default()),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);
@@ -225,6 +234,8 @@ impl Engine {
             last_flush: Instant::now(),
             dirty_bytes: 0,
             unavailable: None,
+            lock: None,
+            held: Vec::new(),
             unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
         };
         let handle = std::thread::Builder::new()
@@ -280,23 +291,33 @@ impl Engine {
         make: impl FnOnce(writer::Reply<T>) -> Request,
     ) -> Result<T, WriteError> {
         let (reply, rx) = oneshot::channel();
-        let deadline = self.inner.cfg.write_timeout;
+        let timeout = self.inner.cfg.write_timeout;
+        // Far enough to mean "no deadline" without overflowing Instant.
+        let budget = if timeout.is_zero() {
+            Duration::from_secs(86_400 * 365)
+        } else {
+            timeout
+        };
+        let env = Envelope {
+            req: make(reply),
+            deadline: Instant::now() + budget,
+        };
         let fut = async {
             self.inner
                 .tx
-                .send(make(reply))
+                .send(env)
                 .await
                 .map_err(|_| WriteError::Closed)?;
             rx.await.map_err(|_| WriteError::Closed)?
         };
-        if deadline.is_zero() {
-            return fut.await;
-        }
-        match tokio::time::timeout(deadline, fut).await {
+        // The writer answers `write_blocked` itself (not applied) when a
+        // request waits past its deadline; this outer bound only catches a
+        // writer stuck in I/O, where the outcome is unknown.
+        match tokio::time::timeout(budget + WRITER_GRACE, fut).await {
             Ok(r) => r,
             Err(_) => Err(WriteError::WriteBlocked(format!(
-                "the write did not complete within {} ms; it may still be applied",
-                deadline.as_millis()
+                "the writer did not answer within {} ms; the write may still be applied",
+                (budget + WRITER_GRACE).as_millis()
             ))),
         }
     }
@@ -337,6 +358,9 @@ impl Engine {
         session: SessionId,
         ops: Vec<WriteOp>,
     ) -> Result<WriteAck, WriteError> {
+        if ops.len() > model::MAX_TXN_OPS {
+            return Err(InvalidInput::TooManyOps(ops.len()).into());
+        }
         let mut total = 0usize;
         for op in &ops {
             op.validate()?;
@@ -585,7 +609,10 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Request::Shutdown { reply })
+            .send(Envelope {
+                req: Request::Shutdown { reply },
+                deadline: Instant::now() + Duration::from_secs(3600),
+            })
             .await
             .map_err(|_| WriteError::Closed)?;
         let r = rx.await.map_err(|_| WriteError::Closed)?;
@@ -612,7 +639,7 @@ impl Drop for StagedFile {
     }
 }
 
-fn start_ticker(tx: mpsc::WeakSender<Request>, every: Duration) {
+fn start_ticker(tx: mpsc::WeakSender<Envelope>, every: Duration) {
     let every = every.max(Duration::from_millis(10));
     let _ = std::thread::Builder::new()
         .name("mirrordb-ticker".into())
@@ -621,7 +648,10 @@ fn start_ticker(tx: mpsc::WeakSender<Request>, every: Duration) {
                 std::thread::sleep(every);
                 let Some(tx) = tx.upgrade() else { return };
                 // A full queue means the writer is busy and will flush anyway.
-                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Request::Tick) {
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Envelope {
+                    req: Request::Tick,
+                    deadline: Instant::now() + every,
+                }) {
                     return;
                 }
             }
@@ -647,3 +677,6 @@ impl Stream for BlobStream {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod backup_tests;

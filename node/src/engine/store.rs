@@ -20,7 +20,7 @@
 use crate::model::{Record, TableInfo};
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
-    TableDefinition, WriteTransaction,
+    ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -169,6 +169,7 @@ impl Store {
     pub fn read(&self) -> Result<ReadView, StoreError> {
         Ok(ReadView {
             txn: self.db.begin_read()?,
+            _db: self.db.clone(),
         })
     }
 
@@ -187,6 +188,9 @@ impl Store {
 /// A consistent, read-only view of the data file (an MVCC snapshot).
 pub struct ReadView {
     txn: ReadTransaction,
+    // A read transaction does not keep its database open: hold it, so a
+    // view (a backup snapshot, a BLOB being streamed) outlives its Store.
+    _db: Arc<Database>,
 }
 
 /// One page of an ordered scan.
@@ -331,6 +335,131 @@ impl ReadView {
         }
         Ok((count, crc))
     }
+}
+
+impl ReadView {
+    /// Visits every table, then every record in (table, key) order, then
+    /// every BLOB with its chunks: the content of a backup snapshot.
+    pub fn export<E>(
+        &self,
+        mut f: impl FnMut(SnapshotItem) -> Result<(), E>,
+    ) -> Result<(), ExportError<E>> {
+        let tables = self.txn.open_table(TABLES).map_err(store_err)?;
+        for item in tables.iter().map_err(store_err)? {
+            let (k, v) = item.map_err(store_err)?;
+            let m: TableMeta = decode_meta(v.value()).map_err(ExportError::Store)?;
+            f(SnapshotItem::Table {
+                name: k.value().to_owned(),
+                journaled: m.journaled,
+            })
+            .map_err(ExportError::Visit)?;
+        }
+        let records = self.txn.open_table(RECORDS).map_err(store_err)?;
+        for item in records.iter().map_err(store_err)? {
+            let (k, v) = item.map_err(store_err)?;
+            let (table, key) = k.value();
+            let (version, json) = split_record(v.value()).map_err(ExportError::Store)?;
+            f(SnapshotItem::Record {
+                table: table.to_owned(),
+                key: key.to_owned(),
+                version,
+                value: json.to_vec(),
+            })
+            .map_err(ExportError::Visit)?;
+        }
+        let blobs = self.txn.open_table(BLOBS).map_err(store_err)?;
+        let chunks = self.txn.open_table(BLOB_CHUNKS).map_err(store_err)?;
+        for item in blobs.iter().map_err(store_err)? {
+            let (k, v) = item.map_err(store_err)?;
+            let (table, key) = k.value();
+            let m: BlobMeta = decode_meta(v.value()).map_err(ExportError::Store)?;
+            f(SnapshotItem::BlobStart {
+                table: table.to_owned(),
+                key: key.to_owned(),
+                version: m.version,
+                size: m.size,
+            })
+            .map_err(ExportError::Visit)?;
+            for c in chunks
+                .range((m.blob_id, 0)..=(m.blob_id, u32::MAX))
+                .map_err(store_err)?
+            {
+                let c = c.map_err(store_err)?;
+                f(SnapshotItem::BlobChunk {
+                    bytes: c.1.value().to_vec(),
+                })
+                .map_err(ExportError::Visit)?;
+            }
+            f(SnapshotItem::BlobEnd).map_err(ExportError::Visit)?;
+        }
+        Ok(())
+    }
+
+    /// How much a snapshot holds.
+    pub fn counts(&self) -> Result<SnapshotCounts, StoreError> {
+        let mut c = SnapshotCounts::default();
+        for t in self.tables()? {
+            c.tables += 1;
+            c.records += t.records;
+            c.blobs += t.blobs;
+        }
+        let records = self.txn.open_table(RECORDS)?;
+        let chunks = self.txn.open_table(BLOB_CHUNKS)?;
+        c.approx_bytes = records.stats()?.stored_bytes() + chunks.stats()?.stored_bytes();
+        Ok(c)
+    }
+}
+
+fn store_err<E: Into<redb::Error>, V>(e: E) -> ExportError<V> {
+    ExportError::Store(StoreError::from(e))
+}
+
+/// One element of a backup snapshot. BLOBs come as `BlobStart`, their
+/// chunks in order, then `BlobEnd`. Encoded with postcard in backup files:
+/// variants are only ever appended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotItem {
+    Table {
+        name: String,
+        journaled: bool,
+    },
+    Record {
+        table: String,
+        key: String,
+        version: u64,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    BlobStart {
+        table: String,
+        key: String,
+        version: u64,
+        size: u64,
+    },
+    BlobChunk {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    BlobEnd,
+}
+
+/// What a snapshot holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SnapshotCounts {
+    pub tables: u64,
+    pub records: u64,
+    pub blobs: u64,
+    /// Bytes of stored records and BLOB chunks (for progress estimates).
+    pub approx_bytes: u64,
+}
+
+/// Why an export stopped: the data file failed, or the visitor did.
+#[derive(Debug, Error)]
+pub enum ExportError<E> {
+    #[error("data file: {0}")]
+    Store(StoreError),
+    #[error("{0}")]
+    Visit(E),
 }
 
 /// Applies operations inside one write transaction. Table counters are kept

@@ -16,13 +16,12 @@
 //! (DESIGN §3). Reads go on. Flushes of the data file (one durable redb
 //! commit recording `checkpoint_lsn`) happen between batches.
 
+use super::backup::{BackupPoint, LockStatus, RotatedSegment, Snapshot};
 use super::replay::Replayer;
 use super::store::{Applier, Store, StoreError};
 use super::{Shared, WriteError};
 use crate::journal::writer::{JournalWriter, now_us};
-use crate::model::{
-    BLOB_CHUNK_BYTES, ClientIdentity, MAX_TXN_OPS, Op, SessionId, WriteAck, WriteOp,
-};
+use crate::model::{BLOB_CHUNK_BYTES, ClientIdentity, Op, SessionId, WriteAck, WriteOp};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
@@ -78,6 +77,67 @@ pub(crate) enum Request {
     Shutdown {
         reply: Reply<()>,
     },
+    Barrier {
+        number: u32,
+        reply: Reply<BackupPoint>,
+    },
+    Rotate {
+        reply: Reply<Option<RotatedSegment>>,
+    },
+    RestorePoint {
+        session: SessionId,
+        name: String,
+        reply: Reply<WriteAck>,
+    },
+    Lock {
+        owner: String,
+        lease: Duration,
+        reply: Reply<LockStatus>,
+    },
+    Unlock {
+        owner: String,
+        reply: Reply<LockStatus>,
+    },
+    /// A write the node makes itself (rollback): no client size limits.
+    Internal {
+        session: SessionId,
+        ops: Vec<WriteOp>,
+        reply: Reply<WriteAck>,
+    },
+}
+
+impl Request {
+    /// Whether the request writes the journal (and so waits while the
+    /// database is locked).
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Request::Write { .. }
+                | Request::SetTable { .. }
+                | Request::Blob { .. }
+                | Request::DeleteBlob { .. }
+                | Request::OpenSession { .. }
+                | Request::Barrier { .. }
+                | Request::Rotate { .. }
+                | Request::RestorePoint { .. }
+                | Request::Internal { .. }
+        )
+    }
+}
+
+/// A request with the time by which it must be done; past it, a request
+/// that has not started is answered `write_blocked` and not applied.
+pub(crate) struct Envelope {
+    pub req: Request,
+    pub deadline: Instant,
+}
+
+/// The flush-and-lock holder.
+pub(crate) struct LockState {
+    owner: String,
+    depth: u32,
+    lease: Duration,
+    expires: Instant,
 }
 
 /// A reply waiting for its batch to become durable.
@@ -132,11 +192,14 @@ pub(crate) struct Writer {
     pub dirty_bytes: u64,
     pub unavailable: Option<String>,
     pub unjournaled_blob_seq: u64,
+    pub lock: Option<LockState>,
+    /// Writes waiting for the lock to be released.
+    pub held: Vec<Envelope>,
 }
 
 impl Writer {
     /// Runs until shutdown or until every sender is gone.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+    pub fn run(mut self, mut rx: mpsc::Receiver<Envelope>) {
         let mut batch = Vec::with_capacity(256);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -157,15 +220,28 @@ impl Writer {
     }
 
     /// Handles a batch; returns true on shutdown.
-    fn process(&mut self, batch: &mut Vec<Request>) -> bool {
+    fn process(&mut self, batch: &mut Vec<Envelope>) -> bool {
         let mut group: Vec<Request> = Vec::new();
         let mut stop = false;
-        for req in batch.drain(..) {
-            match req {
+        let now = Instant::now();
+        for env in batch.drain(..) {
+            if env.req.writes() {
+                if env.deadline <= now {
+                    reply_err(env.req, blocked());
+                    continue;
+                }
+                if self.lock.is_some() {
+                    self.held.push(env);
+                    continue;
+                }
+            }
+            match env.req {
                 Request::Write { .. }
                 | Request::SetTable { .. }
                 | Request::DeleteBlob { .. }
-                | Request::OpenSession { .. } => group.push(req),
+                | Request::OpenSession { .. }
+                | Request::RestorePoint { .. }
+                | Request::Internal { .. } => group.push(env.req),
                 other => {
                     self.commit_group(std::mem::take(&mut group));
                     match other {
@@ -185,11 +261,37 @@ impl Writer {
                             let r = self.flush();
                             let _ = reply.send(r);
                         }
-                        Request::Tick => self.close_idle_sessions(),
+                        Request::Tick => {
+                            self.close_idle_sessions();
+                            self.expire_lock();
+                        }
                         Request::Shutdown { reply } => {
                             let r = self.shutdown();
                             let _ = reply.send(r);
+                            for env in self.held.drain(..) {
+                                reply_err(env.req, WriteError::Closed);
+                            }
                             stop = true;
+                        }
+                        Request::Barrier { number, reply } => {
+                            let r = self.barrier(number);
+                            let _ = reply.send(r);
+                        }
+                        Request::Rotate { reply } => {
+                            let r = self.rotate();
+                            let _ = reply.send(r);
+                        }
+                        Request::Lock {
+                            owner,
+                            lease,
+                            reply,
+                        } => {
+                            let r = self.take_lock(owner, lease);
+                            let _ = reply.send(r);
+                        }
+                        Request::Unlock { owner, reply } => {
+                            let r = self.release_lock(&owner);
+                            let _ = reply.send(r);
                         }
                         _ => {}
                     }
@@ -254,6 +356,11 @@ impl Writer {
             }
             match req {
                 Request::Write {
+                    session,
+                    ops,
+                    reply,
+                }
+                | Request::Internal {
                     session,
                     ops,
                     reply,
@@ -325,6 +432,23 @@ impl Writer {
                         WriteAck {
                             lsn,
                             versions: vec![lsn],
+                        },
+                    ));
+                }
+                Request::RestorePoint {
+                    session,
+                    name,
+                    reply,
+                } => {
+                    let op = Op::RestorePoint { name };
+                    let lsn = self.journal.append(&op, now);
+                    entries.push((lsn, op));
+                    self.touch(session);
+                    pending.push(Pending::Ack(
+                        reply,
+                        WriteAck {
+                            lsn,
+                            versions: vec![],
                         },
                     ));
                 }
@@ -405,9 +529,6 @@ impl Writer {
     ) -> Result<WriteAck, WriteError> {
         if ops.is_empty() {
             return Err(crate::model::InvalidInput::EmptyTransaction.into());
-        }
-        if ops.len() > MAX_TXN_OPS {
-            return Err(crate::model::InvalidInput::TooManyOps(ops.len()).into());
         }
         let journaled_of = |t: &str| self.tables.get(t).copied().unwrap_or(true);
         let first = journaled_of(ops[0].table());
@@ -824,6 +945,159 @@ impl Writer {
         }
     }
 
+    /// The backup barrier: marker, fsync, flush, rotate, snapshot.
+    fn barrier(&mut self, number: u32) -> Result<BackupPoint, WriteError> {
+        let started = Instant::now();
+        self.journal_system(vec![Op::BackupMarker { number }])?;
+        let lsn = self.journal.last_lsn();
+        self.flush()?;
+        let closed = self.journal.rotate().map_err(|e| {
+            self.mark_unavailable("journal rotation", &e);
+            WriteError::JournalUnavailable(e.to_string())
+        })?;
+        let view = self
+            .store
+            .read()
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        let (segs, _) = crate::journal::scan::list_segments(self.journal.dir())
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        let segments = segs
+            .into_iter()
+            .filter(|s| s.header.first_lsn <= lsn)
+            .map(|s| s.path)
+            .collect();
+        let took = started.elapsed();
+        metrics::histogram!("mirrordb_backup_barrier_seconds").record(took.as_secs_f64());
+        tracing::info!(number, lsn, closed = %closed.display(), barrier_us = took.as_micros() as u64, "backup barrier");
+        Ok(BackupPoint {
+            lsn,
+            epoch: self.journal.epoch(),
+            db_id: self.journal.db_id(),
+            time_us: now_us(),
+            segments,
+            snapshot: Snapshot { view },
+        })
+    }
+
+    fn rotate(&mut self) -> Result<Option<RotatedSegment>, WriteError> {
+        if let Some(e) = self.journal_error() {
+            return Err(e);
+        }
+        if self.journal.segment_is_empty() {
+            return Ok(None);
+        }
+        let last_lsn = self.journal.last_lsn();
+        let closed = self.journal.rotate().map_err(|e| {
+            self.mark_unavailable("journal rotation", &e);
+            WriteError::JournalUnavailable(e.to_string())
+        })?;
+        tracing::info!(closed = %closed.display(), last_lsn, "journal rotated on request");
+        Ok(Some(RotatedSegment { closed, last_lsn }))
+    }
+
+    fn publish_lock(&self) -> LockStatus {
+        let st = match &self.lock {
+            Some(l) => LockStatus {
+                locked: true,
+                owner: Some(l.owner.clone()),
+                depth: l.depth,
+                expires_in_ms: Some(
+                    l.expires
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as u64,
+                ),
+            },
+            None => LockStatus::default(),
+        };
+        *self.shared.lock.lock().unwrap_or_else(|p| p.into_inner()) = st.clone();
+        st
+    }
+
+    fn take_lock(&mut self, owner: String, lease: Duration) -> Result<LockStatus, WriteError> {
+        match &mut self.lock {
+            Some(l) if l.owner == owner => {
+                l.depth += 1;
+                l.lease = lease;
+                l.expires = Instant::now() + lease;
+            }
+            Some(l) => {
+                return Err(WriteError::WriteBlocked(format!(
+                    "the database is locked by {}",
+                    l.owner
+                )));
+            }
+            None => {
+                // Everything acknowledged is already fsynced in the journal;
+                // flushing the data file makes the data directory consistent
+                // on its own for an external snapshot.
+                self.flush()?;
+                tracing::info!(%owner, lease_ms = lease.as_millis() as u64, "database flushed and locked");
+                self.lock = Some(LockState {
+                    owner,
+                    depth: 1,
+                    lease,
+                    expires: Instant::now() + lease,
+                });
+            }
+        }
+        Ok(self.publish_lock())
+    }
+
+    fn release_lock(&mut self, owner: &str) -> Result<LockStatus, WriteError> {
+        match &mut self.lock {
+            Some(l) if l.owner == owner => {
+                l.depth -= 1;
+                if l.depth == 0 {
+                    self.lock = None;
+                    tracing::info!(%owner, "database unlocked");
+                }
+            }
+            Some(l) => {
+                return Err(WriteError::WriteBlocked(format!(
+                    "the lock is held by {}, not {owner}",
+                    l.owner
+                )));
+            }
+            None => {}
+        }
+        let st = self.publish_lock();
+        if self.lock.is_none() {
+            self.resume_held();
+        }
+        Ok(st)
+    }
+
+    /// Releases a lock whose lease lapsed, and refuses held writes whose
+    /// deadline passed.
+    fn expire_lock(&mut self) {
+        if let Some(l) = &self.lock
+            && Instant::now() >= l.expires
+        {
+            tracing::warn!(owner = %l.owner, lease_ms = l.lease.as_millis() as u64, "lock lease lapsed; unlocking");
+            self.lock = None;
+            self.publish_lock();
+            self.resume_held();
+            return;
+        }
+        if self.lock.is_some() {
+            let now = Instant::now();
+            let (expired, waiting): (Vec<_>, Vec<_>) =
+                self.held.drain(..).partition(|e| e.deadline <= now);
+            self.held = waiting;
+            for env in expired {
+                reply_err(env.req, blocked());
+            }
+            self.publish_lock();
+        }
+    }
+
+    fn resume_held(&mut self) {
+        let mut held = std::mem::take(&mut self.held);
+        if !held.is_empty() {
+            self.process(&mut held);
+        }
+    }
+
     fn shutdown(&mut self) -> Result<(), WriteError> {
         if self.unavailable.is_none() {
             let mut ops: Vec<Op> = self
@@ -843,7 +1117,18 @@ fn reply_err(req: Request, e: WriteError) {
         Request::Write { reply, .. }
         | Request::SetTable { reply, .. }
         | Request::Blob { reply, .. }
-        | Request::DeleteBlob { reply, .. } => {
+        | Request::DeleteBlob { reply, .. }
+        | Request::RestorePoint { reply, .. }
+        | Request::Internal { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Barrier { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Rotate { reply } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Lock { reply, .. } | Request::Unlock { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Request::OpenSession { reply, .. } => {
@@ -857,6 +1142,12 @@ fn reply_err(req: Request, e: WriteError) {
         }
         Request::Tick => {}
     }
+}
+
+fn blocked() -> WriteError {
+    WriteError::WriteBlocked(
+        "the write waited past its deadline (database locked or busy); it was not applied".into(),
+    )
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -165,6 +165,11 @@ impl JournalWriter {
         self.file.sync_data()
     }
 
+    /// Whether the open segment holds no entry yet.
+    pub fn segment_is_empty(&self) -> bool {
+        self.seg_len == HEADER_LEN as u64 && self.buf.is_empty()
+    }
+
     /// Whether the open segment has reached its size limit.
     pub fn wants_rotation(&self) -> bool {
         self.seg_len >= self.segment_bytes

@@ -1,0 +1,680 @@
+//! The engine's side of the backup pipeline: the backup barrier and its
+//! snapshot, journal rotation, restore points, flush-and-lock, building a
+//! data directory from a snapshot plus journal (restore, PITR, verify), and
+//! online rollback.
+//!
+//! ```text
+//! backup_barrier(n):  writer journals BackupMarker{n} at LSN S ─► fsync ─► flush
+//!                     (checkpoint = S) ─► rotate (open segment starts at S+1)
+//!                     ─► MVCC snapshot = exactly the operations <= S
+//!                     (writers wait only for these steps: a few ms)
+//! restore:            DataFileBuilder: snapshot items ─► journal frames S+1.. ─► finish
+//! rollback(L):        keys touched after L ─► their values at L (restore to L in
+//!                     a scratch dir) ─► one journaled compensating transaction
+//! ```
+
+use super::error::{OpenError, WriteError};
+use super::replay::Replayer;
+use super::store::{Applier, BlobMeta, DATA_FILE, ReadView, Store};
+pub use super::store::{ExportError, SnapshotCounts, SnapshotItem};
+use super::{Engine, writer::Request};
+use crate::journal::format::decode_op;
+use crate::journal::scan::{OwnedFrame, ScanError};
+use crate::journal::writer::JournalWriter;
+use crate::model::{Op, SessionId, WriteAck, WriteOp};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Entries integrated per data-file transaction while building.
+const BUILD_TXN_ITEMS: u64 = 20_000;
+/// Blob ids given to BLOBs loaded from a snapshot: above every LSN, below
+/// the ids of unjournaled BLOBs (`1 << 63 | …`).
+const RESTORED_BLOB_IDS: u64 = 1 << 62;
+
+/// A consistent point taken by [`Engine::backup_barrier`].
+pub struct BackupPoint {
+    /// S: the LSN of the backup marker; the snapshot holds exactly the
+    /// operations up to and including it.
+    pub lsn: u64,
+    pub epoch: u64,
+    pub db_id: [u8; 16],
+    pub time_us: u64,
+    /// Closed live segments holding entries <= S, oldest first.
+    pub segments: Vec<PathBuf>,
+    pub snapshot: Snapshot,
+}
+
+impl std::fmt::Debug for BackupPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupPoint")
+            .field("lsn", &self.lsn)
+            .field("epoch", &self.epoch)
+            .field("segments", &self.segments)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A read-only MVCC view of the data file at a backup barrier.
+pub struct Snapshot {
+    pub(crate) view: ReadView,
+}
+
+/// Why a snapshot could not be read.
+pub type SnapshotError<E> = ExportError<E>;
+
+impl Snapshot {
+    /// Visits every table, record and BLOB (see [`SnapshotItem`]).
+    pub fn for_each<E>(
+        &self,
+        f: impl FnMut(SnapshotItem) -> Result<(), E>,
+    ) -> Result<(), SnapshotError<E>> {
+        self.view.export(f)
+    }
+
+    /// How much the snapshot holds.
+    pub fn counts(&self) -> Result<SnapshotCounts, SnapshotError<std::convert::Infallible>> {
+        self.view.counts().map_err(ExportError::Store)
+    }
+
+    /// Record count and content digest, as [`Engine::digest`].
+    pub fn digest(&self) -> Result<(u64, u32), SnapshotError<std::convert::Infallible>> {
+        self.view.digest().map_err(ExportError::Store)
+    }
+}
+
+/// A journal segment closed by rotation.
+#[derive(Clone, Debug, Serialize)]
+pub struct RotatedSegment {
+    pub closed: PathBuf,
+    pub last_lsn: u64,
+}
+
+/// The flush-and-lock state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LockStatus {
+    pub locked: bool,
+    pub owner: Option<String>,
+    pub depth: u32,
+    pub expires_in_ms: Option<u64>,
+}
+
+/// Where rollback finds the history it needs.
+pub trait HistorySource: Send + Sync {
+    /// Journal frames with `from <= lsn <= to`, in order.
+    fn frames(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Box<dyn Iterator<Item = Result<OwnedFrame, ScanError>> + '_>, String>;
+    /// Builds, in the empty directory `scratch`, a data directory holding the
+    /// state at `lsn` (a point-in-time restore).
+    fn restore_to(&self, lsn: u64, scratch: &Path) -> Result<(), String>;
+}
+
+/// History from the live journal alone: enough when it still starts at
+/// LSN 1 (no backup has archived any of it).
+pub struct LiveJournalHistory {
+    pub journal_dir: PathBuf,
+}
+
+impl HistorySource for LiveJournalHistory {
+    fn frames(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Box<dyn Iterator<Item = Result<OwnedFrame, ScanError>> + '_>, String> {
+        let (segs, _) =
+            crate::journal::scan::list_segments(&self.journal_dir).map_err(|e| e.to_string())?;
+        if let Some(first) = segs.first()
+            && first.header.first_lsn > from
+        {
+            return Err(format!(
+                "the live journal starts at LSN {}, after {from}: the history is in backup archives",
+                first.header.first_lsn
+            ));
+        }
+        Ok(Box::new(crate::journal::scan::EntryIter::new(
+            segs, from, to,
+        )))
+    }
+
+    fn restore_to(&self, lsn: u64, scratch: &Path) -> Result<(), String> {
+        let (segs, _) =
+            crate::journal::scan::list_segments(&self.journal_dir).map_err(|e| e.to_string())?;
+        let first = segs.first().ok_or("the journal is empty")?;
+        if first.header.first_lsn != 1 {
+            return Err(format!(
+                "the live journal starts at LSN {}: restore from backups instead",
+                first.header.first_lsn
+            ));
+        }
+        let mut b = DataFileBuilder::create(scratch, first.header.db_id, first.header.epoch, 0)
+            .map_err(|e| e.to_string())?;
+        for f in crate::journal::scan::EntryIter::new(segs, 1, lsn) {
+            b.integrate(&f.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        }
+        b.finish(None).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// What an online rollback did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RollbackReport {
+    pub to_lsn: u64,
+    /// The journal end when the rollback was planned.
+    pub from_lsn: u64,
+    /// LSN of the compensating transaction's commit (0 if nothing changed).
+    pub lsn: u64,
+    pub keys_restored: u64,
+    pub keys_deleted: u64,
+    pub keys_unchanged: u64,
+    /// BLOBs written after `to_lsn` (not rolled back; listed for the operator).
+    pub blobs_not_rolled_back: Vec<String>,
+}
+
+/// Rollback plans against current versions; a concurrent write to one of the
+/// keys makes it plan again, at most this many times.
+const ROLLBACK_ATTEMPTS: usize = 3;
+
+impl Engine {
+    /// The backup barrier (see the module doc). `number` is the backup's
+    /// number, journaled in the marker.
+    pub async fn backup_barrier(&self, number: u32) -> Result<BackupPoint, WriteError> {
+        self.call(|reply| Request::Barrier { number, reply }).await
+    }
+
+    /// Closes the open journal segment and starts a new one. Answers the
+    /// closed segment, or `None` if the open segment is still empty.
+    pub async fn rotate_journal(&self) -> Result<Option<RotatedSegment>, WriteError> {
+        self.call(|reply| Request::Rotate { reply }).await
+    }
+
+    /// Deletes closed live segments all of whose entries are <= `upto_lsn`
+    /// (once they are archived durably). Never the open segment, never
+    /// anything the data file's checkpoint still needs.
+    pub fn drop_segments_upto(&self, upto_lsn: u64) -> std::io::Result<Vec<PathBuf>> {
+        let dir = self.journal_dir();
+        let (segs, _) = crate::journal::scan::list_segments(&dir)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let checkpoint = self.status().checkpoint_lsn;
+        let limit = upto_lsn.min(checkpoint);
+        let mut dropped = Vec::new();
+        // A segment's last LSN is the next segment's first minus one; the
+        // last segment (the open one) is never dropped.
+        for pair in segs.windows(2) {
+            let last_of_this = pair[1].header.first_lsn.saturating_sub(1);
+            if last_of_this <= limit {
+                std::fs::remove_file(&pair[0].path)?;
+                dropped.push(pair[0].path.clone());
+            } else {
+                break;
+            }
+        }
+        if !dropped.is_empty() {
+            std::fs::File::open(&dir)?.sync_all()?;
+        }
+        Ok(dropped)
+    }
+
+    /// Journals a named restore point.
+    pub async fn restore_point(
+        &self,
+        session: SessionId,
+        name: &str,
+    ) -> Result<WriteAck, WriteError> {
+        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+            return Err(crate::model::InvalidInput::Other(
+                "a restore point name is 1..=256 bytes without control characters".into(),
+            )
+            .into());
+        }
+        let name = name.to_owned();
+        self.call(|reply| Request::RestorePoint {
+            session,
+            name,
+            reply,
+        })
+        .await
+    }
+
+    /// Flush-and-lock: flushes the data file, and holds every new write until
+    /// `unlock` (they wait up to their deadline, then `write_blocked`, and are
+    /// not applied). Re-entrant per owner; each call renews the lease; the
+    /// lock is released by itself when the lease lapses.
+    pub async fn lock(&self, owner: &str, lease: Duration) -> Result<LockStatus, WriteError> {
+        if owner.is_empty() || owner.len() > 128 {
+            return Err(crate::model::InvalidInput::Other(
+                "lock owner must be 1..=128 bytes".into(),
+            )
+            .into());
+        }
+        let owner = owner.to_owned();
+        self.call(|reply| Request::Lock {
+            owner,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    /// Releases one level of the owner's lock.
+    pub async fn unlock(&self, owner: &str) -> Result<LockStatus, WriteError> {
+        let owner = owner.to_owned();
+        self.call(|reply| Request::Unlock { owner, reply }).await
+    }
+
+    /// The lock state.
+    pub fn lock_status(&self) -> LockStatus {
+        self.inner
+            .shared
+            .lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Online rollback to `to_lsn` (DESIGN §6): every record touched after
+    /// it is put back to its value at `to_lsn` by one journaled compensating
+    /// transaction, so history stays readable and mirrors follow.
+    pub async fn rollback(
+        &self,
+        session: SessionId,
+        to_lsn: u64,
+        history: Arc<dyn HistorySource>,
+    ) -> Result<RollbackReport, WriteError> {
+        for attempt in 1..=ROLLBACK_ATTEMPTS {
+            let end = self.status().durable_lsn;
+            if to_lsn >= end {
+                return Err(crate::model::InvalidInput::Other(format!(
+                    "nothing to roll back: the journal ends at LSN {end}"
+                ))
+                .into());
+            }
+            let this = self.clone();
+            let h = history.clone();
+            let planned = tokio::task::spawn_blocking(move || this.plan_rollback(to_lsn, end, &*h))
+                .await
+                .map_err(|e| WriteError::Storage(e.to_string()))??;
+            let (ops, mut report) = planned;
+            if ops.is_empty() {
+                return Ok(report);
+            }
+            match self
+                .call(|reply| Request::Internal {
+                    session,
+                    ops,
+                    reply,
+                })
+                .await
+            {
+                Ok(ack) => {
+                    report.lsn = ack.lsn;
+                    tracing::info!(?report, "rollback applied");
+                    return Ok(report);
+                }
+                Err(WriteError::VersionConflict { .. }) if attempt < ROLLBACK_ATTEMPTS => {
+                    tracing::info!(
+                        attempt,
+                        "a key changed while rollback was planned; planning again"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(WriteError::WriteBlocked(
+            "rollback kept conflicting with concurrent writes".into(),
+        ))
+    }
+
+    fn plan_rollback(
+        &self,
+        to_lsn: u64,
+        end: u64,
+        history: &dyn HistorySource,
+    ) -> Result<(Vec<WriteOp>, RollbackReport), WriteError> {
+        let hist = |e: String| WriteError::Storage(format!("rollback history: {e}"));
+        let mut touched: BTreeMap<(String, String), ()> = BTreeMap::new();
+        let mut blobs = Vec::new();
+        for f in history.frames(to_lsn + 1, end).map_err(hist)? {
+            let f = f.map_err(|e| hist(e.to_string()))?;
+            match decode_op(f.payload()).map_err(|e| hist(e.to_string()))? {
+                Op::Put { table, key, .. } | Op::Delete { table, key, .. } => {
+                    touched.insert((table, key), ());
+                }
+                Op::BlobBegin { table, key, .. } | Op::BlobDelete { table, key, .. } => {
+                    blobs.push(format!("{table}/{key}"));
+                }
+                _ => {}
+            }
+        }
+        let scratch = self
+            .config()
+            .data_dir
+            .join("tmp")
+            .join(format!("rollback-{}", uuid::Uuid::new_v4().simple()));
+        let _cleanup = ScratchDir(scratch.clone());
+        history.restore_to(to_lsn, &scratch).map_err(hist)?;
+        let past = Store::open(&scratch.join(DATA_FILE), 16 << 20)
+            .and_then(|s| s.read())
+            .map_err(|e| hist(e.to_string()))?;
+        let now = self
+            .inner
+            .store
+            .read()
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        let mut ops = Vec::new();
+        let mut report = RollbackReport {
+            to_lsn,
+            from_lsn: end,
+            lsn: 0,
+            keys_restored: 0,
+            keys_deleted: 0,
+            keys_unchanged: 0,
+            blobs_not_rolled_back: blobs,
+        };
+        for (table, key) in touched.into_keys() {
+            let then = past.get(&table, &key).map_err(|e| hist(e.to_string()))?;
+            let current = now
+                .get(&table, &key)
+                .map_err(|e| WriteError::Storage(e.to_string()))?;
+            let cur_version = current.as_ref().map(|r| r.version).unwrap_or(0);
+            match (then, current) {
+                (None, None) => report.keys_unchanged += 1,
+                (Some(t), Some(c)) if t.value == c.value => report.keys_unchanged += 1,
+                (Some(t), _) => {
+                    report.keys_restored += 1;
+                    ops.push(WriteOp::Put {
+                        table,
+                        key,
+                        value: t.value,
+                        if_version: Some(cur_version),
+                    });
+                }
+                (None, Some(_)) => {
+                    report.keys_deleted += 1;
+                    ops.push(WriteOp::Delete {
+                        table,
+                        key,
+                        if_version: Some(cur_version),
+                    });
+                }
+            }
+        }
+        Ok((ops, report))
+    }
+}
+
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What [`DataFileBuilder::finish`] produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoredDataDir {
+    /// The last LSN whose effects the data directory holds.
+    pub last_lsn: u64,
+    pub epoch: u64,
+    pub records: u64,
+    pub entries_integrated: u64,
+}
+
+/// A BLOB being loaded from a snapshot.
+struct LoadingBlob {
+    table: String,
+    key: String,
+    version: u64,
+    size: u64,
+    blob_id: u64,
+    index: u32,
+}
+
+/// Builds a data directory from a snapshot and then journal frames: the
+/// core of restore, point-in-time recovery and `verify --restore`.
+pub struct DataFileBuilder {
+    data_dir: PathBuf,
+    store: Store,
+    applier: Option<Applier>,
+    replayer: Replayer,
+    db_id: [u8; 16],
+    epoch: u64,
+    last_lsn: u64,
+    in_txn_items: u64,
+    blob: Option<LoadingBlob>,
+    next_blob_id: u64,
+    records: u64,
+    entries: u64,
+}
+
+impl std::fmt::Debug for DataFileBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataFileBuilder")
+            .field("data_dir", &self.data_dir)
+            .field("last_lsn", &self.last_lsn)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: impl std::fmt::Display) -> OpenError {
+    OpenError::Store(e.to_string())
+}
+
+impl DataFileBuilder {
+    /// Creates `data_dir` (which must not hold a data file yet) with an
+    /// empty data file for database `db_id`, positioned after `base_lsn`.
+    pub fn create(
+        data_dir: &Path,
+        db_id: [u8; 16],
+        epoch: u64,
+        base_lsn: u64,
+    ) -> Result<Self, OpenError> {
+        let dd = |source| OpenError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(data_dir.join("journal")).map_err(dd)?;
+        let path = data_dir.join(DATA_FILE);
+        if path.exists() {
+            return Err(OpenError::DataDir {
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a data file already exists here",
+                ),
+            });
+        }
+        let store = Store::create(&path, 64 << 20, db_id, epoch).map_err(store_err)?;
+        let applier = store.begin_apply().map_err(store_err)?;
+        Ok(DataFileBuilder {
+            data_dir: data_dir.to_owned(),
+            store,
+            applier: Some(applier),
+            replayer: Replayer::after(base_lsn),
+            db_id,
+            epoch,
+            last_lsn: base_lsn,
+            in_txn_items: 0,
+            blob: None,
+            next_blob_id: RESTORED_BLOB_IDS,
+            records: 0,
+            entries: 0,
+        })
+    }
+
+    fn applier(&mut self) -> Result<&mut Applier, OpenError> {
+        self.in_txn_items += 1;
+        if self.in_txn_items >= BUILD_TXN_ITEMS {
+            if let Some(a) = self.applier.take() {
+                a.commit().map_err(store_err)?;
+            }
+            self.in_txn_items = 0;
+        }
+        if self.applier.is_none() {
+            self.applier = Some(self.store.begin_apply().map_err(store_err)?);
+        }
+        self.applier
+            .as_mut()
+            .ok_or_else(|| OpenError::Store("no data-file transaction".into()))
+    }
+
+    /// Loads one snapshot item.
+    pub fn add_item(&mut self, item: SnapshotItem) -> Result<(), OpenError> {
+        match item {
+            SnapshotItem::Table { name, journaled } => self
+                .applier()?
+                .set_table(&name, journaled)
+                .map_err(store_err),
+            SnapshotItem::Record {
+                table,
+                key,
+                version,
+                value,
+            } => {
+                self.records += 1;
+                self.applier()?
+                    .put(&table, &key, &value, version)
+                    .map_err(store_err)
+            }
+            SnapshotItem::BlobStart {
+                table,
+                key,
+                version,
+                size,
+            } => {
+                let blob_id = self.next_blob_id;
+                self.next_blob_id += 1;
+                self.blob = Some(LoadingBlob {
+                    table,
+                    key,
+                    version,
+                    size,
+                    blob_id,
+                    index: 0,
+                });
+                Ok(())
+            }
+            SnapshotItem::BlobChunk { bytes } => {
+                let (blob_id, index) = match self.blob.as_mut() {
+                    Some(b) => {
+                        b.index += 1;
+                        (b.blob_id, b.index - 1)
+                    }
+                    None => {
+                        return Err(OpenError::Store(
+                            "BLOB chunk outside a BLOB in the snapshot".into(),
+                        ));
+                    }
+                };
+                self.applier()?
+                    .stage_chunk(blob_id, index, &bytes)
+                    .map_err(store_err)
+            }
+            SnapshotItem::BlobEnd => {
+                let b = self.blob.take().ok_or_else(|| {
+                    OpenError::Store("BLOB end without a BLOB in the snapshot".into())
+                })?;
+                let meta = BlobMeta {
+                    blob_id: b.blob_id,
+                    size: b.size,
+                    version: b.version,
+                };
+                self.applier()?
+                    .link_blob(&b.table, &b.key, meta)
+                    .map_err(store_err)
+            }
+        }
+    }
+
+    /// Integrates the next journal frame (LSNs must continue densely).
+    pub fn integrate(&mut self, frame: &OwnedFrame) -> Result<(), OpenError> {
+        let h = frame.header;
+        let corrupt = |reason: String| OpenError::JournalCorrupt {
+            segment: PathBuf::from("(journal being integrated)"),
+            offset: 0,
+            reason,
+            hint: "check the backup set and journal archives with `mirrordb verify`".into(),
+        };
+        if h.lsn != self.last_lsn + 1 {
+            return Err(corrupt(format!(
+                "LSN gap while integrating: expected {}, found {}",
+                self.last_lsn + 1,
+                h.lsn
+            )));
+        }
+        if h.epoch < self.epoch {
+            return Err(corrupt(format!(
+                "epoch goes back from {} to {} at LSN {}",
+                self.epoch, h.epoch, h.lsn
+            )));
+        }
+        let op = decode_op(frame.payload())
+            .map_err(|e| corrupt(format!("entry {} does not decode: {e}", h.lsn)))?;
+        self.epoch = h.epoch;
+        self.last_lsn = h.lsn;
+        self.entries += 1;
+        self.applier()?;
+        let a = self
+            .applier
+            .as_mut()
+            .ok_or_else(|| OpenError::Store("no data-file transaction".into()))?;
+        self.replayer.apply(a, h.lsn, op).map_err(store_err)
+    }
+
+    /// The last integrated LSN and the epoch.
+    pub fn position(&self) -> (u64, u64) {
+        (self.last_lsn, self.epoch)
+    }
+
+    /// The database id.
+    pub fn db_id(&self) -> [u8; 16] {
+        self.db_id
+    }
+
+    /// Finishes: an open transaction at the end is not applied, the data
+    /// file is flushed with its checkpoint, and a fresh journal segment is
+    /// created after the last complete LSN, stamped `new_epoch` if given.
+    pub fn finish(mut self, new_epoch: Option<u64>) -> Result<RestoredDataDir, OpenError> {
+        let mut a = match self.applier.take() {
+            Some(a) => a,
+            None => self.store.begin_apply().map_err(store_err)?,
+        };
+        self.replayer.abort_open(&mut a).map_err(store_err)?;
+        a.sweep_orphan_chunks().map_err(store_err)?;
+        let epoch = new_epoch.unwrap_or(self.epoch).max(self.epoch);
+        a.set_epoch(epoch).map_err(store_err)?;
+        let last = self.replayer.complete_lsn();
+        a.commit_durable(last).map_err(store_err)?;
+        let journal_dir = self.data_dir.join("journal");
+        JournalWriter::create(
+            Arc::new(crate::journal::disk::RealDisk),
+            &journal_dir,
+            self.db_id,
+            epoch,
+            last + 1,
+            64 << 20,
+        )
+        .map_err(|source| OpenError::JournalIo {
+            path: journal_dir.clone(),
+            source,
+        })?;
+        let records = self
+            .store
+            .read()
+            .and_then(|v| v.counts())
+            .map_err(store_err)?
+            .records;
+        Ok(RestoredDataDir {
+            last_lsn: last,
+            epoch,
+            records,
+            entries_integrated: self.entries,
+        })
+    }
+}
