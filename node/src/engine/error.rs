@@ -37,6 +37,10 @@ pub enum WriteError {
     Storage(String),
     #[error("reading the request body failed: {0}")]
     Body(String),
+    #[error("replication: {0}")]
+    Replication(String),
+    #[error("refused entries of epoch {got}: this node has seen epoch {seen} (fenced)")]
+    StaleEpoch { got: u64, seen: u64 },
 }
 
 impl WriteError {
@@ -53,6 +57,8 @@ impl WriteError {
             WriteError::Closed => "shutting_down",
             WriteError::Storage(_) => "storage_error",
             WriteError::Body(_) => "invalid_request",
+            WriteError::Replication(_) => "replication_error",
+            WriteError::StaleEpoch { .. } => "stale_epoch",
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod backup;
 pub mod error;
 pub mod recovery;
 pub mod replay;
+pub mod replica;
 pub mod store;
 mod writer;
 
@@ -23,6 +24,7 @@ pub use backup::{
 };
 pub use error::{OpenError, ReadError, WriteError};
 pub use recovery::{RecoveryAction, RecoveryReport};
+pub use replica::{ReadFramesError, ReplicaPosition, Role};
 pub use store::ScanPage;
 
 use crate::journal::disk::{Disk, RealDisk};
@@ -62,6 +64,9 @@ pub struct EngineConfig {
     pub session_idle: Duration,
     pub write_timeout: Duration,
     pub disk: Arc<dyn Disk>,
+    /// The role at start. A mirror journals nothing of its own (not even at
+    /// recovery): its journal is byte-identical to its primary's.
+    pub role: replica::Role,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -94,6 +99,7 @@ impl EngineConfig {
             session_idle: Duration::from_secs(60),
             write_timeout: Duration::from_secs(5),
             disk: Arc::new(RealDisk),
+            role: replica::Role::Primary,
         }
     }
 }
@@ -106,6 +112,8 @@ pub(crate) struct Shared {
     pub dirty_bytes: AtomicU64,
     pub journal_error: Mutex<Option<String>>,
     pub durable_tx: watch::Sender<u64>,
+    pub role: Mutex<replica::Role>,
+    pub epoch: AtomicU64,
     pub lock: Mutex<backup::LockStatus>,
     pub sessions: Mutex<HashMap<ClientIdentity, SessionId>>,
 }
@@ -131,7 +139,6 @@ struct Inner {
     cfg: EngineConfig,
     report: RecoveryReport,
     db_id: String,
-    epoch: u64,
     // Declared after `tx`: fields drop in order, so the channel is closed
     // first and the writer can finish before it is joined.
     writer: WriterThread,
@@ -216,10 +223,11 @@ impl Engine {
             durable_tx,
             sessions: Mutex::new(HashMap::new()),
             lock: Mutex::new(backup::LockStatus::default()),
+            role: Mutex::new(cfg.role.clone()),
+            epoch: AtomicU64::new(rec.journal.epoch()),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);
-        let epoch = rec.journal.epoch();
         let db_id = rec.report.db_id.clone();
         let writer = Writer {
             journal: rec.journal,
@@ -236,6 +244,8 @@ impl Engine {
             unavailable: None,
             lock: None,
             held: Vec::new(),
+            role: cfg.role.clone(),
+            waiting_barriers: Vec::new(),
             unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
         };
         let handle = std::thread::Builder::new()
@@ -258,7 +268,6 @@ impl Engine {
                 shared,
                 report: rec.report,
                 db_id,
-                epoch,
                 cfg,
                 writer: WriterThread(Mutex::new(Some(handle))),
                 _lock: lock,
@@ -577,7 +586,7 @@ impl Engine {
             .clone();
         EngineStatus {
             db_id: self.inner.db_id.clone(),
-            epoch: self.inner.epoch,
+            epoch: s.epoch.load(Ordering::Acquire),
             last_lsn: durable,
             durable_lsn: durable,
             applied_lsn: s.applied_lsn.load(Ordering::Acquire),
@@ -680,3 +689,6 @@ mod tests;
 
 #[cfg(test)]
 mod backup_tests;
+
+#[cfg(test)]
+mod replica_tests;

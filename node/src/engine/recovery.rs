@@ -210,39 +210,46 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
     let epoch = meta.epoch.max(state.last_epoch).max(1);
     let mut journal = open_journal(cfg, &journal_dir, &state, meta.db_id, epoch, checkpoint)?;
 
-    // Close a transaction the journal ends inside, sweep orphans, mark the open.
+    // Close a transaction the journal ends inside, sweep orphans, mark the
+    // open. A mirror writes nothing of its own: the rest of an open
+    // transaction will come from its primary.
     let mut w = store
         .begin_apply()
         .map_err(|e| OpenError::Store(e.to_string()))?;
     let mut closing = Vec::new();
-    let aborted_txn_lsn = if replayer.in_txn() {
-        let lsn = journal.append(&Op::TxnAbort, now_us());
-        closing.push((lsn, Op::TxnAbort));
-        Some(lsn)
-    } else {
-        None
-    };
-    let open_op = Op::DataFileOpen {
-        node: cfg.node_name.clone(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-    };
-    let lsn = journal.append(&open_op, now_us());
-    closing.push((lsn, open_op));
-    journal
-        .write_out()
-        .and_then(|()| journal.sync())
-        .map_err(|source| OpenError::JournalIo {
-            path: journal.segment_path().to_owned(),
-            source,
-        })?;
+    let mut aborted_txn_lsn = None;
+    if cfg.role == super::replica::Role::Primary {
+        if replayer.in_txn() {
+            let lsn = journal.append(&Op::TxnAbort, now_us());
+            closing.push((lsn, Op::TxnAbort));
+            aborted_txn_lsn = Some(lsn);
+        }
+        let open_op = Op::DataFileOpen {
+            node: cfg.node_name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let lsn = journal.append(&open_op, now_us());
+        closing.push((lsn, open_op));
+        journal
+            .write_out()
+            .and_then(|()| journal.sync())
+            .map_err(|source| OpenError::JournalIo {
+                path: journal.segment_path().to_owned(),
+                source,
+            })?;
+    }
     for (lsn, op) in closing {
         replayer
             .apply(&mut w, lsn, op)
             .map_err(|e| OpenError::Store(e.to_string()))?;
     }
-    let orphans = w
-        .sweep_orphan_chunks()
-        .map_err(|e| OpenError::Store(e.to_string()))?;
+    // (A mirror inside a replicated BLOB transaction keeps its staged chunks.)
+    let orphans = if replayer.in_txn() {
+        0
+    } else {
+        w.sweep_orphan_chunks()
+            .map_err(|e| OpenError::Store(e.to_string()))?
+    };
     w.set_epoch(epoch)
         .map_err(|e| OpenError::Store(e.to_string()))?;
     let new_checkpoint = replayer.complete_lsn();

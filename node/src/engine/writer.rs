@@ -98,6 +98,15 @@ pub(crate) enum Request {
         owner: String,
         reply: Reply<LockStatus>,
     },
+    SetRole {
+        role: super::replica::Role,
+        reply: Reply<()>,
+    },
+    /// Frames from the primary (on a mirror).
+    AppendFrames {
+        frames: Vec<Vec<u8>>,
+        reply: Reply<super::replica::ReplicaPosition>,
+    },
     /// A write the node makes itself (rollback): no client size limits.
     Internal {
         session: SessionId,
@@ -122,6 +131,12 @@ impl Request {
                 | Request::RestorePoint { .. }
                 | Request::Internal { .. }
         )
+    }
+
+    /// Whether this is a client write, refused on a mirror. (A backup
+    /// barrier and a rotation are allowed there: backups may run on mirrors.)
+    fn is_client_write(&self) -> bool {
+        self.writes() && !matches!(self, Request::Barrier { .. } | Request::Rotate { .. })
     }
 }
 
@@ -195,6 +210,9 @@ pub(crate) struct Writer {
     pub lock: Option<LockState>,
     /// Writes waiting for the lock to be released.
     pub held: Vec<Envelope>,
+    pub role: super::replica::Role,
+    /// Backup barriers on a mirror waiting for a transaction boundary.
+    pub waiting_barriers: Vec<(u32, Reply<BackupPoint>)>,
 }
 
 impl Writer {
@@ -225,6 +243,15 @@ impl Writer {
         let mut stop = false;
         let now = Instant::now();
         for env in batch.drain(..) {
+            if env.req.is_client_write()
+                && let super::replica::Role::Mirror { primary_http } = &self.role
+            {
+                let e = WriteError::NotPrimary {
+                    primary_http: primary_http.clone(),
+                };
+                reply_err(env.req, e);
+                continue;
+            }
             if env.req.writes() {
                 if env.deadline <= now {
                     reply_err(env.req, blocked());
@@ -274,8 +301,14 @@ impl Writer {
                             stop = true;
                         }
                         Request::Barrier { number, reply } => {
-                            let r = self.barrier(number);
-                            let _ = reply.send(r);
+                            if self.is_mirror() && self.replayer.in_txn() {
+                                // The journal ends inside a replicated
+                                // transaction: snapshot at its end.
+                                self.waiting_barriers.push((number, reply));
+                            } else {
+                                let r = self.barrier(number);
+                                let _ = reply.send(r);
+                            }
                         }
                         Request::Rotate { reply } => {
                             let r = self.rotate();
@@ -292,6 +325,23 @@ impl Writer {
                         Request::Unlock { owner, reply } => {
                             let r = self.release_lock(&owner);
                             let _ = reply.send(r);
+                        }
+                        Request::SetRole { role, reply } => {
+                            tracing::info!(?role, "role changed");
+                            *self.shared.role.lock().unwrap_or_else(|p| p.into_inner()) =
+                                role.clone();
+                            self.role = role;
+                            let _ = reply.send(Ok(()));
+                        }
+                        Request::AppendFrames { frames, reply } => {
+                            let r = self.append_frames(frames);
+                            let _ = reply.send(r);
+                            if !self.replayer.in_txn() {
+                                for (number, reply) in std::mem::take(&mut self.waiting_barriers) {
+                                    let r = self.barrier(number);
+                                    let _ = reply.send(r);
+                                }
+                            }
                         }
                         _ => {}
                     }
@@ -945,16 +995,123 @@ impl Writer {
         }
     }
 
-    /// The backup barrier: marker, fsync, flush, rotate, snapshot.
+    /// Appends a primary's frames (already checksum-verified by the caller).
+    fn append_frames(
+        &mut self,
+        frames: Vec<Vec<u8>>,
+    ) -> Result<super::replica::ReplicaPosition, WriteError> {
+        use crate::journal::format::{decode_frame, decode_op};
+        if let Some(e) = self.journal_error() {
+            return Err(e);
+        }
+        if !matches!(self.role, super::replica::Role::Mirror { .. }) {
+            return Err(WriteError::Replication(
+                "this node is the primary; it does not take replicated entries".into(),
+            ));
+        }
+        // Check the whole batch before writing any of it.
+        let mut next = self.journal.next_lsn();
+        let mut epoch = self.journal.epoch();
+        let mut accepted = Vec::with_capacity(frames.len());
+        for bytes in frames {
+            let f = decode_frame(&bytes).map_err(|e| WriteError::Replication(e.to_string()))?;
+            let h = f.header;
+            if h.lsn < next {
+                continue; // a duplicate after a reconnect
+            }
+            if h.lsn != next {
+                return Err(WriteError::Replication(format!(
+                    "gap in replicated entries: expected LSN {next}, got {}",
+                    h.lsn
+                )));
+            }
+            if h.epoch < epoch {
+                return Err(WriteError::StaleEpoch {
+                    got: h.epoch,
+                    seen: epoch,
+                });
+            }
+            let op = decode_op(f.payload).map_err(|e| WriteError::Replication(e.to_string()))?;
+            epoch = h.epoch;
+            next += 1;
+            accepted.push((h, bytes, op));
+        }
+        let mut entries = Vec::with_capacity(accepted.len());
+        for (h, bytes, op) in accepted {
+            if h.epoch > self.journal.epoch() {
+                // A new epoch starts a new segment, so its header says so.
+                self.journal.write_out().map_err(|e| {
+                    self.mark_unavailable("journal write", &e);
+                    WriteError::JournalUnavailable(e.to_string())
+                })?;
+                if !self.journal.segment_is_empty() {
+                    self.journal
+                        .sync()
+                        .and_then(|()| self.journal.rotate().map(|_| ()))
+                        .map_err(|e| {
+                            self.mark_unavailable("journal rotation", &e);
+                            WriteError::JournalUnavailable(e.to_string())
+                        })?;
+                }
+                self.journal.set_epoch(h.epoch);
+                self.shared.epoch.store(h.epoch, Ordering::Release);
+            }
+            self.journal.append_frame(h.lsn, &bytes);
+            entries.push((h.lsn, op));
+        }
+        if !entries.is_empty() {
+            self.journal.write_out().map_err(|e| {
+                self.mark_unavailable("journal write", &e);
+                WriteError::JournalUnavailable(e.to_string())
+            })?;
+            let t = Instant::now();
+            self.journal.sync().map_err(|e| {
+                self.mark_unavailable("journal fdatasync", &e);
+                WriteError::JournalUnavailable(e.to_string())
+            })?;
+            metrics::histogram!("mirrordb_fsync_seconds").record(t.elapsed().as_secs_f64());
+            let last = self.journal.last_lsn();
+            self.shared.durable_lsn.store(last, Ordering::Release);
+            let _ = self.shared.durable_tx.send(last);
+            self.apply(entries, Vec::new()).map_err(|e| {
+                self.fail_store(&e);
+                WriteError::Storage(e.to_string())
+            })?;
+            self.after_batch();
+        }
+        Ok(super::replica::ReplicaPosition {
+            flushed_lsn: self.journal.last_lsn(),
+            applied_lsn: self.replayer.complete_lsn(),
+            epoch: self.journal.epoch(),
+        })
+    }
+
+    fn is_mirror(&self) -> bool {
+        matches!(self.role, super::replica::Role::Mirror { .. })
+    }
+
+    /// The backup barrier: marker, fsync, flush, rotate, snapshot. On a
+    /// mirror no marker is journaled (its journal stays identical to the
+    /// primary's) and S is the last replicated entry, at a transaction
+    /// boundary.
     fn barrier(&mut self, number: u32) -> Result<BackupPoint, WriteError> {
         let started = Instant::now();
-        self.journal_system(vec![Op::BackupMarker { number }])?;
+        if let Some(e) = self.journal_error() {
+            return Err(e);
+        }
+        if !self.is_mirror() {
+            self.journal_system(vec![Op::BackupMarker { number }])?;
+        }
         let lsn = self.journal.last_lsn();
         self.flush()?;
-        let closed = self.journal.rotate().map_err(|e| {
-            self.mark_unavailable("journal rotation", &e);
-            WriteError::JournalUnavailable(e.to_string())
-        })?;
+        let closed = if self.journal.segment_is_empty() {
+            self.journal.segment_path().to_owned()
+        } else {
+            self.journal.rotate().map_err(|e| {
+                self.mark_unavailable("journal rotation", &e);
+                WriteError::JournalUnavailable(e.to_string())
+            })?
+        };
         let view = self
             .store
             .read()
@@ -1129,6 +1286,12 @@ fn reply_err(req: Request, e: WriteError) {
             let _ = reply.send(Err(e));
         }
         Request::Lock { reply, .. } | Request::Unlock { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::SetRole { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::AppendFrames { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Request::OpenSession { reply, .. } => {

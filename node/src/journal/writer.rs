@@ -148,6 +148,14 @@ impl JournalWriter {
         lsn
     }
 
+    /// Buffers an entry frame received from a primary, byte for byte. The
+    /// caller has verified the frame and that `lsn` is the next LSN.
+    pub fn append_frame(&mut self, lsn: u64, frame: &[u8]) {
+        debug_assert_eq!(lsn, self.next_lsn, "replicated frames arrive densely");
+        self.buf.extend_from_slice(frame);
+        self.next_lsn = lsn + 1;
+    }
+
     /// Writes the buffered frames to the segment (not yet durable).
     pub fn write_out(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {

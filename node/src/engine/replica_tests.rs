@@ -1,0 +1,276 @@
+//! Tests of the engine's replication side: a mirror built from a primary's
+//! snapshot follows it frame by frame to identical content and identical
+//! journal bytes; duplicates are skipped; gaps, bad frames and older epochs
+//! are refused; a mirror refuses client writes; backups run on a mirror.
+
+use super::*;
+use crate::journal::scan::{self, EntryIter};
+use crate::model::WriteOp;
+
+fn cfg(dir: &Path) -> EngineConfig {
+    let mut c = EngineConfig::new(dir);
+    c.flush_interval = Duration::from_secs(3600);
+    c
+}
+
+fn put(key: &str, value: &str) -> WriteOp {
+    WriteOp::Put {
+        table: "t".into(),
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        if_version: None,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn mirror_cfg(dir: &Path) -> EngineConfig {
+    let mut c = cfg(dir);
+    c.role = Role::Mirror {
+        primary_http: Some("http://primary:7070".into()),
+    };
+    c
+}
+
+/// Seeds a mirror from the primary's snapshot (what reseed does).
+fn seed_mirror(primary: &Engine, rt: &tokio::runtime::Runtime, dir: &Path) -> Engine {
+    let point = rt.block_on(primary.backup_barrier(0)).unwrap();
+    let mut b = DataFileBuilder::create(dir, point.db_id, point.epoch, point.lsn).unwrap();
+    point.snapshot.for_each(|i| b.add_item(i)).unwrap();
+    b.finish(None).unwrap();
+    Engine::open(mirror_cfg(dir)).unwrap()
+}
+
+fn ship(
+    primary: &Engine,
+    mirror: &Engine,
+    rt: &tokio::runtime::Runtime,
+    batch: usize,
+) -> ReplicaPosition {
+    let mut pos = None;
+    loop {
+        let from = mirror.position().0 + 1;
+        let frames = primary.read_frames(from, batch, 1 << 20).unwrap();
+        if frames.is_empty() {
+            return pos.unwrap_or(ReplicaPosition {
+                flushed_lsn: from - 1,
+                applied_lsn: from - 1,
+                epoch: 0,
+            });
+        }
+        pos = Some(
+            rt.block_on(mirror.append_frames(frames.into_iter().map(|f| f.bytes).collect()))
+                .unwrap(),
+        );
+    }
+}
+
+#[test]
+fn a_mirror_follows_to_identical_content_and_journal_bytes() {
+    let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![put("before-seed", "1")])
+            .await
+            .unwrap();
+    });
+    let m = seed_mirror(&p, &rt, md.path());
+    assert_eq!(
+        m.position().0,
+        p.position().0,
+        "mirror starts at the seed point"
+    );
+    rt.block_on(async {
+        for i in 0..50 {
+            p.write(
+                SessionId::SYSTEM,
+                vec![put(&format!("k{i}"), &i.to_string())],
+            )
+            .await
+            .unwrap();
+        }
+        p.write(
+            SessionId::SYSTEM,
+            vec![put("a", "1"), put("b", "2"), put("c", "3")],
+        )
+        .await
+        .unwrap();
+        let data = vec![7u8; 3 * crate::model::BLOB_CHUNK_BYTES + 5];
+        let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from(data))]);
+        p.put_blob(SessionId::SYSTEM, "files", "f", body)
+            .await
+            .unwrap();
+    });
+    // Small batches split transactions across appends.
+    let pos = ship(&p, &m, &rt, 2);
+    assert_eq!(pos.flushed_lsn, p.position().0);
+    assert_eq!(pos.applied_lsn, pos.flushed_lsn);
+    assert_eq!(m.digest().unwrap(), p.digest().unwrap());
+    // The mirror's journal holds the primary's frames byte for byte.
+    let (ps, _) = scan::list_segments(&p.journal_dir()).unwrap();
+    let (ms, _) = scan::list_segments(&m.journal_dir()).unwrap();
+    let from = ms[0].header.first_lsn;
+    let pf: Vec<_> = EntryIter::new(ps, from, u64::MAX)
+        .map(|f| f.unwrap().bytes)
+        .collect();
+    let mf: Vec<_> = EntryIter::new(ms, from, u64::MAX)
+        .map(|f| f.unwrap().bytes)
+        .collect();
+    assert_eq!(pf, mf);
+}
+
+#[test]
+fn duplicates_are_skipped_and_gaps_bad_frames_and_old_epochs_refused() {
+    let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let m = seed_mirror(&p, &rt, md.path());
+    rt.block_on(async {
+        for i in 0..5 {
+            p.write(SessionId::SYSTEM, vec![put(&format!("k{i}"), "1")])
+                .await
+                .unwrap();
+        }
+    });
+    let start = m.position().0 + 1;
+    let frames: Vec<Vec<u8>> = p
+        .read_frames(start, 100, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    rt.block_on(async {
+        // Gap: skip the first frame.
+        let err = m.append_frames(frames[1..].to_vec()).await.unwrap_err();
+        assert_eq!(err.code(), "replication_error", "{err}");
+        assert_eq!(m.position().0, start - 1, "nothing of a refused batch is written");
+        // Bad checksum.
+        let mut bad = frames[0].clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert!(m.append_frames(vec![bad]).await.is_err());
+        // Apply two, then resend all: the duplicates are skipped.
+        m.append_frames(frames[..2].to_vec()).await.unwrap();
+        let pos = m.append_frames(frames.clone()).await.unwrap();
+        assert_eq!(pos.flushed_lsn, p.position().0);
+        // A frame of an older epoch than seen is refused (fencing).
+        let mut stale = Vec::new();
+        crate::journal::format::encode_frame(&mut stale, pos.flushed_lsn + 1, 0, 0, &crate::journal::format::encode_op(&crate::model::Op::TxnAbort));
+        let err = m.append_frames(vec![stale]).await.unwrap_err();
+        assert_eq!(err.code(), "stale_epoch", "{err}");
+        // Clients cannot write to a mirror; the primary takes no frames.
+        let err = m.write(SessionId::SYSTEM, vec![put("x", "1")]).await.unwrap_err();
+        assert!(matches!(&err, WriteError::NotPrimary { primary_http: Some(h) } if h == "http://primary:7070"), "{err}");
+        assert!(p.append_frames(frames).await.is_err());
+    });
+    assert_eq!(m.digest().unwrap(), p.digest().unwrap());
+}
+
+#[test]
+fn a_mirror_restarts_without_writing_and_resumes_inside_a_transaction() {
+    let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let m = seed_mirror(&p, &rt, md.path());
+    rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![put("a", "1"), put("b", "1")])
+            .await
+            .unwrap();
+    });
+    // Ship only the first half of the transaction, then restart the mirror.
+    let start = m.position().0 + 1;
+    let frames: Vec<Vec<u8>> = p
+        .read_frames(start, 2, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    rt.block_on(m.append_frames(frames)).unwrap();
+    let pos_before = m.position();
+    drop(m);
+    let m = Engine::open(mirror_cfg(md.path())).unwrap();
+    assert_eq!(
+        m.position(),
+        pos_before,
+        "a mirror journals nothing at start"
+    );
+    assert!(
+        m.get("t", "a").unwrap().is_none(),
+        "half a transaction is not visible"
+    );
+    ship(&p, &m, &rt, 100);
+    assert_eq!(m.digest().unwrap(), p.digest().unwrap());
+}
+
+#[test]
+fn backups_run_on_a_mirror_without_touching_its_journal() {
+    let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let m = seed_mirror(&p, &rt, md.path());
+    rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![put("a", "1"), put("b", "1")])
+            .await
+            .unwrap();
+        p.write(SessionId::SYSTEM, vec![put("c", "1")])
+            .await
+            .unwrap();
+    });
+    let start = m.position().0 + 1;
+    let frames: Vec<Vec<u8>> = p
+        .read_frames(start, 2, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    rt.block_on(m.append_frames(frames)).unwrap();
+    // Inside a transaction: the barrier waits for its end.
+    let waiting = {
+        let m = m.clone();
+        rt.spawn(async move { m.backup_barrier(1).await })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!waiting.is_finished());
+    ship(&p, &m, &rt, 100);
+    let point = rt.block_on(waiting).unwrap().unwrap();
+    assert_eq!(point.lsn, p.position().0);
+    assert_eq!(point.snapshot.digest().unwrap(), p.digest().unwrap());
+    // The mirror's journal still matches the primary's: shipping goes on.
+    rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![put("d", "1")])
+            .await
+            .unwrap();
+    });
+    ship(&p, &m, &rt, 100);
+    assert_eq!(m.digest().unwrap(), p.digest().unwrap());
+}
+
+#[test]
+fn read_frames_reports_compacted_history() {
+    let pd = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let point = rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![put("a", "1")])
+            .await
+            .unwrap();
+        p.backup_barrier(1).await.unwrap()
+    });
+    p.drop_segments_upto(point.lsn).unwrap();
+    assert!(matches!(
+        p.read_frames(1, 10, 1 << 20),
+        Err(ReadFramesError::Compacted { from: 1, .. })
+    ));
+    assert!(
+        p.read_frames(point.lsn + 1, 10, 1 << 20)
+            .unwrap()
+            .is_empty()
+    );
+}
