@@ -7,10 +7,14 @@
 //! free of datastore details and is testable with in-memory fakes.
 
 pub mod certs;
+pub mod driver;
 pub mod endpoint;
 pub mod frame;
 pub mod protocol;
+pub mod storage;
+pub mod testing;
 pub mod tls;
+pub mod tracker;
 pub mod types;
 
 pub use frame::{FramedEntry, Message};
