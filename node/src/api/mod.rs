@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! request ─► TraceLayer ─► track (metrics) ─► authorize (bearer token, role)
-//!        ─► handler: parse + check limits ─► Engine ─► JSON answer / ApiError
+//!        ─► routing ─► handler: parse + check limits ─► Engine ─► JSON answer / ApiError
 //! ```
 //!
 //! Handlers never trust request bytes: paths, headers, queries and bodies are
@@ -116,13 +116,16 @@ pub fn router(state: ApiState) -> Router {
                 .delete(blobs::delete_blob),
         )
         .route("/v1/transactions", post(records::transaction))
-        .route_layer(middleware::from_fn_with_state(
+        .route_layer(middleware::from_fn(tag_route))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Outside routing: unknown paths are refused before they are
+        // revealed as unknown.
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,
         ))
-        .route_layer(middleware::from_fn(track))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -139,17 +142,35 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-/// Records the request count and latency per route.
-async fn track(req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().as_str().to_owned();
+/// The route template a request matched, carried out in the response's
+/// extensions for [`track`] (which runs outside routing).
+#[derive(Clone, Debug)]
+struct RouteLabel(String);
+
+/// Copies the matched route template into the response.
+async fn tag_route(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+        .map(|p| p.as_str().to_owned());
+    let mut resp = next.run(req).await;
+    if let Some(r) = route {
+        resp.extensions_mut().insert(RouteLabel(r));
+    }
+    resp
+}
+
+/// Records the request count and latency per route (`unmatched` for
+/// unknown paths and requests refused before routing).
+async fn track(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
     let resp = next.run(req).await;
-    crate::metrics::record_http(&method, &route, resp.status().as_u16(), start.elapsed());
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("unmatched", |r| r.0.as_str());
+    crate::metrics::record_http(&method, route, resp.status().as_u16(), start.elapsed());
     resp
 }
 
