@@ -260,7 +260,7 @@ async fn do_read<S: JournalSource>(
         },
         ReadRequest::OpenSnapshot => match source.open_snapshot().await {
             Ok(s) => {
-                session.handle_snapshot_opened(s.lsn, s.epoch, s.total_bytes, now());
+                let _ = session.handle_snapshot_opened(s.lsn, s.epoch, s.total_bytes, now());
                 *snapshot = Some(s);
             }
             Err(e) => session.handle_read_failed(e.to_string()),

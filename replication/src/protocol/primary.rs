@@ -9,6 +9,11 @@ use crate::types::{Epoch, Lsn, NodeId};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// Most entry bytes asked for in one batch, whatever the configuration says,
+/// so a batch of several entries always fits in a frame (one entry alone may
+/// be larger, up to the entry limit).
+pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
 /// Limits and timings of a primary session.
 #[derive(Clone, Debug)]
 pub struct PrimaryConfig {
@@ -112,7 +117,11 @@ pub struct PrimarySession {
     /// Sent batches not yet covered by a flushed ack: (last lsn, bytes).
     in_flight: VecDeque<(Lsn, usize)>,
     in_flight_bytes: usize,
-    read_pending: bool,
+    /// The read handed to the driver and not yet answered.
+    pending: Option<ReadRequest>,
+    /// Reseeds offered in this session (a second one means the snapshot
+    /// does not reach the journal; offering it again would loop).
+    reseeds: u32,
     outbox: VecDeque<Message>,
     events: VecDeque<PrimaryEvent>,
     last_heard: Instant,
@@ -134,7 +143,8 @@ impl PrimarySession {
             applied_lsn: Lsn::ZERO,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
-            read_pending: false,
+            pending: None,
+            reseeds: 0,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             last_heard: now,
@@ -252,6 +262,12 @@ impl PrimarySession {
                 Ok(())
             }
             SubscribeDecision::NeedsReseed => {
+                self.reseeds += 1;
+                if self.reseeds > 1 {
+                    return Err(ProtocolError::Source(
+                        "the snapshot sent does not reach the journal; not reseeding again".into(),
+                    ));
+                }
                 self.push(
                     Message::NeedsReseed {
                         oldest_lsn: self.view.oldest_lsn,
@@ -315,23 +331,44 @@ impl PrimarySession {
         entries: Vec<FramedEntry>,
         now: Instant,
     ) -> Result<(), ProtocolError> {
-        self.read_pending = false;
+        let pending = self.pending.take();
         if !matches!(self.state, State::Streaming) {
             return Ok(());
+        }
+        let Some(ReadRequest::Entries {
+            max_entries,
+            max_bytes,
+            ..
+        }) = pending
+        else {
+            return self.source_failed("entries arrived that were not asked for".into());
+        };
+        if entries.len() > max_entries {
+            return self.source_failed(format!(
+                "read returned {} entries, asked at most {max_entries}",
+                entries.len()
+            ));
         }
         let mut expected = self.next_lsn;
         let mut bytes = 0;
         for e in &entries {
             if e.lsn != expected {
-                let err = ProtocolError::Source(format!(
+                return self.source_failed(format!(
                     "read returned entry {}, expected {expected}",
                     e.lsn
                 ));
-                self.close(err.clone());
-                return Err(err);
+            }
+            // Never ship a damaged frame: check it right after reading.
+            if let Err(err) = e.verify() {
+                return self.source_failed(format!("journal entry is damaged: {err}"));
             }
             expected = expected.next();
             bytes += e.wire_len();
+        }
+        if entries.len() > 1 && bytes > max_bytes {
+            return self.source_failed(format!(
+                "read returned {bytes} bytes, asked at most {max_bytes}"
+            ));
         }
         let Some(last) = entries.last().map(|e| e.lsn) else {
             return Ok(());
@@ -355,10 +392,20 @@ impl PrimarySession {
         epoch: Epoch,
         total_bytes: u64,
         now: Instant,
-    ) {
-        self.read_pending = false;
+    ) -> Result<(), ProtocolError> {
+        self.pending = None;
         if !matches!(self.state, State::SnapshotOpening) {
-            return;
+            return Ok(());
+        }
+        if lsn.next() < self.view.oldest_lsn || lsn > self.view.last_lsn {
+            return self.source_failed(format!(
+                "snapshot at {lsn} does not meet the journal ({}..={})",
+                self.view.oldest_lsn, self.view.last_lsn
+            ));
+        }
+        if total_bytes > super::MAX_SNAPSHOT_BYTES {
+            return self
+                .source_failed(format!("snapshot of {total_bytes} bytes is over the limit"));
         }
         self.push(
             Message::SnapshotBegin {
@@ -373,6 +420,7 @@ impl PrimarySession {
             crc: 0,
         };
         self.finish_snapshot_if_done(now);
+        Ok(())
     }
 
     /// The next piece of the snapshot has been read.
@@ -381,7 +429,7 @@ impl PrimarySession {
         bytes: Vec<u8>,
         now: Instant,
     ) -> Result<(), ProtocolError> {
-        self.read_pending = false;
+        self.pending = None;
         let State::Snapshot { remaining, crc } = &mut self.state else {
             return Ok(());
         };
@@ -411,7 +459,7 @@ impl PrimarySession {
     /// trimmed meanwhile): the session closes and the mirror will
     /// resubscribe.
     pub fn handle_read_failed(&mut self, reason: String) {
-        self.read_pending = false;
+        self.pending = None;
         let err = ProtocolError::Source(reason);
         self.outbox.push_back(Message::Refused {
             code: RefuseCode::Other,
@@ -460,7 +508,7 @@ impl PrimarySession {
     /// The next read the driver should perform, if any. Only one read is
     /// outstanding at a time, and only while the outbox is empty.
     pub fn poll_read(&mut self) -> Option<ReadRequest> {
-        if self.read_pending || !self.outbox.is_empty() {
+        if self.pending.is_some() || !self.outbox.is_empty() {
             return None;
         }
         let req = match self.state {
@@ -476,6 +524,7 @@ impl PrimarySession {
                     max_bytes: self
                         .cfg
                         .max_batch_bytes
+                        .min(MAX_BATCH_BYTES)
                         .min(self.cfg.max_in_flight_bytes - self.in_flight_bytes)
                         .max(1),
                 }
@@ -490,7 +539,7 @@ impl PrimarySession {
             },
             State::AwaitingSubscribe | State::Closed => return None,
         };
-        self.read_pending = true;
+        self.pending = Some(req.clone());
         Some(req)
     }
 
@@ -502,6 +551,12 @@ impl PrimarySession {
     /// The next event for the driver.
     pub fn poll_event(&mut self) -> Option<PrimaryEvent> {
         self.events.pop_front()
+    }
+
+    fn source_failed(&mut self, reason: String) -> Result<(), ProtocolError> {
+        let err = ProtocolError::Source(reason.clone());
+        self.handle_read_failed(reason);
+        Err(err)
     }
 
     fn push(&mut self, msg: Message, now: Instant) {

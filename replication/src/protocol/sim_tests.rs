@@ -195,7 +195,9 @@ impl Sim {
                             self.journal.history.last().unwrap().0,
                         );
                         let total = self.journal.snapshot.len() as u64;
-                        self.primary.handle_snapshot_opened(lsn, epoch, total, now);
+                        self.primary
+                            .handle_snapshot_opened(lsn, epoch, total, now)
+                            .unwrap();
                         self.snapshot_pos = 0;
                     }
                     ReadRequest::SnapshotChunk { max_bytes } => {
@@ -857,4 +859,103 @@ fn randomized_network_delays_keep_the_journals_identical() {
     }
     assert!(sim.run_until(20_000, Sim::caught_up), "seed {seed}");
     sim.assert_identical();
+}
+
+fn subscribed_primary(j: &Journal, last: u64, epoch: u64, t: Instant) -> PrimarySession {
+    let mut p = PrimarySession::new(small_batches(), j.view(), t);
+    p.handle_message(
+        Message::Subscribe {
+            node: NodeId::from("m1"),
+            db_id: if last == 0 { [0; 16] } else { DB },
+            last_lsn: Lsn(last),
+            last_epoch: Epoch(epoch),
+        },
+        t,
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn a_damaged_or_out_of_order_journal_read_is_never_shipped() {
+    let t = Instant::now();
+    let mut j = Journal::new();
+    j.append(5, 10);
+    // Damaged frame.
+    let mut p = subscribed_primary(&j, 0, 0, t);
+    assert!(matches!(p.poll_transmit(), Some(Message::Streaming { .. })));
+    let Some(ReadRequest::Entries { from_lsn, .. }) = p.poll_read() else {
+        panic!("expected a read");
+    };
+    let mut got = j.read(from_lsn, 8, 4096);
+    got[2].bytes[40] ^= 0xff;
+    assert!(matches!(
+        p.handle_entries(got, t),
+        Err(ProtocolError::Source(_))
+    ));
+    assert!(p.is_closed());
+    let sent: Vec<_> = std::iter::from_fn(|| p.poll_transmit()).collect();
+    assert!(sent.iter().all(|m| !matches!(m, Message::Entries { .. })));
+    // Out of order.
+    let mut p = subscribed_primary(&j, 0, 0, t);
+    p.poll_transmit();
+    p.poll_read().unwrap();
+    let mut got = j.read(Lsn(1), 8, 4096);
+    got.swap(0, 1);
+    assert!(p.handle_entries(got, t).is_err());
+    // More than asked for.
+    let mut p = subscribed_primary(&j, 0, 0, t);
+    p.poll_transmit();
+    p.poll_read().unwrap();
+    assert!(p.handle_entries(j.read(Lsn(1), 100, 1 << 20), t).is_ok());
+    let mut cfg_small = small_batches();
+    cfg_small.max_batch_entries = 2;
+    let mut p = PrimarySession::new(cfg_small, j.view(), t);
+    p.handle_message(
+        Message::Subscribe {
+            node: NodeId::from("m1"),
+            db_id: [0; 16],
+            last_lsn: Lsn(0),
+            last_epoch: Epoch(0),
+        },
+        t,
+    )
+    .unwrap();
+    p.poll_transmit();
+    p.poll_read().unwrap();
+    assert!(p.handle_entries(j.read(Lsn(1), 5, 1 << 20), t).is_err());
+}
+
+#[test]
+fn a_snapshot_that_does_not_reach_the_journal_is_not_sent_or_repeated() {
+    let t = Instant::now();
+    let mut j = Journal::new();
+    j.append(100, 10);
+    j.oldest = Lsn(61);
+    let mut p = subscribed_primary(&j, 0, 0, t);
+    assert!(matches!(
+        p.poll_transmit(),
+        Some(Message::NeedsReseed { .. })
+    ));
+    assert_eq!(p.poll_read(), Some(ReadRequest::OpenSnapshot));
+    // A snapshot at 40 leaves 41..=60 missing.
+    assert!(p.handle_snapshot_opened(Lsn(40), Epoch(1), 10, t).is_err());
+    assert!(p.is_closed());
+
+    // A good snapshot, then a resubscription that still needs one: refused
+    // rather than looping.
+    let mut p = subscribed_primary(&j, 0, 0, t);
+    p.poll_transmit();
+    p.poll_read();
+    p.handle_snapshot_opened(Lsn(60), Epoch(1), 0, t).unwrap();
+    let sent: Vec<_> = std::iter::from_fn(|| p.poll_transmit()).collect();
+    assert!(matches!(sent.last(), Some(Message::SnapshotEnd { .. })));
+    let again = Message::Subscribe {
+        node: NodeId::from("m1"),
+        db_id: DB,
+        last_lsn: Lsn(10),
+        last_epoch: Epoch(1),
+    };
+    assert!(p.handle_message(again, t).is_err());
+    assert!(p.is_closed());
 }
