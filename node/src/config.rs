@@ -355,7 +355,7 @@ impl fmt::Debug for TokenConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSection {
     /// A write that has not been acknowledged after this long is answered
-    /// `write_blocked`.
+    /// `write_blocked` (it may still be applied afterwards).
     pub write_timeout: ConfigDuration,
     /// Largest JSON request body (a record or a transaction). Records are
     /// further limited to 16 MiB and transactions to 64 MiB of values.

@@ -624,6 +624,7 @@ async fn blobs_stream_byte_exact() {
     assert_eq!(r.status(), StatusCode::OK);
     let ack: Value = r.json().await.unwrap();
     let version = ack["version"].as_u64().unwrap();
+    assert_eq!(ack["size"], data.len(), "{ack}");
     let r = c
         .get(n.url("/v1/tables/files/blobs/img/1.bin"))
         .send()
@@ -650,6 +651,10 @@ async fn blobs_stream_byte_exact() {
         .await
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(&format!("\"size\":{}", data.len())),
+        "{answer}"
+    );
     let got = c
         .get(n.url("/v1/tables/files/blobs/streamed"))
         .send()

@@ -17,7 +17,10 @@ use axum::extract::Path;
 use axum::extract::rejection::PathRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Serialize)]
 struct BlobAnswer {
@@ -51,15 +54,19 @@ pub async fn put_blob(
         return Err(ApiError::too_large(Some(len), MAX_BLOB_BYTES));
     }
     let session = st.session(&caller).await?;
-    let ack = st
-        .engine()
-        .put_blob(session, &table, &key, body.into_data_stream())
-        .await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let stream = body.into_data_stream().inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            counter.fetch_add(c.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let ack = st.engine().put_blob(session, &table, &key, stream).await?;
     let version = ack.versions.first().copied().unwrap_or(ack.lsn);
     let mut resp = json_ok(&BlobAnswer {
         lsn: ack.lsn,
         version,
-        size: declared,
+        size: Some(received.load(Ordering::Relaxed)),
     });
     if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
         resp.headers_mut().insert(header::ETAG, v);
