@@ -17,13 +17,14 @@
 //!  best: highest (epoch, flushed_lsn), then lowest name
 //! ```
 //!
-//! Switchover (planned, zero loss):
+//! Switchover (planned, zero loss), recorded in the replicated state so that
+//! it survives a change of Raft leader:
 //!
 //! ```text
-//!  FenceWrites(primary) ─► handle_fenced(last_lsn) ─► target.flushed ≥ last_lsn
-//!   ─► Propose(Demote), Propose(Promote{target, epoch+1, last_lsn+1})
-//!   ─► applied ─► BecomeMirror(old primary)
-//!  (timeout before the promotion ─► UnfenceWrites(primary), aborted)
+//!  Propose(BeginSwitchover{to}) ─► (primary's driver holds writes)
+//!   ─► SwitchoverFenced{last_lsn} applied ─► target.flushed ≥ last_lsn
+//!   ─► Propose(Promote{to, epoch+1, last_lsn+1})  (no lease wait: handover)
+//!  past the deadline ─► Propose(EndSwitchover) ─► the primary writes again
 //! ```
 //!
 //! Choices the design left open:
@@ -157,7 +158,8 @@ pub enum Status {
         /// Where it is.
         phase: SwitchoverPhase,
     },
-    /// A switchover gave up; the old primary writes again.
+    /// A switchover passed its deadline; it is being ended and the primary
+    /// will write again.
     SwitchoverAborted {
         /// Its target.
         target: NodeId,
@@ -192,46 +194,22 @@ impl fmt::Display for Status {
 /// The steps of a planned switchover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwitchoverPhase {
-    /// Waiting for the primary to confirm it holds writes.
+    /// Waiting for the primary to hold writes and record its last LSN.
     Fencing,
     /// Waiting for the target to flush up to the primary's last LSN.
     CatchingUp {
         /// The primary's last LSN.
         last_lsn: Lsn,
     },
-    /// Demote and Promote proposed; waiting for them to apply.
+    /// The promotion was proposed; waiting for it to apply.
     Promoting,
 }
 
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Propose this command through Raft (`client_write`).
+    /// Propose this command through Raft (`client_write`), in order.
     Propose(ClusterCommand),
-    /// Ask the primary to hold new writes and report its last LSN
-    /// ([`Controller::handle_fenced`]).
-    FenceWrites {
-        /// The primary.
-        node: NodeId,
-        /// Its epoch.
-        epoch: Epoch,
-    },
-    /// Let the primary take writes again (aborted switchover).
-    UnfenceWrites {
-        /// The primary.
-        node: NodeId,
-        /// Its epoch.
-        epoch: Epoch,
-    },
-    /// Tell the old primary to follow the new one.
-    BecomeMirror {
-        /// The old primary.
-        node: NodeId,
-        /// The new primary.
-        of: NodeId,
-        /// The new epoch.
-        epoch: Epoch,
-    },
     /// The status changed (log it, expose it).
     Status(Status),
 }
@@ -262,15 +240,6 @@ pub enum SwitchoverError {
     NoCandidate,
 }
 
-#[derive(Clone, Debug)]
-struct Switchover {
-    from: NodeId,
-    target: NodeId,
-    epoch: Epoch,
-    phase: SwitchoverPhase,
-    started_ms: u64,
-}
-
 /// The failover controller state machine.
 #[derive(Debug)]
 pub struct Controller {
@@ -284,7 +253,8 @@ pub struct Controller {
     known_lsn: Lsn,
     /// A proposed promotion: (new epoch, proposed at).
     inflight: Option<(Epoch, u64)>,
-    switchover: Option<Switchover>,
+    /// A proposed BeginSwitchover or EndSwitchover: (epoch, proposed at).
+    switchover_inflight: Option<(Epoch, u64)>,
     status: Status,
     actions: VecDeque<Action>,
 }
@@ -302,7 +272,7 @@ impl Controller {
             reports: BTreeMap::new(),
             known_lsn: Lsn::ZERO,
             inflight: None,
-            switchover: None,
+            switchover_inflight: None,
             status: Status::NotLeader,
             actions: VecDeque::new(),
         }
@@ -334,12 +304,12 @@ impl Controller {
         if is_leader && (!self.is_leader || term != self.term) {
             self.leader_since_ms = now_ms;
             self.inflight = None;
-            self.switchover = None;
+            self.switchover_inflight = None;
         }
         if !is_leader {
             self.actions.clear();
             self.inflight = None;
-            self.switchover = None;
+            self.switchover_inflight = None;
             self.status = Status::NotLeader;
         }
         self.is_leader = is_leader;
@@ -357,18 +327,12 @@ impl Controller {
         {
             self.inflight = None;
         }
-        if let Some(sw) = &self.switchover
-            && state.epoch != sw.epoch
-        {
-            let next = Epoch(sw.epoch.0.saturating_add(1));
-            if state.epoch == next && state.primary.as_ref() == Some(&sw.target) {
-                self.actions.push_back(Action::BecomeMirror {
-                    node: sw.from.clone(),
-                    of: sw.target.clone(),
-                    epoch: next,
-                });
-            }
-            self.switchover = None;
+        let switchover_changed = self
+            .state
+            .as_ref()
+            .is_none_or(|s| s.switchover.is_some() != state.switchover.is_some());
+        if switchover_changed {
+            self.switchover_inflight = None;
         }
         self.state = Some(state.clone());
     }
@@ -383,18 +347,6 @@ impl Controller {
         self.reports.insert(report.node.clone(), report);
     }
 
-    /// The primary confirms it holds writes; `last_lsn` is its last entry.
-    pub fn handle_fenced(&mut self, node: &NodeId, epoch: Epoch, last_lsn: Lsn, now_ms: u64) {
-        if let Some(sw) = &mut self.switchover
-            && sw.phase == SwitchoverPhase::Fencing
-            && sw.from == *node
-            && sw.epoch == epoch
-        {
-            sw.phase = SwitchoverPhase::CatchingUp { last_lsn };
-            self.handle_tick(now_ms);
-        }
-    }
-
     /// Starts a planned switchover to `target`, or to the best candidate.
     /// Returns the chosen target.
     pub fn handle_switchover(
@@ -405,10 +357,13 @@ impl Controller {
         if !self.is_leader {
             return Err(SwitchoverError::NotLeader);
         }
-        if self.switchover.is_some() {
+        let state = self.state.as_ref().ok_or(SwitchoverError::NoPrimary)?;
+        let proposed_recently = self
+            .switchover_inflight
+            .is_some_and(|(_, at)| now_ms < at.saturating_add(self.config.retry_after_ms));
+        if state.switchover.is_some() || proposed_recently {
             return Err(SwitchoverError::InProgress);
         }
-        let state = self.state.as_ref().ok_or(SwitchoverError::NoPrimary)?;
         let primary = state.primary.clone().ok_or(SwitchoverError::NoPrimary)?;
         if state.valid_lease(now_ms).is_none() {
             return Err(SwitchoverError::NoPrimary);
@@ -442,17 +397,14 @@ impl Controller {
                 .ok_or(SwitchoverError::NoCandidate)?,
         };
         let epoch = state.epoch;
-        self.actions.push_back(Action::FenceWrites {
-            node: primary.clone(),
-            epoch,
-        });
-        self.switchover = Some(Switchover {
-            from: primary,
-            target: target.clone(),
-            epoch,
-            phase: SwitchoverPhase::Fencing,
-            started_ms: now_ms,
-        });
+        self.actions
+            .push_back(Action::Propose(ClusterCommand::BeginSwitchover {
+                to: target.clone(),
+                epoch,
+                now_ms,
+                timeout_ms: self.config.switchover_timeout_ms,
+            }));
+        self.switchover_inflight = Some((epoch, now_ms));
         self.set_status(Status::Switchover {
             target: target.clone(),
             phase: SwitchoverPhase::Fencing,
@@ -479,14 +431,11 @@ impl Controller {
         let lease_ok = state
             .valid_lease(now_ms.saturating_sub(self.config.failover_margin_ms))
             .is_some();
-        if self.switchover.is_some() {
-            if lease_ok || state.primary.is_none() {
-                self.drive_switchover(&state, now_ms);
-                return;
-            }
-            // The primary died during the switchover: fail over instead.
-            self.switchover = None;
+        if state.switchover.is_some() && lease_ok {
+            self.drive_switchover(&state, now_ms);
+            return;
         }
+        // (A switchover whose primary died: its lease lapses, fail over.)
         if let Some((epoch, at_ms)) = self.inflight {
             if now_ms < at_ms.saturating_add(self.config.retry_after_ms) {
                 return;
@@ -524,62 +473,59 @@ impl Controller {
     }
 
     fn drive_switchover(&mut self, state: &ClusterState, now_ms: u64) {
-        let Some(sw) = self.switchover.clone() else {
+        let Some(sw) = state.switchover.clone() else {
             return;
         };
-        if now_ms
-            > sw.started_ms
-                .saturating_add(self.config.switchover_timeout_ms)
-        {
-            // If the old primary is still primary (the Demote did not apply),
-            // it may write again. Otherwise there is no primary and the
-            // ordinary failover rules pick one from the next tick on.
-            if state.primary.as_ref() == Some(&sw.from) && state.epoch == sw.epoch {
-                self.actions.push_back(Action::UnfenceWrites {
-                    node: sw.from.clone(),
-                    epoch: sw.epoch,
-                });
+        let waiting = |at: u64| now_ms < at.saturating_add(self.config.retry_after_ms);
+        if now_ms > sw.deadline_ms {
+            if !self.switchover_inflight.is_some_and(|(_, at)| waiting(at)) {
+                self.actions
+                    .push_back(Action::Propose(ClusterCommand::EndSwitchover {
+                        epoch: sw.epoch,
+                    }));
+                self.switchover_inflight = Some((sw.epoch, now_ms));
             }
-            self.switchover = None;
             self.set_status(Status::SwitchoverAborted {
-                target: sw.target,
-                reason: format!("not done within {} ms", self.config.switchover_timeout_ms),
+                target: sw.to,
+                reason: format!("not done by its deadline {} ms", sw.deadline_ms),
             });
             return;
         }
-        if let SwitchoverPhase::CatchingUp { last_lsn } = sw.phase {
-            let caught_up = self
+        let Some(last_lsn) = sw.last_lsn else {
+            self.set_status(Status::Switchover {
+                target: sw.to,
+                phase: SwitchoverPhase::Fencing,
+            });
+            return;
+        };
+        let caught_up = self.is_fresh(&sw.to, now_ms)
+            && self
                 .reports
-                .get(&sw.target)
-                .is_some_and(|r| r.reachable && r.flushed_lsn >= last_lsn);
-            if caught_up {
-                let epoch = Epoch(sw.epoch.0.saturating_add(1));
-                self.actions
-                    .push_back(Action::Propose(ClusterCommand::Demote {
-                        node: sw.from.clone(),
-                        epoch: sw.epoch,
-                    }));
-                self.actions
-                    .push_back(Action::Propose(ClusterCommand::Promote {
-                        node: sw.target.clone(),
-                        epoch,
-                        first_lsn: last_lsn.next(),
-                        now_ms,
-                        lease_ttl_ms: self.config.lease_ttl_ms,
-                    }));
-                if let Some(s) = &mut self.switchover {
-                    s.phase = SwitchoverPhase::Promoting;
-                }
-                self.set_status(Status::Switchover {
-                    target: sw.target,
-                    phase: SwitchoverPhase::Promoting,
-                });
-                return;
-            }
+                .get(&sw.to)
+                .is_some_and(|r| r.flushed_lsn >= last_lsn);
+        if !caught_up {
+            self.set_status(Status::Switchover {
+                target: sw.to,
+                phase: SwitchoverPhase::CatchingUp { last_lsn },
+            });
+            return;
         }
+        if self.inflight.is_some_and(|(_, at)| waiting(at)) {
+            return;
+        }
+        let epoch = Epoch(sw.epoch.0.saturating_add(1));
+        self.actions
+            .push_back(Action::Propose(ClusterCommand::Promote {
+                node: sw.to.clone(),
+                epoch,
+                first_lsn: last_lsn.next(),
+                now_ms,
+                lease_ttl_ms: self.config.lease_ttl_ms,
+            }));
+        self.inflight = Some((epoch, now_ms));
         self.set_status(Status::Switchover {
-            target: sw.target,
-            phase: sw.phase,
+            target: sw.to,
+            phase: SwitchoverPhase::Promoting,
         });
     }
 
@@ -1098,8 +1044,24 @@ mod tests {
         );
     }
 
+    /// Applies `cmds` to `s` and feeds the result to `c`.
+    fn commit(c: &mut Controller, s: &mut ClusterState, cmds: &[ClusterCommand]) {
+        for cmd in cmds {
+            s.apply(cmd).unwrap();
+        }
+        c.handle_state(s);
+    }
+
+    fn fenced(last_lsn: u64) -> ClusterCommand {
+        ClusterCommand::SwitchoverFenced {
+            node: n("n1"),
+            epoch: Epoch(1),
+            last_lsn: Lsn(last_lsn),
+        }
+    }
+
     #[test]
-    fn switchover_runs_fence_catch_up_promote_demote() {
+    fn switchover_records_intent_waits_for_catch_up_then_hands_over() {
         let mut s = state();
         let mut c = leader(&s);
         c.handle_report(report("n2", 1, 90, 1500));
@@ -1109,47 +1071,42 @@ mod tests {
             c.handle_switchover(None, 1500),
             Err(SwitchoverError::InProgress)
         );
-        let a = drain(&mut c);
+        let cmds = proposals(&mut c);
         assert_eq!(
-            a[0],
-            Action::FenceWrites {
-                node: n("n1"),
-                epoch: Epoch(1)
+            cmds,
+            vec![ClusterCommand::BeginSwitchover {
+                to: n("n3"),
+                epoch: Epoch(1),
+                now_ms: 1500,
+                timeout_ms: 5000
+            }]
+        );
+        commit(&mut c, &mut s, &cmds);
+        c.handle_tick(1550);
+        assert_eq!(
+            c.status(),
+            &Status::Switchover {
+                target: n("n3"),
+                phase: SwitchoverPhase::Fencing
             }
         );
-        c.handle_fenced(&n("n1"), Epoch(1), Lsn(100), 1550);
+        // The primary's driver holds writes and records its last LSN.
+        commit(&mut c, &mut s, &[fenced(100)]);
         c.handle_tick(1600);
         assert!(proposals(&mut c).is_empty(), "target not caught up yet");
         c.handle_report(report("n3", 1, 100, 1650));
         c.handle_tick(1700);
         let cmds = proposals(&mut c);
-        assert_eq!(
-            cmds[0],
-            ClusterCommand::Demote {
-                node: n("n1"),
-                epoch: Epoch(1)
-            }
-        );
         assert_eq!(promoted(&cmds), Some((n("n3"), Epoch(2), Lsn(101))));
-        // The lease is still valid: only the Demote before it makes the
-        // Promote acceptable.
-        for cmd in &cmds {
-            s.apply(cmd).unwrap();
-        }
+        // The lease is still valid: the handover needs no wait.
+        commit(&mut c, &mut s, &cmds);
         s.check_invariants().unwrap();
-        c.handle_state(&s);
-        assert_eq!(
-            drain(&mut c),
-            vec![Action::BecomeMirror {
-                node: n("n1"),
-                of: n("n3"),
-                epoch: Epoch(2)
-            }]
-        );
+        assert_eq!(s.primary, Some(n("n3")));
+        assert!(s.switchover.is_none());
     }
 
     #[test]
-    fn switchover_target_checks_and_timeout_unfences() {
+    fn switchover_target_checks() {
         let s = state();
         let mut c = leader(&s);
         c.handle_report(report("n2", 1, 90, 1500));
@@ -1167,61 +1124,81 @@ mod tests {
             );
         }
         assert_eq!(c.handle_switchover(Some(n("n2")), 1500), Ok(n("n2")));
-        drain(&mut c);
-        c.handle_fenced(&n("n1"), Epoch(1), Lsn(100), 1600);
-        // The primary keeps renewing its lease while fenced; n2 never catches up.
-        let mut renewed = s.clone();
-        renewed
-            .apply(&ClusterCommand::RenewLease {
+    }
+
+    #[test]
+    fn switchover_past_its_deadline_is_ended() {
+        let mut s = state();
+        let mut c = leader(&s);
+        c.handle_report(report("n2", 1, 90, 1500));
+        c.handle_switchover(Some(n("n2")), 1500).unwrap();
+        let cmds = proposals(&mut c);
+        commit(&mut c, &mut s, &cmds);
+        commit(&mut c, &mut s, &[fenced(100)]);
+        // The primary keeps renewing its lease while it holds writes.
+        commit(
+            &mut c,
+            &mut s,
+            &[ClusterCommand::RenewLease {
                 node: n("n1"),
                 epoch: Epoch(1),
                 now_ms: 6000,
                 lease_ttl_ms: TTL,
-            })
-            .unwrap();
-        c.handle_state(&renewed);
+            }],
+        );
+        c.handle_report(report("n2", 1, 95, 6400));
         c.handle_tick(1500 + 5001);
-        let a = drain(&mut c);
-        assert!(a.contains(&Action::UnfenceWrites {
-            node: n("n1"),
-            epoch: Epoch(1)
-        }));
+        assert_eq!(
+            proposals(&mut c),
+            vec![ClusterCommand::EndSwitchover { epoch: Epoch(1) }]
+        );
         assert!(matches!(c.status(), Status::SwitchoverAborted { .. }));
+        // Not proposed twice while the first is on its way.
+        c.handle_tick(1500 + 5100);
+        assert!(proposals(&mut c).is_empty());
     }
 
     #[test]
-    fn switchover_stuck_after_demote_falls_back_to_failover() {
+    fn switchover_survives_a_change_of_leader() {
         let mut s = state();
         let mut c = leader(&s);
-        c.handle_report(report("n2", 1, 100, 1500));
+        c.handle_report(report("n2", 1, 90, 1500));
         c.handle_switchover(Some(n("n2")), 1500).unwrap();
-        c.handle_fenced(&n("n1"), Epoch(1), Lsn(100), 1600);
         let cmds = proposals(&mut c);
-        assert_eq!(cmds.len(), 2, "{cmds:?}");
-        // Only the Demote applies (the Promote was lost).
-        s.apply(&cmds[0]).unwrap();
-        c.handle_state(&s);
-        c.handle_report(report("n2", 1, 100, 1500 + 5000));
-        c.handle_tick(1500 + 5001);
-        let a = drain(&mut c);
-        assert!(
-            !a.iter().any(|x| matches!(x, Action::UnfenceWrites { .. })),
-            "the demoted primary must stay fenced: {a:?}"
+        commit(&mut c, &mut s, &cmds);
+        commit(&mut c, &mut s, &[fenced(100)]);
+        // A new leader knows the switchover from the applied state alone,
+        // and finishes it after its lease wait.
+        let mut next = Controller::new(config());
+        next.handle_state(&s);
+        next.handle_leadership(true, 2, 1700);
+        commit(
+            &mut next,
+            &mut s,
+            &[ClusterCommand::RenewLease {
+                node: n("n1"),
+                epoch: Epoch(1),
+                now_ms: 2600,
+                lease_ttl_ms: TTL,
+            }],
         );
-        c.handle_tick(1500 + 5002);
+        next.handle_report(report("n2", 1, 100, 2700));
+        next.handle_tick(2700);
         assert_eq!(
-            promoted(&proposals(&mut c)),
+            promoted(&proposals(&mut next)),
             Some((n("n2"), Epoch(2), Lsn(101)))
         );
     }
 
     #[test]
     fn primary_death_during_switchover_turns_into_failover() {
-        let mut c = leader(&state());
+        let mut s = state();
+        let mut c = leader(&s);
         c.handle_report(report("n2", 1, 90, 1500));
         c.handle_switchover(Some(n("n2")), 1500).unwrap();
-        drain(&mut c);
-        // No fence confirmation, no renewal: the lease lapses.
+        let cmds = proposals(&mut c);
+        commit(&mut c, &mut s, &cmds);
+        // No fence record, no renewal: the lease lapses.
         c.handle_report(report("n2", 1, 90, 2200));
         c.handle_tick(AFTER_LAPSE);
         assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));

@@ -70,11 +70,6 @@ enum Event {
     },
     Report(Report),
     ReportsDone,
-    Fenced {
-        node: NodeId,
-        epoch: Epoch,
-        last_lsn: Lsn,
-    },
 }
 
 /// What this node currently does, as far as the driver has told it.
@@ -145,6 +140,9 @@ pub struct Driver<T, R> {
     renew_inflight: bool,
     last_renew_ms: u64,
     self_fenced: bool,
+    /// Writes held for a switchover, with the last LSN written.
+    holding: Option<Lsn>,
+    last_switchover_proposal_ms: u64,
     reports_inflight: bool,
     last_reports_ms: u64,
 }
@@ -195,6 +193,8 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             renew_inflight: false,
             last_renew_ms: 0,
             self_fenced: false,
+            holding: None,
+            last_switchover_proposal_ms: 0,
             reports_inflight: false,
             last_reports_ms: 0,
         };
@@ -307,6 +307,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         match &state.primary {
             Some(p) if *p == self.name => {
                 if self.acting == Acting::Primary(state.epoch) {
+                    self.switchover_duties(state).await;
                     return;
                 }
                 let first_lsn = state.first_lsn_of(state.epoch).unwrap_or(Lsn(1));
@@ -315,6 +316,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                         tracing::info!(node = %self.name, epoch = %state.epoch, %first_lsn, "became primary");
                         self.acting = Acting::Primary(state.epoch);
                         self.self_fenced = false;
+                        self.holding = None;
                         // The grant from Promote is on the proposer's clock;
                         // renew at once to get a deadline on ours.
                         self.lease_until_ms = state
@@ -364,8 +366,75 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 }
                 self.self_fenced = true;
             }
+            self.holding = None;
             self.acting = Acting::Idle;
         }
+    }
+
+    /// The primary's part of a switchover recorded in the applied state:
+    /// hold writes and record the last LSN; write again only once the
+    /// switchover has been ended (then its promotion can no longer apply).
+    async fn switchover_duties(&mut self, state: &ClusterState) {
+        let now = self.now_ms();
+        let mine = state
+            .switchover
+            .as_ref()
+            .filter(|sw| sw.from == self.name && sw.epoch == state.epoch);
+        match (mine, self.holding) {
+            (Some(sw), None) => match self.role.fence_writes(sw.epoch).await {
+                Ok(last_lsn) => {
+                    tracing::info!(node = %self.name, to = %sw.to, %last_lsn, "holding writes for a switchover");
+                    self.self_fenced = true;
+                    self.holding = Some(last_lsn);
+                    self.last_switchover_proposal_ms = 0;
+                }
+                Err(e) => tracing::error!(node = %self.name, %e, "cannot hold writes; will retry"),
+            },
+            (Some(sw), Some(last_lsn)) => {
+                let due = now.saturating_sub(self.last_switchover_proposal_ms)
+                    >= self.timing.lease_renew_ms;
+                let cmd = if now > sw.deadline_ms {
+                    // Whoever runs the controller is gone or stuck: end it.
+                    Some(ClusterCommand::EndSwitchover { epoch: sw.epoch })
+                } else if sw.last_lsn.is_none() {
+                    Some(ClusterCommand::SwitchoverFenced {
+                        node: self.name.clone(),
+                        epoch: sw.epoch,
+                        last_lsn,
+                    })
+                } else {
+                    None
+                };
+                if let (true, Some(cmd)) = (due, cmd) {
+                    self.last_switchover_proposal_ms = now;
+                    self.spawn_proposal(cmd);
+                }
+            }
+            (None, Some(_)) => {
+                self.holding = None;
+                // Ended: no switchover promotion can apply any more. Write
+                // again if the lease is known valid, else after the next
+                // committed renewal.
+                if now < self.lease_until_ms {
+                    match self.role.unfence_writes(state.epoch).await {
+                        Ok(()) => self.self_fenced = false,
+                        Err(e) => tracing::error!(node = %self.name, %e, "unfence failed"),
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Proposes `cmd` in the background, logging the outcome.
+    fn spawn_proposal(&self, cmd: ClusterCommand) {
+        let (raft, transport, id) = (self.raft.clone(), self.transport.clone(), self.id);
+        let deadline = Duration::from_millis(self.timing.lease_ttl_ms);
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(deadline, propose(&raft, id, &*transport, cmd, deadline))
+                .await;
+            tracing::debug!(result = ?r, "proposal");
+        });
     }
 
     /// Lease renewal and self-fencing of the primary.
@@ -430,7 +499,10 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                         let until = proposed_at_ms.saturating_add(self.timing.lease_ttl_ms);
                         self.lease_until_ms = self.lease_until_ms.max(until);
                         self.role.lease_valid_until(epoch, self.lease_until_ms);
-                        if self.self_fenced && self.now_ms() < self.lease_until_ms {
+                        if self.self_fenced
+                            && self.holding.is_none()
+                            && self.now_ms() < self.lease_until_ms
+                        {
                             // Committed renewal: no promotion can have happened.
                             match self.role.unfence_writes(epoch).await {
                                 Ok(()) => self.self_fenced = false,
@@ -448,15 +520,6 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 self.reports_inflight = false;
                 let now = self.now_ms();
                 self.controller.handle_tick(now);
-                self.run_actions().await;
-            }
-            Event::Fenced {
-                node,
-                epoch,
-                last_lsn,
-            } => {
-                let now = self.now_ms();
-                self.controller.handle_fenced(&node, epoch, last_lsn, now);
                 self.run_actions().await;
             }
         }
@@ -541,64 +604,11 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                         tracing::warn!(node = %self.name, "proposal queue full; dropped");
                     }
                 }
-                Action::FenceWrites { node, epoch } => self.fence_remote(node, epoch, true).await,
-                Action::UnfenceWrites { node, epoch } => {
-                    self.fence_remote(node, epoch, false).await;
-                }
-                Action::BecomeMirror { node, of, epoch } => {
-                    // The old primary's own driver follows the applied state.
-                    tracing::info!(%node, %of, %epoch, "switchover done; old primary follows");
-                }
                 Action::Status(s) => {
                     tracing::info!(node = %self.name, status = %s, "failover status");
                     self.status_tx.send_replace(s);
                 }
             }
         }
-    }
-
-    async fn fence_remote(&mut self, node: NodeId, epoch: Epoch, fence: bool) {
-        if node == self.name {
-            if fence {
-                match self.role.fence_writes(epoch).await {
-                    Ok(last_lsn) => {
-                        let now = self.now_ms();
-                        self.controller.handle_fenced(&node, epoch, last_lsn, now);
-                    }
-                    Err(e) => tracing::error!(%e, "fence for switchover failed"),
-                }
-            } else if let Err(e) = self.role.unfence_writes(epoch).await {
-                tracing::error!(%e, "unfence failed");
-            }
-            return;
-        }
-        let Some(member) = self.state_rx.borrow().members.get(&node).cloned() else {
-            return;
-        };
-        let target = RaftNode {
-            name: node.clone(),
-            raft_addr: member.raft_addr,
-        };
-        let (transport, tx) = (self.transport.clone(), self.events_tx.clone());
-        let timeout = Duration::from_millis(self.timing.lease_ttl_ms);
-        tokio::spawn(async move {
-            let req = if fence {
-                ControlRequest::Fence { epoch }
-            } else {
-                ControlRequest::Unfence { epoch }
-            };
-            match call_control(&*transport, &target, req, timeout).await {
-                Ok(ControlReply::Fenced { last_lsn }) => {
-                    let _ = tx
-                        .send(Event::Fenced {
-                            node,
-                            epoch,
-                            last_lsn,
-                        })
-                        .await;
-                }
-                other => tracing::info!(%node, ?other, "fence/unfence reply"),
-            }
-        });
     }
 }

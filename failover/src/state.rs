@@ -13,7 +13,14 @@
 //!   AddMember ──► members            Promote{epoch+1} ──► primary, epoch,
 //!   RenewLease (primary, epoch) ──► lease       epoch_history, fresh lease
 //!   Demote / ReleaseLease ──► lease gone, a Promote may follow
+//!   BeginSwitchover ─► SwitchoverFenced{last_lsn} ─► Promote{to, last_lsn+1}
+//!                  └─► EndSwitchover (abort: the primary may write again)
 //! ```
+//!
+//! A switchover is recorded here, not only in the controller's memory, so it
+//! survives a change of Raft leader, and so that the primary can only resume
+//! writing after an `EndSwitchover` was applied, after which the
+//! switchover's promotion is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -96,6 +103,21 @@ pub struct LastFailover {
     /// Time from the old lease's expiry (or release) to the promotion; 0 when
     /// there was no lease.
     pub duration_ms: u64,
+}
+
+/// A planned switchover in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverIntent {
+    /// The primary handing over.
+    pub from: NodeId,
+    /// The data node taking over.
+    pub to: NodeId,
+    /// The epoch of `from`.
+    pub epoch: Epoch,
+    /// After this time (proposer's clock) the switchover is abandoned.
+    pub deadline_ms: u64,
+    /// Set by the primary once it holds writes: its last LSN.
+    pub last_lsn: Option<Lsn>,
 }
 
 /// Default `max_lag_on_failover` for `async` mode, in journal entries.
@@ -363,6 +385,32 @@ pub enum ClusterCommand {
         /// The primary's epoch.
         epoch: Epoch,
     },
+    /// Start a planned switchover from the current primary to `to`. The
+    /// primary then holds writes and answers with `SwitchoverFenced`.
+    BeginSwitchover {
+        /// The target, a data member other than the primary.
+        to: NodeId,
+        /// The primary's epoch.
+        epoch: Epoch,
+        /// The proposer's clock.
+        now_ms: u64,
+        /// How long the switchover may take.
+        timeout_ms: u64,
+    },
+    /// The primary holds writes; `last_lsn` is its last entry.
+    SwitchoverFenced {
+        /// The primary.
+        node: NodeId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// Its last LSN.
+        last_lsn: Lsn,
+    },
+    /// Abandon the switchover; the primary may write again once it sees this.
+    EndSwitchover {
+        /// The primary's epoch.
+        epoch: Epoch,
+    },
 }
 
 /// What an accepted command did.
@@ -450,6 +498,15 @@ pub enum Rejected {
     /// The policy is not allowed.
     #[error("invalid commit policy: {0}")]
     InvalidPolicy(String),
+    /// Another switchover is in progress.
+    #[error("a switchover to {0} is in progress")]
+    SwitchoverInProgress(NodeId),
+    /// There is no switchover to act on.
+    #[error("no switchover is in progress")]
+    NoSwitchover,
+    /// The switchover target cannot take over.
+    #[error("{0} cannot be a switchover target")]
+    BadSwitchoverTarget(NodeId),
 }
 
 /// What the state machine returns for each command.
@@ -476,6 +533,8 @@ pub struct ClusterState {
     pub degraded: Option<Degraded>,
     /// The last change of primary.
     pub last_failover: Option<LastFailover>,
+    /// A planned switchover in progress.
+    pub switchover: Option<SwitchoverIntent>,
 }
 
 impl ClusterState {
@@ -492,6 +551,9 @@ impl ClusterState {
                 }
                 self.members.remove(node);
                 self.sync_set.remove(node);
+                if self.switchover.as_ref().is_some_and(|sw| sw.to == *node) {
+                    self.switchover = None;
+                }
                 Ok(Applied::Ok)
             }
             ClusterCommand::SetNoFailover { node, nofailover } => {
@@ -541,6 +603,7 @@ impl ClusterState {
                 self.lease = None;
                 self.sync_set.clear();
                 self.degraded = None;
+                self.switchover = None;
                 Ok(Applied::Ok)
             }
             ClusterCommand::SetCommitPolicy { policy } => {
@@ -590,6 +653,54 @@ impl ClusterState {
                 self.degraded = None;
                 Ok(Applied::Ok)
             }
+            ClusterCommand::BeginSwitchover {
+                to,
+                epoch,
+                now_ms,
+                timeout_ms,
+            } => {
+                self.require_epoch(*epoch)?;
+                let from = self.primary.clone().ok_or(Rejected::NotPrimary {
+                    node: to.clone(),
+                    primary: None,
+                })?;
+                if let Some(sw) = &self.switchover {
+                    return Err(Rejected::SwitchoverInProgress(sw.to.clone()));
+                }
+                match self.members.get(to) {
+                    Some(m) if m.role == Role::Data && *to != from => {}
+                    Some(_) => return Err(Rejected::BadSwitchoverTarget(to.clone())),
+                    None => return Err(Rejected::UnknownMember(to.clone())),
+                }
+                self.switchover = Some(SwitchoverIntent {
+                    from,
+                    to: to.clone(),
+                    epoch: *epoch,
+                    deadline_ms: now_ms.saturating_add(*timeout_ms),
+                    last_lsn: None,
+                });
+                Ok(Applied::Ok)
+            }
+            ClusterCommand::SwitchoverFenced {
+                node,
+                epoch,
+                last_lsn,
+            } => {
+                self.require_primary(node, *epoch)?;
+                let sw = self.switchover.as_mut().ok_or(Rejected::NoSwitchover)?;
+                // The first report counts: the primary held writes from then.
+                if sw.last_lsn.is_none() {
+                    sw.last_lsn = Some(*last_lsn);
+                }
+                Ok(Applied::Ok)
+            }
+            ClusterCommand::EndSwitchover { epoch } => {
+                self.require_epoch(*epoch)?;
+                if self.switchover.take().is_none() {
+                    return Err(Rejected::NoSwitchover);
+                }
+                Ok(Applied::Ok)
+            }
         }
     }
 
@@ -631,7 +742,13 @@ impl ClusterState {
                 got: epoch,
             });
         }
+        // A switchover whose primary holds writes hands over without waiting
+        // for its lease: exactly to its target, right after its last LSN.
+        let handover = self.switchover.as_ref().is_some_and(|sw| {
+            sw.to == *node && sw.last_lsn.is_some_and(|last| last.next() == first_lsn)
+        });
         if let Some(l) = &self.lease
+            && !handover
             && l.holder != *node
             && l.expires_at_ms > now_ms
         {
@@ -671,6 +788,7 @@ impl ClusterState {
         // Which mirrors hold everything is unknown until the new primary says.
         self.sync_set.clear();
         self.degraded = None;
+        self.switchover = None;
         Ok(Applied::Promoted {
             node: node.clone(),
             epoch,
@@ -720,7 +838,9 @@ impl ClusterState {
     /// - `epoch_history` is strictly increasing in epoch and non-decreasing
     ///   in LSN, and its last epoch is `epoch` (empty only at epoch 0);
     /// - a lease is held by the primary in the current epoch;
-    /// - the sync set holds data members only, never the primary.
+    /// - the sync set holds data members only, never the primary;
+    /// - a switchover goes from the current primary in the current epoch to
+    ///   another data member.
     pub fn check_invariants(&self) -> Result<(), String> {
         if let Some(p) = &self.primary {
             match self.members.get(p) {
@@ -757,6 +877,15 @@ impl ClusterState {
             match self.members.get(n) {
                 Some(m) if m.role == Role::Data && self.primary.as_ref() != Some(n) => {}
                 _ => return Err(format!("{n} may not be in the sync set")),
+            }
+        }
+        if let Some(sw) = &self.switchover {
+            if Some(&sw.from) != self.primary.as_ref() || sw.epoch != self.epoch {
+                return Err(format!("switchover {sw:?} not from the current primary"));
+            }
+            match self.members.get(&sw.to) {
+                Some(m) if m.role == Role::Data && sw.to != sw.from => {}
+                _ => return Err(format!("switchover target {} invalid", sw.to)),
             }
         }
         Ok(())
@@ -1039,6 +1168,91 @@ mod tests {
     }
 
     #[test]
+    fn switchover_hands_over_without_waiting_for_the_lease() {
+        let mut s = cluster();
+        s.apply(&promote("n1", 1, 1, 0)).unwrap();
+        let begin = ClusterCommand::BeginSwitchover {
+            to: n("n2"),
+            epoch: Epoch(1),
+            now_ms: 100,
+            timeout_ms: 5000,
+        };
+        for (to, err) in [
+            ("w", Rejected::BadSwitchoverTarget(n("w"))),
+            ("n1", Rejected::BadSwitchoverTarget(n("n1"))),
+            ("x", Rejected::UnknownMember(n("x"))),
+        ] {
+            let mut cmd = begin.clone();
+            if let ClusterCommand::BeginSwitchover { to: t, .. } = &mut cmd {
+                *t = n(to);
+            }
+            assert_eq!(s.apply(&cmd), Err(err));
+        }
+        s.apply(&begin).unwrap();
+        assert_eq!(
+            s.apply(&begin),
+            Err(Rejected::SwitchoverInProgress(n("n2")))
+        );
+        // Before the primary holds writes, the lease still protects it.
+        assert!(matches!(
+            s.apply(&promote("n2", 2, 31, 200)),
+            Err(Rejected::LeaseValid { .. })
+        ));
+        assert!(matches!(
+            s.apply(&ClusterCommand::SwitchoverFenced {
+                node: n("n2"),
+                epoch: Epoch(1),
+                last_lsn: Lsn(30)
+            }),
+            Err(Rejected::NotPrimary { .. })
+        ));
+        s.apply(&ClusterCommand::SwitchoverFenced {
+            node: n("n1"),
+            epoch: Epoch(1),
+            last_lsn: Lsn(30),
+        })
+        .unwrap();
+        // Only the target, only right after the last LSN.
+        assert!(s.apply(&promote("n3", 2, 31, 200)).is_err());
+        assert!(s.apply(&promote("n2", 2, 35, 200)).is_err());
+        s.apply(&promote("n2", 2, 31, 200)).unwrap();
+        assert_eq!(s.primary, Some(n("n2")));
+        assert!(s.switchover.is_none());
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn ended_switchover_refuses_its_promotion() {
+        let mut s = cluster();
+        s.apply(&promote("n1", 1, 1, 0)).unwrap();
+        s.apply(&ClusterCommand::BeginSwitchover {
+            to: n("n2"),
+            epoch: Epoch(1),
+            now_ms: 100,
+            timeout_ms: 5000,
+        })
+        .unwrap();
+        s.apply(&ClusterCommand::SwitchoverFenced {
+            node: n("n1"),
+            epoch: Epoch(1),
+            last_lsn: Lsn(30),
+        })
+        .unwrap();
+        s.apply(&ClusterCommand::EndSwitchover { epoch: Epoch(1) })
+            .unwrap();
+        assert_eq!(
+            s.apply(&ClusterCommand::EndSwitchover { epoch: Epoch(1) }),
+            Err(Rejected::NoSwitchover)
+        );
+        // The primary may write again: a late promotion must fail.
+        assert!(matches!(
+            s.apply(&promote("n2", 2, 31, 200)),
+            Err(Rejected::LeaseValid { .. })
+        ));
+        assert_eq!(s.primary, Some(n("n1")));
+    }
+
+    #[test]
     fn commit_policy_parses_and_validates() {
         assert_eq!(
             "async".parse::<CommitPolicy>().unwrap(),
@@ -1136,7 +1350,25 @@ mod tests {
                 from_lsn,
                 now_ms: 0
             }),
-            epoch.prop_map(|epoch| ClusterCommand::ClearDegraded { epoch }),
+            epoch
+                .clone()
+                .prop_map(|epoch| ClusterCommand::ClearDegraded { epoch }),
+            (arb_node(), epoch.clone(), 0u64..10_000).prop_map(|(to, epoch, now_ms)| {
+                ClusterCommand::BeginSwitchover {
+                    to,
+                    epoch,
+                    now_ms,
+                    timeout_ms: 1000,
+                }
+            }),
+            (arb_node(), epoch.clone(), 0u64..100).prop_map(|(node, epoch, l)| {
+                ClusterCommand::SwitchoverFenced {
+                    node,
+                    epoch,
+                    last_lsn: Lsn(l),
+                }
+            }),
+            epoch.prop_map(|epoch| ClusterCommand::EndSwitchover { epoch }),
         ]
     }
 

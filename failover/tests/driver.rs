@@ -1,7 +1,8 @@
 //! The failover driver on three in-memory nodes with fake `RoleControl`s:
 //! first promotion, lease renewal, self-fencing of a partitioned primary
-//! *before* the promotion of its successor, rejoin as mirror, and a planned
-//! switchover.
+//! *before* the promotion of its successor (also with a slow primary clock),
+//! rejoin as mirror, a witness leading Raft, and planned switchovers (done,
+//! timed out, and carried on by a new Raft leader).
 //!
 //! Replay a run with `MIRRORDB_TEST_SEED=<seed> cargo test -p mirrordb-failover --test driver`.
 
@@ -154,6 +155,10 @@ async fn start(
         role.clone(),
         state.clone(),
         clock,
+    );
+    net.register_service(
+        id,
+        Arc::new(RpcHandler::new(raft.clone(), id, role.clone())),
     );
     tokio::spawn(driver.run(shutdown.clone()));
     TestNode {
@@ -442,6 +447,105 @@ async fn witness_as_raft_leader_promotes_a_data_node() {
     .await
     .unwrap()
     .unwrap();
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_survives_a_change_of_raft_leader() {
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    wait_state(by("n2"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+    by("n1").role.set_position(1, 30);
+    by("n2").role.set_position(1, 25);
+    by("n3").role.set_position(1, 20);
+
+    eprintln!("--- the leader starts a switchover to n2, which stays behind");
+    let leader_id = by("n1").raft.metrics().borrow().current_leader.unwrap();
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while leader
+        .handle
+        .switchover(Some(NodeId::from("n2")))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "switchover refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_told(by("n1"), Told::Fence).await;
+
+    eprintln!("--- another node takes Raft leadership; it finds the switchover in the state");
+    let other = nodes.iter().find(|n| n.id != leader_id).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while other.raft.metrics().borrow().current_leader != Some(other.id) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never became leader",
+            other.name
+        );
+        let _ = other.raft.trigger().elect().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    by("n2").role.set_position(1, 30);
+
+    eprintln!("--- n2 catches up: the new leader hands over to it, n1 never wrote again");
+    wait_told(by("n2"), Told::Primary(Epoch(2), Lsn(31))).await;
+    wait_told(by("n1"), Told::Mirror(NodeId::from("n2"), Epoch(2))).await;
+    assert!(
+        by("n1").role.first_time(&Told::Unfence).is_none(),
+        "held writes were never reopened: {:?}",
+        by("n1").role.told()
+    );
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_that_times_out_reopens_writes_on_the_same_primary() {
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    wait_state(by("n2"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+    by("n1").role.set_position(1, 30);
+    by("n2").role.set_position(1, 25);
+
+    eprintln!("--- switchover to n2, which never catches up");
+    let leader_id = by("n1").raft.metrics().borrow().current_leader.unwrap();
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while leader
+        .handle
+        .switchover(Some(NodeId::from("n2")))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "switchover refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fenced = wait_told(by("n1"), Told::Fence).await;
+
+    eprintln!("--- after the switchover timeout n1 writes again, still in epoch 1");
+    let unfenced = wait_told(by("n1"), Told::Unfence).await;
+    assert!(unfenced > fenced);
+    // n1 reopened writes only after seeing the switchover ended.
+    let s = by("n1").state.borrow().clone();
+    assert_eq!(s.switchover, None);
+    assert_eq!(s.primary, Some(NodeId::from("n1")));
+    assert_eq!(s.epoch, Epoch(1));
     stop_tx.send(true).unwrap();
     for n in &nodes {
         n.raft.shutdown().await.unwrap();

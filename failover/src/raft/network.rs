@@ -14,8 +14,9 @@
 //!
 //! The same transport carries the control plane's own requests
 //! ([`ControlRequest`]: forward a proposal to the leader, ask a node for its
-//! journal position, fence or unfence its writes), so one connection per
-//! peer serves both; [`RpcHandler`] answers both on the receiving side.
+//! journal position), so one connection per peer serves both;
+//! [`RpcHandler`] answers both on the receiving side. Everything else a node
+//! must do (hold writes, change role) it learns from the applied state.
 //!
 //! Error mapping: a transport failure (no route, connection lost, timeout)
 //! is `RPCError::Unreachable`, so openraft backs off; an error returned by
@@ -43,7 +44,6 @@ use serde::{Deserialize, Serialize};
 use super::{Raft, RaftNode, TypeConfig};
 use crate::role::{NoData, Position, RoleControl, RoleError};
 use crate::state::{ClusterCommand, CommandResult};
-use crate::{Epoch, Lsn};
 
 /// Largest request or reply a transport carries, in bytes. Snapshot chunks
 /// (openraft's `snapshot_max_chunk_size`, 3 MiB by default) fit well below.
@@ -103,16 +103,6 @@ pub enum ControlRequest {
     Propose(ClusterCommand),
     /// Report your journal position.
     Position,
-    /// Hold new writes of `epoch` and report the last LSN.
-    Fence {
-        /// The epoch the caller believes current.
-        epoch: Epoch,
-    },
-    /// Take writes of `epoch` again.
-    Unfence {
-        /// The epoch the caller believes current.
-        epoch: Epoch,
-    },
 }
 
 /// Answers to [`ControlRequest`].
@@ -127,13 +117,6 @@ pub enum ControlReply {
     },
     /// The node's position.
     Position(Position),
-    /// Writes are held; this is the last LSN.
-    Fenced {
-        /// Last LSN written.
-        last_lsn: Lsn,
-    },
-    /// Writes are open again.
-    Unfenced,
     /// The node could not do it.
     Failed(RoleError),
 }
@@ -240,14 +223,6 @@ impl<R: RoleControl> RpcHandler<R> {
             ControlRequest::Propose(cmd) => propose_local(&self.raft, cmd).await,
             ControlRequest::Position => match self.role.position().await {
                 Ok(p) => ControlReply::Position(p),
-                Err(e) => ControlReply::Failed(e),
-            },
-            ControlRequest::Fence { epoch } => match self.role.fence_writes(epoch).await {
-                Ok(last_lsn) => ControlReply::Fenced { last_lsn },
-                Err(e) => ControlReply::Failed(e),
-            },
-            ControlRequest::Unfence { epoch } => match self.role.unfence_writes(epoch).await {
-                Ok(()) => ControlReply::Unfenced,
                 Err(e) => ControlReply::Failed(e),
             },
         }
