@@ -184,8 +184,10 @@ async fn serve_connection<S: JournalSource>(
             match ev {
                 PrimaryEvent::Subscribed { node, from_lsn } => {
                     info!(peer = %node, from = %from_lsn, "mirror subscribed");
-                    let before = from_lsn.0.saturating_sub(1);
-                    tracker.reset(&node, Lsn(before), Lsn(before), Instant::now());
+                    // Its journal is durable up to from - 1; applied is
+                    // unknown until its first ack, which follows at once.
+                    let before = Lsn(from_lsn.0.saturating_sub(1));
+                    tracker.reset(&node, before, Lsn::ZERO, Instant::now());
                 }
                 PrimaryEvent::Acked {
                     flushed_lsn,
@@ -322,6 +324,53 @@ impl Default for MirrorOptions {
     }
 }
 
+/// What a running mirror knows of its own progress, for health checks
+/// (`/mirror?max_lag_ms=`) and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MirrorStatus {
+    /// Whether a replication session is streaming.
+    pub streaming: bool,
+    /// The primary followed (or being dialed).
+    pub primary: Option<NodeId>,
+    /// Last entry durable on this mirror.
+    pub flushed_lsn: Lsn,
+    /// Last entry applied on this mirror.
+    pub applied_lsn: Lsn,
+    /// The primary's last durable LSN as last reported.
+    pub primary_last_lsn: Lsn,
+    /// The newest epoch seen.
+    pub highest_epoch: Epoch,
+    /// Last time this mirror had flushed everything the primary had
+    /// reported.
+    pub caught_up_at: Option<Instant>,
+}
+
+impl MirrorStatus {
+    /// How far behind the primary this mirror is in time: zero when caught
+    /// up, the time since it last was otherwise, `None` if it never was.
+    pub fn lag(&self, now: Instant) -> Option<Duration> {
+        if self.streaming && self.flushed_lsn >= self.primary_last_lsn {
+            return Some(Duration::ZERO);
+        }
+        self.caught_up_at.map(|t| now.saturating_duration_since(t))
+    }
+}
+
+fn publish(status: &watch::Sender<MirrorStatus>, session: &MirrorSession, streaming: bool) {
+    let (flushed, applied) = session.acked();
+    let primary_last = session.primary_last_lsn();
+    status.send_modify(|s| {
+        s.streaming = streaming;
+        s.flushed_lsn = flushed;
+        s.applied_lsn = applied;
+        s.primary_last_lsn = s.primary_last_lsn.max(primary_last);
+        s.highest_epoch = s.highest_epoch.max(session.highest_epoch());
+        if streaming && flushed >= s.primary_last_lsn {
+            s.caught_up_at = Some(Instant::now());
+        }
+    });
+}
+
 /// Why [`run_mirror`] stopped.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -333,7 +382,8 @@ pub enum MirrorStopped {
 
 /// Follows the primary named by `primary` (redialing whenever it changes or
 /// a session ends, with capped exponential backoff) and writes what it
-/// sends to `sink`, until `shutdown` turns true. Returns the sink, or the
+/// sends to `sink`, until `shutdown` turns true (or either channel's sender
+/// is dropped). Progress is published on `status`. Returns the sink, or the
 /// fatal error that stopped it.
 pub async fn run_mirror<K: JournalSink>(
     endpoint: NodeEndpoint,
@@ -341,6 +391,7 @@ pub async fn run_mirror<K: JournalSink>(
     mut primary: watch::Receiver<Option<PrimaryAddr>>,
     mut shutdown: watch::Receiver<bool>,
     opts: MirrorOptions,
+    status: watch::Sender<MirrorStatus>,
 ) -> Result<K, MirrorStopped> {
     let mut backoff = opts.backoff_min;
     let mut fence = opts.fence_epoch;
@@ -360,11 +411,13 @@ pub async fn run_mirror<K: JournalSink>(
             }
         };
         let started = Instant::now();
+        status.send_modify(|s| s.primary = Some(target.node.clone()));
         let outcome = tokio::select! {
-            r = mirror_session(&endpoint, &mut sink, &target, &opts.session, &mut fence) => r,
+            r = mirror_session(&endpoint, &mut sink, &target, &opts.session, &mut fence, &status) => r,
             _ = primary.changed() => Ok(()),
             _ = shutdown.changed() => Ok(()),
         };
+        status.send_modify(|s| s.streaming = false);
         match outcome {
             Ok(()) => {}
             Err(DriverError::Storage(e @ StorageError::Fatal(_))) => {
@@ -391,6 +444,7 @@ async fn mirror_session<K: JournalSink>(
     target: &PrimaryAddr,
     cfg: &MirrorConfig,
     fence: &mut Epoch,
+    status: &watch::Sender<MirrorStatus>,
 ) -> Result<(), DriverError> {
     let pc = endpoint
         .connect(target.addr, &target.node, Service::Replication)
@@ -422,6 +476,7 @@ async fn mirror_session<K: JournalSink>(
                 send(&mut out, &msg).await?;
             }
             *fence = (*fence).max(session.highest_epoch());
+            publish(status, &session, session.is_streaming());
             let deadline = session.poll_timeout();
             tokio::select! {
                 msg = inbox.recv() => match msg {
@@ -586,6 +641,7 @@ mod tests {
         sink: MemorySink,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<Result<MemorySink, MirrorStopped>>,
+        status: watch::Receiver<MirrorStatus>,
         _primary: watch::Sender<Option<PrimaryAddr>>,
     }
 
@@ -594,17 +650,20 @@ mod tests {
         let sink = MemorySink::new();
         let (stop, stop_rx) = watch::channel(false);
         let (ptx, prx) = watch::channel(Some(primary.clone()));
+        let (status, status_rx) = watch::channel(MirrorStatus::default());
         let task = tokio::spawn(run_mirror(
             endpoint,
             sink.clone(),
             prx,
             stop_rx,
             fast_mirror(),
+            status,
         ));
         Mirror {
             sink,
             stop,
             task,
+            status: status_rx,
             _primary: ptx,
         }
     }
@@ -645,6 +704,16 @@ mod tests {
         }
         let lag = p.tracker.lag(Instant::now());
         assert_eq!(lag.len(), 2);
+        for m in [&m2, &m3] {
+            let mut st = m.status.clone();
+            let st = st
+                .wait_for(|s| s.streaming && s.flushed_lsn == last)
+                .await
+                .unwrap()
+                .clone();
+            assert_eq!(st.primary, Some(NodeId::from("n1")));
+            assert_eq!(st.lag(Instant::now()), Some(Duration::ZERO));
+        }
         assert!(lag.iter().all(|l| l.flush_lag_lsn == 0 && l.connected));
         for m in [m2, m3] {
             m.stop.send_replace(true);
@@ -755,17 +824,20 @@ mod tests {
             sink.preload(DB, mirror_entries);
             let (stop, stop_rx) = watch::channel(false);
             let (ptx, prx) = watch::channel(Some(p.addr.clone()));
+            let (status, status_rx) = watch::channel(MirrorStatus::default());
             let task = tokio::spawn(run_mirror(
                 endpoint,
                 sink.clone(),
                 prx,
                 stop_rx,
                 fast_mirror(),
+                status,
             ));
             Mirror {
                 sink,
                 stop,
                 task,
+                status: status_rx,
                 _primary: ptx,
             }
         };

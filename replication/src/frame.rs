@@ -195,8 +195,12 @@ pub enum Message {
         epoch: Epoch,
         db_id: [u8; 16],
     },
-    /// A batch of consecutive entries.
-    Entries { entries: Vec<FramedEntry> },
+    /// A batch of consecutive entries, and the primary's last durable LSN
+    /// when it was sent (so the mirror knows its lag while streaming).
+    Entries {
+        entries: Vec<FramedEntry>,
+        primary_last_lsn: Lsn,
+    },
     /// Mirror's progress: durable in its journal / applied to its data file.
     Ack { flushed_lsn: Lsn, applied_lsn: Lsn },
     /// The mirror's tail diverged: it must drop its entries `>= fork_lsn`
@@ -251,7 +255,7 @@ impl Message {
             Message::Subscribe { node, .. } if node.0.len() > MAX_NODE_ID_BYTES => {
                 Err(FrameError::Limit("node id too long"))
             }
-            Message::Entries { entries } => {
+            Message::Entries { entries, .. } => {
                 if entries.len() > MAX_BATCH_ENTRIES {
                     return Err(FrameError::Limit("too many entries in a batch"));
                 }
@@ -375,6 +379,7 @@ mod tests {
                     FramedEntry::encode(Lsn(42), Epoch(3), 1, b"payload"),
                     FramedEntry::encode(Lsn(43), Epoch(3), 2, b""),
                 ],
+                primary_last_lsn: Lsn(50),
             },
             Message::Ack {
                 flushed_lsn: Lsn(43),
@@ -521,7 +526,7 @@ mod tests {
             let entries: Vec<FramedEntry> = payloads.iter().enumerate()
                 .map(|(i, p)| FramedEntry::encode(Lsn(start + i as u64), Epoch(epoch), 0, p))
                 .collect();
-            let msg = Message::Entries { entries };
+            let msg = Message::Entries { entries, primary_last_lsn: Lsn(start) };
             let bytes = encode(&msg).unwrap();
             let (back, _) = decode(&bytes).unwrap().unwrap();
             prop_assert_eq!(back, msg);

@@ -175,6 +175,11 @@ impl MirrorSession {
         self.primary_last_lsn
     }
 
+    /// Last entry the sink reported durable, and last applied.
+    pub fn acked(&self) -> (Lsn, Lsn) {
+        (self.flushed, self.applied.min(self.flushed))
+    }
+
     /// Entries skipped because the mirror already had them.
     pub fn duplicates(&self) -> u64 {
         self.duplicates
@@ -336,7 +341,16 @@ impl MirrorSession {
                     .push_back(MirrorAction::InstallSnapshot { lsn, epoch });
                 Ok(())
             }
-            (State::Streaming, Message::Entries { entries }) => self.on_entries(entries),
+            (
+                State::Streaming,
+                Message::Entries {
+                    entries,
+                    primary_last_lsn,
+                },
+            ) => {
+                self.primary_last_lsn = self.primary_last_lsn.max(primary_last_lsn);
+                self.on_entries(entries)
+            }
             (_, other) => Err(self.unexpected(&other)),
         }
     }

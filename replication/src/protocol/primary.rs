@@ -380,7 +380,13 @@ impl PrimarySession {
         self.in_flight_bytes += bytes;
         self.next_lsn = expected;
         self.sent_lsn = last;
-        self.push(Message::Entries { entries }, now);
+        self.push(
+            Message::Entries {
+                entries,
+                primary_last_lsn: self.view.last_lsn,
+            },
+            now,
+        );
         Ok(())
     }
 

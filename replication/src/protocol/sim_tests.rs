@@ -445,7 +445,14 @@ fn duplicates_after_reconnect_are_skipped() {
     let entries = (8..=15)
         .map(|l| FramedEntry::encode(Lsn(l), Epoch(1), 0, b"x"))
         .collect();
-    m.handle_message(Message::Entries { entries }, t).unwrap();
+    m.handle_message(
+        Message::Entries {
+            entries,
+            primary_last_lsn: Lsn(0),
+        },
+        t,
+    )
+    .unwrap();
     assert_eq!(m.duplicates(), 3);
     match m.poll_action() {
         Some(MirrorAction::Append(got)) => {
@@ -458,13 +465,25 @@ fn duplicates_after_reconnect_are_skipped() {
     let again = (12..=15)
         .map(|l| FramedEntry::encode(Lsn(l), Epoch(1), 0, b"x"))
         .collect();
-    m.handle_message(Message::Entries { entries: again }, t)
-        .unwrap();
+    m.handle_message(
+        Message::Entries {
+            entries: again,
+            primary_last_lsn: Lsn(0),
+        },
+        t,
+    )
+    .unwrap();
     assert_eq!(m.poll_action(), None);
     // A gap is an error.
     let gap = vec![FramedEntry::encode(Lsn(17), Epoch(1), 0, b"x")];
     assert_eq!(
-        m.handle_message(Message::Entries { entries: gap }, t),
+        m.handle_message(
+            Message::Entries {
+                entries: gap,
+                primary_last_lsn: Lsn(0)
+            },
+            t
+        ),
         Err(ProtocolError::Gap {
             expected: Lsn(16),
             got: Lsn(17)
@@ -648,7 +667,13 @@ fn entry_epoch_going_backwards_is_rejected() {
     .unwrap();
     let e = vec![FramedEntry::encode(Lsn(6), Epoch(2), 0, b"old")];
     assert!(matches!(
-        m.handle_message(Message::Entries { entries: e }, t),
+        m.handle_message(
+            Message::Entries {
+                entries: e,
+                primary_last_lsn: Lsn(0)
+            },
+            t
+        ),
         Err(ProtocolError::EntryEpoch { .. })
     ));
 }
