@@ -778,6 +778,42 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deposed_primary_cannot_feed_a_mirror_that_knows_a_newer_epoch() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let p = start_primary(&ca);
+        for i in 0..20u32 {
+            p.source.append(&i.to_le_bytes());
+        }
+        let (endpoint, _incoming) = bind(&identity(&ca, "n2"));
+        let sink = MemorySink::new();
+        let (stop, stop_rx) = watch::channel(false);
+        let (_ptx, prx) = watch::channel(Some(p.addr.clone()));
+        let (status, mut status_rx) = watch::channel(MirrorStatus::default());
+        let opts = MirrorOptions {
+            fence_epoch: Epoch(5),
+            ..fast_mirror()
+        };
+        let task = tokio::spawn(run_mirror(
+            endpoint,
+            sink.clone(),
+            prx,
+            stop_rx,
+            opts,
+            status,
+        ));
+        // It dials (the connection is accepted) but never takes an entry.
+        wait_until("a dial", Duration::from_secs(10), || {
+            !p.conns.lock().unwrap().is_empty()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(sink.entries().is_empty());
+        assert!(!status_rx.borrow_and_update().streaming);
+        stop.send_replace(true);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_empty_mirror_is_reseeded_then_streams() {
         let ca = ClusterCa::generate("t").unwrap();
         let p = start_primary(&ca);

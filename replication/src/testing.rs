@@ -304,3 +304,148 @@ impl JournalSink for MemorySink {
         Ok(self.position())
     }
 }
+
+/// A conformance check for any [`JournalSink`]: runs the trait's contract
+/// (positions, dense appends, epochs, truncation, snapshot install) against
+/// fresh sinks made by `new_sink`, which must each start empty. Panics with
+/// a message naming the broken rule. The node runs it against its own sink.
+pub async fn check_sink_contract<K: JournalSink>(mut new_sink: impl FnMut() -> K) {
+    const DB: [u8; 16] = [0x5a; 16];
+    let entry = |l: u64, e: u64, p: &[u8]| FramedEntry::encode(Lsn(l), Epoch(e), l, p);
+    let run = |entries: std::ops::RangeInclusive<u64>, e: u64| {
+        entries
+            .map(move |l| entry(l, e, b"conformance"))
+            .collect::<Vec<_>>()
+    };
+
+    // An empty sink is at zero.
+    let mut sink = new_sink();
+    let pos = sink.position();
+    assert_eq!(
+        (pos.last_lsn, pos.last_epoch, pos.applied_lsn),
+        (Lsn::ZERO, Epoch(0), Lsn::ZERO),
+        "a new sink must be empty"
+    );
+    assert_eq!(pos.db_id, [0; 16], "a new sink has no database id");
+
+    // Adopt an id, append durably, report the flushed LSN.
+    if let Err(e) = sink.adopt_db_id(DB).await {
+        panic!("adopt_db_id failed: {e}");
+    }
+    assert_eq!(
+        sink.position().db_id,
+        DB,
+        "adopted id must show in position"
+    );
+    match sink.append(run(1..=5, 1)).await {
+        Ok(l) => assert_eq!(l, Lsn(5), "append must return the last durable LSN"),
+        Err(e) => panic!("append failed: {e}"),
+    }
+    match sink.append(run(6..=8, 2)).await {
+        Ok(l) => assert_eq!(l, Lsn(8)),
+        Err(e) => panic!("append in a newer epoch failed: {e}"),
+    }
+    let pos = sink.position();
+    assert_eq!((pos.last_lsn, pos.last_epoch), (Lsn(8), Epoch(2)));
+    assert!(pos.applied_lsn <= pos.last_lsn, "applied beyond durable");
+    assert!(
+        *sink.applied_lsn().borrow() <= Lsn(8),
+        "applied beyond durable"
+    );
+
+    // Truncate a divergent tail, then append a different one.
+    let pos = match sink.truncate_after(Lsn(6)).await {
+        Ok(p) => p,
+        Err(e) => panic!("truncate_after failed: {e}"),
+    };
+    assert_eq!(
+        (pos.last_lsn, pos.last_epoch),
+        (Lsn(6), Epoch(2)),
+        "truncate_after must report the new end"
+    );
+    assert!(pos.applied_lsn <= Lsn(6), "applied must be rewound");
+    assert_eq!(
+        sink.position(),
+        pos,
+        "position must match truncate's answer"
+    );
+    match sink.append(vec![entry(7, 3, b"new tail")]).await {
+        Ok(l) => assert_eq!(l, Lsn(7)),
+        Err(e) => panic!("append after truncation failed: {e}"),
+    }
+    assert_eq!(sink.position().last_epoch, Epoch(3));
+
+    // A snapshot replaces everything and the journal continues after it.
+    let mut sink = new_sink();
+    if let Err(e) = sink.adopt_db_id(DB).await {
+        panic!("adopt_db_id failed: {e}");
+    }
+    let image: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let steps = async {
+        sink.begin_snapshot(Lsn(100), Epoch(4), image.len() as u64)
+            .await?;
+        for chunk in image.chunks(4096) {
+            sink.snapshot_chunk(chunk.to_vec()).await?;
+        }
+        sink.install_snapshot().await
+    };
+    let pos = match steps.await {
+        Ok(p) => p,
+        Err(e) => panic!("snapshot install failed: {e}"),
+    };
+    assert_eq!(
+        (pos.last_lsn, pos.last_epoch, pos.applied_lsn),
+        (Lsn(100), Epoch(4), Lsn(100)),
+        "an installed snapshot is the new position, fully applied"
+    );
+    match sink.append(vec![entry(101, 4, b"after snapshot")]).await {
+        Ok(l) => assert_eq!(l, Lsn(101)),
+        Err(e) => panic!("append after a snapshot failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_sink_meets_the_sink_contract() {
+        check_sink_contract(MemorySink::new).await;
+    }
+
+    #[tokio::test]
+    async fn memory_sink_refuses_gaps_and_epoch_regressions() {
+        let mut sink = MemorySink::new();
+        let e = |l, ep| FramedEntry::encode(Lsn(l), Epoch(ep), 0, b"x");
+        sink.append(vec![e(1, 2)]).await.unwrap();
+        assert!(matches!(
+            sink.append(vec![e(3, 2)]).await,
+            Err(StorageError::Fatal(_))
+        ));
+        assert!(matches!(
+            sink.append(vec![e(2, 1)]).await,
+            Err(StorageError::Fatal(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn memory_source_reads_within_limits() {
+        let src = MemorySource::new([1; 16]);
+        for i in 0..10u8 {
+            src.append(&[i; 100]);
+        }
+        let got = src.read(Lsn(3), 4, 1 << 20).await.unwrap();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0].lsn, Lsn(3));
+        let got = src.read(Lsn(3), 100, 10).await.unwrap();
+        assert_eq!(got.len(), 1, "at least one entry even over the byte limit");
+        src.trim_through(Lsn(5), vec![1, 2, 3]);
+        assert_eq!(
+            src.read(Lsn(2), 1, 1).await,
+            Err(StorageError::Unavailable { oldest: Lsn(6) })
+        );
+        assert_eq!(src.oldest_lsn(), Lsn(6));
+        let e = src.new_epoch();
+        assert_eq!(src.epoch_history().entries().last(), Some(&(e, Lsn(11))));
+    }
+}
