@@ -54,7 +54,7 @@
 //! Mirror: the epoch announced by the primary (`Streaming`, `Diverged`,
 //! `Heartbeat`) must not be older than the newest epoch the mirror has seen
 //! (fencing: a deposed primary cannot feed anyone). Each entry must pass
-//! [`FramedEntry::verify`], have an epoch not above the primary's and not
+//! [`FramedEntry::verify`](crate::frame::FramedEntry::verify), have an epoch not above the primary's and not
 //! below the epoch of the mirror's previous entry; entries at or below the
 //! mirror's position are duplicates and are skipped; an entry beyond the next
 //! LSN is a gap (error). Acks report what the sink said is durable/applied;
