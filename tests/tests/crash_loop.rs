@@ -21,12 +21,11 @@
 //! failure; a failing run keeps its data directory and prints its path.
 
 use anyhow::{Context, bail};
+use mirrordb_tests::{ChildNode, phase};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,8 +40,6 @@ const GROUPS_PER_WRITER: usize = 6;
 const KEYS_PER_GROUP: usize = 4;
 /// How long writers run before the kill: a random time in this range.
 const RUN_MS: std::ops::Range<u64> = 20..400;
-/// How long a child may take to start (recovery included).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
 const TABLE: &str = "crash";
 /// Problems listed in a failure message (all are counted).
 const MAX_PROBLEMS_SHOWN: usize = 20;
@@ -90,107 +87,6 @@ fn group_keys(group: &str) -> Vec<String> {
     (0..KEYS_PER_GROUP)
         .map(|i| format!("{group}-m{i}"))
         .collect()
-}
-
-/// A `mirrordb serve` child process.
-struct Node {
-    child: Child,
-    base: String,
-}
-
-fn mirrordb_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("MIRRORDB_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    // target/<profile>/deps/crash_loop-… → target/<profile>/mirrordb
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable has no target directory")?
-        .to_path_buf();
-    let bin = profile_dir.join("mirrordb");
-    // Always ask cargo: it rebuilds only if the node changed since.
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "mirrordb", "--bin", "mirrordb"]);
-    if profile_dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    if let Some(target) = profile_dir.parent() {
-        cmd.env("CARGO_TARGET_DIR", target);
-    }
-    let status = cmd
-        .status()
-        .context("running cargo build for the mirrordb binary")?;
-    if !status.success() || !bin.exists() {
-        bail!(
-            "could not build {} (set MIRRORDB_BIN to a built binary)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-impl Node {
-    /// Starts `mirrordb serve` on `data_dir` on a free port and waits until
-    /// it prints that it listens (recovery is done by then).
-    fn start(bin: &Path, data_dir: &Path, log: &Path) -> anyhow::Result<Node> {
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let mut child = Command::new(bin)
-            .args(["serve", "--json", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["event"] == "listening"
-                    && let Some(a) = v["addr"].as_str()
-                {
-                    let _ = tx.send(a.to_string());
-                }
-                // Keep draining so the child never blocks on a full pipe.
-            }
-        });
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(addr) => Ok(Node {
-                child,
-                base: format!("http://{addr}"),
-            }),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "mirrordb serve did not report listening within {START_TIMEOUT:?}; log tail:\n{}",
-                    tail(log)
-                )
-            }
-        }
-    }
-
-    /// SIGKILL (`Child::kill` sends SIGKILL on Unix) and reap.
-    fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-fn tail(log: &Path) -> String {
-    let s = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 fn value_json(id: &str, rng: &mut StdRng) -> serde_json::Value {
@@ -424,9 +320,7 @@ async fn check(
 }
 
 async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
-    let bin = mirrordb_bin()?;
     let data_dir = dir.join("data");
-    let log = dir.join("node.log");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()?;
@@ -434,16 +328,16 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut acked_puts, mut acked_txns) = (0u64, 0u64);
     for round in 0..kills {
-        let node = Node::start(&bin, &data_dir, &log)
+        let node = ChildNode::spawn(&data_dir)
             .with_context(|| format!("round {round}: starting the node"))?;
         let (keys, groups) = check(&client, &node.base, &model)
             .await
             .with_context(|| format!("round {round}: after restart"))?;
         let run_ms = rng.random_range(RUN_MS);
-        eprintln!(
+        phase(&format!(
             "round {round}: node up at {}, {keys} keys and {groups} groups verified; writing for {run_ms} ms, then SIGKILL",
             node.base
-        );
+        ));
         let mut tasks = Vec::new();
         for w in 0..PUT_WRITERS {
             tasks.push(tokio::spawn(put_writer(
@@ -484,7 +378,8 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
             "no write of some kind was acknowledged in {kills} rounds ({acked_puts} puts, {acked_txns} transactions): the test checked nothing"
         );
     }
-    let node = Node::start(&bin, &data_dir, &log).context("final start")?;
+    phase("final restart: every acknowledged write, every transaction whole");
+    let node = ChildNode::spawn(&data_dir).context("final start")?;
     let (keys, groups) = check(&client, &node.base, &model)
         .await
         .context("final check")?;
@@ -497,10 +392,7 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
 
 #[test]
 fn acknowledged_writes_survive_sigkill_and_transactions_stay_atomic() {
-    let seed = std::env::var("MIRRORDB_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
+    let seed = mirrordb_tests::seed();
     let kills = std::env::var("MIRRORDB_CRASH_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -521,7 +413,7 @@ fn acknowledged_writes_survive_sigkill_and_transactions_stay_atomic() {
     if let Err(e) = rt.block_on(crash_loop(seed, kills, dir.path())) {
         let kept = dir.keep();
         panic!(
-            "crash loop failed (seed {seed}): {e:#}\nreplay: {replay}\ndata directory and node log kept at {}",
+            "crash loop failed (seed {seed}): {e:#}\nreplay: {replay}\ndata directory kept at {}",
             kept.display()
         );
     }
