@@ -360,6 +360,9 @@ pub struct ApiSection {
     /// Largest JSON request body (a record or a transaction). Records are
     /// further limited to 16 MiB and transactions to 64 MiB of values.
     pub max_body_bytes: ByteSize,
+    /// A request body that sends no bytes for this long is abandoned
+    /// (408 `request_timeout`), so a stalled client cannot hold a write open.
+    pub body_idle_timeout: ConfigDuration,
     /// Bearer tokens. Empty: no authentication, loopback only.
     pub tokens: Vec<TokenConfig>,
 }
@@ -369,6 +372,7 @@ impl Default for ApiSection {
         ApiSection {
             write_timeout: ConfigDuration(Duration::from_secs(5)),
             max_body_bytes: ByteSize(crate::model::MAX_TXN_BYTES as u64),
+            body_idle_timeout: ConfigDuration(Duration::from_secs(30)),
             tokens: Vec::new(),
         }
     }
@@ -492,6 +496,13 @@ impl Config {
             return bad(format!(
                 "api.max_body_bytes must be between 1KiB and 1GiB, got {}",
                 format_size(mb)
+            ));
+        }
+        let bi = self.api.body_idle_timeout.0;
+        if bi < Duration::from_millis(10) || bi > MAX_WRITE_TIMEOUT {
+            return bad(format!(
+                "api.body_idle_timeout must be between 10ms and 1h, got {}",
+                format_duration(bi)
             ));
         }
         if self.session.idle_timeout.0 < Duration::from_secs(1) {

@@ -64,6 +64,8 @@ pub struct NodeOptions {
     pub tokens: Vec<TokenConfig>,
     /// `api.max_body_bytes`, if not the default.
     pub max_body_bytes: Option<u64>,
+    /// `api.body_idle_timeout`, if not the default.
+    pub body_idle_timeout: Option<Duration>,
     /// `api.write_timeout`, if not the default.
     pub write_timeout: Option<Duration>,
     /// The disk the journal writes through (fault injection).
@@ -125,6 +127,9 @@ impl TestNode {
         config.api.tokens = opts.tokens.clone();
         if let Some(m) = opts.max_body_bytes {
             config.api.max_body_bytes.0 = m;
+        }
+        if let Some(b) = opts.body_idle_timeout {
+            config.api.body_idle_timeout.0 = b;
         }
         if let Some(w) = opts.write_timeout {
             config.api.write_timeout.0 = w;

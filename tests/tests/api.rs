@@ -458,6 +458,44 @@ async fn oversized_bodies_answer_413() {
 }
 
 #[tokio::test]
+async fn stalled_bodies_answer_408_and_write_nothing() {
+    let n = TestNode::start_with(NodeOptions {
+        body_idle_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    })
+    .await;
+    for (what, path) in [
+        ("record", "/v1/tables/t/records/k"),
+        ("BLOB", "/v1/tables/t/blobs/b"),
+        ("transaction", "/v1/transactions"),
+    ] {
+        phase(&format!(
+            "a {what} body that promises 100 bytes and sends 10, then stalls"
+        ));
+        let method = if what == "transaction" { "POST" } else { "PUT" };
+        let req =
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789");
+        let answer = raw_http(n.addr, req.as_bytes(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{what}: {answer}");
+        assert!(answer.contains("request_timeout"), "{what}: {answer}");
+    }
+    phase("nothing was written");
+    let t: Value = n
+        .client
+        .get(n.url("/v1/tables"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["tables"], json!([]), "{t}");
+    n.stop().await;
+}
+
+#[tokio::test]
 async fn scans_are_ordered_and_paged() {
     let n = TestNode::start().await;
     let c = &n.client;

@@ -10,7 +10,7 @@
 //! the limit is refused before any byte is read.
 
 use super::records::{precondition, table_key};
-use super::{ApiError, Caller, St, content_length, json_ok};
+use super::{ApiError, Caller, IdleBody, St, body_timeout, content_length, json_ok};
 use crate::model::MAX_BLOB_BYTES;
 use axum::body::Body;
 use axum::extract::Path;
@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Serialize)]
 struct BlobAnswer {
@@ -56,12 +56,20 @@ pub async fn put_blob(
     let session = st.session(&caller).await?;
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
+    let timed_out = Arc::new(AtomicBool::new(false));
     let stream = body.into_data_stream().inspect(move |chunk| {
         if let Ok(c) = chunk {
             counter.fetch_add(c.len() as u64, Ordering::Relaxed);
         }
     });
-    let ack = st.engine().put_blob(session, &table, &key, stream).await?;
+    let stream = IdleBody::new(stream, st.inner.body_idle, timed_out.clone());
+    let ack = match st.engine().put_blob(session, &table, &key, stream).await {
+        Ok(a) => a,
+        Err(_) if timed_out.load(Ordering::Relaxed) => {
+            return Err(body_timeout(st.inner.body_idle));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let version = ack.versions.first().copied().unwrap_or(ack.lsn);
     let mut resp = json_ok(&BlobAnswer {
         lsn: ack.lsn,

@@ -84,6 +84,7 @@ impl ApiError {
             "not_found" => StatusCode::NOT_FOUND,
             "version_conflict" => StatusCode::CONFLICT,
             "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+            "request_timeout" => StatusCode::REQUEST_TIMEOUT,
             "journal_unavailable" | "write_blocked" | "not_primary" | "shutting_down" => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

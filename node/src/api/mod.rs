@@ -37,10 +37,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tower_http::trace::TraceLayer;
 
 /// Header carrying the client-chosen session name.
@@ -63,6 +67,7 @@ struct StateInner {
     node_name: String,
     tokens: Vec<TokenConfig>,
     max_body_bytes: usize,
+    body_idle: Duration,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -76,6 +81,7 @@ impl ApiState {
                 node_name: cfg.node.name.clone(),
                 tokens: cfg.api.tokens.clone(),
                 max_body_bytes: usize::try_from(cfg.api.max_body_bytes.0).unwrap_or(usize::MAX),
+                body_idle: cfg.api.body_idle_timeout.0,
                 metrics: crate::metrics::handle(),
             }),
         }
@@ -224,8 +230,14 @@ impl FromRequestParts<ApiState> for Caller {
 }
 
 /// Reads a whole body of at most `limit` bytes, refusing early on a
-/// `Content-Length` past it and answering 413 the moment it is exceeded.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// `Content-Length` past it and answering 413 the moment it is exceeded;
+/// 408 if the client sends nothing for `idle`.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    idle: Duration,
+) -> Result<Bytes, ApiError> {
     match content_length(headers)? {
         Some(len) if len > limit as u64 => {
             return Err(ApiError::too_large(Some(len), limit as u64));
@@ -234,7 +246,11 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(idle, stream.next())
+            .await
+            .map_err(|_| body_timeout(idle))?;
+        let Some(chunk) = next else { break };
         let chunk = chunk
             .map_err(|e| ApiError::invalid(format!("reading the request body failed: {e}")))?;
         if buf.len() + chunk.len() > limit {
@@ -243,6 +259,71 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
+}
+
+/// 408 `request_timeout`: the body stalled.
+pub fn body_timeout(idle: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body sent nothing for {}; nothing was written",
+            crate::config::format_duration(idle)
+        ),
+    )
+}
+
+/// A body stream that ends with an error once no chunk has arrived for
+/// `idle`, and records that it did.
+pub struct IdleBody<S> {
+    inner: S,
+    idle: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl<S> IdleBody<S> {
+    /// Wraps `inner`; `timed_out` is set when the deadline passes.
+    pub fn new(inner: S, idle: Duration, timed_out: Arc<AtomicBool>) -> Self {
+        IdleBody {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            timed_out,
+        }
+    }
+}
+
+impl<S, E> Stream for IdleBody<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    type Item = Result<Bytes, String>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.timed_out.load(Ordering::Relaxed) {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(item) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(item.map(|r| r.map_err(|e| e.to_string())))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.timed_out.store(true, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(format!(
+                        "the body sent nothing for {}",
+                        crate::config::format_duration(this.idle)
+                    ))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
 }
 
 /// The `Content-Length` header, if present and well formed.

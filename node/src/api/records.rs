@@ -137,7 +137,7 @@ pub async fn put_record(
     let Query(q) = query.map_err(query_error)?;
     let if_version = precondition(&headers, q.if_version)?;
     let limit = st.inner.max_body_bytes.min(MAX_VALUE_BYTES);
-    let value = read_body(&headers, body, limit).await?;
+    let value = read_body(&headers, body, limit, st.inner.body_idle).await?;
     model::validate_json(&value)?;
     let session = st.session(&caller).await?;
     let ack = st
@@ -311,7 +311,7 @@ pub async fn transaction(
     body: Body,
 ) -> Result<Response, ApiError> {
     let limit = st.inner.max_body_bytes;
-    let bytes = read_body(&headers, body, limit).await?;
+    let bytes = read_body(&headers, body, limit, st.inner.body_idle).await?;
     let req: TxnRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid(format!("bad transaction: {e}")))?;
     if req.ops.is_empty() {

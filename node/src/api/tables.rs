@@ -53,7 +53,7 @@ pub async fn set_options(
 ) -> Result<Response, ApiError> {
     let Path(table) = path.map_err(path_error)?;
     model::validate_table(&table)?;
-    let bytes = read_body(&headers, body, MAX_OPTIONS_BYTES).await?;
+    let bytes = read_body(&headers, body, MAX_OPTIONS_BYTES, st.inner.body_idle).await?;
     let opts: TableOptions = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid(format!("bad table options: {e}")))?;
     let journaled = opts.journaled;
