@@ -68,7 +68,7 @@ impl From<&Timing> for ControllerConfig {
             failover_margin_ms: t.failover_margin_ms,
             report_max_age_ms: t.lease_ttl_ms,
             retry_after_ms: t.lease_ttl_ms,
-            switchover_timeout_ms: 10 * t.lease_ttl_ms,
+            switchover_timeout_ms: t.switchover_timeout_ms,
         }
     }
 }

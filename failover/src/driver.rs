@@ -6,6 +6,8 @@
 //!  agent:    applied state ─► become_primary / become_mirror / fence
 //!  (data     primary: RenewLease every lease_renew_ms (to the leader)
 //!   nodes)   primary: no renewal committed for lease_ttl ─► fence_writes
+//!            primary: switchover in the state ─► hold writes, SwitchoverFenced;
+//!                     past its deadline ─► EndSwitchover; ended ─► unfence
 //!  controller (acts only on the Raft leader):
 //!            positions of data nodes ─► Controller ─► actions:
 //!            Propose ─► raft.client_write; FenceWrites ─► peer's RoleControl
@@ -31,7 +33,7 @@ use crate::controller::{Action, Controller, ControllerConfig, Report, Status, Sw
 use crate::raft::network::{ControlReply, ControlRequest, RaftTransport, call_control, propose};
 use crate::raft::{Raft, RaftNode};
 use crate::role::RoleControl;
-use crate::state::{Applied, ClusterCommand, ClusterState, Member, Role, raft_id};
+use crate::state::{Applied, ClusterCommand, ClusterState, CommandResult, Member, Role, raft_id};
 use crate::timing::Timing;
 use crate::{Epoch, Lsn, NodeId};
 
@@ -57,6 +59,10 @@ enum Command {
     Switchover(
         Option<NodeId>,
         oneshot::Sender<Result<NodeId, SwitchoverError>>,
+    ),
+    Propose(
+        ClusterCommand,
+        oneshot::Sender<Result<CommandResult, DriverError>>,
     ),
 }
 
@@ -97,6 +103,9 @@ pub enum DriverError {
     /// The controller refused.
     #[error(transparent)]
     Switchover(#[from] SwitchoverError),
+    /// The proposal did not reach a leader or was not committed in time.
+    #[error("proposal failed: {0}")]
+    Proposal(String),
 }
 
 impl DriverHandle {
@@ -108,6 +117,19 @@ impl DriverHandle {
             .await
             .map_err(|_| DriverError::Stopped)?;
         Ok(rx.await.map_err(|_| DriverError::Stopped)??)
+    }
+
+    /// Proposes `cmd` (forwarded to the Raft leader) and returns how the
+    /// state machine answered. For what the node itself decides:
+    /// `SetSyncSet`, `MarkDegraded`/`ClearDegraded`, `SetCommitPolicy`,
+    /// `SetNoFailover`.
+    pub async fn propose(&self, cmd: ClusterCommand) -> Result<CommandResult, DriverError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Propose(cmd, tx))
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
     }
 
     /// The controller's status on this node.
@@ -232,7 +254,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             tokio::select! {
                 _ = tick.tick() => self.on_tick().await,
                 Some(ev) = self.events_rx.recv() => self.on_event(ev).await,
-                Some(cmd) = self.commands_rx.recv() => self.on_command(cmd),
+                Some(cmd) = self.commands_rx.recv() => self.on_command(cmd).await,
                 changed = self.state_rx.changed() => {
                     if changed.is_err() {
                         break;
@@ -256,12 +278,31 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         (self.clock)()
     }
 
-    fn on_command(&mut self, cmd: Command) {
+    async fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Switchover(target, reply) => {
                 let now = self.now_ms();
                 let result = self.controller.handle_switchover(target, now);
                 let _ = reply.send(result);
+                self.run_actions().await;
+            }
+            Command::Propose(cmd, reply) => {
+                let (raft, transport, id) = (self.raft.clone(), self.transport.clone(), self.id);
+                let deadline = Duration::from_millis(self.timing.lease_ttl_ms);
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(
+                        deadline,
+                        propose(&raft, id, &*transport, cmd, deadline),
+                    )
+                    .await;
+                    let result = match r {
+                        Err(_) => Err(DriverError::Proposal("not committed in time".into())),
+                        Ok(Err(e)) => Err(DriverError::Proposal(e.to_string())),
+                        Ok(Ok(ControlReply::Proposed(result))) => Ok(result),
+                        Ok(Ok(other)) => Err(DriverError::Proposal(format!("{other:?}"))),
+                    };
+                    let _ = reply.send(result);
+                });
             }
         }
     }

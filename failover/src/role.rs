@@ -10,6 +10,11 @@
 //! - After `lease_valid_until(epoch, t)` the node must not acknowledge a write
 //!   of `epoch` once its clock passes `t` (the per-write check that makes the
 //!   lease safe); `fence_writes` stops writes at once, whatever the lease.
+//! - `fence_writes` is called when the lease was not renewed in time, when
+//!   the node stops being primary, and to hold writes for a switchover (held
+//!   writes wait; the driver calls `unfence_writes` if the switchover is
+//!   abandoned). Its returned LSN must be durable: a switchover target is
+//!   promoted right after it.
 //! - `become_primary(epoch, first_lsn)`: finish replaying what is durable,
 //!   save any local entries `>= first_lsn` to `data/rollback/`, then stamp new
 //!   writes with `epoch` starting at `first_lsn`.

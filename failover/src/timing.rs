@@ -42,6 +42,8 @@ pub struct Timing {
     pub failover_margin_ms: u64,
     /// Largest clock difference between any two nodes this setup tolerates.
     pub max_clock_skew_ms: u64,
+    /// Longest a planned switchover may hold writes before it is abandoned.
+    pub switchover_timeout_ms: u64,
 }
 
 impl Default for Timing {
@@ -54,6 +56,7 @@ impl Default for Timing {
             lease_ttl_ms: 1000,
             failover_margin_ms: 250,
             max_clock_skew_ms: 100,
+            switchover_timeout_ms: 5000,
         }
     }
 }
@@ -114,6 +117,16 @@ pub enum TimingError {
         skew: u64,
         /// The heartbeat, which bounds the driver's self-fencing check interval.
         heartbeat: u64,
+    },
+    /// A switchover could not outlast one change of Raft leader.
+    #[error(
+        "switchover_timeout_ms ({timeout}) must be at least 2 × lease_ttl_ms ({ttl}) so a new raft leader can finish it"
+    )]
+    SwitchoverTooShort {
+        /// The switchover timeout.
+        timeout: u64,
+        /// Lease length.
+        ttl: u64,
     },
     /// openraft refused the derived configuration.
     #[error("openraft rejected the configuration: {0}")]
@@ -253,6 +266,13 @@ mod tests {
                     ..d
                 },
                 "lease_ttl_ms",
+            ),
+            (
+                Timing {
+                    switchover_timeout_ms: 1500,
+                    ..d
+                },
+                "switchover_timeout_ms",
             ),
         ];
         for (t, key) in cases {

@@ -551,3 +551,53 @@ async fn switchover_that_times_out_reopens_writes_on_the_same_primary() {
         n.raft.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_mode_fails_over_only_to_the_sync_set() {
+    use mirrordb_failover::state::{Applied, CommitPolicy};
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    wait_state(by("n2"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+
+    eprintln!("--- the primary's node declares quorum:1 with n3 in sync");
+    let n1 = &by("n1").handle;
+    let r = n1
+        .propose(ClusterCommand::SetCommitPolicy {
+            policy: CommitPolicy::parse("quorum:1", "strict").unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Ok(Applied::Ok));
+    let r = n1
+        .propose(ClusterCommand::SetSyncSet {
+            epoch: Epoch(1),
+            nodes: [NodeId::from("n3")].into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Ok(Applied::Ok));
+    by("n1").role.set_position(1, 40);
+    by("n2").role.set_position(1, 45); // ahead but not known to hold every ack
+    by("n3").role.set_position(1, 40);
+
+    eprintln!("--- n1 dies: n3 is promoted, not the further-ahead n2");
+    net.partition(&[by("n1").id], &[by("n2").id, by("n3").id]);
+    wait_told(by("n3"), Told::Primary(Epoch(2), Lsn(41))).await;
+    assert!(
+        by("n2")
+            .role
+            .told()
+            .iter()
+            .all(|(_, t)| !matches!(t, Told::Primary(..))),
+        "n2 must not be promoted"
+    );
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
