@@ -101,6 +101,34 @@ fn view<S: JournalSource>(source: &S, durable: Lsn) -> JournalView {
     }
 }
 
+/// Open sessions per mirror.
+#[derive(Debug, Default)]
+struct LiveSessions(std::sync::Mutex<std::collections::HashMap<NodeId, usize>>);
+
+impl LiveSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<NodeId, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn enter(&self, node: &NodeId) {
+        *self.lock().entry(node.clone()).or_insert(0) += 1;
+    }
+
+    /// Returns whether this was the node's last session.
+    fn leave(&self, node: &NodeId) -> bool {
+        let mut live = self.lock();
+        let n = live.entry(node.clone()).or_insert(1);
+        *n = n.saturating_sub(1);
+        let last = *n == 0;
+        if last {
+            live.remove(node);
+        }
+        last
+    }
+}
+
 /// Serves mirrors' subscriptions on accepted `mirrordb-repl/1` connections
 /// until `incoming` closes. Progress goes to `tracker`.
 pub async fn serve_replication<S: JournalSource>(
@@ -110,6 +138,9 @@ pub async fn serve_replication<S: JournalSource>(
     cfg: PrimaryConfig,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
+    // Sessions per mirror: a mirror that reconnects before its old session
+    // has timed out is still connected when the old one ends.
+    let live = Arc::new(LiveSessions::default());
     // Feed the tracker's clock for lag in milliseconds.
     let mut durable = source.durable_lsn();
     let tracker_clock = tracker.clone();
@@ -129,9 +160,11 @@ pub async fn serve_replication<S: JournalSource>(
                 .close(crate::endpoint::CLOSE_BUSY.into(), b"busy");
             continue;
         };
-        let (source, tracker, cfg) = (source.clone(), tracker.clone(), cfg.clone());
+        let (source, tracker, cfg, live) =
+            (source.clone(), tracker.clone(), cfg.clone(), live.clone());
         tokio::spawn(async move {
             let node = pc.node.clone();
+            live.enter(&node);
             let connection = pc.connection.clone();
             match serve_connection(pc, source, tracker.clone(), cfg).await {
                 Ok(()) => debug!(peer = %node, "replication session ended"),
@@ -140,7 +173,9 @@ pub async fn serve_replication<S: JournalSource>(
                     connection.close(CLOSE_PROTOCOL.into(), b"session failed");
                 }
             }
-            tracker.set_connected(&node, false);
+            if live.leave(&node) {
+                tracker.set_connected(&node, false);
+            }
             drop(permit);
         });
     }

@@ -32,6 +32,9 @@ use tracing::{debug, warn};
 
 /// Accepted connections waiting per ALPN before new ones are refused.
 pub const ACCEPT_QUEUE_DEPTH: usize = 64;
+/// Most handshakes in progress at once; further connection attempts are
+/// refused until some finish.
+pub const MAX_PENDING_HANDSHAKES: usize = 128;
 /// Longest time a handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no traffic for this long is dead.
@@ -290,9 +293,16 @@ async fn accept_loop(
     raft: mpsc::Sender<PeerConnection>,
 ) {
     let members = members.map(Arc::new);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            warn!(node = %me, remote = %incoming.remote_address(), "refused connection: too many handshakes in progress");
+            incoming.refuse();
+            continue;
+        };
         let (members, repl, raft, me) = (members.clone(), repl.clone(), raft.clone(), me.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let remote = incoming.remote_address();
             let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                 Ok(Ok(c)) => c,
