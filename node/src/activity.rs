@@ -98,8 +98,8 @@ pub struct ActivityEntry {
     pub detail: Option<String>,
 }
 
-/// What a query found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What a query found (serialised as the answer of `GET /v1/journal`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct QueryOutcome {
     pub entries: Vec<ActivityEntry>,
     /// True when the limit cut the result short.
@@ -120,6 +120,51 @@ pub enum ActivityError {
     Decode { lsn: u64, source: FrameError },
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
+}
+
+/// The query string of `GET /v1/journal?from_lsn=&to_lsn=&since=&until=&table=&key=&session=&limit=`
+/// (DESIGN §2); times take the forms of [`parse_time`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalQuery {
+    pub from_lsn: Option<u64>,
+    pub to_lsn: Option<u64>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub table: Option<String>,
+    pub key: Option<String>,
+    pub session: Option<u64>,
+    /// Default [`DEFAULT_QUERY_LIMIT`], at most [`MAX_QUERY_LIMIT`].
+    pub limit: Option<usize>,
+}
+
+impl JournalQuery {
+    /// The filter and limit this query asks for. A caller serving a live
+    /// journal should then cap `to_lsn` at the durable LSN.
+    pub fn filter(&self) -> Result<(Filter, usize), ActivityError> {
+        let time = |s: &Option<String>| {
+            s.as_deref()
+                .map(parse_time)
+                .transpose()
+                .map_err(ActivityError::InvalidFilter)
+        };
+        let filter = Filter {
+            from_lsn: self.from_lsn,
+            to_lsn: self.to_lsn,
+            since_us: time(&self.since)?,
+            until_us: time(&self.until)?,
+            table: self.table.clone(),
+            key: self.key.clone(),
+            session: self.session.map(SessionId),
+        };
+        let limit = self.limit.unwrap_or(DEFAULT_QUERY_LIMIT);
+        if limit == 0 || limit > MAX_QUERY_LIMIT {
+            return Err(ActivityError::InvalidFilter(format!(
+                "limit must be 1..={MAX_QUERY_LIMIT}"
+            )));
+        }
+        Ok((filter, limit))
+    }
 }
 
 /// Reads the activity in `journal_dir` that matches `filter`, in LSN order,
@@ -944,6 +989,31 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let out = query(&tmp.path().join("nope"), &Filter::default(), 10).expect("query");
         assert!(out.entries.is_empty());
+    }
+
+    #[test]
+    fn http_query_strings_become_filters() {
+        let q: JournalQuery = serde_json::from_value(serde_json::json!({
+            "from_lsn": 3, "since": "2025-11-24T16:00:00Z", "table": "users", "session": 2, "limit": 5
+        }))
+        .expect("query");
+        let (f, limit) = q.filter().expect("filter");
+        assert_eq!(limit, 5);
+        assert_eq!(f.since_us, Some(T0));
+        assert_eq!(f.session, Some(SessionId(2)));
+        let (_, limit) = JournalQuery::default().filter().expect("filter");
+        assert_eq!(limit, DEFAULT_QUERY_LIMIT);
+        let bad_time = JournalQuery {
+            until: Some("noon".into()),
+            ..JournalQuery::default()
+        };
+        assert!(bad_time.filter().is_err());
+        let bad_limit = JournalQuery {
+            limit: Some(0),
+            ..JournalQuery::default()
+        };
+        assert!(bad_limit.filter().is_err());
+        assert!(serde_json::from_value::<JournalQuery>(serde_json::json!({"tabel": "x"})).is_err());
     }
 
     #[test]
