@@ -492,7 +492,87 @@ mod tests {
         assert!(matches!(cut.verify(), Err(EntryError::Length { .. })));
     }
 
+    fn arb_entry() -> impl Strategy<Value = FramedEntry> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(l, e, p)| FramedEntry::encode(Lsn(l), Epoch(e), 0, &p))
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let lsn = any::<u64>().prop_map(Lsn);
+        let epoch = any::<u64>().prop_map(Epoch);
+        prop_oneof![
+            (
+                "[a-z0-9-]{1,63}",
+                any::<[u8; 16]>(),
+                lsn.clone(),
+                epoch.clone()
+            )
+                .prop_map(|(n, db_id, last_lsn, last_epoch)| Message::Subscribe {
+                    node: NodeId(n),
+                    db_id,
+                    last_lsn,
+                    last_epoch
+                }),
+            (lsn.clone(), epoch.clone(), any::<[u8; 16]>()).prop_map(|(from_lsn, epoch, db_id)| {
+                Message::Streaming {
+                    from_lsn,
+                    epoch,
+                    db_id,
+                }
+            }),
+            (proptest::collection::vec(arb_entry(), 0..8), lsn.clone()).prop_map(
+                |(entries, primary_last_lsn)| Message::Entries {
+                    entries,
+                    primary_last_lsn
+                }
+            ),
+            (lsn.clone(), lsn.clone()).prop_map(|(flushed_lsn, applied_lsn)| Message::Ack {
+                flushed_lsn,
+                applied_lsn
+            }),
+            (lsn.clone(), epoch.clone())
+                .prop_map(|(fork_lsn, epoch)| Message::Diverged { fork_lsn, epoch }),
+            (lsn.clone(), lsn.clone(), any::<[u8; 16]>()).prop_map(
+                |(oldest_lsn, primary_last_lsn, db_id)| Message::NeedsReseed {
+                    oldest_lsn,
+                    primary_last_lsn,
+                    db_id
+                }
+            ),
+            (lsn.clone(), epoch.clone(), any::<u64>()).prop_map(|(lsn, epoch, total_bytes)| {
+                Message::SnapshotBegin {
+                    lsn,
+                    epoch,
+                    total_bytes,
+                }
+            }),
+            proptest::collection::vec(any::<u8>(), 0..256)
+                .prop_map(|bytes| Message::SnapshotChunk { bytes }),
+            any::<u32>().prop_map(|checksum| Message::SnapshotEnd { checksum }),
+            (lsn, epoch).prop_map(|(primary_last_lsn, epoch)| Message::Heartbeat {
+                primary_last_lsn,
+                epoch
+            }),
+            ".{0,100}".prop_map(|reason| Message::Refused {
+                code: RefuseCode::Other,
+                reason
+            }),
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_messages_round_trip(msg in arb_message()) {
+            let bytes = encode(&msg).unwrap();
+            let (back, used) = decode(&bytes).unwrap().unwrap();
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(back, msg);
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes);

@@ -16,10 +16,12 @@ impl Lsn {
     /// The position before the first entry.
     pub const ZERO: Lsn = Lsn(0);
 
-    /// The next position.
+    /// The next position. Saturates at `u64::MAX` (never reached in
+    /// practice) so that a position taken from the network cannot make
+    /// arithmetic panic.
     #[must_use]
     pub fn next(self) -> Lsn {
-        Lsn(self.0 + 1)
+        Lsn(self.0.saturating_add(1))
     }
 }
 
@@ -75,6 +77,7 @@ mod tests {
         assert!(Lsn(1) < Lsn(2));
         assert_eq!(Lsn::ZERO.next(), Lsn(1));
         assert_eq!(Lsn(41).to_string(), "41");
+        assert_eq!(Lsn(u64::MAX).next(), Lsn(u64::MAX));
     }
 
     #[test]
