@@ -171,6 +171,12 @@ impl Timing {
                 election_max: self.election_max_ms,
             });
         }
+        if self.switchover_timeout_ms < self.lease_ttl_ms.saturating_mul(2) {
+            return Err(TimingError::SwitchoverTooShort {
+                timeout: self.switchover_timeout_ms,
+                ttl: self.lease_ttl_ms,
+            });
+        }
         if self.failover_margin_ms <= self.max_clock_skew_ms.saturating_add(self.heartbeat_ms) {
             return Err(TimingError::MarginTooSmall {
                 margin: self.failover_margin_ms,
