@@ -1,6 +1,7 @@
-//! Three Raft nodes over the in-memory transport: election, replication of
-//! cluster commands, a partitioned leader replaced by the majority, and
-//! identical applied states after healing.
+//! Raft nodes over the in-memory transport: election, replication of
+//! cluster commands, a partitioned leader replaced by the majority,
+//! identical applied states after healing, bootstrap and joining, and a
+//! joiner that catches up from a snapshot because the log was purged.
 //!
 //! Replay a run with `MIRRORDB_TEST_SEED=<seed> cargo test -p mirrordb-failover --test raft_cluster`.
 
@@ -29,11 +30,15 @@ struct TestNode {
 }
 
 async fn start(net: &MemNetwork, name: &str) -> TestNode {
+    start_with(net, name, fast_timing().raft_config().unwrap()).await
+}
+
+async fn start_with(net: &MemNetwork, name: &str, config: openraft::Config) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let (log, sm) = store::open(dir.path()).unwrap();
     let state = sm.subscribe();
     let id = raft_id(&NodeId::from(name));
-    let config = Arc::new(fast_timing().raft_config().unwrap());
+    let config = Arc::new(config);
     let factory = NetworkFactory::new(Arc::new(net.transport(id)));
     let raft = Raft::new(id, config, factory, log, sm).await.unwrap();
     net.register(id, raft.clone());
@@ -266,6 +271,84 @@ async fn bootstrap_is_idempotent_and_a_member_can_join_later() {
         .voter_ids()
         .collect();
     assert!(voters.contains(&joined.id), "n3 is a voter: {voters:?}");
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_member_catches_up_from_a_snapshot() {
+    use mirrordb_failover::membership::{add_member, bootstrap};
+    let net = MemNetwork::new(seed());
+    let mut config = fast_timing().raft_config().unwrap();
+    config.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(10);
+    config.max_in_snapshot_log_to_keep = 0;
+    let config = config.validate().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2"] {
+        nodes.push(start_with(&net, name, config.clone()).await);
+    }
+    let members: BTreeMap<NodeId, Member> = ["n1", "n2"]
+        .into_iter()
+        .map(|n| (NodeId::from(n), member(n, Role::Data)))
+        .collect();
+    bootstrap(
+        &nodes[0].raft,
+        nodes[0].id,
+        &net.transport(nodes[0].id),
+        &members,
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader_id = leader_among(&all, None).await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+
+    eprintln!("--- enough commands for a snapshot and a purged log");
+    for i in 0..30 {
+        leader
+            .raft
+            .client_write(ClusterCommand::SetNoFailover {
+                node: NodeId::from("n2"),
+                nofailover: i % 2 == 0,
+            })
+            .await
+            .unwrap();
+    }
+    leader
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.is_some() && m.purged.is_some(),
+            "snapshot and purge",
+        )
+        .await
+        .unwrap();
+
+    eprintln!("--- n3 joins; the entries it needs are gone, so it gets the snapshot");
+    nodes.push(start_with(&net, "n3", config.clone()).await);
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    add_member(
+        &leader.raft,
+        leader.id,
+        &net.transport(leader.id),
+        &NodeId::from("n3"),
+        &member("n3", Role::Data),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let joined = &nodes[2];
+    let applied = leader.raft.metrics().borrow().last_applied.unwrap().index;
+    let m = joined
+        .raft
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(applied), "n3 caught up")
+        .await
+        .unwrap();
+    assert!(m.snapshot.is_some(), "n3 installed a snapshot: {m:?}");
+    assert_eq!(*joined.state.borrow(), *leader.state.borrow());
     for n in &nodes {
         n.raft.shutdown().await.unwrap();
     }
