@@ -1158,6 +1158,21 @@ async fn child_process_serves_stops_cleanly_and_restarts() {
         .unwrap();
     assert_eq!(got, r#"{"kept":true}"#);
 
+    phase("a second node on the same data directory refuses to start, saying why");
+    let (status, _, errout) = run_mirrordb(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
+    assert_eq!(status.code(), Some(1), "{errout}");
+    assert!(
+        errout.contains("in use by another mirrordb process"),
+        "{errout}"
+    );
+
     phase("SIGKILL, restart: the acknowledged write survives");
     node.kill().unwrap();
     let node = ChildNode::spawn(&data).unwrap();
