@@ -15,8 +15,8 @@
 //! cannot hold a session forever.
 
 use crate::endpoint::{
-    CLOSE_PROTOCOL, EndpointError, NodeEndpoint, PeerConnection, Service, recv_message,
-    send_message,
+    CLOSE_PROTOCOL, CLOSE_SHUTDOWN, EndpointError, NodeEndpoint, PeerConnection, Service,
+    recv_message, send_message,
 };
 use crate::frame::{Message, RefuseCode};
 use crate::protocol::{
@@ -130,12 +130,17 @@ impl LiveSessions {
 }
 
 /// Serves mirrors' subscriptions on accepted `mirrordb-repl/1` connections
-/// until `incoming` closes. Progress goes to `tracker`.
+/// until `incoming` closes or `shutdown` turns true (or its sender is
+/// dropped). Progress goes to `tracker`.
+///
+/// On shutdown every open session is closed at once: a primary that steps
+/// down must stop feeding mirrors immediately, not when they time out.
 pub async fn serve_replication<S: JournalSource>(
     mut incoming: mpsc::Receiver<PeerConnection>,
     source: Arc<S>,
     tracker: Arc<AckTracker>,
     cfg: PrimaryConfig,
+    shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
     // Sessions per mirror: a mirror that reconnects before its old session
@@ -153,7 +158,15 @@ pub async fn serve_replication<S: JournalSource>(
             }
         }
     });
-    while let Some(pc) = incoming.recv().await {
+    let mut stop = shutdown.clone();
+    loop {
+        let pc = tokio::select! {
+            pc = incoming.recv() => match pc {
+                Some(pc) => pc,
+                None => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             warn!(peer = %pc.node, "refusing replication session: too many sessions");
             pc.connection
@@ -162,11 +175,20 @@ pub async fn serve_replication<S: JournalSource>(
         };
         let (source, tracker, cfg, live) =
             (source.clone(), tracker.clone(), cfg.clone(), live.clone());
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let node = pc.node.clone();
             live.enter(&node);
             let connection = pc.connection.clone();
-            match serve_connection(pc, source, tracker.clone(), cfg).await {
+            let outcome = tokio::select! {
+                r = serve_connection(pc, source, tracker.clone(), cfg) => r,
+                _ = stop.wait_for(|s| *s) => {
+                    info!(peer = %node, "closing replication session: primary stopping");
+                    connection.close(CLOSE_SHUTDOWN.into(), b"primary stopping");
+                    Ok(())
+                }
+            };
+            match outcome {
                 Ok(()) => debug!(peer = %node, "replication session ended"),
                 Err(e) => {
                     warn!(peer = %node, error = %e, "replication session failed");
@@ -636,6 +658,7 @@ mod tests {
         addr: PrimaryAddr,
         /// Every accepted replication connection, so a test can cut them.
         conns: Arc<Mutex<Vec<quinn::Connection>>>,
+        stop: watch::Sender<bool>,
         _endpoint: NodeEndpoint,
     }
 
@@ -654,15 +677,18 @@ mod tests {
                 }
             }
         });
+        let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(serve_replication(
             rx,
             source.clone(),
             tracker.clone(),
             small(),
+            stop_rx,
         ));
         Primary {
             source,
             tracker,
+            stop,
             addr: PrimaryAddr {
                 node: NodeId::from("n1"),
                 addr: endpoint.local_addr().unwrap(),
@@ -846,6 +872,58 @@ mod tests {
         assert!(!status_rx.borrow_and_update().streaming);
         stop.send_replace(true);
         task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stepping_down_primary_stops_feeding_at_once() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let p = start_primary(&ca);
+        for i in 0..20u32 {
+            p.source.append(&i.to_le_bytes());
+        }
+        let m = start_mirror(&identity(&ca, "n2"), &p.addr);
+        p.tracker
+            .wait_for(1, Lsn(20), Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Phase: the primary steps down; what it writes afterwards never
+        // reaches the mirror.
+        p.stop.send_replace(true);
+        let mut status = m.status.clone();
+        tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| !s.streaming))
+            .await
+            .unwrap()
+            .unwrap();
+        for i in 20..30u32 {
+            p.source.append(&i.to_le_bytes());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(m.sink.entries().len(), 20);
+        m.stop.send_replace(true);
+        m.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_mirror_journal_stops_the_mirror() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let p = start_primary(&ca);
+        for i in 0..20u32 {
+            p.source.append(&i.to_le_bytes());
+        }
+        let m = start_mirror(&identity(&ca, "n2"), &p.addr);
+        p.tracker
+            .wait_for(1, Lsn(20), Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap();
+        m.sink
+            .fail_next_append(StorageError::Fatal("fsync failed".into()));
+        p.source.append(b"doomed");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), m.task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(stopped, Err(MirrorStopped::Fatal(_))));
+        assert_eq!(m.sink.entries().len(), 20);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

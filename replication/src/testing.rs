@@ -157,6 +157,7 @@ struct SinkState {
     receiving: Option<(Lsn, Epoch, Vec<u8>)>,
     appends: u64,
     truncations: Vec<Lsn>,
+    fail_next_append: Option<StorageError>,
 }
 
 impl SinkState {
@@ -196,6 +197,12 @@ impl MemorySink {
     /// The installed snapshot, if any: `(lsn, epoch, bytes)`.
     pub fn snapshot(&self) -> Option<(Lsn, Epoch, Vec<u8>)> {
         lock(&self.state).snapshot.clone()
+    }
+
+    /// Makes the next `append` fail with `error` and write nothing (an
+    /// fsync failure, a full disk).
+    pub fn fail_next_append(&self, error: StorageError) {
+        lock(&self.state).fail_next_append = Some(error);
     }
 
     /// Every `truncate_after` argument so far.
@@ -238,6 +245,9 @@ impl JournalSink for MemorySink {
     async fn append(&mut self, entries: Vec<FramedEntry>) -> Result<Lsn, StorageError> {
         let last = {
             let mut s = lock(&self.state);
+            if let Some(e) = s.fail_next_append.take() {
+                return Err(e);
+            }
             for e in entries {
                 let (last, epoch) = s.last();
                 if e.lsn != last.next() || e.epoch < epoch {
