@@ -65,6 +65,12 @@ pub struct QuorumTimeout {
     pub reached: usize,
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Reached {
+    Flushed,
+    Applied,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     mirrors: BTreeMap<NodeId, MirrorProgress>,
@@ -170,24 +176,53 @@ impl AckTracker {
 
     /// How many mirrors have flushed `lsn` or beyond.
     pub fn count_flushed(&self, lsn: Lsn) -> usize {
+        self.count(lsn, Reached::Flushed)
+    }
+
+    fn count(&self, lsn: Lsn, what: Reached) -> usize {
         self.lock()
             .mirrors
             .values()
-            .filter(|p| p.flushed_lsn >= lsn)
+            .filter(|p| match what {
+                Reached::Flushed => p.flushed_lsn >= lsn,
+                Reached::Applied => p.applied_lsn >= lsn,
+            })
             .count()
     }
 
-    /// Waits until `k` mirrors have flushed `lsn`, or `deadline`.
+    /// Waits until `k` mirrors have flushed (fsynced) `lsn`, or `deadline`:
+    /// the `quorum` commit policy.
     pub async fn wait_for(
         &self,
         k: usize,
         lsn: Lsn,
         deadline: Instant,
     ) -> Result<(), QuorumTimeout> {
+        self.wait(k, lsn, deadline, Reached::Flushed).await
+    }
+
+    /// Waits until `k` mirrors have applied `lsn`, or `deadline`: the
+    /// `remote_apply` commit policy.
+    pub async fn wait_for_applied(
+        &self,
+        k: usize,
+        lsn: Lsn,
+        deadline: Instant,
+    ) -> Result<(), QuorumTimeout> {
+        self.wait(k, lsn, deadline, Reached::Applied).await
+    }
+
+    async fn wait(
+        &self,
+        k: usize,
+        lsn: Lsn,
+        deadline: Instant,
+        what: Reached,
+    ) -> Result<(), QuorumTimeout> {
         let mut rx = self.changed.subscribe();
         loop {
             rx.borrow_and_update();
-            let reached = self.count_flushed(lsn);
+            let reached = self.count(lsn, what);
             if reached >= k {
                 return Ok(());
             }
@@ -287,5 +322,10 @@ mod tests {
         assert!(!waiter.is_finished());
         tr.record(&NodeId::from("b"), Lsn(7), Lsn(1), Instant::now());
         assert_eq!(waiter.await.unwrap(), Ok(()));
+        // Applied lags behind flushed on b.
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(tr.wait_for_applied(2, Lsn(5), soon).await.is_err());
+        tr.record(&NodeId::from("b"), Lsn(7), Lsn(6), Instant::now());
+        assert_eq!(tr.wait_for_applied(2, Lsn(5), Instant::now()).await, Ok(()));
     }
 }
