@@ -37,6 +37,10 @@ enum Told {
 struct FakeInner {
     position: Position,
     fenced: bool,
+    /// The epoch it was made primary of (cleared when it becomes a mirror).
+    primary_of: Option<Epoch>,
+    /// The lease as last told: (epoch, until_ms).
+    lease: Option<(Epoch, u64)>,
     log: Vec<(Instant, Told)>,
 }
 
@@ -69,6 +73,18 @@ impl FakeRole {
     fn record(&self, t: Told) {
         self.inner.lock().unwrap().log.push((Instant::now(), t));
     }
+
+    /// Whether this node would acknowledge a write at `now_ms`: primary, not
+    /// fenced, and within the lease it was told (the node-side check the
+    /// `RoleControl` contract asks for).
+    fn writable(&self, now_ms: u64) -> Option<Epoch> {
+        let i = self.inner.lock().unwrap();
+        let epoch = i.primary_of?;
+        let lease_ok = i
+            .lease
+            .is_some_and(|(e, until)| e == epoch && now_ms < until);
+        (!i.fenced && lease_ok).then_some(epoch)
+    }
 }
 
 impl RoleControl for FakeRole {
@@ -76,6 +92,7 @@ impl RoleControl for FakeRole {
         self.record(Told::Primary(epoch, first_lsn));
         let mut i = self.inner.lock().unwrap();
         i.fenced = false;
+        i.primary_of = Some(epoch);
         i.position.epoch = epoch;
         Ok(())
     }
@@ -87,10 +104,13 @@ impl RoleControl for FakeRole {
         epoch: Epoch,
     ) -> Result<(), RoleError> {
         self.record(Told::Mirror(primary.clone(), epoch));
+        self.inner.lock().unwrap().primary_of = None;
         Ok(())
     }
 
-    fn lease_valid_until(&self, _: Epoch, _: u64) {}
+    fn lease_valid_until(&self, epoch: Epoch, until_ms: u64) {
+        self.inner.lock().unwrap().lease = Some((epoch, until_ms));
+    }
 
     async fn fence_writes(&self, _: Epoch) -> Result<Lsn, RoleError> {
         self.record(Told::Fence);
@@ -598,6 +618,111 @@ async fn quorum_mode_fails_over_only_to_the_sync_set() {
     );
     stop_tx.send(true).unwrap();
     for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+/// Seeded random partitions and message drops while the drivers run; at no
+/// sampled moment may two nodes accept writes, and after healing the cluster
+/// ends with exactly one writable primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_partitions_never_give_two_writable_primaries() {
+    use rand::{Rng, SeedableRng};
+    let seed = seed();
+    let net = MemNetwork::new(seed);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = Arc::new(cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await);
+    wait_state(&nodes[1], "a primary", |s| s.primary.is_some()).await;
+    let clock = system_clock();
+
+    eprintln!("--- sample who accepts writes while the network misbehaves");
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (nodes, sampling, clock) = (nodes.clone(), sampling.clone(), clock.clone());
+        tokio::spawn(async move {
+            let mut violations = Vec::new();
+            let mut samples = 0u64;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = clock();
+                let writable: Vec<(String, Epoch)> = nodes
+                    .iter()
+                    .filter_map(|n| n.role.writable(now).map(|e| (n.name.to_string(), e)))
+                    .collect();
+                if writable.len() > 1 {
+                    violations.push((now, writable));
+                }
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (samples, violations)
+        })
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    let mut failovers_seen = 0;
+    let mut last_epoch = nodes[0].state.borrow().epoch;
+    for step in 0..16 {
+        let name = |id: u64| nodes.iter().find(|n| n.id == id).unwrap().name.clone();
+        match rng.random_range(0..5) {
+            0 | 1 => {
+                // Mostly the primary: that is what forces failovers.
+                let primary = nodes[0].state.borrow().primary.clone();
+                let victim = match primary {
+                    Some(p) if rng.random_bool(0.7) => raft_id(&p),
+                    _ => ids[rng.random_range(0..ids.len())],
+                };
+                let others: Vec<u64> = ids.iter().copied().filter(|&i| i != victim).collect();
+                eprintln!("step {step}: isolate {}", name(victim));
+                net.partition(&[victim], &others);
+            }
+            2 => {
+                let (a, b) = (ids[rng.random_range(0..3)], ids[rng.random_range(0..3)]);
+                eprintln!("step {step}: drop 40% {} -> {}", name(a), name(b));
+                net.set_drop_rate(a, b, 400);
+            }
+            _ => {
+                eprintln!("step {step}: heal");
+                net.heal();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        let epoch = nodes.iter().map(|n| n.state.borrow().epoch).max().unwrap();
+        if epoch > last_epoch {
+            failovers_seen += 1;
+            last_epoch = epoch;
+        }
+    }
+
+    eprintln!("--- heal: exactly one writable primary emerges");
+    net.heal();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = clock();
+        let writable = nodes
+            .iter()
+            .filter(|n| n.role.writable(now).is_some())
+            .count();
+        let states: Vec<ClusterState> = nodes.iter().map(|n| n.state.borrow().clone()).collect();
+        if writable == 1 && states.iter().all(|s| s.epoch == states[0].epoch) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single primary after healing: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (samples, violations) = sampler.await.unwrap();
+    eprintln!("{samples} samples, {failovers_seen} epoch changes observed");
+    assert!(samples > 100, "the sampler ran");
+    assert!(
+        violations.is_empty(),
+        "two writable primaries (seed {seed}): {:?}",
+        &violations[..violations.len().min(5)]
+    );
+    stop_tx.send(true).unwrap();
+    for n in nodes.iter() {
         n.raft.shutdown().await.unwrap();
     }
 }
