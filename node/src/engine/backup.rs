@@ -15,7 +15,7 @@
 
 use super::error::{OpenError, WriteError};
 use super::replay::Replayer;
-use super::store::{Applier, BlobMeta, DATA_FILE, ReadView, Store};
+use super::store::{BlobMeta, DATA_FILE, ReadView, Store};
 pub use super::store::{ExportError, SnapshotCounts, SnapshotItem};
 use super::{Engine, writer::Request};
 use crate::journal::format::decode_op;
@@ -436,20 +436,26 @@ struct LoadingBlob {
     index: u32,
 }
 
+/// Work waiting to be applied in the builder's next data-file transaction.
+enum Work {
+    Item(SnapshotItem),
+    Entry(u64, Op),
+}
+
 /// Builds a data directory from a snapshot and then journal frames: the
-/// core of restore, point-in-time recovery and `verify --restore`.
+/// core of restore, point-in-time recovery and `verify --restore`. Work is
+/// buffered and applied in data-file transactions of bounded size.
 pub struct DataFileBuilder {
     data_dir: PathBuf,
     store: Store,
-    applier: Option<Applier>,
     replayer: Replayer,
     db_id: [u8; 16],
     epoch: u64,
     last_lsn: u64,
-    in_txn_items: u64,
+    pending: Vec<Work>,
+    pending_bytes: usize,
     blob: Option<LoadingBlob>,
     next_blob_id: u64,
-    records: u64,
     entries: u64,
 }
 
@@ -462,8 +468,59 @@ impl std::fmt::Debug for DataFileBuilder {
     }
 }
 
-fn store_err(e: impl std::fmt::Display) -> OpenError {
-    OpenError::Store(e.to_string())
+/// Bytes of buffered work that force a data-file transaction.
+const BUILD_TXN_BYTES: usize = 32 << 20;
+
+fn load_item(
+    a: &mut super::store::Applier<'_>,
+    blob: &mut Option<LoadingBlob>,
+    next_blob_id: &mut u64,
+    item: SnapshotItem,
+) -> Result<(), OpenError> {
+    match item {
+        SnapshotItem::Table { name, journaled } => a.set_table(&name, journaled)?,
+        SnapshotItem::Record {
+            table,
+            key,
+            version,
+            value,
+        } => a.put(&table, &key, &value, version)?,
+        SnapshotItem::BlobStart {
+            table,
+            key,
+            version,
+            size,
+        } => {
+            *blob = Some(LoadingBlob {
+                table,
+                key,
+                version,
+                size,
+                blob_id: *next_blob_id,
+                index: 0,
+            });
+            *next_blob_id += 1;
+        }
+        SnapshotItem::BlobChunk { bytes } => {
+            let b = blob.as_mut().ok_or_else(|| {
+                OpenError::Store("BLOB chunk outside a BLOB in the snapshot".into())
+            })?;
+            a.stage_chunk(b.blob_id, b.index, &bytes)?;
+            b.index += 1;
+        }
+        SnapshotItem::BlobEnd => {
+            let b = blob.take().ok_or_else(|| {
+                OpenError::Store("BLOB end without a BLOB in the snapshot".into())
+            })?;
+            let meta = BlobMeta {
+                blob_id: b.blob_id,
+                size: b.size,
+                version: b.version,
+            };
+            a.link_blob(&b.table, &b.key, meta)?;
+        }
+    }
+    Ok(())
 }
 
 impl DataFileBuilder {
@@ -490,106 +547,56 @@ impl DataFileBuilder {
                 ),
             });
         }
-        let store = Store::create(&path, 64 << 20, db_id, epoch).map_err(store_err)?;
-        let applier = store.begin_apply().map_err(store_err)?;
+        let store = Store::create(&path, 64 << 20, db_id, epoch)?;
         Ok(DataFileBuilder {
             data_dir: data_dir.to_owned(),
             store,
-            applier: Some(applier),
             replayer: Replayer::after(base_lsn),
             db_id,
             epoch,
             last_lsn: base_lsn,
-            in_txn_items: 0,
+            pending: Vec::new(),
+            pending_bytes: 0,
             blob: None,
             next_blob_id: RESTORED_BLOB_IDS,
-            records: 0,
             entries: 0,
         })
     }
 
-    fn applier(&mut self) -> Result<&mut Applier, OpenError> {
-        self.in_txn_items += 1;
-        if self.in_txn_items >= BUILD_TXN_ITEMS {
-            if let Some(a) = self.applier.take() {
-                a.commit().map_err(store_err)?;
+    fn push(&mut self, work: Work, bytes: usize) -> Result<(), OpenError> {
+        self.pending.push(work);
+        self.pending_bytes += bytes;
+        if self.pending.len() as u64 >= BUILD_TXN_ITEMS || self.pending_bytes >= BUILD_TXN_BYTES {
+            self.apply_pending()?;
+        }
+        Ok(())
+    }
+
+    fn apply_pending(&mut self) -> Result<(), OpenError> {
+        let work = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let (replayer, blob, next_blob_id) =
+            (&mut self.replayer, &mut self.blob, &mut self.next_blob_id);
+        self.store.apply(false, |a| -> Result<(), OpenError> {
+            for w in work {
+                match w {
+                    Work::Item(item) => load_item(a, blob, next_blob_id, item)?,
+                    Work::Entry(lsn, op) => replayer.apply(a, lsn, op)?,
+                }
             }
-            self.in_txn_items = 0;
-        }
-        if self.applier.is_none() {
-            self.applier = Some(self.store.begin_apply().map_err(store_err)?);
-        }
-        self.applier
-            .as_mut()
-            .ok_or_else(|| OpenError::Store("no data-file transaction".into()))
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// Loads one snapshot item.
     pub fn add_item(&mut self, item: SnapshotItem) -> Result<(), OpenError> {
-        match item {
-            SnapshotItem::Table { name, journaled } => self
-                .applier()?
-                .set_table(&name, journaled)
-                .map_err(store_err),
-            SnapshotItem::Record {
-                table,
-                key,
-                version,
-                value,
-            } => {
-                self.records += 1;
-                self.applier()?
-                    .put(&table, &key, &value, version)
-                    .map_err(store_err)
-            }
-            SnapshotItem::BlobStart {
-                table,
-                key,
-                version,
-                size,
-            } => {
-                let blob_id = self.next_blob_id;
-                self.next_blob_id += 1;
-                self.blob = Some(LoadingBlob {
-                    table,
-                    key,
-                    version,
-                    size,
-                    blob_id,
-                    index: 0,
-                });
-                Ok(())
-            }
-            SnapshotItem::BlobChunk { bytes } => {
-                let (blob_id, index) = match self.blob.as_mut() {
-                    Some(b) => {
-                        b.index += 1;
-                        (b.blob_id, b.index - 1)
-                    }
-                    None => {
-                        return Err(OpenError::Store(
-                            "BLOB chunk outside a BLOB in the snapshot".into(),
-                        ));
-                    }
-                };
-                self.applier()?
-                    .stage_chunk(blob_id, index, &bytes)
-                    .map_err(store_err)
-            }
-            SnapshotItem::BlobEnd => {
-                let b = self.blob.take().ok_or_else(|| {
-                    OpenError::Store("BLOB end without a BLOB in the snapshot".into())
-                })?;
-                let meta = BlobMeta {
-                    blob_id: b.blob_id,
-                    size: b.size,
-                    version: b.version,
-                };
-                self.applier()?
-                    .link_blob(&b.table, &b.key, meta)
-                    .map_err(store_err)
-            }
-        }
+        let bytes = match &item {
+            SnapshotItem::Record { value, .. } => value.len() + 64,
+            SnapshotItem::BlobChunk { bytes } => bytes.len(),
+            _ => 64,
+        };
+        self.push(Work::Item(item), bytes)
     }
 
     /// Integrates the next journal frame (LSNs must continue densely).
@@ -619,12 +626,7 @@ impl DataFileBuilder {
         self.epoch = h.epoch;
         self.last_lsn = h.lsn;
         self.entries += 1;
-        self.applier()?;
-        let a = self
-            .applier
-            .as_mut()
-            .ok_or_else(|| OpenError::Store("no data-file transaction".into()))?;
-        self.replayer.apply(a, h.lsn, op).map_err(store_err)
+        self.push(Work::Entry(h.lsn, op), frame.bytes.len())
     }
 
     /// The last integrated LSN and the epoch.
@@ -641,16 +643,17 @@ impl DataFileBuilder {
     /// file is flushed with its checkpoint, and a fresh journal segment is
     /// created after the last complete LSN, stamped `new_epoch` if given.
     pub fn finish(mut self, new_epoch: Option<u64>) -> Result<RestoredDataDir, OpenError> {
-        let mut a = match self.applier.take() {
-            Some(a) => a,
-            None => self.store.begin_apply().map_err(store_err)?,
-        };
-        self.replayer.abort_open(&mut a).map_err(store_err)?;
-        a.sweep_orphan_chunks().map_err(store_err)?;
+        self.apply_pending()?;
         let epoch = new_epoch.unwrap_or(self.epoch).max(self.epoch);
-        a.set_epoch(epoch).map_err(store_err)?;
-        let last = self.replayer.complete_lsn();
-        a.commit_durable(last).map_err(store_err)?;
+        let replayer = &mut self.replayer;
+        let (last, _) = self.store.apply(true, |a| -> Result<u64, OpenError> {
+            replayer.abort_open(a)?;
+            a.sweep_orphan_chunks()?;
+            a.set_epoch(epoch)?;
+            let last = replayer.complete_lsn();
+            a.set_checkpoint(last)?;
+            Ok(last)
+        })?;
         let journal_dir = self.data_dir.join("journal");
         JournalWriter::create(
             Arc::new(crate::journal::disk::RealDisk),
@@ -664,12 +667,7 @@ impl DataFileBuilder {
             path: journal_dir.clone(),
             source,
         })?;
-        let records = self
-            .store
-            .read()
-            .and_then(|v| v.counts())
-            .map_err(store_err)?
-            .records;
+        let records = self.store.read().and_then(|v| v.counts())?.records;
         Ok(RestoredDataDir {
             last_lsn: last,
             epoch,

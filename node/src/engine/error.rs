@@ -63,6 +63,18 @@ impl WriteError {
     }
 }
 
+impl From<super::store::StoreError> for WriteError {
+    fn from(e: super::store::StoreError) -> Self {
+        WriteError::Storage(e.to_string())
+    }
+}
+
+impl From<super::store::StoreError> for OpenError {
+    fn from(e: super::store::StoreError) -> Self {
+        OpenError::Store(e.to_string())
+    }
+}
+
 /// Why a read failed.
 #[derive(Debug, Error)]
 #[non_exhaustive]

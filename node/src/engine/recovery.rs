@@ -181,29 +181,28 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
         if action == RecoveryAction::Opened {
             action = RecoveryAction::Replayed;
         }
-        let mut w = store
-            .begin_apply()
-            .map_err(|e| OpenError::Store(e.to_string()))?;
-        for frame in EntryIter::new(state.segments.clone(), checkpoint + 1, state.last_lsn) {
-            let frame = frame.map_err(|e| scan_err(e, data_dir))?;
-            let op = decode_op(frame.payload()).map_err(|e| OpenError::JournalCorrupt {
-                segment: journal_dir.clone(),
-                offset: 0,
-                reason: format!("entry {} does not decode: {e}", frame.header.lsn),
-                hint: restore_hint(data_dir),
+        let mut frames = EntryIter::new(state.segments.clone(), checkpoint + 1, state.last_lsn);
+        let mut done = false;
+        while !done {
+            store.apply(false, |w| -> Result<(), OpenError> {
+                for _ in 0..REPLAY_TXN_ENTRIES {
+                    let Some(frame) = frames.next() else {
+                        done = true;
+                        return Ok(());
+                    };
+                    let frame = frame.map_err(|e| scan_err(e, data_dir))?;
+                    let op = decode_op(frame.payload()).map_err(|e| OpenError::JournalCorrupt {
+                        segment: journal_dir.clone(),
+                        offset: 0,
+                        reason: format!("entry {} does not decode: {e}", frame.header.lsn),
+                        hint: restore_hint(data_dir),
+                    })?;
+                    replayer.apply(w, frame.header.lsn, op)?;
+                    replayed += 1;
+                }
+                Ok(())
             })?;
-            replayer
-                .apply(&mut w, frame.header.lsn, op)
-                .map_err(|e| OpenError::Store(e.to_string()))?;
-            replayed += 1;
-            if replayed.is_multiple_of(REPLAY_TXN_ENTRIES) {
-                w.commit().map_err(|e| OpenError::Store(e.to_string()))?;
-                w = store
-                    .begin_apply()
-                    .map_err(|e| OpenError::Store(e.to_string()))?;
-            }
         }
-        w.commit().map_err(|e| OpenError::Store(e.to_string()))?;
     }
     let replay_ms = t0.elapsed().as_millis() as u64;
 
@@ -213,9 +212,6 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
     // Close a transaction the journal ends inside, sweep orphans, mark the
     // open. A mirror writes nothing of its own: the rest of an open
     // transaction will come from its primary.
-    let mut w = store
-        .begin_apply()
-        .map_err(|e| OpenError::Store(e.to_string()))?;
     let mut closing = Vec::new();
     let mut aborted_txn_lsn = None;
     if cfg.role == super::replica::Role::Primary {
@@ -238,23 +234,21 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
                 source,
             })?;
     }
-    for (lsn, op) in closing {
-        replayer
-            .apply(&mut w, lsn, op)
-            .map_err(|e| OpenError::Store(e.to_string()))?;
-    }
-    // (A mirror inside a replicated BLOB transaction keeps its staged chunks.)
-    let orphans = if replayer.in_txn() {
-        0
-    } else {
-        w.sweep_orphan_chunks()
-            .map_err(|e| OpenError::Store(e.to_string()))?
-    };
-    w.set_epoch(epoch)
-        .map_err(|e| OpenError::Store(e.to_string()))?;
+    let (orphans, _) = store.apply(true, |w| -> Result<u64, OpenError> {
+        for (lsn, op) in closing {
+            replayer.apply(w, lsn, op)?;
+        }
+        // (A mirror inside a replicated BLOB transaction keeps its staged chunks.)
+        let orphans = if replayer.in_txn() {
+            0
+        } else {
+            w.sweep_orphan_chunks()?
+        };
+        w.set_epoch(epoch)?;
+        w.set_checkpoint(replayer.complete_lsn())?;
+        Ok(orphans)
+    })?;
     let new_checkpoint = replayer.complete_lsn();
-    w.commit_durable(new_checkpoint)
-        .map_err(|e| OpenError::Store(e.to_string()))?;
 
     let view = store.read().map_err(|e| OpenError::Store(e.to_string()))?;
     let tables = view

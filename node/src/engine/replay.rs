@@ -66,7 +66,7 @@ impl Replayer {
     }
 
     /// Applies one entry.
-    pub fn apply(&mut self, w: &mut Applier, lsn: u64, op: Op) -> Result<(), StoreError> {
+    pub fn apply(&mut self, w: &mut Applier<'_>, lsn: u64, op: Op) -> Result<(), StoreError> {
         self.last_lsn = lsn;
         match op {
             Op::TxnBegin { .. } => {
@@ -147,7 +147,7 @@ impl Replayer {
 
     /// Discards an open transaction (end of the journal reached inside it).
     /// Returns its `TxnBegin` LSN if there was one.
-    pub fn abort_open(&mut self, w: &mut Applier) -> Result<Option<u64>, StoreError> {
+    pub fn abort_open(&mut self, w: &mut Applier<'_>) -> Result<Option<u64>, StoreError> {
         match self.pending.take() {
             Some(txn) => {
                 let begin = txn.begin_lsn;
@@ -168,14 +168,14 @@ impl Replayer {
     }
 }
 
-fn discard(w: &mut Applier, txn: PendingTxn) -> Result<(), StoreError> {
+fn discard(w: &mut Applier<'_>, txn: PendingTxn) -> Result<(), StoreError> {
     if let Some(b) = txn.blob {
         w.drop_chunks(b.blob_id)?;
     }
     Ok(())
 }
 
-fn apply_one(w: &mut Applier, lsn: u64, op: Op) -> Result<(), StoreError> {
+fn apply_one(w: &mut Applier<'_>, lsn: u64, op: Op) -> Result<(), StoreError> {
     match op {
         Op::Put {
             table, key, value, ..
@@ -205,7 +205,7 @@ fn apply_one(w: &mut Applier, lsn: u64, op: Op) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::store::{DATA_FILE, Store};
+    use crate::engine::store::{DATA_FILE, Store, StoreError};
     use crate::model::SessionId;
 
     fn put(k: &str, v: &str) -> Op {
@@ -222,34 +222,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::create(&dir.path().join(DATA_FILE), 1 << 20, [0; 16], 1).unwrap();
         let mut r = Replayer::after(0);
-        let mut w = s.begin_apply().unwrap();
-        r.apply(&mut w, 1, put("solo", "1")).unwrap();
-        r.apply(
-            &mut w,
-            2,
-            Op::TxnBegin {
-                session: SessionId(1),
-                ops: 2,
-            },
-        )
+        s.apply(false, |w| -> Result<_, StoreError> {
+            r.apply(w, 1, put("solo", "1"))?;
+            r.apply(
+                w,
+                2,
+                Op::TxnBegin {
+                    session: SessionId(1),
+                    ops: 2,
+                },
+            )?;
+            r.apply(w, 3, put("a", "1"))?;
+            r.apply(w, 4, put("b", "1"))?;
+            assert_eq!(r.complete_lsn(), 1, "checkpoint never inside a txn");
+            r.apply(w, 5, Op::TxnCommit)?;
+            assert_eq!(r.complete_lsn(), 5);
+            r.apply(
+                w,
+                6,
+                Op::TxnBegin {
+                    session: SessionId(1),
+                    ops: 1,
+                },
+            )?;
+            r.apply(w, 7, put("c", "1"))?;
+            assert_eq!(r.abort_open(w)?, Some(6));
+            Ok(())
+        })
         .unwrap();
-        r.apply(&mut w, 3, put("a", "1")).unwrap();
-        r.apply(&mut w, 4, put("b", "1")).unwrap();
-        assert_eq!(r.complete_lsn(), 1, "checkpoint never inside a txn");
-        r.apply(&mut w, 5, Op::TxnCommit).unwrap();
-        assert_eq!(r.complete_lsn(), 5);
-        r.apply(
-            &mut w,
-            6,
-            Op::TxnBegin {
-                session: SessionId(1),
-                ops: 1,
-            },
-        )
-        .unwrap();
-        r.apply(&mut w, 7, put("c", "1")).unwrap();
-        assert_eq!(r.abort_open(&mut w).unwrap(), Some(6));
-        w.commit().unwrap();
         let v = s.read().unwrap();
         assert_eq!(v.version("t", "solo").unwrap(), 1);
         assert_eq!(v.version("t", "a").unwrap(), 3);
@@ -262,66 +262,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::create(&dir.path().join(DATA_FILE), 1 << 20, [0; 16], 1).unwrap();
         let mut r = Replayer::after(0);
-        let mut w = s.begin_apply().unwrap();
-        r.apply(
-            &mut w,
-            1,
-            Op::TxnBegin {
-                session: SessionId(1),
-                ops: 1,
-            },
-        )
+        let begin = |key: &str| Op::BlobBegin {
+            session: SessionId(1),
+            table: "t".into(),
+            key: key.into(),
+            size: 4,
+        };
+        s.apply(false, |w| -> Result<_, StoreError> {
+            r.apply(
+                w,
+                1,
+                Op::TxnBegin {
+                    session: SessionId(1),
+                    ops: 1,
+                },
+            )?;
+            r.apply(w, 2, begin("b"))?;
+            r.apply(
+                w,
+                3,
+                Op::BlobChunk {
+                    bytes: b"ab".to_vec(),
+                },
+            )?;
+            r.apply(w, 4, Op::TxnAbort)?;
+            r.apply(
+                w,
+                5,
+                Op::TxnBegin {
+                    session: SessionId(1),
+                    ops: 1,
+                },
+            )?;
+            r.apply(w, 6, begin("b"))?;
+            r.apply(
+                w,
+                7,
+                Op::BlobChunk {
+                    bytes: b"wxyz".to_vec(),
+                },
+            )?;
+            r.apply(w, 8, Op::TxnCommit)
+        })
         .unwrap();
-        r.apply(
-            &mut w,
-            2,
-            Op::BlobBegin {
-                session: SessionId(1),
-                table: "t".into(),
-                key: "b".into(),
-                size: 4,
-            },
-        )
-        .unwrap();
-        r.apply(
-            &mut w,
-            3,
-            Op::BlobChunk {
-                bytes: b"ab".to_vec(),
-            },
-        )
-        .unwrap();
-        r.apply(&mut w, 4, Op::TxnAbort).unwrap();
-        r.apply(
-            &mut w,
-            5,
-            Op::TxnBegin {
-                session: SessionId(1),
-                ops: 1,
-            },
-        )
-        .unwrap();
-        r.apply(
-            &mut w,
-            6,
-            Op::BlobBegin {
-                session: SessionId(1),
-                table: "t".into(),
-                key: "b".into(),
-                size: 4,
-            },
-        )
-        .unwrap();
-        r.apply(
-            &mut w,
-            7,
-            Op::BlobChunk {
-                bytes: b"wxyz".to_vec(),
-            },
-        )
-        .unwrap();
-        r.apply(&mut w, 8, Op::TxnCommit).unwrap();
-        w.commit().unwrap();
         let v = s.read().unwrap();
         assert!(v.blob_chunk(2, 0).unwrap().is_none());
         let m = v.blob("t", "b").unwrap().unwrap();

@@ -20,7 +20,7 @@
 use crate::model::{Record, TableInfo};
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition, WriteTransaction,
+    ReadableTableMetadata, TableDefinition,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -173,15 +173,40 @@ impl Store {
         })
     }
 
-    /// Starts applying a batch; see [`Applier`].
-    pub fn begin_apply(&self) -> Result<Applier, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::None)?;
-        Ok(Applier {
-            txn,
-            tables: HashMap::new(),
-            bytes: 0,
+    /// Applies a batch in one write transaction with every table opened
+    /// once (opening a redb table per operation costs a table-tree update
+    /// each time). `durable = false`: visible to readers at once, durable at
+    /// the next durable commit; `true`: durable when this returns. If `f`
+    /// fails nothing of the batch is committed. Returns `f`'s result and the
+    /// bytes applied.
+    pub fn apply<R, E: From<StoreError>>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Applier<'_>) -> Result<R, E>,
+    ) -> Result<(R, u64), E> {
+        let mut txn = self.db.begin_write().map_err(StoreError::from)?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
         })
+        .map_err(StoreError::from)?;
+        let (r, bytes) = {
+            let mut a = Applier {
+                records: txn.open_table(RECORDS).map_err(StoreError::from)?,
+                tables: txn.open_table(TABLES).map_err(StoreError::from)?,
+                blobs: txn.open_table(BLOBS).map_err(StoreError::from)?,
+                chunks: txn.open_table(BLOB_CHUNKS).map_err(StoreError::from)?,
+                meta: txn.open_table(META).map_err(StoreError::from)?,
+                table_cache: HashMap::new(),
+                bytes: 0,
+            };
+            let r = f(&mut a)?;
+            a.write_tables()?;
+            (r, a.bytes)
+        };
+        txn.commit().map_err(StoreError::from)?;
+        Ok((r, bytes))
     }
 }
 
@@ -462,29 +487,31 @@ pub enum ExportError<E> {
     Visit(E),
 }
 
-/// Applies operations inside one write transaction. Table counters are kept
-/// in memory and written once at commit.
-pub struct Applier {
-    txn: WriteTransaction,
-    tables: HashMap<String, TableMeta>,
+/// Applies operations inside one write transaction (see [`Store::apply`]).
+/// Table counters are kept in memory and written once at the end.
+pub struct Applier<'t> {
+    records: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    tables: redb::Table<'t, &'static str, &'static [u8]>,
+    blobs: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    chunks: redb::Table<'t, (u64, u32), &'static [u8]>,
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
+    table_cache: HashMap<String, TableMeta>,
     bytes: u64,
 }
 
-impl Applier {
+impl Applier<'_> {
     fn table_meta(&mut self, table: &str) -> Result<&mut TableMeta, StoreError> {
-        if !self.tables.contains_key(table) {
-            let t = self.txn.open_table(TABLES)?;
-            let m = match t.get(table)? {
+        if !self.table_cache.contains_key(table) {
+            let m = match self.tables.get(table)? {
                 Some(v) => decode_meta(v.value())?,
                 None => TableMeta {
                     journaled: true,
                     ..TableMeta::default()
                 },
             };
-            drop(t);
-            self.tables.insert(table.to_owned(), m);
+            self.table_cache.insert(table.to_owned(), m);
         }
-        self.tables
+        self.table_cache
             .get_mut(table)
             .ok_or_else(|| StoreError("table metadata vanished".into()))
     }
@@ -512,10 +539,7 @@ impl Applier {
         let mut buf = Vec::with_capacity(8 + value.len());
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(value);
-        let existed = {
-            let mut t = self.txn.open_table(RECORDS)?;
-            t.insert((table, key), buf.as_slice())?.is_some()
-        };
+        let existed = self.records.insert((table, key), buf.as_slice())?.is_some();
         if !existed {
             self.table_meta(table)?.records += 1;
         }
@@ -525,10 +549,7 @@ impl Applier {
 
     /// Removes a record.
     pub fn delete(&mut self, table: &str, key: &str) -> Result<(), StoreError> {
-        let existed = {
-            let mut t = self.txn.open_table(RECORDS)?;
-            t.remove((table, key))?.is_some()
-        };
+        let existed = self.records.remove((table, key))?.is_some();
         if existed {
             let m = self.table_meta(table)?;
             m.records = m.records.saturating_sub(1);
@@ -544,28 +565,26 @@ impl Applier {
         index: u32,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(BLOB_CHUNKS)?;
-        t.insert((blob_id, index), bytes)?;
+        self.chunks.insert((blob_id, index), bytes)?;
         self.bytes += bytes.len() as u64;
         Ok(())
     }
 
     /// Deletes every chunk of a BLOB id.
     pub fn drop_chunks(&mut self, blob_id: u64) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(BLOB_CHUNKS)?;
-        t.retain_in((blob_id, 0)..=(blob_id, u32::MAX), |_, _| false)?;
+        self.chunks
+            .retain_in((blob_id, 0)..=(blob_id, u32::MAX), |_, _| false)?;
         Ok(())
     }
 
     /// Makes staged chunks the BLOB at `(table, key)`, dropping the old one.
     pub fn link_blob(&mut self, table: &str, key: &str, meta: BlobMeta) -> Result<(), StoreError> {
         let enc = postcard::to_stdvec(&meta).map_err(|e| StoreError(e.to_string()))?;
-        let old = {
-            let mut t = self.txn.open_table(BLOBS)?;
-            let old = t.insert((table, key), enc.as_slice())?;
-            old.map(|v| decode_meta::<BlobMeta>(v.value()))
-                .transpose()?
-        };
+        let old = self
+            .blobs
+            .insert((table, key), enc.as_slice())?
+            .map(|v| decode_meta::<BlobMeta>(v.value()))
+            .transpose()?;
         match old {
             Some(o) if o.blob_id != meta.blob_id => self.drop_chunks(o.blob_id)?,
             Some(_) => {}
@@ -577,12 +596,11 @@ impl Applier {
 
     /// Removes a BLOB and its chunks.
     pub fn delete_blob(&mut self, table: &str, key: &str) -> Result<(), StoreError> {
-        let old = {
-            let mut t = self.txn.open_table(BLOBS)?;
-            let old = t.remove((table, key))?;
-            old.map(|v| decode_meta::<BlobMeta>(v.value()))
-                .transpose()?
-        };
+        let old = self
+            .blobs
+            .remove((table, key))?
+            .map(|v| decode_meta::<BlobMeta>(v.value()))
+            .transpose()?;
         if let Some(o) = old {
             self.drop_chunks(o.blob_id)?;
             let m = self.table_meta(table)?;
@@ -595,16 +613,12 @@ impl Applier {
     /// never committed). Returns how many chunks were removed.
     pub fn sweep_orphan_chunks(&mut self) -> Result<u64, StoreError> {
         let mut linked = std::collections::HashSet::new();
-        {
-            let t = self.txn.open_table(BLOBS)?;
-            for item in t.iter()? {
-                let m: BlobMeta = decode_meta(item?.1.value())?;
-                linked.insert(m.blob_id);
-            }
+        for item in self.blobs.iter()? {
+            let m: BlobMeta = decode_meta(item?.1.value())?;
+            linked.insert(m.blob_id);
         }
         let mut removed = 0u64;
-        let mut t = self.txn.open_table(BLOB_CHUNKS)?;
-        t.retain(|(id, _), _| {
+        self.chunks.retain(|(id, _), _| {
             let keep = linked.contains(&id);
             if !keep {
                 removed += 1;
@@ -616,37 +630,22 @@ impl Applier {
 
     /// Records the epoch.
     pub fn set_epoch(&mut self, epoch: u64) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(META)?;
-        t.insert("epoch", &epoch.to_le_bytes()[..])?;
+        self.meta.insert("epoch", &epoch.to_le_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Records that everything up to `lsn` is in the data file; meant for a
+    /// durable commit ([`Store::apply`] with `durable = true`).
+    pub fn set_checkpoint(&mut self, lsn: u64) -> Result<(), StoreError> {
+        self.meta.insert("checkpoint_lsn", &lsn.to_le_bytes()[..])?;
         Ok(())
     }
 
     fn write_tables(&mut self) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(TABLES)?;
-        for (name, m) in self.tables.drain() {
+        for (name, m) in self.table_cache.drain() {
             let enc = postcard::to_stdvec(&m).map_err(|e| StoreError(e.to_string()))?;
-            t.insert(name.as_str(), enc.as_slice())?;
+            self.tables.insert(name.as_str(), enc.as_slice())?;
         }
-        Ok(())
-    }
-
-    /// Commits the batch: visible to readers now, durable at the next flush.
-    pub fn commit(mut self) -> Result<(), StoreError> {
-        self.write_tables()?;
-        self.txn.commit()?;
-        Ok(())
-    }
-
-    /// Commits the batch durably, recording that everything up to
-    /// `checkpoint_lsn` is in the file.
-    pub fn commit_durable(mut self, checkpoint_lsn: u64) -> Result<(), StoreError> {
-        self.write_tables()?;
-        {
-            let mut t = self.txn.open_table(META)?;
-            t.insert("checkpoint_lsn", &checkpoint_lsn.to_le_bytes()[..])?;
-        }
-        self.txn.set_durability(Durability::Immediate)?;
-        self.txn.commit()?;
         Ok(())
     }
 }
@@ -664,35 +663,49 @@ mod tests {
     #[test]
     fn put_get_delete_and_counts() {
         let (_d, s) = store();
-        let mut a = s.begin_apply().unwrap();
-        a.set_table("t", true).unwrap();
-        a.put("t", "a", b"1", 5).unwrap();
-        a.put("t", "b", b"2", 6).unwrap();
-        a.put("t", "a", b"3", 7).unwrap();
-        a.commit().unwrap();
+        s.apply(false, |a| -> Result<_, StoreError> {
+            a.set_table("t", true)?;
+            a.put("t", "a", b"1", 5)?;
+            a.put("t", "b", b"2", 6)?;
+            a.put("t", "a", b"3", 7)
+        })
+        .unwrap();
         let r = s.read().unwrap();
         assert_eq!(r.get("t", "a").unwrap().unwrap().value, b"3");
         assert_eq!(r.version("t", "a").unwrap(), 7);
         assert_eq!(r.version("t", "zz").unwrap(), 0);
         assert_eq!(r.tables().unwrap()[0].records, 2);
-        let mut a = s.begin_apply().unwrap();
-        a.delete("t", "a").unwrap();
-        a.delete("t", "missing").unwrap();
-        a.commit().unwrap();
+        s.apply(false, |a| -> Result<_, StoreError> {
+            a.delete("t", "a")?;
+            a.delete("t", "missing")
+        })
+        .unwrap();
         let r = s.read().unwrap();
         assert!(r.get("t", "a").unwrap().is_none());
         assert_eq!(r.tables().unwrap()[0].records, 1);
     }
 
     #[test]
+    fn a_failed_batch_commits_nothing() {
+        let (_d, s) = store();
+        let r = s.apply(false, |a| -> Result<_, StoreError> {
+            a.put("t", "a", b"1", 1)?;
+            Err::<(), _>(StoreError("boom".into()))
+        });
+        assert!(r.is_err());
+        assert!(s.read().unwrap().get("t", "a").unwrap().is_none());
+    }
+
+    #[test]
     fn scan_pages_by_prefix_and_start_after() {
         let (_d, s) = store();
-        let mut a = s.begin_apply().unwrap();
-        for k in ["a1", "a2", "a3", "b1"] {
-            a.put("t", k, b"0", 1).unwrap();
-        }
-        a.put("u", "a0", b"0", 1).unwrap();
-        a.commit().unwrap();
+        s.apply(false, |a| -> Result<_, StoreError> {
+            for k in ["a1", "a2", "a3", "b1"] {
+                a.put("t", k, b"0", 1)?;
+            }
+            a.put("u", "a0", b"0", 1)
+        })
+        .unwrap();
         let r = s.read().unwrap();
         let p = r.scan("t", "a", None, 2).unwrap();
         assert_eq!(
@@ -713,38 +726,41 @@ mod tests {
     #[test]
     fn blobs_link_replace_and_sweep() {
         let (_d, s) = store();
-        let mut a = s.begin_apply().unwrap();
-        a.stage_chunk(10, 0, b"ab").unwrap();
-        a.stage_chunk(10, 1, b"c").unwrap();
-        a.link_blob(
-            "t",
-            "k",
-            BlobMeta {
-                blob_id: 10,
-                size: 3,
-                version: 10,
-            },
-        )
+        s.apply(false, |a| -> Result<_, StoreError> {
+            a.stage_chunk(10, 0, b"ab")?;
+            a.stage_chunk(10, 1, b"c")?;
+            a.link_blob(
+                "t",
+                "k",
+                BlobMeta {
+                    blob_id: 10,
+                    size: 3,
+                    version: 10,
+                },
+            )?;
+            a.stage_chunk(20, 0, b"orphan")
+        })
         .unwrap();
-        a.stage_chunk(20, 0, b"orphan").unwrap();
-        a.commit().unwrap();
         let r = s.read().unwrap();
         let m = r.blob("t", "k").unwrap().unwrap();
         assert_eq!(r.blob_chunk(m.blob_id, 1).unwrap().unwrap(), b"c");
-        let mut a = s.begin_apply().unwrap();
-        assert_eq!(a.sweep_orphan_chunks().unwrap(), 1);
-        a.stage_chunk(30, 0, b"new").unwrap();
-        a.link_blob(
-            "t",
-            "k",
-            BlobMeta {
-                blob_id: 30,
-                size: 3,
-                version: 30,
-            },
-        )
-        .unwrap();
-        a.commit().unwrap();
+        let (removed, _) = s
+            .apply(false, |a| -> Result<_, StoreError> {
+                let n = a.sweep_orphan_chunks()?;
+                a.stage_chunk(30, 0, b"new")?;
+                a.link_blob(
+                    "t",
+                    "k",
+                    BlobMeta {
+                        blob_id: 30,
+                        size: 3,
+                        version: 30,
+                    },
+                )?;
+                Ok(n)
+            })
+            .unwrap();
+        assert_eq!(removed, 1);
         let r = s.read().unwrap();
         assert!(r.blob_chunk(10, 0).unwrap().is_none(), "old chunks dropped");
         assert_eq!(r.tables().unwrap()[0].blobs, 1);
@@ -756,9 +772,11 @@ mod tests {
         let path = dir.path().join(DATA_FILE);
         {
             let s = Store::create(&path, 1 << 20, [2; 16], 3).unwrap();
-            let mut a = s.begin_apply().unwrap();
-            a.put("t", "k", b"1", 1).unwrap();
-            a.commit_durable(1).unwrap();
+            s.apply(true, |a| -> Result<_, StoreError> {
+                a.put("t", "k", b"1", 1)?;
+                a.set_checkpoint(1)
+            })
+            .unwrap();
         }
         let s = Store::open(&path, 1 << 20).unwrap();
         let m = s.meta().unwrap();

@@ -18,7 +18,7 @@
 
 use super::backup::{BackupPoint, LockStatus, RotatedSegment, Snapshot};
 use super::replay::Replayer;
-use super::store::{Applier, Store, StoreError};
+use super::store::{Store, StoreError};
 use super::{Shared, WriteError};
 use crate::journal::writer::{JournalWriter, now_us};
 use crate::model::{BLOB_CHUNK_BYTES, ClientIdentity, Op, SessionId, WriteAck, WriteOp};
@@ -702,28 +702,31 @@ impl Writer {
         if entries.is_empty() && unjournaled.is_empty() {
             return Ok(());
         }
-        let mut w = self.store.begin_apply()?;
-        for (lsn, op) in entries {
-            self.replayer.apply(&mut w, lsn, op)?;
-        }
-        for u in unjournaled {
-            match u.value {
-                Some(v) => w.put(&u.table, &u.key, &v, u.version)?,
-                None => w.delete(&u.table, &u.key)?,
+        let replayer = &mut self.replayer;
+        let ((), bytes) = self.store.apply(false, |w| -> Result<(), StoreError> {
+            for (lsn, op) in entries {
+                replayer.apply(w, lsn, op)?;
             }
-        }
-        self.finish_apply(w)
+            for u in unjournaled {
+                match u.value {
+                    Some(v) => w.put(&u.table, &u.key, &v, u.version)?,
+                    None => w.delete(&u.table, &u.key)?,
+                }
+            }
+            Ok(())
+        })?;
+        self.applied(bytes);
+        Ok(())
     }
 
-    fn finish_apply(&mut self, w: Applier) -> Result<(), StoreError> {
-        self.dirty_bytes += w.bytes();
-        w.commit()?;
+    /// Publishes what a committed batch applied.
+    fn applied(&mut self, bytes: u64) {
+        self.dirty_bytes += bytes;
         let applied = self.replayer.complete_lsn();
         self.shared.applied_lsn.store(applied, Ordering::Release);
         self.shared
             .dirty_bytes
             .store(self.dirty_bytes, Ordering::Relaxed);
-        Ok(())
     }
 
     fn fail_store(&mut self, e: &StoreError) {
@@ -754,7 +757,8 @@ impl Writer {
     }
 
     /// Writes one BLOB from its staged file: journaled in 1 MiB chunks inside
-    /// a transaction, staged in the data file as it goes, linked at commit.
+    /// a transaction, staged in the data file as it goes (in data-file
+    /// transactions of at most 32 MiB), linked at the commit.
     fn write_blob(
         &mut self,
         session: SessionId,
@@ -772,100 +776,124 @@ impl Writer {
             return self.write_unjournaled_blob(table, key, &mut file, size);
         }
         let now = now_us();
-        let mut w = self
-            .store
-            .begin_apply()
-            .map_err(|e| WriteError::Storage(e.to_string()))?;
-        let result = (|| -> Result<WriteAck, WriteError> {
-            let storage = |e: StoreError| WriteError::Storage(e.to_string());
-            if !self.tables.contains_key(table) {
-                let op = Op::TableCreate {
-                    session,
-                    table: table.to_owned(),
-                    journaled: true,
-                };
-                let lsn = self.journal.append(&op, now);
-                self.replayer.apply(&mut w, lsn, op).map_err(storage)?;
-                self.tables.insert(table.to_owned(), true);
-            }
-            let begin = Op::TxnBegin { session, ops: 1 };
-            let lsn = self.journal.append(&begin, now);
-            self.replayer.apply(&mut w, lsn, begin).map_err(storage)?;
-            let bb = Op::BlobBegin {
-                session,
-                table: table.to_owned(),
-                key: key.to_owned(),
-                size,
-            };
-            let blob_lsn = self.journal.append(&bb, now);
-            self.replayer.apply(&mut w, blob_lsn, bb).map_err(storage)?;
-            let mut staged_bytes = 0u64;
-            loop {
-                let mut chunk = vec![0u8; BLOB_CHUNK_BYTES];
-                let n = read_full(&mut file, &mut chunk)
-                    .map_err(|e| WriteError::Body(e.to_string()))?;
-                if n == 0 {
-                    break;
+        let mut io_failure: Option<(&'static str, std::io::Error)> = None;
+        let mut blob_lsn = 0;
+        let mut begun = false;
+        let mut finished = false;
+        let mut outcome: Result<(), WriteError> = Ok(());
+        while !finished && outcome.is_ok() {
+            let journal = &mut self.journal;
+            let replayer = &mut self.replayer;
+            let tables = &mut self.tables;
+            let io_failure = &mut io_failure;
+            let file = &mut file;
+            let step = self.store.apply(false, |w| -> Result<(), WriteError> {
+                if !begun {
+                    begun = true;
+                    if !tables.contains_key(table) {
+                        let op = Op::TableCreate {
+                            session,
+                            table: table.to_owned(),
+                            journaled: true,
+                        };
+                        let lsn = journal.append(&op, now);
+                        replayer.apply(w, lsn, op)?;
+                        tables.insert(table.to_owned(), true);
+                    }
+                    let begin = Op::TxnBegin { session, ops: 1 };
+                    let lsn = journal.append(&begin, now);
+                    replayer.apply(w, lsn, begin)?;
+                    let bb = Op::BlobBegin {
+                        session,
+                        table: table.to_owned(),
+                        key: key.to_owned(),
+                        size,
+                    };
+                    blob_lsn = journal.append(&bb, now);
+                    replayer.apply(w, blob_lsn, bb)?;
                 }
-                chunk.truncate(n);
-                let op = Op::BlobChunk { bytes: chunk };
-                let lsn = self.journal.append(&op, now);
-                self.replayer.apply(&mut w, lsn, op).map_err(storage)?;
-                staged_bytes += n as u64;
-                if self.journal.buffered() > WRITE_OUT_BYTES {
-                    self.journal.write_out().map_err(|e| {
-                        self.mark_unavailable("journal write", &e);
-                        WriteError::JournalUnavailable(e.to_string())
-                    })?;
+                let mut staged_bytes = 0u64;
+                while staged_bytes < BLOB_APPLY_BYTES {
+                    let mut chunk = vec![0u8; BLOB_CHUNK_BYTES];
+                    let n =
+                        read_full(file, &mut chunk).map_err(|e| WriteError::Body(e.to_string()))?;
+                    if n == 0 {
+                        finished = true;
+                        break;
+                    }
+                    chunk.truncate(n);
+                    let op = Op::BlobChunk { bytes: chunk };
+                    let lsn = journal.append(&op, now);
+                    replayer.apply(w, lsn, op)?;
+                    staged_bytes += n as u64;
+                    if journal.buffered() > WRITE_OUT_BYTES
+                        && let Err(e) = journal.write_out()
+                    {
+                        let msg = e.to_string();
+                        *io_failure = Some(("journal write", e));
+                        return Err(WriteError::JournalUnavailable(msg));
+                    }
                 }
-                if staged_bytes >= BLOB_APPLY_BYTES {
-                    let next = self.store.begin_apply().map_err(storage)?;
-                    let done = std::mem::replace(&mut w, next);
-                    self.dirty_bytes += done.bytes();
-                    done.commit().map_err(storage)?;
-                    staged_bytes = 0;
-                }
-            }
-            let lsn = self.journal.append(&Op::TxnCommit, now);
-            self.journal.write_out().map_err(|e| {
-                self.mark_unavailable("journal write", &e);
-                WriteError::JournalUnavailable(e.to_string())
-            })?;
-            let t = Instant::now();
-            self.journal.sync().map_err(|e| {
-                self.mark_unavailable("journal fdatasync", &e);
-                WriteError::JournalUnavailable(e.to_string())
-            })?;
-            metrics::histogram!("mirrordb_fsync_seconds").record(t.elapsed().as_secs_f64());
-            self.shared.durable_lsn.store(lsn, Ordering::Release);
-            let _ = self.shared.durable_tx.send(lsn);
-            self.replayer
-                .apply(&mut w, lsn, Op::TxnCommit)
-                .map_err(storage)?;
-            Ok(WriteAck {
-                lsn,
-                versions: vec![blob_lsn],
-            })
-        })();
-        match result {
-            Ok(ack) => {
-                self.finish_apply(w).map_err(|e| {
-                    self.fail_store(&e);
-                    WriteError::Storage(e.to_string())
-                })?;
-                self.touch(session);
-                metrics::counter!("mirrordb_writes_total").increment(1);
-                self.after_batch();
-                Ok(ack)
-            }
-            Err(e) => {
-                // Drop what was staged; the journal's open transaction is
-                // aborted at the next start (nothing after it was written).
-                let _ = self.replayer.abort_open(&mut w);
-                let _ = w.commit();
-                Err(e)
+                Ok(())
+            });
+            match step {
+                Ok(((), bytes)) => self.dirty_bytes += bytes,
+                Err(e) => outcome = Err(e),
             }
         }
+        if outcome.is_ok() {
+            let lsn = self.journal.append(&Op::TxnCommit, now);
+            let t = Instant::now();
+            if let Err(e) = self.journal.write_out() {
+                io_failure = Some(("journal write", e));
+            } else if let Err(e) = self.journal.sync() {
+                io_failure = Some(("journal fdatasync", e));
+            } else {
+                metrics::histogram!("mirrordb_fsync_seconds").record(t.elapsed().as_secs_f64());
+                self.shared.durable_lsn.store(lsn, Ordering::Release);
+                let _ = self.shared.durable_tx.send(lsn);
+                let replayer = &mut self.replayer;
+                match self
+                    .store
+                    .apply(false, |w| replayer.apply(w, lsn, Op::TxnCommit))
+                {
+                    Ok(((), bytes)) => {
+                        self.applied(bytes);
+                        self.touch(session);
+                        metrics::counter!("mirrordb_writes_total").increment(1);
+                        self.after_batch();
+                        return Ok(WriteAck {
+                            lsn,
+                            versions: vec![blob_lsn],
+                        });
+                    }
+                    Err(e) => {
+                        self.fail_store(&e);
+                        return Err(WriteError::Storage(e.to_string()));
+                    }
+                }
+            }
+        }
+        if let Some((what, e)) = io_failure {
+            // The journal is unavailable; restart recovery aborts the open
+            // transaction.
+            self.mark_unavailable(what, &e);
+            return Err(WriteError::JournalUnavailable(e.to_string()));
+        }
+        let err = match outcome {
+            Err(e) => e,
+            Ok(()) => WriteError::Storage("BLOB write failed".into()),
+        };
+        if matches!(err, WriteError::Storage(_)) {
+            self.fail_store(&StoreError(err.to_string()));
+        } else if begun {
+            // The BLOB's transaction is open in the journal: close it, so
+            // later entries are never read as part of it.
+            if let Err(e) = self.journal_system(vec![Op::TxnAbort]) {
+                tracing::error!(error = %e, "could not journal the abort of a failed BLOB write");
+            }
+        }
+        Err(err)
     }
 
     fn write_unjournaled_blob(
@@ -875,33 +903,32 @@ impl Writer {
         file: &mut std::fs::File,
         size: u64,
     ) -> Result<WriteAck, WriteError> {
-        let storage = |e: StoreError| WriteError::Storage(e.to_string());
         self.unjournaled_blob_seq += 1;
         let blob_id = self.unjournaled_blob_seq;
         let version = self.journal.last_lsn();
-        let mut w = self.store.begin_apply().map_err(storage)?;
-        let mut index = 0u32;
-        loop {
-            let mut chunk = vec![0u8; BLOB_CHUNK_BYTES];
-            let n = read_full(file, &mut chunk).map_err(|e| WriteError::Body(e.to_string()))?;
-            if n == 0 {
-                break;
+        let ((), bytes) = self.store.apply(false, |w| -> Result<(), WriteError> {
+            let mut index = 0u32;
+            loop {
+                let mut chunk = vec![0u8; BLOB_CHUNK_BYTES];
+                let n = read_full(file, &mut chunk).map_err(|e| WriteError::Body(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                w.stage_chunk(blob_id, index, &chunk[..n])?;
+                index += 1;
             }
-            w.stage_chunk(blob_id, index, &chunk[..n])
-                .map_err(storage)?;
-            index += 1;
-        }
-        w.link_blob(
-            table,
-            key,
-            super::store::BlobMeta {
-                blob_id,
-                size,
-                version,
-            },
-        )
-        .map_err(storage)?;
-        self.finish_apply(w).map_err(storage)?;
+            w.link_blob(
+                table,
+                key,
+                super::store::BlobMeta {
+                    blob_id,
+                    size,
+                    version,
+                },
+            )?;
+            Ok(())
+        })?;
+        self.applied(bytes);
         Ok(WriteAck {
             lsn: version,
             versions: vec![version],
@@ -912,11 +939,8 @@ impl Writer {
     fn flush(&mut self) -> Result<u64, WriteError> {
         let checkpoint = self.replayer.complete_lsn();
         let t = Instant::now();
-        let w = self
-            .store
-            .begin_apply()
-            .map_err(|e| WriteError::Storage(e.to_string()))?;
-        w.commit_durable(checkpoint)
+        self.store
+            .apply(true, |w| w.set_checkpoint(checkpoint))
             .map_err(|e| WriteError::Storage(e.to_string()))?;
         metrics::histogram!("mirrordb_flush_seconds").record(t.elapsed().as_secs_f64());
         metrics::gauge!("mirrordb_checkpoint_lsn").set(checkpoint as f64);
