@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use mirrordb::config::Config;
+use mirrordb::engine::replica::Role;
 use mirrordb::journal::disk::FaultyDisk;
 use mirrordb_tests::{
     ADMIN_TOKEN, ChildNode, NodeOptions, READ_TOKEN, TestNode, WRITE_TOKEN, phase, raw_http,
@@ -495,6 +496,98 @@ async fn stalled_bodies_answer_408_and_write_nothing() {
     n.stop().await;
 }
 
+/// Up to `max` random characters, non-alphanumeric bytes percent-encoded.
+fn junk(rng: &mut rand::rngs::StdRng, max: usize) -> String {
+    let len = rng.random_range(0..max);
+    (0..len)
+        .map(|_| {
+            let b: u8 = rng.random();
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Random request bytes in paths, headers, queries and bodies give 4xx
+/// answers, never a 5xx or a dead server.
+#[tokio::test]
+async fn random_requests_never_crash_or_500() {
+    let n = TestNode::start_with(NodeOptions {
+        body_idle_timeout: Some(Duration::from_millis(200)),
+        ..Default::default()
+    })
+    .await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let methods = ["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD"];
+    let paths = [
+        "/v1/tables/{s}/records/{s}",
+        "/v1/tables/{s}/records?{s}",
+        "/v1/tables/{s}/blobs/{s}",
+        "/v1/tables/{s}",
+        "/v1/transactions",
+        "/v1/{s}",
+        "/{s}",
+    ];
+    let headers = [
+        "If-Match",
+        "If-None-Match",
+        "X-Mirrordb-Session",
+        "Content-Length",
+        "Authorization",
+        "Content-Type",
+    ];
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for i in 0..150 {
+        let path_t = paths[i % paths.len()];
+        let path =
+            path_t
+                .replacen("{s}", &junk(&mut rng, 40), 1)
+                .replacen("{s}", &junk(&mut rng, 40), 1);
+        let method = methods[(i / paths.len()) % methods.len()];
+        let header = headers[i % headers.len()];
+        let value = junk(&mut rng, 20).replace('%', "");
+        let body_len = rng.random_range(0..200usize);
+        let mut body: Vec<u8> = (0..body_len).map(|_| rng.random()).collect();
+        if i % 3 == 0 {
+            body = format!(
+                r#"{{"ops":[{{"op":"put","table":"t","key":"{value}","value":{}}}]}}"#,
+                junk(&mut rng, 5)
+            )
+            .into_bytes();
+        }
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{header}: {value}\r\n"
+        )
+        .into_bytes();
+        if header != "Content-Length" {
+            req.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(&body);
+        let answer = raw_http(n.addr, &req, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let status: u16 = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        *statuses.entry(status).or_default() += 1;
+        assert!(
+            (200..500).contains(&status) || answer.is_empty(),
+            "request {i}: {method} {path} {header}: {value}\n=> {answer}"
+        );
+    }
+    eprintln!("statuses: {statuses:?}");
+    assert!(
+        statuses.get(&0).copied().unwrap_or(0) < 15,
+        "too many requests without an answer: {statuses:?}"
+    );
+    phase("the node still serves");
+    let r = n.client.get(n.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    n.stop().await;
+}
+
 #[tokio::test]
 async fn scans_are_ordered_and_paged() {
     let n = TestNode::start().await;
@@ -960,6 +1053,7 @@ async fn health_status_and_metrics() {
         .await
         .unwrap();
     assert_eq!(s["node"], "test");
+    assert_eq!(s["role"], "primary", "{s}");
     assert!(
         s["engine"]["db_id"].as_str().is_some_and(|d| !d.is_empty()),
         "{s}"
@@ -1060,6 +1154,67 @@ async fn journal_failure_refuses_writes_with_503_and_keeps_reads() {
         .unwrap();
     assert_eq!(h["journal_available"], false, "{h}");
     assert!(h["journal_error"].as_str().is_some(), "{h}");
+}
+
+#[tokio::test]
+async fn a_mirror_refuses_writes_with_not_primary() {
+    let n = TestNode::start().await;
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c.get(n.url("/primary")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    phase("a mirror that knows its primary redirects writes (307) to the same path there");
+    n.engine()
+        .set_role(Role::Mirror {
+            primary_http: Some("http://primary.example:7070".into()),
+        })
+        .await
+        .unwrap();
+    let r = c
+        .put(n.url("/v1/tables/t/records/k?if_version=0"))
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(
+        r.headers()["location"],
+        "http://primary.example:7070/v1/tables/t/records/k?if_version=0"
+    );
+    assert_eq!(code(r).await.1, "not_primary");
+
+    phase("without a known primary: 503 not_primary; reads still served; /primary is 503");
+    n.engine()
+        .set_role(Role::Mirror { primary_http: None })
+        .await
+        .unwrap();
+    let r = c
+        .post(n.url("/v1/transactions"))
+        .json(&json!({"ops":[{"op":"delete","table":"t","key":"k"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code(r).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "not_primary".into())
+    );
+    let r = c.get(n.url("/v1/tables/t/records/k")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = c.get(n.url("/primary")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let h: Value = c
+        .get(n.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["role"], "mirror", "{h}");
+    n.stop().await;
 }
 
 #[tokio::test]

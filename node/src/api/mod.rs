@@ -104,6 +104,7 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(status::health))
+        .route("/primary", get(status::primary))
         .route("/metrics", get(status::metrics))
         .route("/v1/status", get(status::status))
         .route("/v1/tables", get(tables::list))
@@ -131,6 +132,7 @@ pub fn router(state: ApiState) -> Router {
             state.clone(),
             auth::authorize,
         ))
+        .layer(middleware::from_fn(redirect_to_same_path))
         .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -146,6 +148,29 @@ async fn method_not_allowed(req: Request) -> ApiError {
         "method_not_allowed",
         format!("{} is not allowed on {}", req.method(), req.uri().path()),
     )
+}
+
+/// A `not_primary` redirect names the primary's base URL; point it at the
+/// same path and query there, so clients that follow redirects just work.
+async fn redirect_to_same_path(req: Request, next: Next) -> Response {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let mut resp = next.run(req).await;
+    if resp.status() == StatusCode::TEMPORARY_REDIRECT {
+        let joined = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(|base| format!("{}{target}", base.trim_end_matches('/')))
+            .and_then(|l| header::HeaderValue::from_str(&l).ok());
+        if let Some(l) = joined {
+            resp.headers_mut().insert(header::LOCATION, l);
+        }
+    }
+    resp
 }
 
 /// The route template a request matched, carried out in the response's

@@ -2,11 +2,14 @@
 //! positions and the recovery report) and `GET /metrics` (Prometheus text).
 //!
 //! `/health` answers 200 whenever the process serves HTTP, with the journal's
-//! availability in the body: a node whose journal failed still serves reads
-//! and must not be restarted in a loop by an orchestrator. `/primary` and
-//! `/mirror` (role-aware probes) come with replication.
+//! availability and the node's role in the body: a node whose journal failed
+//! still serves reads and must not be restarted in a loop by an orchestrator.
+//! `/primary` answers 200 only on a node that takes writes (primary role,
+//! journal available) and 503 otherwise, for load balancers that route
+//! writes. `/mirror?max_lag_ms=` needs replication lag and comes with it.
 
 use super::{ApiState, St, json_ok};
+use crate::engine::replica::Role;
 use crate::engine::{EngineStatus, RecoveryReport};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -18,6 +21,8 @@ struct Health<'a> {
     status: &'static str,
     node: &'a str,
     version: &'static str,
+    #[serde(flatten)]
+    role: Role,
     journal_available: bool,
     journal_error: Option<String>,
     last_lsn: u64,
@@ -30,16 +35,42 @@ pub async fn health(State(st): State<ApiState>) -> Response {
         status: "ok",
         node: &st.inner.node_name,
         version: env!("CARGO_PKG_VERSION"),
+        role: st.engine().role(),
         journal_available: s.journal_available,
         journal_error: s.journal_error,
         last_lsn: s.last_lsn,
     })
 }
 
+/// `GET /primary`: 200 only on a node that takes writes.
+pub async fn primary(State(st): State<ApiState>) -> Response {
+    let s = st.engine().status();
+    let role = st.engine().role();
+    let writable = role == Role::Primary && s.journal_available;
+    #[derive(Serialize)]
+    struct Primary {
+        primary: bool,
+        #[serde(flatten)]
+        role: Role,
+        journal_available: bool,
+    }
+    let mut resp = json_ok(&Primary {
+        primary: writable,
+        role,
+        journal_available: s.journal_available,
+    });
+    if !writable {
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    resp
+}
+
 #[derive(Serialize)]
 struct Status<'a> {
     node: &'a str,
     version: &'static str,
+    #[serde(flatten)]
+    role: Role,
     engine: EngineStatus,
     recovery: &'a RecoveryReport,
 }
@@ -50,6 +81,7 @@ pub async fn status(st: St) -> Response {
     json_ok(&Status {
         node: &st.inner.node_name,
         version: env!("CARGO_PKG_VERSION"),
+        role: st.engine().role(),
         engine: st.engine().status(),
         recovery: st.engine().recovery(),
     })
