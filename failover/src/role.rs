@@ -15,9 +15,13 @@
 //!   writes wait; the driver calls `unfence_writes` if the switchover is
 //!   abandoned). Its returned LSN must be durable: a switchover target is
 //!   promoted right after it.
-//! - `become_primary(epoch, first_lsn)`: finish replaying what is durable,
-//!   save any local entries `>= first_lsn` to `data/rollback/`, then stamp new
-//!   writes with `epoch` starting at `first_lsn`.
+//! - `become_primary(epoch, first_lsn)`: finish replaying what is durable;
+//!   local entries of an *older* epoch at or after `first_lsn` are divergent
+//!   and go to `data/rollback/`; new writes are stamped with `epoch`,
+//!   continuing after the last entry (which is `first_lsn - 1` on a fresh
+//!   promotion). After a restart the driver calls it again for the same
+//!   epoch: entries already written in `epoch` are kept. Writes stay refused
+//!   until `lease_valid_until` gives a deadline in the future.
 //! - `become_mirror(primary, …)`: stop writing, follow `primary` (rejoin
 //!   rules of DESIGN §8).
 

@@ -353,3 +353,92 @@ async fn a_joining_member_catches_up_from_a_snapshot() {
         n.raft.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_its_log_vote_and_state() {
+    let net = MemNetwork::new(seed());
+    let names = ["n1", "n2", "n3"];
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(start(&net, name).await);
+    }
+    let members: BTreeMap<u64, RaftNode> = names
+        .iter()
+        .map(|n| {
+            let node = RaftNode {
+                name: NodeId::from(*n),
+                raft_addr: format!("{n}:7000"),
+            };
+            (node.id(), node)
+        })
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader_id = leader_among(&all, None).await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    for name in names {
+        leader.raft.client_write(add(name)).await.unwrap();
+    }
+    let applied = leader.raft.metrics().borrow().last_applied.unwrap().index;
+
+    eprintln!("--- stop a follower once it has everything");
+    let idx = nodes.iter().position(|n| n.id != leader_id).unwrap();
+    let follower = nodes.remove(idx);
+    follower
+        .raft
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(applied), "follower caught up")
+        .await
+        .unwrap();
+    let before = follower.raft.metrics().borrow().clone();
+    net.unregister(follower.id);
+    follower.raft.shutdown().await.unwrap();
+    let TestNode { id, raft, _dir, .. } = follower;
+    drop(raft);
+
+    eprintln!("--- reopen its raft.redb: state, vote and log are on disk");
+    // openraft's storage tasks may outlive `shutdown` by a few ms.
+    let mut tries = 0;
+    let (mut log, sm) = loop {
+        match store::open(_dir.path()) {
+            Ok(x) => break x,
+            Err(store::OpenError::AlreadyOpen { .. }) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(sm.current().state.members.len(), 3);
+    assert!(sm.current().last_applied >= before.last_applied);
+    use openraft::storage::RaftLogStorage;
+    let vote = log.read_vote().await.unwrap().unwrap();
+    assert_eq!(vote.leader_id().term, before.current_term);
+    let state = sm.subscribe();
+    let config = Arc::new(fast_timing().raft_config().unwrap());
+    let factory = NetworkFactory::new(Arc::new(net.transport(id)));
+    let raft = Raft::new(id, config, factory, log, sm).await.unwrap();
+    net.register(id, raft.clone());
+    let restarted = TestNode {
+        id,
+        raft,
+        state,
+        _dir,
+    };
+
+    eprintln!("--- it rejoins and follows new writes");
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    leader.raft.client_write(add("n4")).await.unwrap();
+    let applied = leader.raft.metrics().borrow().last_applied.unwrap().index;
+    restarted
+        .raft
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(applied), "restarted node caught up")
+        .await
+        .unwrap();
+    assert_eq!(*restarted.state.borrow(), *leader.state.borrow());
+    restarted.raft.shutdown().await.unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}

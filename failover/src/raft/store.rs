@@ -76,6 +76,14 @@ pub enum OpenError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Another handle (this process) still has the file open, e.g. a Raft
+    /// that was shut down a moment ago: its storage tasks end shortly after
+    /// `Raft::shutdown` returns. Retrying briefly is fine.
+    #[error("{path} is still open")]
+    AlreadyOpen {
+        /// The file.
+        path: String,
+    },
     /// The file was written by another format version.
     #[error("{path} has format version {found}, this build reads {FORMAT_VERSION}")]
     Format {
@@ -121,7 +129,12 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         path: shown.clone(),
         source: e,
     };
-    let db = Database::create(&path).map_err(|e| redb_err(e.into()))?;
+    let db = Database::create(&path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => OpenError::AlreadyOpen {
+            path: shown.clone(),
+        },
+        e => redb_err(e.into()),
+    })?;
     // Create the tables and stamp (or check) the format version.
     let txn = db.begin_write().map_err(|e| redb_err(e.into()))?;
     {
