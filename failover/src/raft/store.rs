@@ -689,4 +689,17 @@ mod tests {
         assert!(other.install_snapshot(&snap.meta, garbage).await.is_err());
         assert_eq!(other.current().state, ClusterState::default());
     }
+
+    proptest::proptest! {
+        /// Arbitrary bytes where a stored value is expected give an error,
+        /// never a panic.
+        #[test]
+        fn arbitrary_stored_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = postcard::from_bytes::<Entry<TypeConfig>>(&bytes);
+            let _ = postcard::from_bytes::<StoredStateMachine>(&bytes);
+            let _ = postcard::from_bytes::<StoredSnapshot>(&bytes);
+            let _ = postcard::from_bytes::<Vote<u64>>(&bytes);
+            let _ = postcard::from_bytes::<Option<LogId<u64>>>(&bytes);
+        }
+    }
 }
