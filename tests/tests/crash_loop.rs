@@ -41,6 +41,8 @@ const KEYS_PER_GROUP: usize = 4;
 /// How long writers run before the kill: a random time in this range.
 const RUN_MS: std::ops::Range<u64> = 20..400;
 const TABLE: &str = "crash";
+/// Flush intervals a round picks from.
+const FLUSH_INTERVALS: [&str; 3] = ["1s", "50ms", "5ms"];
 /// Problems listed in a failure message (all are counted).
 const MAX_PROBLEMS_SHOWN: usize = 20;
 
@@ -328,14 +330,20 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut acked_puts, mut acked_txns) = (0u64, 0u64);
     for round in 0..kills {
-        let node = ChildNode::spawn(&data_dir)
+        // Some rounds flush the data file often, so kills also land in the
+        // middle of a flush, not only between flushes.
+        let flush = FLUSH_INTERVALS[rng.random_range(0..FLUSH_INTERVALS.len())];
+        let config = dir.join("node.toml");
+        std::fs::write(&config, format!("[cache]\nflush_interval = \"{flush}\"\n"))?;
+        let config = config.to_str().context("temp path is UTF-8")?.to_string();
+        let node = ChildNode::spawn_with(&data_dir, &["--config", &config])
             .with_context(|| format!("round {round}: starting the node"))?;
         let (keys, groups) = check(&client, &node.base, &model)
             .await
             .with_context(|| format!("round {round}: after restart"))?;
         let run_ms = rng.random_range(RUN_MS);
         phase(&format!(
-            "round {round}: node up at {}, {keys} keys and {groups} groups verified; writing for {run_ms} ms, then SIGKILL",
+            "round {round}: node up at {} (flush every {flush}), {keys} keys and {groups} groups verified; writing for {run_ms} ms, then SIGKILL",
             node.base
         ));
         let mut tasks = Vec::new();
