@@ -10,6 +10,9 @@
 //!
 //! The version byte comes first so a peer speaking another wire version gets
 //! a clear [`FrameError::UnsupportedVersion`] instead of a garbled decode.
+//! postcard is not self-describing: adding, removing or reordering a
+//! variant or a field changes the encoding, so any such change must bump
+//! [`WIRE_VERSION`].
 //! Decoding never panics on any input: arbitrary bytes give a [`FrameError`]
 //! (a proptest below feeds it random bytes). After postcard decoding, every
 //! message is checked against the limits in this module
