@@ -11,7 +11,8 @@
 //! - [`network`]: openraft's network over a small byte transport
 //!   ([`network::RaftTransport`]), with an in-memory fault-injecting
 //!   implementation for tests. The QUIC transport (ALPN `mirrordb-raft/1`)
-//!   will implement the same trait.
+//!   will implement the same trait, one bidirectional stream per call with
+//!   [`framing`]'s length-prefixed frames.
 
 use std::fmt;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::NodeId;
 use crate::state::{ClusterCommand, CommandResult, raft_id};
 
+pub mod framing;
 pub mod network;
 pub mod store;
 
