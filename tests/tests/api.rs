@@ -1218,6 +1218,160 @@ async fn a_mirror_refuses_writes_with_not_primary() {
 }
 
 #[tokio::test]
+async fn activity_lock_and_rotation_paths() {
+    let n = TestNode::start_with(NodeOptions {
+        write_timeout: Some(Duration::from_millis(300)),
+        ..NodeOptions::default().with_role_tokens()
+    })
+    .await;
+    let c = &n.client;
+
+    phase("a write under a client session is journaled with its identity");
+    let r = c
+        .put(n.url("/v1/tables/t/records/k1"))
+        .bearer_auth(WRITE_TOKEN)
+        .header("x-mirrordb-session", "import-42")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let lsn = r.json::<Value>().await.unwrap()["lsn"].as_u64().unwrap();
+    let act: Value = c
+        .get(n.url("/v1/journal?table=t&key=k1"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let put = act["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["op"] == "put")
+        .unwrap_or_else(|| panic!("no put in {act}"));
+    assert_eq!(put["lsn"], lsn, "{act}");
+    assert_eq!(put["identity"]["token_name"], "writer", "{act}");
+    assert_eq!(put["identity"]["client_session"], "import-42", "{act}");
+    assert_eq!(put["identity"]["peer"], "127.0.0.1", "{act}");
+    for bad in [
+        "/v1/journal?limit=0",
+        "/v1/journal?since=yesterday",
+        "/v1/journal?x=1",
+    ] {
+        let r = c
+            .get(n.url(bad))
+            .bearer_auth(READ_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            code(r).await,
+            (StatusCode::BAD_REQUEST, "invalid_request".into()),
+            "{bad}"
+        );
+    }
+
+    phase(
+        "flush-and-lock needs admin; while held, writes answer write_blocked and are not applied",
+    );
+    let r = c
+        .post(n.url("/v1/lock"))
+        .bearer_auth(WRITE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(r).await, (StatusCode::FORBIDDEN, "forbidden".into()));
+    let r = c
+        .post(n.url("/v1/lock"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"lease": "0s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code(r).await,
+        (StatusCode::BAD_REQUEST, "invalid_request".into())
+    );
+    let r = c
+        .post(n.url("/v1/lock"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"lease": "30s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let l: Value = r.json().await.unwrap();
+    assert_eq!(
+        (l["locked"].clone(), l["owner"].clone()),
+        (json!(true), json!("admin")),
+        "{l}"
+    );
+    let l: Value = c
+        .get(n.url("/v1/lock"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(l["locked"], true, "{l}");
+    let r = c
+        .put(n.url("/v1/tables/t/records/held"))
+        .bearer_auth(WRITE_TOKEN)
+        .body("2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code(r).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "write_blocked".into())
+    );
+
+    phase("unlock: writes flow again, and the blocked write never appears");
+    let r = c
+        .delete(n.url("/v1/lock"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["locked"], false);
+    let r = c
+        .put(n.url("/v1/tables/t/records/after"))
+        .bearer_auth(WRITE_TOKEN)
+        .body("3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = c
+        .get(n.url("/v1/tables/t/records/held"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    phase("journal rotation (admin) closes the open segment");
+    let r = c
+        .post(n.url("/v1/journal/rotate"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let rot: Value = r.json().await.unwrap();
+    assert!(rot["closed"].as_str().is_some(), "{rot}");
+    assert!(rot["last_lsn"].as_u64().unwrap() >= lsn, "{rot}");
+    n.stop().await;
+}
+
+#[tokio::test]
 async fn listening_beyond_loopback_without_tokens_is_refused() {
     phase("in process: serve::start refuses 0.0.0.0 without tokens");
     let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,7 @@
 //! new identity and closes idle sessions, so the API asks it on every write
 //! and never holds a session id the engine may have closed.
 
+pub mod admin;
 pub mod auth;
 pub mod blobs;
 pub mod error;
@@ -123,6 +124,14 @@ pub fn router(state: ApiState) -> Router {
                 .delete(blobs::delete_blob),
         )
         .route("/v1/transactions", post(records::transaction))
+        .route("/v1/journal", get(admin::journal))
+        .route("/v1/journal/rotate", post(admin::rotate))
+        .route(
+            "/v1/lock",
+            get(admin::lock_status)
+                .post(admin::lock)
+                .delete(admin::unlock),
+        )
         .route_layer(middleware::from_fn(tag_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
