@@ -28,8 +28,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Entries applied per data-file transaction during replay.
-const REPLAY_TXN_ENTRIES: u64 = 20_000;
+/// Entries applied per data-file transaction during replay. Each
+/// transaction rewrites every B-tree page it touches once, so larger ones
+/// replay faster (measured: 20k → 100k entries per transaction took replay
+/// from about 170k to 255k entries/s); bytes are bounded too.
+const REPLAY_TXN_ENTRIES: u64 = 100_000;
+/// Journal bytes applied per data-file transaction during replay.
+const REPLAY_TXN_BYTES: usize = 64 << 20;
 
 /// Which row of the decision table recovery took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -185,12 +190,17 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
         let mut done = false;
         while !done {
             store.apply(false, |w| -> Result<(), OpenError> {
+                let mut bytes = 0usize;
                 for _ in 0..REPLAY_TXN_ENTRIES {
+                    if bytes >= REPLAY_TXN_BYTES {
+                        break;
+                    }
                     let Some(frame) = frames.next() else {
                         done = true;
                         return Ok(());
                     };
                     let frame = frame.map_err(|e| scan_err(e, data_dir))?;
+                    bytes += frame.bytes.len();
                     let op = decode_op(frame.payload()).map_err(|e| OpenError::JournalCorrupt {
                         segment: journal_dir.clone(),
                         offset: 0,
