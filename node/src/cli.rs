@@ -41,8 +41,21 @@ pub enum Command {
     /// Read the journal: who did what, when (activity analysis).
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Cluster set-up and state: `cluster init` makes certificates and node
+    /// configurations; `cluster status` shows a node's view.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     // More subcommands go here, one variant each, plus one arm in `run`:
     // `journal rotate`, then backup, restore, verify, rollback, lock, cluster, switchover.
+}
+
+/// `mirrordb cluster …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterCommand {
+    /// Make a cluster CA, one certificate per node and ready node configs.
+    Init(crate::cluster::init::InitArgs),
+    /// Show a node's view of the cluster (GET /v1/cluster).
+    Status(crate::cluster::init::StatusArgs),
 }
 
 /// `mirrordb journal …`.
@@ -123,6 +136,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Healthcheck(a) => Ok(healthcheck(a).await),
         Command::Config(c) => Ok(config_cmd(c)),
         Command::Bench(a) => crate::bench::run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Cluster(ClusterCommand::Init(a)) => match crate::cluster::init::run(&a) {
+            Ok(r) => {
+                crate::cluster::init::print(&r, a.json);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("mirrordb cluster init: {e}");
+                Ok(ExitCode::from(EXIT_CONFIG))
+            }
+        },
+        Command::Cluster(ClusterCommand::Status(a)) => Ok(crate::cluster::init::status(a).await),
         Command::Journal(JournalCommand::Show(a)) => {
             tokio::task::spawn_blocking(move || crate::activity::run_show(a)).await??;
             Ok(ExitCode::SUCCESS)

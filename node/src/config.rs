@@ -405,6 +405,10 @@ pub struct Config {
     pub recovery: RecoverySection,
     pub api: ApiSection,
     pub session: SessionSection,
+    /// `[cluster]`: replication peers and commit policy (absent: a single
+    /// node). Documented in `docs/config.md`; see `crate::cluster::config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterSection>,
 }
 
 /// Command-line settings that take precedence over the file.
@@ -509,6 +513,9 @@ impl Config {
             return bad("session.idle_timeout must be at least 1s".into());
         }
         self.validate_tokens()?;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         if self.api.tokens.is_empty() && !self.node.listen.ip().is_loopback() {
             return bad(format!(
                 "refusing to listen on {} without authentication: no [[api.tokens]] are configured. \

@@ -10,6 +10,7 @@ pub mod activity;
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod journal;

@@ -43,6 +43,8 @@ pub enum ServeError {
     Close(#[from] WriteError),
     #[error("the engine could not be opened: {0}")]
     Join(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::runtime::ClusterError),
 }
 
 /// The engine settings a configuration asks for (the real disk).
@@ -56,21 +58,33 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
     e.auto_restore = cfg.recovery.auto_restore;
     e.session_idle = cfg.session.idle_timeout.0;
     e.write_timeout = cfg.api.write_timeout.0;
+    if let Some(c) = &cfg.cluster {
+        e.role = crate::cluster::runtime::role_at_start(c);
+    }
     e
 }
 
 /// Opens the engine (runs recovery) on a blocking thread.
 pub async fn open_engine(cfg: EngineConfig) -> Result<Engine, ServeError> {
-    tokio::task::spawn_blocking(move || Engine::open(cfg))
-        .await
-        .map_err(|e| ServeError::Join(e.to_string()))?
-        .map_err(ServeError::from)
+    tokio::task::spawn_blocking(move || {
+        // A mirror's reseed a crash interrupted is finished or undone first.
+        crate::cluster::sink::recover_swap(&cfg.data_dir).map_err(|source| OpenError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        Engine::open(cfg)
+    })
+    .await
+    .map_err(|e| ServeError::Join(e.to_string()))?
+    .map_err(ServeError::from)
 }
 
 /// A node serving HTTP.
 pub struct Server {
     addr: SocketAddr,
     engine: Engine,
+    shared: crate::cluster::SharedEngine,
+    cluster: Option<crate::cluster::ClusterNode>,
     stop: CancellationToken,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -95,7 +109,18 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
-    let app = api::router(ApiState::new(engine.clone(), cfg));
+    let (shared, cluster) = match &cfg.cluster {
+        Some(_) => {
+            let c = crate::cluster::ClusterNode::start(cfg, engine.clone()).await?;
+            (c.engine().clone(), Some(c))
+        }
+        None => (crate::cluster::SharedEngine::new(engine.clone()), None),
+    };
+    let state = ApiState::with_shared(shared.clone(), cfg);
+    let mut app = api::router(state.clone());
+    if let Some(c) = &cluster {
+        app = crate::cluster::http::wrap(c.clone(), app, state);
+    }
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let task = tokio::spawn(async move {
@@ -110,6 +135,8 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
     Ok(Server {
         addr: local,
         engine,
+        shared,
+        cluster,
         stop,
         task,
     })
@@ -126,16 +153,31 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    /// The engine this server runs.
+    /// The engine this server started with (a mirror's reseed may replace
+    /// it: see [`Server::current_engine`]).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The engine this server runs now.
+    pub fn current_engine(&self) -> Engine {
+        self.shared.get()
+    }
+
+    /// The cluster side, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&crate::cluster::ClusterNode> {
+        self.cluster.as_ref()
     }
 
     /// Stops accepting connections, lets in-flight requests finish (up to
     /// [`SHUTDOWN_GRACE`]), then closes the engine cleanly.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         self.stop.cancel();
-        let Server { engine, task, .. } = self;
+        if let Some(c) = &self.cluster {
+            c.stop().await;
+        }
+        let Server { shared, task, .. } = self;
+        let engine = shared.get();
         let abort = task.abort_handle();
         match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
             Ok(Ok(Err(e))) => tracing::warn!("HTTP server ended with an error: {e}"),
@@ -169,7 +211,10 @@ impl Server {
                 self.shutdown().await
             }
             Some(e) => {
-                let _ = self.engine.shutdown().await;
+                if let Some(c) = &self.cluster {
+                    c.stop().await;
+                }
+                let _ = self.shared.get().shutdown().await;
                 Err(ServeError::Http(e))
             }
         }

@@ -64,7 +64,7 @@ pub struct ApiState {
 }
 
 struct StateInner {
-    engine: Engine,
+    engine: crate::cluster::SharedEngine,
     node_name: String,
     tokens: Vec<TokenConfig>,
     max_body_bytes: usize,
@@ -76,6 +76,12 @@ impl ApiState {
     /// State for a node running `engine` with the `[node]` and `[api]`
     /// settings of `cfg`.
     pub fn new(engine: Engine, cfg: &Config) -> ApiState {
+        ApiState::with_shared(crate::cluster::SharedEngine::new(engine), cfg)
+    }
+
+    /// State over a replaceable engine handle (a mirror's reseed swaps the
+    /// engine; requests then use the new one).
+    pub fn with_shared(engine: crate::cluster::SharedEngine, cfg: &Config) -> ApiState {
         ApiState {
             inner: Arc::new(StateInner {
                 engine,
@@ -88,14 +94,14 @@ impl ApiState {
         }
     }
 
-    /// The engine.
-    pub fn engine(&self) -> &Engine {
-        &self.inner.engine
+    /// The engine (the current one: a reseed may replace it).
+    pub fn engine(&self) -> Engine {
+        self.inner.engine.get()
     }
 
     /// Opens (or reuses) the engine session of a request's identity.
     pub async fn session(&self, caller: &Caller) -> Result<SessionId, ApiError> {
-        Ok(self.inner.engine.session(caller.identity.clone()).await?)
+        Ok(self.engine().session(caller.identity.clone()).await?)
     }
 }
 

@@ -1,0 +1,377 @@
+//! The cluster's HTTP surface, added around the node's API router:
+//!
+//! | path | does |
+//! | --- | --- |
+//! | `GET /primary` | 200 only on a writable primary (public probe) |
+//! | `GET /mirror?max_lag_ms=` | 200 only on a mirror within that lag (public probe) |
+//! | `GET /v1/cluster` | members, role, positions, per-mirror lag, commit policy |
+//! | `PUT /v1/cluster/commit-policy` | `{"commit_policy": "quorum:1", "on_unavailable"?: "strict"}` (admin) |
+//!
+//! and [`gate`], a middleware on the data paths (`/v1/tables…`,
+//! `/v1/transactions`):
+//!
+//! ```text
+//! read  ─► strip min_lsn / max_lag_ms / wait_ms ─► authorise ─► too stale? 503 stale_read
+//!       ─► wait until applied >= min_lsn (or 503 lsn_not_reached) ─► handler
+//! write ─► handler ─► 307 not_primary: Location = primary + path
+//!                 ─► 2xx on the primary: CommitGate::wait(lsn of the answer)
+//!                    ─► the answer, or 503 write_blocked (strict)
+//! ```
+
+use super::config::{CommitPolicy, OnUnavailable};
+use super::runtime::{ClusterNode, DEFAULT_READ_WAIT, MAX_READ_WAIT};
+use crate::api::{ApiError, ApiState, auth, json_ok};
+use crate::engine::Role;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use mirrordb_replication::Lsn;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+/// Largest write answer the gate reads to find its LSN.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Largest commit-policy request body.
+const MAX_POLICY_BODY: usize = 4096;
+
+/// Adds the cluster routes and the gate to the node's API router.
+pub fn wrap(node: ClusterNode, api: Router, api_state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/commit-policy", put(set_commit_policy))
+        .layer(middleware::from_fn_with_state(api_state, auth::authorize))
+        .with_state(node.clone());
+    let public = Router::new()
+        .route("/primary", get(primary))
+        .route("/mirror", get(mirror))
+        .with_state(node.clone());
+    api.merge(protected)
+        .merge(public)
+        .layer(middleware::from_fn_with_state(node, gate))
+}
+
+fn is_data_path(path: &str) -> bool {
+    path.starts_with("/v1/tables") || path == "/v1/transactions"
+}
+
+/// Read-consistency parameters taken off a data read's query string.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ReadParams {
+    min_lsn: Option<u64>,
+    max_lag_ms: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// Splits our parameters off a query string; answers them and the rest.
+fn split_query(query: Option<&str>) -> Result<(ReadParams, String), ApiError> {
+    let mut p = ReadParams::default();
+    let mut rest = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let num = || {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::invalid(format!("{k} must be a non-negative integer, got {v:?}"))
+            })
+        };
+        match k {
+            "min_lsn" => p.min_lsn = Some(num()?),
+            "max_lag_ms" => p.max_lag_ms = Some(num()?),
+            "wait_ms" => p.wait_ms = Some(num()?),
+            _ => rest.push(pair),
+        }
+    }
+    Ok((p, rest.join("&")))
+}
+
+fn with_query(uri: &Uri, query: &str) -> Option<Uri> {
+    let pq = if query.is_empty() {
+        uri.path().to_owned()
+    } else {
+        format!("{}?{query}", uri.path())
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+fn unavailable(code: &'static str, message: String) -> Response {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).into_response()
+}
+
+/// The middleware described in the module doc.
+pub async fn gate(State(node): State<ClusterNode>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    if !is_data_path(&path) {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    if method == Method::GET || method == Method::HEAD {
+        let (params, rest) = match split_query(req.uri().query()) {
+            Ok(x) => x,
+            Err(e) => return e.into_response(),
+        };
+        if params == ReadParams::default() {
+            return next.run(req).await;
+        }
+        // Authorise before waiting, so nobody unauthorised can hold a
+        // request open.
+        let authz = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if let Err(e) = auth::check(node.tokens(), &method, &path, authz) {
+            return e.into_response();
+        }
+        if let Some(uri) = with_query(req.uri(), &rest) {
+            *req.uri_mut() = uri;
+        }
+        if let (Some(max), Some(st)) = (params.max_lag_ms, node.mirror_status()) {
+            let lag = st.lag(Instant::now());
+            let ok = lag.is_some_and(|l| l <= Duration::from_millis(max));
+            if !ok {
+                let shown = lag.map_or("unknown (never caught up)".to_owned(), |l| {
+                    format!("{} ms", l.as_millis())
+                });
+                return unavailable(
+                    "stale_read",
+                    format!(
+                        "this mirror lags by {shown}, more than max_lag_ms={max}; read from the primary or another mirror"
+                    ),
+                );
+            }
+        }
+        if let Some(min) = params.min_lsn {
+            let wait = params
+                .wait_ms
+                .map_or(DEFAULT_READ_WAIT, Duration::from_millis)
+                .min(MAX_READ_WAIT);
+            if let Err(reached) = node.wait_applied(min, Instant::now() + wait).await {
+                return unavailable(
+                    "lsn_not_reached",
+                    format!(
+                        "this node has applied up to LSN {reached}, not {min}, after waiting {} ms",
+                        wait.as_millis()
+                    ),
+                );
+            }
+        }
+        return next.run(req).await;
+    }
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or(path.clone(), |pq| pq.as_str().to_owned());
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::TEMPORARY_REDIRECT {
+        return redirect_to_path(resp, &path_and_query);
+    }
+    if !resp.status().is_success() {
+        return resp;
+    }
+    let Some(gate) = node.gate() else {
+        return resp;
+    };
+    if gate.policy().0.mirrors_needed() == 0 {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_ANSWER_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("reading the write's answer: {e}"),
+            )
+            .into_response();
+        }
+    };
+    #[derive(Deserialize)]
+    struct Answer {
+        lsn: u64,
+    }
+    // Every write answer names its LSN; if one did not, wait for
+    // everything durable now, which includes it.
+    let lsn = serde_json::from_slice::<Answer>(&bytes)
+        .map(|a| a.lsn)
+        .unwrap_or_else(|_| node.engine().get().status().durable_lsn);
+    match gate.wait(Lsn(lsn)).await {
+        Ok(()) => Response::from_parts(parts, Body::from(bytes)),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "write_blocked",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+/// `not_primary` answers name the primary's base URL; point them at the
+/// same path there.
+fn redirect_to_path(mut resp: Response, path_and_query: &str) -> Response {
+    let loc = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim_end_matches('/').to_owned());
+    if let Some(base) = loc
+        && !base.contains("/v1/")
+        && let Ok(v) = HeaderValue::from_str(&format!("{base}{path_and_query}"))
+    {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+#[derive(Serialize)]
+struct Probe {
+    node: String,
+    role: &'static str,
+    ok: bool,
+    reason: Option<String>,
+    last_lsn: u64,
+    applied_lsn: u64,
+    lag_ms: Option<u64>,
+    commit_degraded: bool,
+}
+
+fn probe(ok: bool, body: &Probe) -> Response {
+    let mut r = json_ok(body);
+    if !ok {
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    r
+}
+
+/// `GET /primary`.
+pub async fn primary(State(node): State<ClusterNode>) -> Response {
+    let engine = node.engine().get();
+    let st = engine.status();
+    let is_primary = matches!(engine.role(), Role::Primary);
+    let reason = if !is_primary {
+        Some("this node is a mirror".to_owned())
+    } else if !st.journal_available {
+        Some("the journal cannot be written".to_owned())
+    } else {
+        None
+    };
+    let ok = reason.is_none();
+    probe(
+        ok,
+        &Probe {
+            node: node.section().node_id.clone(),
+            role: if is_primary { "primary" } else { "mirror" },
+            ok,
+            reason,
+            last_lsn: st.last_lsn,
+            applied_lsn: st.applied_lsn,
+            lag_ms: None,
+            commit_degraded: node.gate().is_some_and(|g| g.degraded()),
+        },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorQuery {
+    max_lag_ms: Option<u64>,
+}
+
+/// `GET /mirror?max_lag_ms=`.
+pub async fn mirror(
+    State(node): State<ClusterNode>,
+    q: Result<Query<MirrorQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return ApiError::invalid(e.body_text()).into_response(),
+    };
+    let engine = node.engine().get();
+    let st = engine.status();
+    let status = node.mirror_status();
+    let lag = status.as_ref().and_then(|s| s.lag(Instant::now()));
+    let reason = match (&status, q.max_lag_ms) {
+        (None, _) => Some("this node is the primary".to_owned()),
+        (Some(s), None) if !s.streaming => Some("not streaming from the primary".to_owned()),
+        (Some(_), Some(max)) => match lag {
+            Some(l) if l <= Duration::from_millis(max) => None,
+            Some(l) => Some(format!("lags by {} ms, more than {max}", l.as_millis())),
+            None => Some("has not caught up with the primary since it started".to_owned()),
+        },
+        _ => None,
+    };
+    let ok = reason.is_none();
+    probe(
+        ok,
+        &Probe {
+            node: node.section().node_id.clone(),
+            role: if status.is_some() {
+                "mirror"
+            } else {
+                "primary"
+            },
+            ok,
+            reason,
+            last_lsn: st.last_lsn,
+            applied_lsn: st.applied_lsn,
+            lag_ms: lag.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
+            commit_degraded: false,
+        },
+    )
+}
+
+/// `GET /v1/cluster`.
+pub async fn cluster_status(State(node): State<ClusterNode>) -> Response {
+    json_ok(&node.status())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    commit_policy: CommitPolicy,
+    on_unavailable: Option<OnUnavailable>,
+}
+
+/// `PUT /v1/cluster/commit-policy`.
+pub async fn set_commit_policy(State(node): State<ClusterNode>, body: Body) -> Response {
+    let Some(gate) = node.gate() else {
+        let e = crate::engine::WriteError::NotPrimary {
+            primary_http: node.primary_http(),
+        };
+        let resp = ApiError::from(e).into_response();
+        return redirect_to_path(resp, "/v1/cluster/commit-policy");
+    };
+    let bytes = match axum::body::to_bytes(body, MAX_POLICY_BODY).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::too_large(None, MAX_POLICY_BODY as u64).into_response(),
+    };
+    let b: PolicyBody = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => return ApiError::invalid(format!("bad body: {e}")).into_response(),
+    };
+    let on = b.on_unavailable.unwrap_or(gate.policy().1);
+    if let Err(m) = gate.set_policy(b.commit_policy, on) {
+        return ApiError::invalid(m).into_response();
+    }
+    json_ok(&node.status())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_params_are_split_off_the_query() {
+        let (p, rest) = split_query(Some("prefix=a&min_lsn=7&limit=3&max_lag_ms=100")).unwrap();
+        assert_eq!(p.min_lsn, Some(7));
+        assert_eq!(p.max_lag_ms, Some(100));
+        assert_eq!(rest, "prefix=a&limit=3");
+        assert!(split_query(Some("min_lsn=-1")).is_err());
+        assert_eq!(split_query(None).unwrap().1, "");
+    }
+}

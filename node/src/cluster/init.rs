@@ -1,0 +1,501 @@
+//! `mirrordb cluster init`: a cluster CA, one certificate per node, and a
+//! ready configuration file per node.
+//!
+//! ```text
+//! --nodes n1=HOST:PORT,n2=…  ──► ClusterCa::generate ──► DIR/ca-private/{ca.pem,ca.key}
+//!                                                    ──► DIR/ca.pem
+//!                            ──► issue(node, [HOST]) ──► DIR/<node>.pem, DIR/<node>.key
+//! --http n1=ADDR,…           ──► DIR/<node>.toml ([node] + [cluster], certs_dir = DIR)
+//! ```
+//!
+//! The CA key stays in `DIR/ca-private/`, which no node configuration
+//! refers to: copy the node files to their machines and keep that directory
+//! offline. Nothing existing is ever overwritten.
+
+use super::config::{ClusterSection, CommitPolicy, MemberConfig, OnUnavailable};
+use crate::config::{Config, Role, TokenConfig};
+use mirrordb_replication::NodeId;
+use mirrordb_replication::certs::{CA_CERT_FILE, CertError, ClusterCa, validate_node_id};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Subdirectory of the output holding the CA key (never referenced by node
+/// configurations).
+pub const CA_PRIVATE_DIR: &str = "ca-private";
+
+/// `mirrordb cluster init` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InitArgs {
+    /// Members and their replication (QUIC) addresses: `n1=HOST:PORT,n2=…`.
+    /// The first one listed starts as primary.
+    #[arg(long, required = true)]
+    pub nodes: String,
+    /// HTTP API addresses: `n1=IP:PORT,n2=…` (every node).
+    #[arg(long, required = true)]
+    pub http: String,
+    /// `async`, `quorum:K` or `remote_apply:K`.
+    #[arg(long, default_value = "quorum:1")]
+    pub commit_policy: CommitPolicy,
+    /// `degrade` or `strict`.
+    #[arg(long, default_value = "degrade")]
+    pub on_unavailable: OnUnavailable,
+    /// Directory under which each node's data directory `data-<node>` is
+    /// placed; default: relative `./data-<node>` (from where the node runs).
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// Name of the cluster, in the CA certificate.
+    #[arg(long, default_value = "mirrordb")]
+    pub name: String,
+    /// Output directory (created; existing files are never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print what was written as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why `cluster init` failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum InitError {
+    #[error("{0}")]
+    Args(String),
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("generated configuration is invalid: {0}")]
+    Config(String),
+}
+
+/// What `cluster init` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InitReport {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub nodes: Vec<InitNode>,
+    /// Generated API tokens (only when some HTTP address is beyond
+    /// loopback): `(name, role)`; the secrets are in the node files.
+    pub tokens: Vec<String>,
+}
+
+/// One node's files.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InitNode {
+    pub id: String,
+    pub primary: bool,
+    pub config: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub http: String,
+    pub addr: String,
+}
+
+fn pairs(flag: &str, s: &str) -> Result<Vec<(String, String)>, InitError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((id, addr)) = part.split_once('=') else {
+            return Err(InitError::Args(format!(
+                "--{flag}: {part:?} must be NODE=HOST:PORT"
+            )));
+        };
+        let (id, addr) = (id.trim().to_owned(), addr.trim().to_owned());
+        validate_node_id(&id)?;
+        if out.iter().any(|(o, _)| *o == id) {
+            return Err(InitError::Args(format!("--{flag}: {id} is listed twice")));
+        }
+        out.push((id, addr));
+    }
+    if out.is_empty() {
+        return Err(InitError::Args(format!("--{flag} lists no node")));
+    }
+    Ok(out)
+}
+
+fn host_of(addr: &str) -> Result<String, InitError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| InitError::Args(format!("{addr:?} must be HOST:PORT")))?;
+    port.parse::<u16>()
+        .map_err(|_| InitError::Args(format!("{addr:?}: bad port")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(InitError::Args(format!("{addr:?}: missing host")));
+    }
+    Ok(host.to_owned())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
+    move |source| InitError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write_new(path: &Path, text: &str) -> Result<(), InitError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(text.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn random_token() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
+        .collect()
+}
+
+/// Runs `cluster init`.
+pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
+    let nodes = pairs("nodes", &a.nodes)?;
+    let http = pairs("http", &a.http)?;
+    for (id, addr) in &nodes {
+        host_of(addr)?;
+        if !http.iter().any(|(h, _)| h == id) {
+            return Err(InitError::Args(format!("--http gives no address for {id}")));
+        }
+    }
+    for (id, _) in &http {
+        if !nodes.iter().any(|(n, _)| n == id) {
+            return Err(InitError::Args(format!(
+                "--http names {id}, which --nodes does not list"
+            )));
+        }
+    }
+    let mut listens = Vec::new();
+    let mut need_tokens = false;
+    for (id, _) in &nodes {
+        let addr = &http
+            .iter()
+            .find(|(h, _)| h == id)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default();
+        let host = host_of(addr)?;
+        let port: u16 = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(7070);
+        // An IP address is listened on as given; a host name means "reached
+        // by that name", so listen on every interface (with tokens).
+        let listen = match addr.parse::<SocketAddr>() {
+            Ok(sa) => sa,
+            Err(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+        };
+        if !listen.ip().is_loopback() {
+            need_tokens = true;
+        }
+        listens.push((id.clone(), listen, format!("http://{host}:{port}")));
+    }
+    let members: Vec<MemberConfig> = nodes
+        .iter()
+        .zip(&listens)
+        .map(|((id, addr), (_, _, url))| MemberConfig {
+            id: id.clone(),
+            addr: addr.clone(),
+            http: url.clone(),
+        })
+        .collect();
+    let tokens = if need_tokens {
+        vec![
+            TokenConfig {
+                name: "app".into(),
+                token: random_token(),
+                role: Role::Write,
+            },
+            TokenConfig {
+                name: "ops".into(),
+                token: random_token(),
+                role: Role::Admin,
+            },
+        ]
+    } else {
+        Vec::new()
+    };
+
+    std::fs::create_dir_all(&a.out).map_err(io(&a.out))?;
+    let out = std::fs::canonicalize(&a.out).map_err(io(&a.out))?;
+    // Refuse before writing anything if a file is in the way.
+    let mut planned = vec![out.join(CA_CERT_FILE), out.join(CA_PRIVATE_DIR)];
+    for (id, _) in &nodes {
+        for ext in ["pem", "key", "toml"] {
+            planned.push(out.join(format!("{id}.{ext}")));
+        }
+    }
+    if let Some(p) = planned.iter().find(|p| p.exists()) {
+        return Err(CertError::Exists { path: p.clone() }.into());
+    }
+
+    let primary = nodes[0].0.clone();
+    let mut configs = Vec::new();
+    for ((id, _), (_, listen, _)) in nodes.iter().zip(&listens) {
+        let mut cfg = Config::default();
+        cfg.node.name = id.clone();
+        cfg.node.data_dir = match &a.data_root {
+            Some(root) => root.join(format!("data-{id}")),
+            None => PathBuf::from(format!("./data-{id}")),
+        };
+        cfg.node.listen = *listen;
+        cfg.api.tokens = tokens.clone();
+        cfg.cluster = Some(ClusterSection {
+            node_id: id.clone(),
+            certs_dir: out.clone(),
+            primary: primary.clone(),
+            listen: None,
+            commit_policy: a.commit_policy,
+            on_unavailable: a.on_unavailable,
+            quorum_timeout: super::config::default_quorum_timeout(),
+            degrade_after: super::config::default_degrade_after(),
+            members: members.clone(),
+        });
+        cfg.validate()
+            .map_err(|e| InitError::Config(e.to_string()))?;
+        let text = toml::to_string(&cfg).map_err(|e| InitError::Config(e.to_string()))?;
+        configs.push((id.clone(), text));
+    }
+
+    let ca = ClusterCa::generate(&a.name)?;
+    let private = out.join(CA_PRIVATE_DIR);
+    ca.write(&private)?;
+    write_new(&out.join(CA_CERT_FILE), ca.cert_pem())?;
+    let mut report = InitReport {
+        ca_cert: out.join(CA_CERT_FILE),
+        ca_key: private.join(mirrordb_replication::certs::CA_KEY_FILE),
+        nodes: Vec::new(),
+        tokens: tokens
+            .iter()
+            .map(|t| format!("{} ({})", t.name, t.role))
+            .collect(),
+    };
+    for (((id, addr), (_, _, url)), (_, text)) in nodes.iter().zip(&listens).zip(&configs) {
+        let host = host_of(addr)?;
+        let mut hosts = vec![host];
+        for extra in ["localhost", "127.0.0.1"] {
+            if !hosts.iter().any(|h| h == extra) {
+                hosts.push(extra.to_owned());
+            }
+        }
+        let cert = ca.issue(&NodeId(id.clone()), &hosts)?;
+        cert.write(&out)?;
+        let config = out.join(format!("{id}.toml"));
+        let header = format!(
+            "# mirrordb node {id} of a {n}-node cluster, written by `mirrordb cluster init`.\n\
+             # Start it with: mirrordb serve --config {path}\n\n",
+            n = nodes.len(),
+            path = config.display(),
+        );
+        write_new(&config, &format!("{header}{text}"))?;
+        report.nodes.push(InitNode {
+            id: id.clone(),
+            primary: *id == primary,
+            config,
+            cert: out.join(format!("{id}.pem")),
+            key: out.join(format!("{id}.key")),
+            http: url.clone(),
+            addr: addr.clone(),
+        });
+    }
+    Ok(report)
+}
+
+/// Prints a report for people (or JSON).
+pub fn print(r: &InitReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+        return;
+    }
+    println!("cluster CA certificate: {}", r.ca_cert.display());
+    println!(
+        "cluster CA key:         {} (keep it offline; no node needs it)",
+        r.ca_key.display()
+    );
+    for n in &r.nodes {
+        println!(
+            "{} ({}): mirrordb serve --config {}   [replication {}, HTTP {}]",
+            n.id,
+            if n.primary { "primary" } else { "mirror" },
+            n.config.display(),
+            n.addr,
+            n.http
+        );
+    }
+    if !r.tokens.is_empty() {
+        println!(
+            "API tokens generated (HTTP is reachable beyond loopback): {}; the secrets are in the .toml files",
+            r.tokens.join(", ")
+        );
+    }
+}
+
+/// `mirrordb cluster status` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The node's base URL.
+    #[arg(long, env = "MIRRORDB_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token (role `read` or more).
+    #[arg(long, env = "MIRRORDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the node's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `cluster status`: prints a node's `GET /v1/cluster`.
+pub async fn status(a: StatusArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let url = format!("{}/v1/cluster", a.url.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let mut req = client.get(&url);
+    if let Some(t) = &a.token {
+        req = req.bearer_auth(t);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mirrordb cluster status: {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ok = resp.status().is_success();
+    let body = resp.text().await.unwrap_or_default();
+    if a.json || !ok {
+        println!("{body}");
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    };
+    println!(
+        "node {} ({}), epoch {}, last LSN {}, applied {}; primary {}",
+        s(&v["node"]),
+        s(&v["role"]),
+        v["epoch"],
+        v["last_lsn"],
+        v["applied_lsn"],
+        s(&v["primary"])
+    );
+    if let Some(p) = v["commit_policy"].as_str() {
+        println!(
+            "commit policy {p} ({}){}",
+            s(&v["on_unavailable"]),
+            if v["commit_degraded"].as_bool() == Some(true) {
+                ": DEGRADED (acknowledging without mirrors)"
+            } else {
+                ""
+            }
+        );
+    }
+    for m in v["mirrors"].as_array().into_iter().flatten() {
+        println!(
+            "  mirror {}: {} flushed {} applied {}, lag {} entries / {} ms (apply {} / {} ms)",
+            s(&m["node"]),
+            if m["connected"].as_bool() == Some(true) {
+                "connected,"
+            } else {
+                "DISCONNECTED,"
+            },
+            m["flushed_lsn"],
+            m["applied_lsn"],
+            m["flush_lag_lsn"],
+            m["flush_lag_ms"],
+            m["apply_lag_lsn"],
+            m["apply_lag_ms"]
+        );
+    }
+    if let Some(f) = v.get("following").filter(|f| !f.is_null()) {
+        println!(
+            "  following {}: {}, flushed {} applied {}, primary at {}, lag {} ms",
+            s(&f["primary"]),
+            if f["streaming"].as_bool() == Some(true) {
+                "streaming"
+            } else {
+                "NOT streaming"
+            },
+            f["flushed_lsn"],
+            f["applied_lsn"],
+            f["primary_last_lsn"],
+            s(&f["lag_ms"])
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(out: &Path) -> InitArgs {
+        InitArgs {
+            nodes: "n1=127.0.0.1:7101,n2=127.0.0.1:7102,n3=127.0.0.1:7103".into(),
+            http: "n1=127.0.0.1:7071,n2=127.0.0.1:7072,n3=127.0.0.1:7073".into(),
+            commit_policy: CommitPolicy::Quorum(1),
+            on_unavailable: OnUnavailable::Degrade,
+            data_root: None,
+            name: "test".into(),
+            out: out.to_owned(),
+            json: false,
+        }
+    }
+
+    #[test]
+    fn init_writes_loadable_certificates_and_configs_without_the_ca_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cluster");
+        let r = run(&args(&out)).unwrap();
+        assert_eq!(r.nodes.len(), 3);
+        assert!(r.nodes[0].primary && !r.nodes[1].primary);
+        assert!(out.join("ca.pem").exists());
+        assert!(!out.join("ca.key").exists(), "the CA key is kept apart");
+        assert!(out.join(CA_PRIVATE_DIR).join("ca.key").exists());
+        for n in ["n1", "n2", "n3"] {
+            let cfg = Config::load(&out.join(format!("{n}.toml"))).unwrap();
+            cfg.validate().unwrap();
+            let c = cfg.cluster.as_ref().unwrap();
+            assert_eq!(c.node_id, n);
+            assert_eq!(c.primary, "n1");
+            assert_eq!(cfg.node.data_dir, PathBuf::from(format!("./data-{n}")));
+            let text = std::fs::read_to_string(out.join(format!("{n}.toml"))).unwrap();
+            assert!(
+                !text.contains("ca.key") && !text.contains(CA_PRIVATE_DIR),
+                "{text}"
+            );
+            mirrordb_replication::certs::NodeIdentity::load(&c.certs_dir, &NodeId(n.into()))
+                .unwrap();
+        }
+        // Nothing is overwritten.
+        let e = run(&args(&out)).unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(dir.path());
+        a.http = "n1=127.0.0.1:7071".into();
+        assert!(run(&a).unwrap_err().to_string().contains("n2"));
+        let mut a = args(dir.path());
+        a.nodes = "N1=127.0.0.1:1".into();
+        assert!(run(&a).is_err());
+        let mut a = args(dir.path());
+        a.commit_policy = CommitPolicy::Quorum(3);
+        assert!(run(&a).unwrap_err().to_string().contains("mirrors"));
+    }
+}

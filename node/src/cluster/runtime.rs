@@ -1,0 +1,575 @@
+//! [`ClusterNode`]: what a node with a `[cluster]` section runs beside its
+//! HTTP API.
+//!
+//! ```text
+//! start: load certs ─► bind NodeEndpoint (members only) ─┬─ primary: serve_replication(EngineSource)
+//!                                                        │           + CommitGate + recovery check
+//!                                                        └─ mirror:  run_mirror(EngineSink) towards
+//!                                                                    the configured primary
+//! watch task (every WATCH_INTERVAL): log connection changes with the peer's
+//! node id, publish lag gauges, leave degraded mode when mirrors caught up
+//! stop: stop the mirror loop, close the endpoint, end the tasks
+//! ```
+
+use super::SharedEngine;
+use super::config::ClusterSection;
+use super::policy::CommitGate;
+use super::sink::EngineSink;
+use super::source::EngineSource;
+use crate::config::{Config, TokenConfig};
+use crate::engine::{Engine, Role};
+use mirrordb_replication::certs::{CertError, NodeIdentity};
+use mirrordb_replication::driver::{
+    MirrorOptions, MirrorStatus, PrimaryAddr, run_mirror, serve_replication,
+};
+use mirrordb_replication::endpoint::{EndpointError, EndpointOptions};
+use mirrordb_replication::protocol::PrimaryConfig;
+use mirrordb_replication::{AckTracker, Lsn, NodeEndpoint, NodeId};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How often connection states are compared, gauges published and the
+/// degraded mode re-checked.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a read with `min_lsn` waits by default for the mirror to apply it.
+pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(5);
+/// Longest `wait_ms` a read may ask for.
+pub const MAX_READ_WAIT: Duration = Duration::from_secs(60);
+/// How long stopping waits for the mirror loop to finish its step.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the cluster side of a node could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    #[error("cluster certificates: {0}")]
+    Cert(#[from] CertError),
+    #[error("cluster endpoint: {0}")]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot resolve {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("commit policy state: {0}")]
+    Gate(String),
+    #[error("the node has no [cluster] section")]
+    NotConfigured,
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, ClusterError> {
+    let err = |reason: String| ClusterError::Resolve {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    it.next().ok_or_else(|| err("no address".into()))
+}
+
+enum Side {
+    Primary {
+        tracker: Arc<AckTracker>,
+        gate: Arc<CommitGate>,
+        shutdown: watch::Sender<bool>,
+    },
+    Mirror {
+        status: watch::Receiver<MirrorStatus>,
+        stop: watch::Sender<bool>,
+        task: Mutex<Option<JoinHandle<()>>>,
+    },
+}
+
+struct Inner {
+    section: ClusterSection,
+    tokens: Vec<TokenConfig>,
+    engine: SharedEngine,
+    endpoint: NodeEndpoint,
+    quic_addr: SocketAddr,
+    side: Side,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The cluster side of a running node (cheap to clone).
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("node", &self.inner.section.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One mirror as the primary sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MirrorView {
+    pub node: String,
+    pub connected: bool,
+    pub flushed_lsn: u64,
+    pub applied_lsn: u64,
+    pub write_lag_lsn: u64,
+    pub flush_lag_lsn: u64,
+    pub apply_lag_lsn: u64,
+    pub write_lag_ms: u64,
+    pub flush_lag_ms: u64,
+    pub apply_lag_ms: u64,
+}
+
+/// This node following its primary.
+#[derive(Clone, Debug, Serialize)]
+pub struct FollowView {
+    pub primary: Option<String>,
+    pub streaming: bool,
+    pub flushed_lsn: u64,
+    pub applied_lsn: u64,
+    pub primary_last_lsn: u64,
+    pub highest_epoch: u64,
+    /// `None` if it never caught up since start.
+    pub lag_ms: Option<u64>,
+}
+
+/// `GET /v1/cluster`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub role: &'static str,
+    pub epoch: u64,
+    pub last_lsn: u64,
+    pub applied_lsn: u64,
+    pub primary: String,
+    pub primary_http: Option<String>,
+    pub replication_addr: String,
+    pub members: Vec<super::MemberConfig>,
+    pub commit_policy: Option<String>,
+    pub on_unavailable: Option<String>,
+    pub commit_degraded: bool,
+    pub degraded_intervals: Vec<super::policy::DegradedInterval>,
+    pub mirrors: Vec<MirrorView>,
+    pub following: Option<FollowView>,
+}
+
+/// The role a node with this section opens its engine with.
+pub fn role_at_start(c: &ClusterSection) -> Role {
+    if c.is_primary() {
+        Role::Primary
+    } else {
+        Role::Mirror {
+            primary_http: c.member(&c.primary).map(|m| m.http.clone()),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ClusterNode {
+    /// Starts the cluster side of the node for `engine`, which must have
+    /// been opened with [`role_at_start`]'s role.
+    pub async fn start(cfg: &Config, engine: Engine) -> Result<ClusterNode, ClusterError> {
+        let section = cfg.cluster.clone().ok_or(ClusterError::NotConfigured)?;
+        let me = NodeId(section.node_id.clone());
+        let identity = NodeIdentity::load(&section.certs_dir, &me)?;
+        let own = section
+            .member(&section.node_id)
+            .ok_or(ClusterError::NotConfigured)?
+            .clone();
+        let bind = match &section.listen {
+            Some(l) => resolve(l).await?,
+            None => resolve(&own.addr).await?,
+        };
+        let members: Vec<NodeId> = section
+            .members
+            .iter()
+            .map(|m| NodeId(m.id.clone()))
+            .collect();
+        let (endpoint, mut incoming) = NodeEndpoint::bind(
+            &identity,
+            bind,
+            EndpointOptions {
+                members: Some(members),
+            },
+        )?;
+        let quic_addr = endpoint.local_addr().unwrap_or(bind);
+        let shared = SharedEngine::new(engine.clone());
+        let mut tasks = Vec::new();
+        // The failover control plane is not wired yet: refuse raft peers.
+        tasks.push(tokio::spawn(async move {
+            while let Some(pc) = incoming.raft.recv().await {
+                pc.connection
+                    .close(3u32.into(), b"no raft service on this node");
+            }
+        }));
+        let side = if section.is_primary() {
+            let tracker = Arc::new(AckTracker::new());
+            let mirrors: Vec<NodeId> = section
+                .members
+                .iter()
+                .filter(|m| m.id != section.node_id)
+                .map(|m| NodeId(m.id.clone()))
+                .collect();
+            let gate = CommitGate::new(
+                tracker.clone(),
+                mirrors,
+                section.commit_policy,
+                section.on_unavailable,
+                section.quorum_timeout.0,
+                section.degrade_after.0,
+                &engine.config().data_dir,
+            )
+            .map_err(ClusterError::Gate)?;
+            let source = Arc::new(EngineSource::new(shared.clone()));
+            let (shutdown, shutdown_rx) = watch::channel(false);
+            tasks.push(tokio::spawn(serve_replication(
+                incoming.replication,
+                source,
+                tracker.clone(),
+                PrimaryConfig::default(),
+                shutdown_rx,
+            )));
+            tracing::info!(node = %me, addr = %quic_addr, policy = %section.commit_policy, on_unavailable = %section.on_unavailable, "serving replication as primary");
+            Side::Primary {
+                tracker,
+                gate: Arc::new(gate),
+                shutdown,
+            }
+        } else {
+            // Mirrors accept no replication subscriptions.
+            let mut repl = incoming.replication;
+            tasks.push(tokio::spawn(async move {
+                while let Some(pc) = repl.recv().await {
+                    tracing::warn!(peer = %pc.node, "refusing a replication subscription: this node is a mirror");
+                    pc.connection.close(3u32.into(), b"not the primary");
+                }
+            }));
+            let primary = section
+                .member(&section.primary)
+                .ok_or(ClusterError::NotConfigured)?
+                .clone();
+            let (ptx, prx) = watch::channel(None);
+            tasks.push(tokio::spawn(async move {
+                // Resolve (and keep trying: a name may not exist yet).
+                let mut delay = Duration::from_millis(100);
+                loop {
+                    match resolve(&primary.addr).await {
+                        Ok(addr) => {
+                            ptx.send_replace(Some(PrimaryAddr {
+                                node: NodeId(primary.id.clone()),
+                                addr,
+                            }));
+                            // Hold the sender: dropping it stops the mirror.
+                            ptx.closed().await;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot resolve the primary yet");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }));
+            let (stop, stop_rx) = watch::channel(false);
+            let (status_tx, status) = watch::channel(MirrorStatus::default());
+            let sink = EngineSink::new(shared.clone());
+            let ep = endpoint.clone();
+            let task = tokio::spawn(async move {
+                match run_mirror(ep, sink, prx, stop_rx, MirrorOptions::default(), status_tx).await
+                {
+                    Ok(_) => tracing::info!("replication stopped"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "replication stopped: the mirror's journal failed; this node no longer follows its primary")
+                    }
+                }
+            });
+            tracing::info!(node = %me, addr = %quic_addr, primary = %section.primary, "following the primary as a mirror");
+            Side::Mirror {
+                status,
+                stop,
+                task: Mutex::new(Some(task)),
+            }
+        };
+        let node = ClusterNode {
+            inner: Arc::new(Inner {
+                section,
+                tokens: cfg.api.tokens.clone(),
+                engine: shared,
+                endpoint,
+                quic_addr,
+                side,
+                tasks: Mutex::new(tasks),
+            }),
+        };
+        let watcher = node.clone();
+        let w = tokio::spawn(async move { watcher.watch().await });
+        node.tasks().push(w);
+        Ok(node)
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The engine handle the API must use.
+    pub fn engine(&self) -> &SharedEngine {
+        &self.inner.engine
+    }
+
+    /// The `[cluster]` section.
+    pub fn section(&self) -> &ClusterSection {
+        &self.inner.section
+    }
+
+    /// API tokens (for routes added by the cluster).
+    pub fn tokens(&self) -> &[TokenConfig] {
+        &self.inner.tokens
+    }
+
+    /// The bound QUIC address.
+    pub fn replication_addr(&self) -> SocketAddr {
+        self.inner.quic_addr
+    }
+
+    /// Whether this node serves as primary.
+    pub fn is_primary(&self) -> bool {
+        matches!(self.inner.side, Side::Primary { .. })
+    }
+
+    /// The primary's commit gate.
+    pub fn gate(&self) -> Option<&Arc<CommitGate>> {
+        match &self.inner.side {
+            Side::Primary { gate, .. } => Some(gate),
+            Side::Mirror { .. } => None,
+        }
+    }
+
+    /// The primary's per-mirror acknowledgements.
+    pub fn tracker(&self) -> Option<&Arc<AckTracker>> {
+        match &self.inner.side {
+            Side::Primary { tracker, .. } => Some(tracker),
+            Side::Mirror { .. } => None,
+        }
+    }
+
+    /// The mirror's replication status.
+    pub fn mirror_status(&self) -> Option<MirrorStatus> {
+        match &self.inner.side {
+            Side::Mirror { status, .. } => Some(status.borrow().clone()),
+            Side::Primary { .. } => None,
+        }
+    }
+
+    /// The primary's HTTP base URL.
+    pub fn primary_http(&self) -> Option<String> {
+        let s = &self.inner.section;
+        s.member(&s.primary).map(|m| m.http.clone())
+    }
+
+    /// Waits until the data file has applied `lsn`, up to `deadline`;
+    /// answers the applied LSN reached.
+    pub async fn wait_applied(&self, lsn: u64, deadline: Instant) -> Result<u64, u64> {
+        loop {
+            // Re-read the engine each round: a reseed may replace it.
+            let engine = self.inner.engine.get();
+            let mut rx = engine.durable_lsn_watch();
+            let applied = engine.status().applied_lsn;
+            if applied >= lsn {
+                return Ok(applied);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(applied);
+            }
+            let step = (deadline - now).min(Duration::from_millis(50));
+            let _ = tokio::time::timeout(step, rx.changed()).await;
+        }
+    }
+
+    /// Everything `GET /v1/cluster` shows.
+    pub fn status(&self) -> ClusterStatus {
+        let engine = self.inner.engine.get();
+        let st = engine.status();
+        let s = &self.inner.section;
+        let now = Instant::now();
+        let mut out = ClusterStatus {
+            node: s.node_id.clone(),
+            role: if self.is_primary() {
+                "primary"
+            } else {
+                "mirror"
+            },
+            epoch: st.epoch,
+            last_lsn: st.last_lsn,
+            applied_lsn: st.applied_lsn,
+            primary: s.primary.clone(),
+            primary_http: self.primary_http(),
+            replication_addr: self.inner.quic_addr.to_string(),
+            members: s.members.clone(),
+            commit_policy: None,
+            on_unavailable: None,
+            commit_degraded: false,
+            degraded_intervals: Vec::new(),
+            mirrors: Vec::new(),
+            following: None,
+        };
+        match &self.inner.side {
+            Side::Primary { tracker, gate, .. } => {
+                let (p, o) = gate.policy();
+                out.commit_policy = Some(p.to_string());
+                out.on_unavailable = Some(o.to_string());
+                out.commit_degraded = gate.degraded();
+                out.degraded_intervals = gate.record().intervals;
+                let lag = tracker.lag(now);
+                for m in s.members.iter().filter(|m| m.id != s.node_id) {
+                    let id = NodeId(m.id.clone());
+                    let p = tracker.progress(&id);
+                    let l = lag.iter().find(|l| l.node == id);
+                    let last = st.durable_lsn;
+                    let view = match (p, l) {
+                        (Some(p), Some(l)) => MirrorView {
+                            node: m.id.clone(),
+                            connected: l.connected,
+                            flushed_lsn: p.flushed_lsn.0,
+                            applied_lsn: p.applied_lsn.0,
+                            // Entries are written and fsynced in one step
+                            // on a mirror: write lag is flush lag.
+                            write_lag_lsn: l.flush_lag_lsn,
+                            flush_lag_lsn: l.flush_lag_lsn,
+                            apply_lag_lsn: l.apply_lag_lsn,
+                            write_lag_ms: ms(l.flush_lag),
+                            flush_lag_ms: ms(l.flush_lag),
+                            apply_lag_ms: ms(l.apply_lag),
+                        },
+                        _ => MirrorView {
+                            node: m.id.clone(),
+                            connected: false,
+                            flushed_lsn: 0,
+                            applied_lsn: 0,
+                            write_lag_lsn: last,
+                            flush_lag_lsn: last,
+                            apply_lag_lsn: last,
+                            write_lag_ms: 0,
+                            flush_lag_ms: 0,
+                            apply_lag_ms: 0,
+                        },
+                    };
+                    out.mirrors.push(view);
+                }
+            }
+            Side::Mirror { status, .. } => {
+                let m = status.borrow().clone();
+                out.following = Some(FollowView {
+                    primary: m.primary.as_ref().map(|p| p.to_string()),
+                    streaming: m.streaming,
+                    flushed_lsn: m.flushed_lsn.0,
+                    applied_lsn: m.applied_lsn.0,
+                    primary_last_lsn: m.primary_last_lsn.0,
+                    highest_epoch: m.highest_epoch.0,
+                    lag_ms: m.lag(now).map(ms),
+                });
+            }
+        }
+        out
+    }
+
+    async fn watch(self) {
+        let mut connected: BTreeMap<String, bool> = BTreeMap::new();
+        let mut streaming = false;
+        loop {
+            tokio::time::sleep(WATCH_INTERVAL).await;
+            let now = Instant::now();
+            match &self.inner.side {
+                Side::Primary { tracker, gate, .. } => {
+                    let durable = self.inner.engine.get().status().durable_lsn;
+                    gate.check_recovered(Lsn(durable));
+                    for l in tracker.lag(now) {
+                        let id = l.node.to_string();
+                        let was = connected.insert(id.clone(), l.connected);
+                        if was != Some(l.connected) {
+                            if l.connected {
+                                tracing::info!(peer = %id, flushed_lsn = durable.saturating_sub(l.flush_lag_lsn), "mirror connected");
+                            } else {
+                                tracing::warn!(peer = %id, "mirror disconnected");
+                            }
+                        }
+                        let labels = [("mirror", id)];
+                        metrics::gauge!("mirrordb_replication_connected", &labels)
+                            .set(if l.connected { 1.0 } else { 0.0 });
+                        metrics::gauge!("mirrordb_replication_flush_lag_entries", &labels)
+                            .set(l.flush_lag_lsn as f64);
+                        metrics::gauge!("mirrordb_replication_apply_lag_entries", &labels)
+                            .set(l.apply_lag_lsn as f64);
+                        metrics::gauge!("mirrordb_replication_flush_lag_seconds", &labels)
+                            .set(l.flush_lag.as_secs_f64());
+                        metrics::gauge!("mirrordb_replication_apply_lag_seconds", &labels)
+                            .set(l.apply_lag.as_secs_f64());
+                    }
+                }
+                Side::Mirror { status, .. } => {
+                    let m = status.borrow().clone();
+                    if m.streaming != streaming {
+                        streaming = m.streaming;
+                        let peer = m
+                            .primary
+                            .as_ref()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default();
+                        if streaming {
+                            tracing::info!(peer = %peer, flushed_lsn = %m.flushed_lsn, "streaming from the primary");
+                        } else {
+                            tracing::warn!(peer = %peer, flushed_lsn = %m.flushed_lsn, "lost the primary; reconnecting");
+                        }
+                    }
+                    metrics::gauge!("mirrordb_mirror_streaming").set(if m.streaming {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                    metrics::gauge!("mirrordb_mirror_applied_lsn").set(m.applied_lsn.0 as f64);
+                    metrics::gauge!("mirrordb_mirror_lag_entries")
+                        .set(m.primary_last_lsn.0.saturating_sub(m.flushed_lsn.0) as f64);
+                    if let Some(lag) = m.lag(now) {
+                        metrics::gauge!("mirrordb_mirror_lag_seconds").set(lag.as_secs_f64());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops replication and closes the endpoint. The engine stays open
+    /// (the server closes it).
+    pub async fn stop(&self) {
+        if let Side::Primary { shutdown, .. } = &self.inner.side {
+            shutdown.send_replace(true);
+        }
+        if let Side::Mirror { stop, task, .. } = &self.inner.side {
+            stop.send_replace(true);
+            let t = task
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(t) = t {
+                let abort = t.abort_handle();
+                if tokio::time::timeout(STOP_GRACE, t).await.is_err() {
+                    tracing::warn!("replication did not stop in time; abandoning it");
+                    abort.abort();
+                }
+            }
+        }
+        self.inner.endpoint.close();
+        for t in self.tasks().drain(..) {
+            t.abort();
+        }
+    }
+}
