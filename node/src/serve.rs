@@ -248,3 +248,67 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{ByteSize, ConfigDuration};
+
+    #[test]
+    fn engine_config_carries_every_setting() {
+        let mut c = Config::default();
+        c.node.name = "n9".into();
+        c.node.data_dir = "/d".into();
+        c.cache.flush_interval = ConfigDuration(Duration::from_millis(250));
+        c.cache.dirty_bytes_max = ByteSize(3 << 20);
+        c.cache.cache_bytes = ByteSize(5 << 20);
+        c.journal.segment_bytes = ByteSize(7 << 20);
+        c.recovery.auto_restore = true;
+        c.session.idle_timeout = ConfigDuration(Duration::from_secs(9));
+        c.api.write_timeout = ConfigDuration(Duration::from_millis(1500));
+        let e = engine_config(&c);
+        assert_eq!(e.data_dir, std::path::PathBuf::from("/d"));
+        assert_eq!(e.node_name, "n9");
+        assert_eq!(e.flush_interval, Duration::from_millis(250));
+        assert_eq!(e.dirty_bytes_max, 3 << 20);
+        assert_eq!(e.cache_bytes, 5 << 20);
+        assert_eq!(e.segment_bytes, 7 << 20);
+        assert!(e.auto_restore);
+        assert_eq!(e.session_idle, Duration::from_secs(9));
+        assert_eq!(e.write_timeout, Duration::from_millis(1500));
+    }
+
+    #[tokio::test]
+    async fn start_refuses_an_unsafe_listen_address_before_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.node.data_dir = dir.path().to_owned();
+        c.node.listen = "0.0.0.0:0".parse().unwrap();
+        let engine = open_engine(engine_config(&c)).await.unwrap();
+        let err = start(&c, engine.clone()).await.unwrap_err();
+        assert!(matches!(err, ServeError::Config(_)), "{err}");
+        engine.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_http_and_closes_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.node.data_dir = dir.path().to_owned();
+        c.node.listen = "127.0.0.1:0".parse().unwrap();
+        let engine = open_engine(engine_config(&c)).await.unwrap();
+        let server = start(&c, engine).await.unwrap();
+        let addr = server.local_addr();
+        assert_ne!(addr.port(), 0);
+        server.shutdown().await.unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        // The data directory is free again: the engine closed.
+        let again = open_engine(engine_config(&c)).await.unwrap();
+        assert_eq!(
+            again.recovery().action,
+            crate::engine::RecoveryAction::Opened
+        );
+        again.shutdown().await.unwrap();
+    }
+}
