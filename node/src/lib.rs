@@ -8,6 +8,7 @@
 
 pub mod activity;
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod cluster;

@@ -1,0 +1,1218 @@
+//! Byte formats of the backup pipeline: the snapshot stream of a backup set
+//! and the journal archive, plus the names of sets and archives and the
+//! atomic-write helpers every file of the destination goes through.
+//! `docs/backup-format.md` is the prose version of this module.
+//!
+//! ```text
+//! snapshot.zst = zstd( header chunk* end trailer )
+//!   header  = magic "MDBSNAP1" | version u32 | db_id [16] | lsn u64 | epoch u64 | crc32c u32   (48 bytes)
+//!   chunk   = payload_len u32 | items u32 | crc32c u32 | payload        (crc over len, items, payload)
+//!   payload = (item_len u32 | postcard SnapshotItem)*
+//!   end     = payload_len 0 | items 0 | crc32c u32 (of the 8 zero bytes)
+//!   trailer = total_items u64 | chunks u64 | crc32c u32
+//!
+//! ‹name›[MMMM].journal = zstd( segment file bytes, oldest first )
+//!   each segment = its 64-byte header and its frames, exactly as in data/journal/
+//! ```
+//!
+//! Readers check every checksum, bound every length before allocating, and
+//! return [`FormatError`] on any damage: bytes from disk never panic.
+
+use super::SnapshotItem;
+use crate::journal::format::{
+    self as jformat, FRAME_HEADER_LEN, FrameError, HEADER_LEN, MAX_PAYLOAD_BYTES, SEGMENT_MAGIC,
+    SegmentHeader,
+};
+use crate::journal::scan::OwnedFrame;
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Magic bytes at the start of a decompressed snapshot stream.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MDBSNAP1";
+/// Version of the snapshot stream layout.
+pub const SNAPSHOT_VERSION: u32 = 1;
+/// Length of the snapshot stream header.
+pub const SNAPSHOT_HEADER_LEN: usize = 48;
+/// A chunk is closed once its payload passes this many bytes.
+pub const CHUNK_TARGET_BYTES: usize = 1 << 20;
+/// Largest single encoded item: a maximal record plus its names.
+pub const MAX_ITEM_BYTES: usize = MAX_PAYLOAD_BYTES + 64 * 1024;
+/// Largest chunk payload a reader accepts (one maximal item always fits).
+pub const MAX_CHUNK_BYTES: usize = CHUNK_TARGET_BYTES + MAX_ITEM_BYTES + 4;
+/// Most items one chunk may claim.
+pub const MAX_CHUNK_ITEMS: u32 = 1 << 24;
+/// File name of the snapshot inside a set.
+pub const SNAPSHOT_FILE: &str = "snapshot.zst";
+/// File name of the manifest inside a set.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Directory of attached files inside a set.
+pub const ATTACHED_DIR: &str = "attached";
+/// Suffix of a backup set directory.
+pub const SET_SUFFIX: &str = ".backup";
+/// Suffix of a journal archive.
+pub const ARCHIVE_SUFFIX: &str = ".journal";
+/// Prefix of everything being written (removed at the next backup).
+pub const TEMP_PREFIX: &str = ".tmp-";
+/// Highest set number (four digits in names).
+pub const MAX_NUMBER: u32 = 9999;
+
+/// Why backup bytes could not be read or written.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{what} is damaged at byte {offset}: {reason}")]
+    Damaged {
+        what: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("{what} belongs to database {found}, expected {expected}")]
+    Foreign {
+        what: String,
+        expected: String,
+        found: String,
+    },
+}
+
+impl FormatError {
+    fn damaged(what: &str, offset: u64, reason: impl Into<String>) -> FormatError {
+        FormatError::Damaged {
+            what: what.to_owned(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Wraps an `io::Error` with the path it concerns.
+pub fn io_at(path: &Path) -> impl FnOnce(io::Error) -> FormatError + '_ {
+    move |source| FormatError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+// ---------------------------------------------------------------- names
+
+/// `‹name›[0007].backup`.
+pub fn set_dir_name(name: &str, number: u32) -> String {
+    format!("{name}[{number:04}]{SET_SUFFIX}")
+}
+
+/// `‹name›[0006].journal`.
+pub fn archive_name(name: &str, number: u32) -> String {
+    format!("{name}[{number:04}]{ARCHIVE_SUFFIX}")
+}
+
+/// Parses `‹name›[NNNN]‹suffix›` into its number when `name` matches.
+pub fn parse_numbered(file: &str, name: &str, suffix: &str) -> Option<u32> {
+    let rest = file.strip_prefix(name)?.strip_prefix('[')?;
+    let digits = rest.strip_suffix(suffix)?.strip_suffix(']')?;
+    if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+// ------------------------------------------------------- hashing writers
+
+/// A writer that counts and SHA-256-hashes what passes through it.
+pub struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The inner writer, the byte count and the hex SHA-256.
+    pub fn finish(self) -> (W, u64, String) {
+        (self.inner, self.bytes, hex(&self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that SHA-256-hashes what passes through it.
+pub struct HashingReader<R: Read> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Reads whatever is left, then answers the byte count and hex SHA-256.
+    pub fn finish(mut self) -> io::Result<(u64, String)> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok((self.bytes, hex(&self.hasher.finalize())))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The size and hex SHA-256 of a file.
+pub fn sha256_file(path: &Path) -> Result<(u64, String), FormatError> {
+    let mut f = File::open(path).map_err(io_at(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(io_at(path))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n, hex(&h.finalize())))
+}
+
+// ------------------------------------------------------- durable writes
+
+/// fsyncs a directory, so renames and creations in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), FormatError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync,
+/// rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!("{TEMP_PREFIX}{name}-{}", std::process::id()));
+    {
+        let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
+        f.write_all(bytes).map_err(io_at(&tmp))?;
+        f.sync_all().map_err(io_at(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io_at(path))?;
+    sync_dir(dir)
+}
+
+// ------------------------------------------------------------ snapshot
+
+/// The header of a snapshot stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    pub db_id: [u8; 16],
+    /// S: the snapshot holds exactly the operations with LSN ≤ S.
+    pub lsn: u64,
+    pub epoch: u64,
+}
+
+impl SnapshotHeader {
+    pub fn encode(&self) -> [u8; SNAPSHOT_HEADER_LEN] {
+        let mut b = [0u8; SNAPSHOT_HEADER_LEN];
+        b[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
+        b[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        b[12..28].copy_from_slice(&self.db_id);
+        b[28..36].copy_from_slice(&self.lsn.to_le_bytes());
+        b[36..44].copy_from_slice(&self.epoch.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..44]);
+        b[44..48].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SnapshotHeader, String> {
+        if b.len() < SNAPSHOT_HEADER_LEN {
+            return Err(format!("header is {} bytes, need 48", b.len()));
+        }
+        if b[0..8] != SNAPSHOT_MAGIC {
+            return Err("bad magic: not a mirrordb snapshot".into());
+        }
+        let version = le_u32(&b[8..12]);
+        if version != SNAPSHOT_VERSION {
+            return Err(format!("unsupported snapshot version {version}"));
+        }
+        let stored = le_u32(&b[44..48]);
+        let computed = crc32c::crc32c(&b[0..44]);
+        if stored != computed {
+            return Err(format!(
+                "header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ));
+        }
+        let mut db_id = [0u8; 16];
+        db_id.copy_from_slice(&b[12..28]);
+        Ok(SnapshotHeader {
+            db_id,
+            lsn: le_u64(&b[28..36]),
+            epoch: le_u64(&b[36..44]),
+        })
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// One chunk as recorded in the manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkInfo {
+    pub items: u32,
+    /// Uncompressed payload bytes.
+    pub bytes: u32,
+    pub crc32c: u32,
+}
+
+/// What a finished snapshot file holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    pub items: u64,
+    /// Uncompressed bytes of all chunk payloads.
+    pub raw_bytes: u64,
+    /// Bytes of the compressed file.
+    pub file_bytes: u64,
+    pub sha256: String,
+    pub chunks: Vec<ChunkInfo>,
+}
+
+/// Writes a snapshot stream, compressed, into a file.
+pub struct SnapshotWriter {
+    enc: zstd::Encoder<'static, HashingWriter<BufWriter<File>>>,
+    path: PathBuf,
+    payload: Vec<u8>,
+    items_in_chunk: u32,
+    items: u64,
+    raw_bytes: u64,
+    chunks: Vec<ChunkInfo>,
+}
+
+impl SnapshotWriter {
+    /// Creates `path` and writes the header.
+    pub fn create(
+        path: &Path,
+        header: SnapshotHeader,
+        level: i32,
+    ) -> Result<SnapshotWriter, FormatError> {
+        let f = File::create(path).map_err(io_at(path))?;
+        let hw = HashingWriter::new(BufWriter::with_capacity(1 << 20, f));
+        let mut enc = zstd::Encoder::new(hw, level).map_err(io_at(path))?;
+        enc.write_all(&header.encode()).map_err(io_at(path))?;
+        Ok(SnapshotWriter {
+            enc,
+            path: path.to_owned(),
+            payload: Vec::with_capacity(CHUNK_TARGET_BYTES + 4096),
+            items_in_chunk: 0,
+            items: 0,
+            raw_bytes: 0,
+            chunks: Vec::new(),
+        })
+    }
+
+    /// Compressed bytes written to the file so far.
+    pub fn file_bytes(&self) -> u64 {
+        self.enc.get_ref().bytes()
+    }
+
+    /// Items added so far.
+    pub fn items(&self) -> u64 {
+        self.items
+    }
+
+    /// Appends one item.
+    pub fn add(&mut self, item: &SnapshotItem) -> Result<(), FormatError> {
+        let at = self.payload.len();
+        self.payload.extend_from_slice(&[0u8; 4]);
+        postcard::to_extend(item, std::mem::take(&mut self.payload))
+            .map(|v| self.payload = v)
+            .map_err(|e| FormatError::damaged("snapshot item", self.items, e.to_string()))?;
+        let len = self.payload.len() - at - 4;
+        if len > MAX_ITEM_BYTES {
+            return Err(FormatError::damaged(
+                "snapshot item",
+                self.items,
+                format!("item of {len} bytes exceeds the limit of {MAX_ITEM_BYTES}"),
+            ));
+        }
+        self.payload[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        self.items_in_chunk += 1;
+        self.items += 1;
+        if self.payload.len() >= CHUNK_TARGET_BYTES {
+            self.flush_chunk()?;
+        }
+        Ok(())
+    }
+
+    fn flush_chunk(&mut self) -> Result<(), FormatError> {
+        if self.items_in_chunk == 0 {
+            return Ok(());
+        }
+        let info = write_chunk(&mut self.enc, &self.payload, self.items_in_chunk)
+            .map_err(io_at(&self.path))?;
+        self.raw_bytes += self.payload.len() as u64;
+        self.chunks.push(info);
+        self.payload.clear();
+        self.items_in_chunk = 0;
+        Ok(())
+    }
+
+    /// Writes the end marker and trailer, finishes compression and fsyncs.
+    pub fn finish(mut self) -> Result<SnapshotSummary, FormatError> {
+        self.flush_chunk()?;
+        let path = self.path.clone();
+        write_chunk(&mut self.enc, &[], 0).map_err(io_at(&path))?;
+        let mut trailer = [0u8; 20];
+        trailer[0..8].copy_from_slice(&self.items.to_le_bytes());
+        trailer[8..16].copy_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        let crc = crc32c::crc32c(&trailer[0..16]);
+        trailer[16..20].copy_from_slice(&crc.to_le_bytes());
+        self.enc.write_all(&trailer).map_err(io_at(&path))?;
+        let hw = self.enc.finish().map_err(io_at(&path))?;
+        let (buf, file_bytes, sha256) = hw.finish();
+        let f = buf.into_inner().map_err(|e| FormatError::Io {
+            path: path.clone(),
+            source: e.into_error(),
+        })?;
+        f.sync_all().map_err(io_at(&path))?;
+        Ok(SnapshotSummary {
+            items: self.items,
+            raw_bytes: self.raw_bytes,
+            file_bytes,
+            sha256,
+            chunks: self.chunks,
+        })
+    }
+}
+
+fn write_chunk(w: &mut impl Write, payload: &[u8], items: u32) -> io::Result<ChunkInfo> {
+    let mut head = [0u8; 12];
+    head[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&items.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[0..8]), payload);
+    head[8..12].copy_from_slice(&crc.to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    Ok(ChunkInfo {
+        items,
+        bytes: payload.len() as u32,
+        crc32c: crc,
+    })
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads a decompressed snapshot stream item by item, verifying each chunk
+/// (and, when given, each chunk against the manifest's list).
+pub struct SnapshotReader<R: Read> {
+    r: R,
+    what: String,
+    header: SnapshotHeader,
+    offset: u64,
+    payload: Vec<u8>,
+    pos: usize,
+    left_in_chunk: u32,
+    chunks_read: u64,
+    items: u64,
+    expect: Option<Vec<ChunkInfo>>,
+    done: bool,
+}
+
+/// A snapshot file opened for reading (zstd-decoded).
+pub type SnapshotFileReader = SnapshotReader<zstd::Decoder<'static, BufReader<File>>>;
+
+impl SnapshotFileReader {
+    /// Opens a compressed snapshot file.
+    pub fn open_file(path: &Path) -> Result<SnapshotFileReader, FormatError> {
+        let f = File::open(path).map_err(io_at(path))?;
+        let dec = zstd::Decoder::new(f).map_err(io_at(path))?;
+        SnapshotReader::new(dec, &path.display().to_string())
+    }
+}
+
+impl<R: Read> SnapshotReader<R> {
+    /// Reads and checks the header of an uncompressed stream.
+    pub fn new(mut r: R, what: &str) -> Result<SnapshotReader<R>, FormatError> {
+        let mut h = [0u8; SNAPSHOT_HEADER_LEN];
+        let n =
+            read_full(&mut r, &mut h).map_err(|e| FormatError::damaged(what, 0, e.to_string()))?;
+        let header = SnapshotHeader::decode(&h[..n])
+            .map_err(|reason| FormatError::damaged(what, 0, reason))?;
+        Ok(SnapshotReader {
+            r,
+            what: what.to_owned(),
+            header,
+            offset: SNAPSHOT_HEADER_LEN as u64,
+            payload: Vec::new(),
+            pos: 0,
+            left_in_chunk: 0,
+            chunks_read: 0,
+            items: 0,
+            expect: None,
+            done: false,
+        })
+    }
+
+    /// Also checks every chunk against the manifest's list.
+    pub fn expect_chunks(mut self, chunks: Vec<ChunkInfo>) -> Self {
+        self.expect = Some(chunks);
+        self
+    }
+
+    pub fn header(&self) -> SnapshotHeader {
+        self.header
+    }
+
+    /// The underlying reader (after the end, to finish a checksum).
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+
+    /// Items returned so far.
+    pub fn items(&self) -> u64 {
+        self.items
+    }
+
+    /// Uncompressed bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn bad(&self, reason: impl Into<String>) -> FormatError {
+        FormatError::damaged(&self.what, self.offset, reason)
+    }
+
+    fn read_exact_or_bad(&mut self, buf: &mut [u8], what: &str) -> Result<(), FormatError> {
+        let n = read_full(&mut self.r, buf).map_err(|e| self.bad(e.to_string()))?;
+        if n < buf.len() {
+            return Err(self.bad(format!("stream ends inside {what}")));
+        }
+        self.offset += n as u64;
+        Ok(())
+    }
+
+    /// Loads the next chunk; `false` at the verified end of the stream.
+    fn next_chunk(&mut self) -> Result<bool, FormatError> {
+        let mut head = [0u8; 12];
+        self.read_exact_or_bad(&mut head, "a chunk header")?;
+        let len = le_u32(&head[0..4]) as usize;
+        let items = le_u32(&head[4..8]);
+        let stored = le_u32(&head[8..12]);
+        if len > MAX_CHUNK_BYTES || items > MAX_CHUNK_ITEMS {
+            return Err(self.bad(format!(
+                "chunk of {len} bytes / {items} items is out of bounds"
+            )));
+        }
+        self.payload.clear();
+        self.payload.resize(len, 0);
+        let mut payload = std::mem::take(&mut self.payload);
+        let r = self.read_exact_or_bad(&mut payload, "a chunk");
+        self.payload = payload;
+        r?;
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&head[0..8]), &self.payload);
+        if stored != computed {
+            return Err(self.bad(format!(
+                "chunk {} checksum mismatch (stored {stored:#010x}, computed {computed:#010x})",
+                self.chunks_read
+            )));
+        }
+        if len == 0 && items == 0 {
+            return self.read_trailer().map(|()| false);
+        }
+        if let Some(expect) = &self.expect {
+            let want = expect.get(self.chunks_read as usize).copied();
+            let got = ChunkInfo {
+                items,
+                bytes: len as u32,
+                crc32c: computed,
+            };
+            if want != Some(got) {
+                return Err(self.bad(format!(
+                    "chunk {} does not match the manifest ({want:?} recorded, {got:?} found)",
+                    self.chunks_read
+                )));
+            }
+        }
+        self.chunks_read += 1;
+        self.pos = 0;
+        self.left_in_chunk = items;
+        Ok(true)
+    }
+
+    fn read_trailer(&mut self) -> Result<(), FormatError> {
+        let mut t = [0u8; 20];
+        self.read_exact_or_bad(&mut t, "the trailer")?;
+        if crc32c::crc32c(&t[0..16]) != le_u32(&t[16..20]) {
+            return Err(self.bad("trailer checksum mismatch"));
+        }
+        let (items, chunks) = (le_u64(&t[0..8]), le_u64(&t[8..16]));
+        if items != self.items || chunks != self.chunks_read {
+            return Err(self.bad(format!(
+                "trailer says {items} items in {chunks} chunks, read {} in {}",
+                self.items, self.chunks_read
+            )));
+        }
+        if let Some(expect) = &self.expect
+            && expect.len() as u64 != chunks
+        {
+            return Err(self.bad(format!(
+                "the manifest lists {} chunks, the file has {chunks}",
+                expect.len()
+            )));
+        }
+        let mut extra = [0u8; 1];
+        if read_full(&mut self.r, &mut extra).map_err(|e| self.bad(e.to_string()))? != 0 {
+            return Err(self.bad("bytes after the trailer"));
+        }
+        self.done = true;
+        Ok(())
+    }
+
+    /// The next item, `None` after the verified end.
+    pub fn next_item(&mut self) -> Result<Option<SnapshotItem>, FormatError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if self.left_in_chunk == 0 {
+                if self.pos != self.payload.len() {
+                    return Err(self.bad("chunk has bytes after its last item"));
+                }
+                if !self.next_chunk()? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let rest = &self.payload[self.pos..];
+            if rest.len() < 4 {
+                return Err(self.bad("chunk ends inside an item length"));
+            }
+            let len = le_u32(rest) as usize;
+            if len > rest.len() - 4 {
+                return Err(self.bad(format!("item of {len} bytes overruns its chunk")));
+            }
+            let item: SnapshotItem = postcard::from_bytes(&rest[4..4 + len])
+                .map_err(|e| self.bad(format!("item does not decode: {e}")))?;
+            self.pos += 4 + len;
+            self.left_in_chunk -= 1;
+            self.items += 1;
+            return Ok(Some(item));
+        }
+    }
+}
+
+// ------------------------------------------------------ journal archive
+
+/// What an archive holds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArchiveSummary {
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub entries: u64,
+    pub segments: u32,
+    pub raw_bytes: u64,
+    pub file_bytes: u64,
+    pub sha256: String,
+}
+
+/// Writes closed journal segments, verified frame by frame, into one
+/// compressed archive file.
+pub struct ArchiveWriter {
+    enc: zstd::Encoder<'static, HashingWriter<BufWriter<File>>>,
+    path: PathBuf,
+    db_id: [u8; 16],
+    first_lsn: u64,
+    last_lsn: u64,
+    entries: u64,
+    segments: u32,
+    raw_bytes: u64,
+}
+
+impl ArchiveWriter {
+    pub fn create(path: &Path, db_id: [u8; 16], level: i32) -> Result<ArchiveWriter, FormatError> {
+        let f = File::create(path).map_err(io_at(path))?;
+        let hw = HashingWriter::new(BufWriter::with_capacity(1 << 20, f));
+        let enc = zstd::Encoder::new(hw, level).map_err(io_at(path))?;
+        Ok(ArchiveWriter {
+            enc,
+            path: path.to_owned(),
+            db_id,
+            first_lsn: 0,
+            last_lsn: 0,
+            entries: 0,
+            segments: 0,
+            raw_bytes: 0,
+        })
+    }
+
+    /// Appends a closed segment, entries up to `upto_lsn` only; every frame
+    /// is checked as it is copied, and LSNs must continue densely.
+    pub fn add_segment(&mut self, seg: &Path, upto_lsn: u64) -> Result<(), FormatError> {
+        let what = seg.display().to_string();
+        let f = File::open(seg).map_err(io_at(seg))?;
+        let mut r = BufReader::with_capacity(1 << 20, f);
+        let mut hb = [0u8; HEADER_LEN];
+        let n = read_full(&mut r, &mut hb).map_err(io_at(seg))?;
+        let header = SegmentHeader::decode(&hb[..n])
+            .map_err(|e| FormatError::damaged(&what, 0, e.to_string()))?;
+        if header.db_id != self.db_id {
+            return Err(FormatError::Foreign {
+                what,
+                expected: crate::journal::scan::db_id_string(&self.db_id),
+                found: crate::journal::scan::db_id_string(&header.db_id),
+            });
+        }
+        if self.entries > 0 && header.first_lsn != self.last_lsn + 1 {
+            return Err(FormatError::damaged(
+                &what,
+                40,
+                format!(
+                    "LSN gap: archive ends at {} but this segment starts at {}",
+                    self.last_lsn, header.first_lsn
+                ),
+            ));
+        }
+        self.enc.write_all(&hb).map_err(io_at(&self.path))?;
+        self.raw_bytes += HEADER_LEN as u64;
+        self.segments += 1;
+        let mut offset = HEADER_LEN as u64;
+        let mut expected = header.first_lsn;
+        let mut buf = Vec::new();
+        loop {
+            let mut head = [0u8; FRAME_HEADER_LEN];
+            let k = read_full(&mut r, &mut head).map_err(io_at(seg))?;
+            if k == 0 {
+                break;
+            }
+            let fh = jformat::decode_frame_header(&head[..k])
+                .map_err(|e| FormatError::damaged(&what, offset, e.to_string()))?;
+            if fh.lsn > upto_lsn {
+                break;
+            }
+            buf.clear();
+            buf.extend_from_slice(&head);
+            buf.resize(FRAME_HEADER_LEN + fh.len as usize, 0);
+            let got = read_full(&mut r, &mut buf[FRAME_HEADER_LEN..]).map_err(io_at(seg))?;
+            if got < fh.len as usize {
+                return Err(FormatError::damaged(
+                    &what,
+                    offset,
+                    "segment ends inside a frame",
+                ));
+            }
+            jformat::decode_frame(&buf)
+                .map_err(|e| FormatError::damaged(&what, offset, e.to_string()))?;
+            if fh.lsn != expected {
+                return Err(FormatError::damaged(
+                    &what,
+                    offset,
+                    format!("LSN gap: expected {expected}, found {}", fh.lsn),
+                ));
+            }
+            self.enc.write_all(&buf).map_err(io_at(&self.path))?;
+            if self.entries == 0 {
+                self.first_lsn = fh.lsn;
+            }
+            self.entries += 1;
+            self.last_lsn = fh.lsn;
+            expected += 1;
+            offset += buf.len() as u64;
+            self.raw_bytes += buf.len() as u64;
+        }
+        if self.entries == 0 {
+            // An empty segment still says where the chain stands.
+            self.last_lsn = header.first_lsn.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Compressed bytes so far.
+    pub fn file_bytes(&self) -> u64 {
+        self.enc.get_ref().bytes()
+    }
+
+    /// Finishes compression and fsyncs the file.
+    pub fn finish(self) -> Result<ArchiveSummary, FormatError> {
+        let path = self.path.clone();
+        let hw = self.enc.finish().map_err(io_at(&path))?;
+        let (buf, file_bytes, sha256) = hw.finish();
+        let f = buf.into_inner().map_err(|e| FormatError::Io {
+            path: path.clone(),
+            source: e.into_error(),
+        })?;
+        f.sync_all().map_err(io_at(&path))?;
+        Ok(ArchiveSummary {
+            first_lsn: self.first_lsn,
+            last_lsn: self.last_lsn,
+            entries: self.entries,
+            segments: self.segments,
+            raw_bytes: self.raw_bytes,
+            file_bytes,
+            sha256,
+        })
+    }
+}
+
+/// Reads an archive (or any concatenation of segment files) as verified
+/// frames: segment headers checked, frame checksums checked, LSNs dense,
+/// epochs never going back, one database id throughout.
+pub struct ArchiveReader<R: Read> {
+    r: R,
+    what: String,
+    offset: u64,
+    header: Option<SegmentHeader>,
+    db_id: Option<[u8; 16]>,
+    next_lsn: Option<u64>,
+    last_epoch: u64,
+    failed: bool,
+}
+
+/// An archive file opened for reading (zstd-decoded).
+pub type ArchiveFileReader = ArchiveReader<zstd::Decoder<'static, BufReader<File>>>;
+
+impl ArchiveFileReader {
+    pub fn open_file(path: &Path) -> Result<ArchiveFileReader, FormatError> {
+        let f = File::open(path).map_err(io_at(path))?;
+        let dec = zstd::Decoder::new(f).map_err(io_at(path))?;
+        Ok(ArchiveReader::new(dec, &path.display().to_string()))
+    }
+}
+
+impl<R: Read> ArchiveReader<R> {
+    pub fn new(r: R, what: &str) -> ArchiveReader<R> {
+        ArchiveReader {
+            r,
+            what: what.to_owned(),
+            offset: 0,
+            header: None,
+            db_id: None,
+            next_lsn: None,
+            last_epoch: 0,
+            failed: false,
+        }
+    }
+
+    /// The underlying reader (after the end, to finish a checksum).
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+
+    /// The database the archive belongs to (after the first header).
+    pub fn db_id(&self) -> Option<[u8; 16]> {
+        self.db_id
+    }
+
+    fn bad(&mut self, at: u64, reason: impl Into<String>) -> FormatError {
+        self.failed = true;
+        FormatError::damaged(&self.what, at, reason)
+    }
+
+    /// The next frame with the header of its segment; `None` at a clean end.
+    pub fn next_frame(&mut self) -> Result<Option<(SegmentHeader, OwnedFrame)>, FormatError> {
+        loop {
+            if self.failed {
+                return Ok(None);
+            }
+            let at = self.offset;
+            let mut head = [0u8; FRAME_HEADER_LEN];
+            let n = match read_full(&mut self.r, &mut head[..8]) {
+                Ok(n) => n,
+                Err(e) => return Err(self.bad(at, e.to_string())),
+            };
+            if n == 0 {
+                if self.header.is_none() {
+                    return Err(self.bad(at, "archive holds no segment"));
+                }
+                return Ok(None);
+            }
+            if n < 8 {
+                return Err(self.bad(at, "archive ends inside a frame"));
+            }
+            if head[..8] == SEGMENT_MAGIC {
+                let mut hb = [0u8; HEADER_LEN];
+                hb[..8].copy_from_slice(&head[..8]);
+                let k = read_full(&mut self.r, &mut hb[8..])
+                    .map_err(|e| self.bad(at, e.to_string()))?;
+                self.offset += 8 + k as u64;
+                let h = match SegmentHeader::decode(&hb[..8 + k]) {
+                    Ok(h) => h,
+                    Err(e) => return Err(self.bad(at, format!("bad segment header: {e}"))),
+                };
+                if let Some(db) = self.db_id
+                    && db != h.db_id
+                {
+                    self.failed = true;
+                    return Err(FormatError::Foreign {
+                        what: self.what.clone(),
+                        expected: crate::journal::scan::db_id_string(&db),
+                        found: crate::journal::scan::db_id_string(&h.db_id),
+                    });
+                }
+                if let Some(next) = self.next_lsn
+                    && h.first_lsn != next
+                {
+                    return Err(self.bad(
+                        at,
+                        format!(
+                            "LSN gap: expected a segment starting at {next}, found {}",
+                            h.first_lsn
+                        ),
+                    ));
+                }
+                if h.epoch < self.last_epoch {
+                    return Err(self.bad(at, "epoch goes back"));
+                }
+                self.db_id = Some(h.db_id);
+                self.next_lsn = Some(h.first_lsn);
+                self.last_epoch = h.epoch;
+                self.header = Some(h);
+                continue;
+            }
+            let Some(seg) = self.header else {
+                return Err(self.bad(at, "archive does not start with a segment header"));
+            };
+            let k =
+                read_full(&mut self.r, &mut head[8..]).map_err(|e| self.bad(at, e.to_string()))?;
+            if k < FRAME_HEADER_LEN - 8 {
+                return Err(self.bad(at, "archive ends inside a frame header"));
+            }
+            let fh = match jformat::decode_frame_header(&head) {
+                Ok(h) => h,
+                Err(e) => return Err(self.bad(at, e.to_string())),
+            };
+            let total = FRAME_HEADER_LEN + fh.len as usize;
+            let mut bytes = Vec::with_capacity(total);
+            bytes.extend_from_slice(&head);
+            bytes.resize(total, 0);
+            let got = read_full(&mut self.r, &mut bytes[FRAME_HEADER_LEN..])
+                .map_err(|e| self.bad(at, e.to_string()))?;
+            if got < fh.len as usize {
+                return Err(self.bad(at, "archive ends inside a frame"));
+            }
+            if let Err(e) = jformat::decode_frame(&bytes) {
+                let e: FrameError = e;
+                return Err(self.bad(at, e.to_string()));
+            }
+            if Some(fh.lsn) != self.next_lsn {
+                let want = self.next_lsn.unwrap_or(0);
+                return Err(self.bad(at, format!("LSN gap: expected {want}, found {}", fh.lsn)));
+            }
+            if fh.epoch < self.last_epoch {
+                return Err(self.bad(at, "epoch goes back"));
+            }
+            self.last_epoch = fh.epoch;
+            self.next_lsn = Some(fh.lsn + 1);
+            self.offset += total as u64;
+            return Ok(Some((seg, OwnedFrame { header: fh, bytes })));
+        }
+    }
+}
+
+impl<R: Read> Iterator for ArchiveReader<R> {
+    type Item = Result<(SegmentHeader, OwnedFrame), FormatError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_frame().transpose()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn items() -> Vec<SnapshotItem> {
+        let mut v = vec![SnapshotItem::Table {
+            name: "t".into(),
+            journaled: true,
+        }];
+        for i in 0..5000u64 {
+            v.push(SnapshotItem::Record {
+                table: "t".into(),
+                key: format!("k{i:05}"),
+                version: i + 1,
+                value: format!("{{\"v\":{i},\"pad\":\"{}\"}}", "x".repeat(300)).into_bytes(),
+            });
+        }
+        v.push(SnapshotItem::BlobStart {
+            table: "t".into(),
+            key: "b".into(),
+            version: 9,
+            size: 3,
+        });
+        v.push(SnapshotItem::BlobChunk {
+            bytes: b"abc".to_vec(),
+        });
+        v.push(SnapshotItem::BlobEnd);
+        v
+    }
+
+    fn header() -> SnapshotHeader {
+        SnapshotHeader {
+            db_id: [7; 16],
+            lsn: 42,
+            epoch: 2,
+        }
+    }
+
+    fn write_snapshot(dir: &Path) -> (PathBuf, SnapshotSummary) {
+        let p = dir.join(SNAPSHOT_FILE);
+        let mut w = SnapshotWriter::create(&p, header(), 3).unwrap();
+        for it in items() {
+            w.add(&it).unwrap();
+        }
+        let s = w.finish().unwrap();
+        (p, s)
+    }
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(set_dir_name("mirrordb", 7), "mirrordb[0007].backup");
+        assert_eq!(archive_name("db", 0), "db[0000].journal");
+        assert_eq!(
+            parse_numbered("db[0012].backup", "db", SET_SUFFIX),
+            Some(12)
+        );
+        assert_eq!(parse_numbered("db[12].backup", "db", SET_SUFFIX), None);
+        assert_eq!(parse_numbered("dbx[0012].backup", "db", SET_SUFFIX), None);
+        assert_eq!(parse_numbered("db[0012].journal", "db", SET_SUFFIX), None);
+    }
+
+    #[test]
+    fn snapshot_round_trips_with_manifest_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, s) = write_snapshot(dir.path());
+        assert_eq!(s.items, items().len() as u64);
+        assert!(s.chunks.len() > 1, "several chunks: {}", s.chunks.len());
+        assert_eq!(sha256_file(&p).unwrap(), (s.file_bytes, s.sha256.clone()));
+        let mut r = SnapshotFileReader::open_file(&p)
+            .unwrap()
+            .expect_chunks(s.chunks.clone());
+        assert_eq!(r.header(), header());
+        let mut got = Vec::new();
+        while let Some(it) = r.next_item().unwrap() {
+            got.push(it);
+        }
+        assert_eq!(got, items());
+        // A manifest that disagrees is noticed.
+        let mut wrong = s.chunks.clone();
+        wrong[0].crc32c ^= 1;
+        let mut r = SnapshotFileReader::open_file(&p)
+            .unwrap()
+            .expect_chunks(wrong);
+        assert!(r.next_item().is_err());
+    }
+
+    #[test]
+    fn damaged_snapshot_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("raw");
+        // Uncompressed stream, so flips hit chunk bytes directly.
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&header().encode());
+        let mut payload = Vec::new();
+        for it in items().iter().take(20) {
+            let e = postcard::to_stdvec(it).unwrap();
+            payload.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&e);
+        }
+        write_chunk(&mut raw, &payload, 20).unwrap();
+        write_chunk(&mut raw, &[], 0).unwrap();
+        let mut t = [0u8; 20];
+        t[0..8].copy_from_slice(&20u64.to_le_bytes());
+        t[8..16].copy_from_slice(&1u64.to_le_bytes());
+        let c = crc32c::crc32c(&t[..16]);
+        t[16..].copy_from_slice(&c.to_le_bytes());
+        raw.extend_from_slice(&t);
+        std::fs::write(&p, &raw).unwrap();
+        let read_all = |b: &[u8]| -> Result<u64, FormatError> {
+            let mut r = SnapshotReader::new(b, "t")?;
+            while r.next_item()?.is_some() {}
+            Ok(r.items())
+        };
+        assert_eq!(read_all(&raw).unwrap(), 20);
+        for i in (0..raw.len()).step_by(7) {
+            let mut b = raw.clone();
+            b[i] ^= 0x10;
+            assert!(read_all(&b).is_err(), "flip at {i} went unnoticed");
+        }
+        for cut in (0..raw.len()).step_by(11) {
+            assert!(
+                read_all(&raw[..cut]).is_err(),
+                "cut at {cut} went unnoticed"
+            );
+        }
+    }
+
+    fn segment_bytes(db: [u8; 16], first: u64, n: u64) -> Vec<u8> {
+        let mut b = SegmentHeader {
+            db_id: db,
+            epoch: 1,
+            first_lsn: first,
+            created_us: 1,
+        }
+        .encode()
+        .to_vec();
+        for lsn in first..first + n {
+            let op = crate::model::Op::RestorePoint {
+                name: format!("p{lsn}"),
+            };
+            jformat::encode_frame(&mut b, lsn, 1, lsn * 10, &jformat::encode_op(&op));
+        }
+        b
+    }
+
+    #[test]
+    fn archive_round_trips_and_checks_continuity() {
+        let dir = tempfile::tempdir().unwrap();
+        let s1 = dir.path().join("1.journal");
+        let s2 = dir.path().join("2.journal");
+        std::fs::write(&s1, segment_bytes([1; 16], 1, 10)).unwrap();
+        std::fs::write(&s2, segment_bytes([1; 16], 11, 10)).unwrap();
+        let a = dir.path().join("a.journal");
+        let mut w = ArchiveWriter::create(&a, [1; 16], 3).unwrap();
+        w.add_segment(&s1, u64::MAX).unwrap();
+        w.add_segment(&s2, 15).unwrap();
+        let s = w.finish().unwrap();
+        assert_eq!(
+            (s.first_lsn, s.last_lsn, s.entries, s.segments),
+            (1, 15, 15, 2)
+        );
+        assert_eq!(sha256_file(&a).unwrap().1, s.sha256);
+        let lsns: Vec<u64> = ArchiveFileReader::open_file(&a)
+            .unwrap()
+            .map(|r| r.unwrap().1.header.lsn)
+            .collect();
+        assert_eq!(lsns, (1..=15).collect::<Vec<_>>());
+        // A gap between segments and a foreign segment are refused.
+        let mut w = ArchiveWriter::create(&a, [1; 16], 3).unwrap();
+        w.add_segment(&s2, u64::MAX).unwrap();
+        assert!(w.add_segment(&s1, u64::MAX).is_err());
+        let mut w = ArchiveWriter::create(&a, [2; 16], 3).unwrap();
+        assert!(matches!(
+            w.add_segment(&s1, u64::MAX),
+            Err(FormatError::Foreign { .. })
+        ));
+        // Raw concatenation with a gap is refused by the reader.
+        let mut raw = segment_bytes([1; 16], 1, 3);
+        raw.extend(segment_bytes([1; 16], 5, 3));
+        let r: Result<Vec<_>, _> = ArchiveReader::new(&raw[..], "x").collect();
+        assert!(r.is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn snapshot_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            if let Ok(mut r) = SnapshotReader::new(&bytes[..], "p") {
+                while let Ok(Some(_)) = r.next_item() {}
+            }
+            let mut with_header = header().encode().to_vec();
+            with_header.extend_from_slice(&bytes);
+            if let Ok(mut r) = SnapshotReader::new(&with_header[..], "p") {
+                while let Ok(Some(_)) = r.next_item() {}
+            }
+            if let Ok(dec) = zstd::Decoder::new(&bytes[..])
+                && let Ok(mut r) = SnapshotReader::new(dec, "p")
+            {
+                while let Ok(Some(_)) = r.next_item() {}
+            }
+        }
+
+        #[test]
+        fn archive_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            for r in ArchiveReader::new(&bytes[..], "p") {
+                if r.is_err() { break; }
+            }
+            let mut seg = segment_bytes([3; 16], 1, 2);
+            seg.extend_from_slice(&bytes);
+            for r in ArchiveReader::new(&seg[..], "p") {
+                if r.is_err() { break; }
+            }
+        }
+
+        #[test]
+        fn flipped_archive_bytes_are_detected(at in 0usize..400, bit in 0u8..8) {
+            let raw = segment_bytes([3; 16], 1, 4);
+            let at = at % raw.len();
+            let mut b = raw.clone();
+            b[at] ^= 1 << bit;
+            let r: Result<Vec<_>, _> = ArchiveReader::new(&b[..], "p").collect();
+            prop_assert!(r.is_err(), "flip at byte {} bit {} went unnoticed", at, bit);
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! `[backup]` in the node's TOML file (DESIGN §5): where sets go, how many
+//! are kept, compression, attached files, retries, hooks and schedules.
+//! `config.rs` embeds this section; `docs/config.md` documents every key.
+
+use super::schedule::Schedule;
+use crate::config::{ConfigDuration, ConfigError};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default destination, relative to the working directory.
+pub const DEFAULT_DESTINATION: &str = "./mirrordb-backups";
+/// Most sets `keep_last` may ask for.
+pub const MAX_KEEP_LAST: u32 = 1000;
+/// Most attached files.
+pub const MAX_ATTACHED: usize = 256;
+/// Most schedules.
+pub const MAX_SCHEDULES: usize = 32;
+/// Most attempts of one scheduled backup.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+
+/// `[backup]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSection {
+    /// Directory that receives sets, journal archives and
+    /// `backupHistory.json` (another disk is recommended).
+    pub destination: PathBuf,
+    /// Create the destination if it does not exist. Set it to false when the
+    /// destination is a mount point, so an unmounted disk is an error
+    /// instead of a directory on the system disk.
+    pub create_destination: bool,
+    /// Base name of sets and archives: `‹name›[0001].backup`.
+    pub name: String,
+    /// Sets kept after a successful backup (older ones, and the journal
+    /// archives only they need, are deleted). 0 keeps everything.
+    pub keep_last: u32,
+    /// Skip a backup (automatic or manual) when no data changed since the last one.
+    pub only_if_changed: bool,
+    /// zstd level of snapshots and archives (1..=19).
+    pub compression_level: i32,
+    /// Files copied into every set (`attached/`); a missing one makes the
+    /// backup `partial`, with an error.
+    pub attached_files: Vec<PathBuf>,
+    /// A failed scheduled backup is tried again after this long.
+    pub retry_after: ConfigDuration,
+    /// Attempts of one scheduled backup; after the last failure automatic
+    /// backups pause until a manual backup succeeds.
+    pub max_attempts: u32,
+    /// Shell command run before a backup; a non-zero exit cancels it.
+    pub on_start: String,
+    /// Shell command run after a backup, with its outcome in
+    /// `MIRRORDB_BACKUP_STATUS` and friends.
+    pub on_finish: String,
+    /// Hooks are killed after this long (and count as failed).
+    pub hook_timeout: ConfigDuration,
+    /// Schedules: `"every 6h"`, `"daily at 02:30"`,
+    /// `"weekly on mon,thu at 02:30"`, `"monthly on 1 at 03:00"` (UTC).
+    pub schedule: Vec<String>,
+    /// Backup Journal: every line (true) or only start times and errors.
+    pub verbose: bool,
+}
+
+impl Default for BackupSection {
+    fn default() -> Self {
+        BackupSection {
+            destination: PathBuf::from(DEFAULT_DESTINATION),
+            create_destination: true,
+            name: "mirrordb".into(),
+            keep_last: 3,
+            only_if_changed: false,
+            compression_level: 3,
+            attached_files: Vec::new(),
+            retry_after: ConfigDuration(Duration::from_secs(300)),
+            max_attempts: 3,
+            on_start: String::new(),
+            on_finish: String::new(),
+            hook_timeout: ConfigDuration(Duration::from_secs(300)),
+            schedule: Vec::new(),
+            verbose: true,
+        }
+    }
+}
+
+impl BackupSection {
+    /// The parsed schedules.
+    pub fn schedules(&self) -> Result<Vec<Schedule>, ConfigError> {
+        self.schedule
+            .iter()
+            .map(|s| {
+                s.parse::<Schedule>()
+                    .map_err(|e| ConfigError::Invalid(format!("backup.schedule: {e}")))
+            })
+            .collect()
+    }
+
+    /// Range checks, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.destination.as_os_str().is_empty() {
+            return bad("backup.destination must not be empty".into());
+        }
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.- ".contains(&b))
+            && !self.name.starts_with('.');
+        if !name_ok {
+            return bad(format!(
+                "backup.name {:?} must be 1..=64 characters of [A-Za-z0-9_.- ], not starting with '.'",
+                self.name
+            ));
+        }
+        if self.keep_last > MAX_KEEP_LAST {
+            return bad(format!("backup.keep_last must be at most {MAX_KEEP_LAST}"));
+        }
+        if !(1..=19).contains(&self.compression_level) {
+            return bad(format!(
+                "backup.compression_level must be 1..=19, got {}",
+                self.compression_level
+            ));
+        }
+        if self.attached_files.len() > MAX_ATTACHED {
+            return bad(format!(
+                "backup.attached_files: at most {MAX_ATTACHED} files"
+            ));
+        }
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&self.max_attempts) {
+            return bad(format!(
+                "backup.max_attempts must be 1..={MAX_ATTEMPTS_LIMIT}, got {}",
+                self.max_attempts
+            ));
+        }
+        if self.retry_after.0 < Duration::from_secs(1) {
+            return bad("backup.retry_after must be at least 1s".into());
+        }
+        if self.hook_timeout.0 < Duration::from_secs(1) {
+            return bad("backup.hook_timeout must be at least 1s".into());
+        }
+        if self.schedule.len() > MAX_SCHEDULES {
+            return bad(format!(
+                "backup.schedule: at most {MAX_SCHEDULES} schedules"
+            ));
+        }
+        self.schedules().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_name_the_key() {
+        BackupSection::default().validate().unwrap();
+        let mut b = BackupSection {
+            compression_level: 0,
+            ..Default::default()
+        };
+        assert!(
+            b.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("compression_level")
+        );
+        b.compression_level = 3;
+        b.schedule = vec!["daily at 2".into()];
+        assert!(
+            b.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("backup.schedule")
+        );
+        b.schedule = vec!["daily at 02:00".into(), "every 6h".into()];
+        assert_eq!(b.schedules().unwrap().len(), 2);
+        b.name = "../x".into();
+        assert!(
+            b.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("backup.name")
+        );
+    }
+}

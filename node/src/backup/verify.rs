@@ -1,0 +1,304 @@
+//! `mirrordb verify`: re-reads backup sets and the journal archive chain and
+//! checks every checksum and the LSN continuity; with `--restore` it also
+//! restores a set into a scratch directory and compares the record count
+//! and content digest with the manifest.
+//!
+//! ```text
+//! for each chosen set: manifest ─► snapshot (chunk CRCs vs manifest, SHA-256, digest)
+//!                      ─► attached files (SHA-256)
+//! chain: archive M ─► SHA-256, every frame CRC, dense LSNs, one database id;
+//!        archive M starts at or before S(M)+1 and archive M+1 continues it
+//! --restore: restore set N (set only) into scratch ─► count + digest == manifest
+//! ```
+
+use super::format::{self, ArchiveFileReader};
+use super::log::{BackupLog, LineKind};
+use super::manifest::Catalog;
+use super::restore::{self, RestoreTarget, Until};
+use crate::engine::store::{DATA_FILE, Store};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// What verification found about one file or step.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The outcome of `verify`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    pub backup_dir: PathBuf,
+    pub sets_checked: Vec<u32>,
+    pub archives_checked: Vec<u32>,
+    pub checks: Vec<Check>,
+    pub ok: bool,
+}
+
+impl VerifyReport {
+    fn push(&mut self, what: String, r: Result<String, String>) {
+        let (ok, detail) = match r {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        self.ok &= ok;
+        self.checks.push(Check { what, ok, detail });
+    }
+}
+
+/// Options of `verify`.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Only this set (and the archives after it); default: every set.
+    pub set: Option<u32>,
+    /// Also restore (the chosen set, or the newest) into a scratch directory.
+    pub restore: bool,
+    /// Where the scratch restore goes (a temporary directory if `None`).
+    pub scratch: Option<PathBuf>,
+    /// Write the outcome to this data directory's Backup Journal.
+    pub log_dir: Option<PathBuf>,
+}
+
+/// Verifies `backup_dir`. Damage is reported in the checks, never as a
+/// panic; `Err` only when the directory cannot be read at all.
+pub fn verify(
+    backup_dir: &Path,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, restore::RestoreError> {
+    let name = restore::detect_name(backup_dir)?;
+    let catalog = Catalog::scan(backup_dir, &name)?;
+    let mut rep = VerifyReport {
+        backup_dir: backup_dir.to_owned(),
+        sets_checked: vec![],
+        archives_checked: vec![],
+        checks: vec![],
+        ok: true,
+    };
+    for (dir, why) in &catalog.incomplete {
+        rep.push(
+            dir.display().to_string(),
+            Err(format!("not a complete set: {why}")),
+        );
+    }
+    let sets: Vec<_> = catalog
+        .sets
+        .iter()
+        .filter(|s| opts.set.is_none_or(|n| s.manifest.number == n))
+        .collect();
+    if let Some(n) = opts.set
+        && sets.is_empty()
+    {
+        return Err(restore::RestoreError::NoSuchSet(n));
+    }
+    for s in &sets {
+        let m = &s.manifest;
+        rep.sets_checked.push(m.number);
+        let scratch = ScratchDir::new()?;
+        // Loading into a throw-away builder checks chunks, SHA-256 and digest.
+        let r = (|| -> Result<String, String> {
+            let mut b = crate::engine::backup::DataFileBuilder::create(
+                &scratch.path().join("d"),
+                m.db_id_bytes().ok_or("bad database id in the manifest")?,
+                m.epoch,
+                m.lsn,
+            )
+            .map_err(|e| e.to_string())?;
+            let n = restore::load_set(&mut b, &s.dir, &|_| {}).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "{n} items, {} records, SHA-256 {} ok",
+                m.digest_records, m.snapshot.sha256
+            ))
+        })();
+        rep.push(format!("set {} snapshot", m.number), r);
+        for a in &m.attached {
+            let what = format!("set {} attached {}", m.number, a.source);
+            let r = match (&a.path, &a.sha256) {
+                (Some(p), Some(want)) => match format::sha256_file(&s.dir.join(p)) {
+                    Ok((_, got)) if &got == want => Ok("SHA-256 ok".to_string()),
+                    Ok((_, got)) => Err(format!("SHA-256 {got}, recorded {want}")),
+                    Err(e) => Err(e.to_string()),
+                },
+                _ => Ok(format!(
+                    "not in the set (partial backup): {}",
+                    a.error.clone().unwrap_or_default()
+                )),
+            };
+            rep.push(what, r);
+        }
+    }
+    // The archive chain after the oldest chosen set.
+    let from = sets.first().map(|s| s.manifest.number).unwrap_or(0);
+    let mut prev_last: Option<u64> = None;
+    for a in catalog.archives.iter().filter(|a| a.number >= from) {
+        rep.archives_checked.push(a.number);
+        let r = check_archive(&a.path, a.recorded.as_ref().map(|r| r.file.sha256.as_str()));
+        let what = format!("archive {} ({})", a.number, a.path.display());
+        match r {
+            Ok((first, last, entries)) => {
+                let mut problems = Vec::new();
+                if let Some(set) = catalog.set(a.number)
+                    && first > set.manifest.lsn + 1
+                {
+                    problems.push(format!(
+                        "starts at LSN {first}, but set {} ends at {}: entries are missing",
+                        a.number, set.manifest.lsn
+                    ));
+                }
+                if let Some(p) = prev_last
+                    && first > p + 1
+                {
+                    problems.push(format!(
+                        "LSN gap: the previous archive ends at {p}, this one starts at {first}"
+                    ));
+                }
+                if let Some(next) = catalog.set(a.number + 1)
+                    && last != next.manifest.lsn
+                {
+                    problems.push(format!(
+                        "ends at LSN {last}, but set {} was taken at {}",
+                        a.number + 1,
+                        next.manifest.lsn
+                    ));
+                }
+                prev_last = Some(last);
+                let detail = format!("LSN {first}..={last}, {entries} entries");
+                rep.push(
+                    what,
+                    if problems.is_empty() {
+                        Ok(detail)
+                    } else {
+                        Err(format!("{detail}: {}", problems.join("; ")))
+                    },
+                );
+            }
+            Err(e) => {
+                prev_last = None;
+                rep.push(what, Err(e));
+            }
+        }
+    }
+    if opts.restore {
+        let set = opts
+            .set
+            .or_else(|| catalog.sets.last().map(|s| s.manifest.number));
+        if let Some(n) = set
+            && let Some(s) = catalog.set(n)
+        {
+            let tmp;
+            let scratch = match &opts.scratch {
+                Some(p) => p.clone(),
+                None => {
+                    tmp = ScratchDir::new()?;
+                    tmp.path().join("restore")
+                }
+            };
+            let r = restore::restore_into(
+                backup_dir,
+                &scratch,
+                RestoreTarget {
+                    set: Some(n),
+                    until: Until::SetOnly,
+                },
+                None,
+                &|_| {},
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                let store = Store::open(&scratch.join(DATA_FILE), 16 << 20)
+                    .map_err(|e| e.to_string())?;
+                let (count, digest) = store
+                    .read()
+                    .and_then(|v| v.digest())
+                    .map_err(|e| e.to_string())?;
+                let m = &s.manifest;
+                if count == m.digest_records && digest == m.digest {
+                    Ok(format!(
+                        "restored into {}: {count} records, digest {digest:#010x} as recorded",
+                        scratch.display()
+                    ))
+                } else {
+                    Err(format!(
+                        "restored {count} records with digest {digest:#010x}; the manifest records {} / {:#010x}",
+                        m.digest_records, m.digest
+                    ))
+                }
+            });
+            rep.push(format!("set {n} restore"), r);
+        }
+    }
+    if let Some(d) = &opts.log_dir {
+        let log = BackupLog::new(d, true);
+        let failed: Vec<&str> = rep
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.what.as_str())
+            .collect();
+        if failed.is_empty() {
+            log.line(
+                LineKind::Info,
+                &format!(
+                    "verify ok: {} sets, {} archives in {}",
+                    rep.sets_checked.len(),
+                    rep.archives_checked.len(),
+                    backup_dir.display()
+                ),
+            );
+        } else {
+            log.line(
+                LineKind::Error,
+                &format!(
+                    "verify found problems in {}: {}",
+                    backup_dir.display(),
+                    failed.join(", ")
+                ),
+            );
+        }
+    }
+    Ok(rep)
+}
+
+/// Reads an archive to its end: (first LSN, last LSN, entries).
+fn check_archive(path: &Path, sha256: Option<&str>) -> Result<(u64, u64, u64), String> {
+    if let Some(want) = sha256 {
+        let (_, got) = format::sha256_file(path).map_err(|e| e.to_string())?;
+        if got != want {
+            return Err(format!("SHA-256 {got}, recorded {want}"));
+        }
+    }
+    let r = ArchiveFileReader::open_file(path).map_err(|e| e.to_string())?;
+    let (mut first, mut last, mut n) = (0u64, 0u64, 0u64);
+    for f in r {
+        let (_, f) = f.map_err(|e| e.to_string())?;
+        if n == 0 {
+            first = f.header.lsn;
+        }
+        last = f.header.lsn;
+        n += 1;
+    }
+    Ok((first, last, n))
+}
+
+/// A directory under the system's temporary directory, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> Result<ScratchDir, restore::RestoreError> {
+        let p =
+            std::env::temp_dir().join(format!("mirrordb-verify-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&p).map_err(format::io_at(&p))?;
+        Ok(ScratchDir(p))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
