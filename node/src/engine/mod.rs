@@ -112,6 +112,7 @@ pub(crate) struct Shared {
     pub dirty_bytes: AtomicU64,
     pub journal_error: Mutex<Option<String>>,
     pub durable_tx: watch::Sender<u64>,
+    pub epoch_history: Mutex<Vec<(u64, u64)>>,
     pub role: Mutex<replica::Role>,
     pub epoch: AtomicU64,
     pub lock: Mutex<backup::LockStatus>,
@@ -224,6 +225,7 @@ impl Engine {
             sessions: Mutex::new(HashMap::new()),
             lock: Mutex::new(backup::LockStatus::default()),
             role: Mutex::new(cfg.role.clone()),
+            epoch_history: Mutex::new(rec.epoch_history.clone()),
             epoch: AtomicU64::new(rec.journal.epoch()),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
@@ -246,6 +248,7 @@ impl Engine {
             held: Vec::new(),
             role: cfg.role.clone(),
             waiting_barriers: Vec::new(),
+            epoch_history_dirty: false,
             unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
         };
         let handle = std::thread::Builder::new()

@@ -77,6 +77,7 @@ pub struct TailCutReport {
 }
 
 pub(crate) struct Recovered {
+    pub epoch_history: Vec<(u64, u64)>,
     pub store: Store,
     pub journal: JournalWriter,
     pub replayer: Replayer,
@@ -217,6 +218,13 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
     let replay_ms = t0.elapsed().as_millis() as u64;
 
     let epoch = meta.epoch.max(state.last_epoch).max(1);
+    // The data file's record of epochs, completed with what the journal
+    // shows (a crash may have lost the record of a recent change).
+    let mut epoch_history = store.epoch_history()?;
+    merge_epochs(&mut epoch_history, &state.epochs);
+    if epoch_history.is_empty() {
+        epoch_history.push((epoch, checkpoint + 1));
+    }
     let mut journal = open_journal(cfg, &journal_dir, &state, meta.db_id, epoch, checkpoint)?;
 
     // Close a transaction the journal ends inside, sweep orphans, mark the
@@ -255,6 +263,7 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
             w.sweep_orphan_chunks()?
         };
         w.set_epoch(epoch)?;
+        w.set_epoch_history(&epoch_history)?;
         w.set_checkpoint(replayer.complete_lsn())?;
         Ok(orphans)
     })?;
@@ -288,6 +297,7 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
         damaged_file_moved_to: moved,
     };
     Ok(Recovered {
+        epoch_history,
         store,
         journal,
         replayer,
@@ -295,6 +305,18 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
         report,
         checkpoint_lsn: new_checkpoint,
     })
+}
+
+/// Adds the epochs of `seen` that `history` lacks, keeping it ordered by
+/// epoch with the earliest first LSN for each.
+pub(crate) fn merge_epochs(history: &mut Vec<(u64, u64)>, seen: &[(u64, u64)]) {
+    for &(epoch, lsn) in seen {
+        match history.iter_mut().find(|(e, _)| *e == epoch) {
+            Some(entry) => entry.1 = entry.1.min(lsn),
+            None => history.push((epoch, lsn)),
+        }
+    }
+    history.sort_unstable();
 }
 
 enum StoreOpen {

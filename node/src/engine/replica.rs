@@ -70,6 +70,26 @@ impl Engine {
             .clone()
     }
 
+    /// Where each epoch starts: `(epoch, first LSN)`, increasing. Kept in
+    /// the data file and completed from the journal at start.
+    pub fn epoch_history(&self) -> Vec<(u64, u64)> {
+        self.inner
+            .shared
+            .epoch_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes this node the primary under `epoch` (greater than any it has
+    /// seen): finishes what it has, closes a transaction its old primary
+    /// died inside (journaled `TxnAbort` in the new epoch), starts a new
+    /// segment, records the epoch durably and takes client writes. Answers
+    /// `(epoch, first LSN of the epoch)`.
+    pub async fn promote(&self, epoch: u64) -> Result<(u64, u64), WriteError> {
+        self.call(|reply| Request::Promote { epoch, reply }).await
+    }
+
     /// The last durable `(lsn, epoch)` of this node's journal.
     pub fn position(&self) -> (u64, u64) {
         let s = &self.inner.shared;

@@ -274,3 +274,114 @@ fn read_frames_reports_compacted_history() {
             .is_empty()
     );
 }
+
+#[test]
+fn a_promoted_mirror_writes_in_the_new_epoch_and_closes_a_dead_primarys_transaction() {
+    let (pd, md, m2d) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let m = seed_mirror(&p, &rt, md.path());
+    let m2 = seed_mirror(&p, &rt, m2d.path());
+    ship(&p, &m2, &rt, 100);
+    rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![put("acked", "1")])
+            .await
+            .unwrap();
+        p.write(SessionId::SYSTEM, vec![put("a", "1"), put("b", "1")])
+            .await
+            .unwrap();
+    });
+    // The mirror got the single write and half of the transaction when the
+    // primary died.
+    let start = m.position().0 + 1;
+    let frames: Vec<Vec<u8>> = p
+        .read_frames(start, 3, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    rt.block_on(m.append_frames(frames)).unwrap();
+    let last = m.position().0;
+    let (epoch, first) = rt.block_on(m.promote(2)).unwrap();
+    assert_eq!((epoch, first), (2, last + 1));
+    assert_eq!(m.role(), Role::Primary);
+    assert!(rt.block_on(m.promote(2)).is_err(), "an epoch must be new");
+    let ack = rt
+        .block_on(m.write(SessionId::SYSTEM, vec![put("new", "1")]))
+        .unwrap();
+    let f = m.read_frames(ack.lsn, 1, 1 << 20).unwrap().remove(0);
+    assert_eq!(f.header.epoch, 2, "writes are stamped with the new epoch");
+    assert!(m.get("t", "acked").unwrap().is_some());
+    assert!(
+        m.get("t", "a").unwrap().is_none(),
+        "the dead primary's open transaction is aborted"
+    );
+    assert_eq!(m.epoch_history().last(), Some(&(2, first)));
+
+    // The other mirror follows the new primary; the deposed primary's
+    // entries (epoch 1) are then refused.
+    let from = m2.position().0 + 1;
+    assert!(from <= first, "m2 is not ahead of the fork");
+    let frames: Vec<Vec<u8>> = m
+        .read_frames(from, 100, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    let pos = rt.block_on(m2.append_frames(frames)).unwrap();
+    assert_eq!(pos.epoch, 2);
+    assert_eq!(m2.digest().unwrap(), m.digest().unwrap());
+    assert_eq!(m2.epoch_history().last(), Some(&(2, first)));
+    rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![put("deposed", "1")])
+            .await
+            .unwrap();
+    });
+    let stale: Vec<Vec<u8>> = p
+        .read_frames(pos.flushed_lsn + 1, 10, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.bytes)
+        .collect();
+    assert!(!stale.is_empty(), "the deposed primary wrote past the fork");
+    let err = rt.block_on(m2.append_frames(stale)).unwrap_err();
+    assert_eq!(err.code(), "stale_epoch", "{err}");
+
+    // The epoch and its history survive a restart of the new primary.
+    let history = m.epoch_history();
+    drop(m);
+    let m = Engine::open(cfg(md.path())).unwrap();
+    assert_eq!(m.position().1, 2);
+    assert_eq!(m.epoch_history(), history);
+}
+
+#[test]
+fn epoch_history_is_rebuilt_from_the_journal_after_a_crash() {
+    let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let m = seed_mirror(&p, &rt, md.path());
+    let (_, first) = rt.block_on(m.promote(5)).unwrap();
+    rt.block_on(m.write(SessionId::SYSTEM, vec![put("x", "1")]))
+        .unwrap();
+    let history = m.epoch_history();
+    // Forget the data file's record: the journal's segment headers and
+    // entries still say where epoch 5 starts.
+    drop(m);
+    let s = store::Store::open(&md.path().join(store::DATA_FILE), 1 << 20).unwrap();
+    s.apply(true, |w| -> Result<(), store::StoreError> {
+        w.set_epoch_history(&[])
+    })
+    .unwrap();
+    drop(s);
+    let m = Engine::open(cfg(md.path())).unwrap();
+    assert!(
+        m.epoch_history().contains(&(5, first)),
+        "{:?} vs {history:?}",
+        m.epoch_history()
+    );
+}

@@ -165,6 +165,16 @@ impl Store {
         })
     }
 
+    /// The epoch history recorded in the data file: `(epoch, first LSN)`.
+    pub fn epoch_history(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        match t.get("epoch_history")? {
+            Some(v) => decode_meta(v.value()),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// A consistent read view.
     pub fn read(&self) -> Result<ReadView, StoreError> {
         Ok(ReadView {
@@ -631,6 +641,13 @@ impl Applier<'_> {
     /// Records the epoch.
     pub fn set_epoch(&mut self, epoch: u64) -> Result<(), StoreError> {
         self.meta.insert("epoch", &epoch.to_le_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Records the epoch history (`(epoch, first LSN)`, increasing).
+    pub fn set_epoch_history(&mut self, history: &[(u64, u64)]) -> Result<(), StoreError> {
+        let enc = postcard::to_stdvec(history).map_err(|e| StoreError(e.to_string()))?;
+        self.meta.insert("epoch_history", enc.as_slice())?;
         Ok(())
     }
 

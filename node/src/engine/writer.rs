@@ -102,6 +102,10 @@ pub(crate) enum Request {
         role: super::replica::Role,
         reply: Reply<()>,
     },
+    Promote {
+        epoch: u64,
+        reply: Reply<(u64, u64)>,
+    },
     /// Frames from the primary (on a mirror).
     AppendFrames {
         frames: Vec<Vec<u8>>,
@@ -211,6 +215,8 @@ pub(crate) struct Writer {
     /// Writes waiting for the lock to be released.
     pub held: Vec<Envelope>,
     pub role: super::replica::Role,
+    /// The epoch history changed since the last flush.
+    pub epoch_history_dirty: bool,
     /// Backup barriers on a mirror waiting for a transaction boundary.
     pub waiting_barriers: Vec<(u32, Reply<BackupPoint>)>,
 }
@@ -332,6 +338,10 @@ impl Writer {
                                 role.clone();
                             self.role = role;
                             let _ = reply.send(Ok(()));
+                        }
+                        Request::Promote { epoch, reply } => {
+                            let r = self.promote(epoch);
+                            let _ = reply.send(r);
                         }
                         Request::AppendFrames { frames, reply } => {
                             let r = self.append_frames(frames);
@@ -939,9 +949,24 @@ impl Writer {
     fn flush(&mut self) -> Result<u64, WriteError> {
         let checkpoint = self.replayer.complete_lsn();
         let t = Instant::now();
+        let history = self.epoch_history_dirty.then(|| {
+            self.shared
+                .epoch_history
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
+        let epoch = self.journal.epoch();
         self.store
-            .apply(true, |w| w.set_checkpoint(checkpoint))
+            .apply(true, |w| -> Result<(), StoreError> {
+                if let Some(h) = &history {
+                    w.set_epoch(epoch)?;
+                    w.set_epoch_history(h)?;
+                }
+                w.set_checkpoint(checkpoint)
+            })
             .map_err(|e| WriteError::Storage(e.to_string()))?;
+        self.epoch_history_dirty = false;
         metrics::histogram!("mirrordb_flush_seconds").record(t.elapsed().as_secs_f64());
         metrics::gauge!("mirrordb_checkpoint_lsn").set(checkpoint as f64);
         self.shared
@@ -1079,6 +1104,7 @@ impl Writer {
                 }
                 self.journal.set_epoch(h.epoch);
                 self.shared.epoch.store(h.epoch, Ordering::Release);
+                self.note_epoch(h.epoch, h.lsn);
             }
             self.journal.append_frame(h.lsn, &bytes);
             entries.push((h.lsn, op));
@@ -1112,6 +1138,64 @@ impl Writer {
 
     fn is_mirror(&self) -> bool {
         matches!(self.role, super::replica::Role::Mirror { .. })
+    }
+
+    /// Records where an epoch starts (persisted with the next data-file
+    /// commit; recovery also rebuilds it from the journal).
+    fn note_epoch(&mut self, epoch: u64, first_lsn: u64) {
+        let mut h = self
+            .shared
+            .epoch_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        super::recovery::merge_epochs(&mut h, &[(epoch, first_lsn)]);
+        self.epoch_history_dirty = true;
+    }
+
+    fn promote(&mut self, epoch: u64) -> Result<(u64, u64), WriteError> {
+        if let Some(e) = self.journal_error() {
+            return Err(e);
+        }
+        if epoch <= self.journal.epoch() {
+            return Err(WriteError::StaleEpoch {
+                got: epoch,
+                seen: self.journal.epoch(),
+            });
+        }
+        let io = |what: &'static str| move |e: std::io::Error| (what, e);
+        let rotated = if self.journal.segment_is_empty() {
+            Ok(())
+        } else {
+            self.journal
+                .sync()
+                .map_err(io("journal fdatasync"))
+                .and_then(|()| {
+                    self.journal
+                        .rotate()
+                        .map(|_| ())
+                        .map_err(io("journal rotation"))
+                })
+        };
+        if let Err((what, e)) = rotated {
+            self.mark_unavailable(what, &e);
+            return Err(WriteError::JournalUnavailable(e.to_string()));
+        }
+        self.journal.set_epoch(epoch);
+        self.shared.epoch.store(epoch, Ordering::Release);
+        let first_lsn = self.journal.next_lsn();
+        self.note_epoch(epoch, first_lsn);
+        let old = std::mem::replace(&mut self.role, super::replica::Role::Primary);
+        *self.shared.role.lock().unwrap_or_else(|p| p.into_inner()) = super::replica::Role::Primary;
+        if self.replayer.in_txn() {
+            // The old primary died inside a transaction: it was never
+            // acknowledged, and this node now says so in the journal.
+            self.journal_system(vec![Op::TxnAbort])?;
+        }
+        // Durable record of the epoch (and a flushed data file) before any
+        // write is taken under it.
+        self.flush()?;
+        tracing::info!(epoch, first_lsn, previous_role = ?old, "promoted to primary");
+        Ok((epoch, first_lsn))
     }
 
     /// The backup barrier: marker, fsync, flush, rotate, snapshot. On a
@@ -1313,6 +1397,9 @@ fn reply_err(req: Request, e: WriteError) {
             let _ = reply.send(Err(e));
         }
         Request::SetRole { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Promote { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Request::AppendFrames { reply, .. } => {

@@ -156,6 +156,9 @@ pub struct JournalState {
     pub cut: Option<TailCut>,
     /// Entries verified.
     pub entries: u64,
+    /// Where each epoch starts in this journal: `(epoch, first LSN)`, from
+    /// segment headers and entries, in increasing order.
+    pub epochs: Vec<(u64, u64)>,
 }
 
 /// A torn tail that verification removed.
@@ -201,6 +204,7 @@ pub fn verify(
         first_lsn: segments.first().map(|s| s.header.first_lsn).unwrap_or(0),
         cut,
         entries: 0,
+        epochs: Vec::new(),
     };
     let count = segments.len();
     // Without an expected id, every segment must match the first one.
@@ -235,6 +239,7 @@ pub fn verify(
                 ),
             });
         }
+        note_epoch(&mut state.epochs, seg.header.epoch, seg.header.first_lsn);
         state.last_epoch = seg.header.epoch;
         let is_last = i + 1 == count;
         let mut reader = SegmentReader::open(seg)?;
@@ -258,6 +263,7 @@ pub fn verify(
                     }
                     expected += 1;
                     state.last_lsn = h.lsn;
+                    note_epoch(&mut state.epochs, h.epoch, h.lsn);
                     state.last_epoch = h.epoch;
                     state.entries += 1;
                 }
@@ -309,6 +315,13 @@ pub fn verify(
         }
     }
     Ok(state)
+}
+
+/// Records that `epoch` starts at `lsn` if it is newer than the last one.
+fn note_epoch(epochs: &mut Vec<(u64, u64)>, epoch: u64, lsn: u64) {
+    if epochs.last().is_none_or(|(e, _)| epoch > *e) {
+        epochs.push((epoch, lsn));
+    }
 }
 
 /// Whether any frame with a valid checksum and an LSN after `expected` starts
