@@ -50,6 +50,22 @@ async fn start_with(net: &MemNetwork, name: &str, config: openraft::Config) -> T
     }
 }
 
+/// Waits until `node` has applied exactly `reference` (metrics can lag the
+/// state machine, so an applied index alone is not enough to compare).
+async fn same_state(node: &TestNode, reference: &ClusterState) {
+    let mut rx = node.state.clone();
+    if tokio::time::timeout(WAIT, rx.wait_for(|s| s == reference))
+        .await
+        .is_err()
+    {
+        panic!(
+            "node {} never reached the reference state:\n{:?}\nvs\n{reference:?}",
+            node.id,
+            *node.state.borrow()
+        );
+    }
+}
+
 fn add(name: &str) -> ClusterCommand {
     ClusterCommand::AddMember {
         node: NodeId::from(name),
@@ -127,7 +143,11 @@ async fn three_nodes_elect_replicate_and_survive_leader_partition() {
             .applied_index_at_least(Some(applied), "replicated")
             .await
             .unwrap();
-        assert_eq!(n.state.borrow().members.len(), 3);
+        let mut rx = n.state.clone();
+        tokio::time::timeout(WAIT, rx.wait_for(|s| s.members.len() == 3))
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     eprintln!("--- partition the leader {leader} from the others");
@@ -193,7 +213,7 @@ async fn three_nodes_elect_replicate_and_survive_leader_partition() {
         "the write to the isolated leader was never committed"
     );
     for n in &nodes {
-        assert_eq!(*n.state.borrow(), reference, "node {} differs", n.id);
+        same_state(n, &reference).await;
     }
     for n in &nodes {
         n.raft.shutdown().await.unwrap();
@@ -348,7 +368,8 @@ async fn a_joining_member_catches_up_from_a_snapshot() {
         .await
         .unwrap();
     assert!(m.snapshot.is_some(), "n3 installed a snapshot: {m:?}");
-    assert_eq!(*joined.state.borrow(), *leader.state.borrow());
+    let reference = leader.state.borrow().clone();
+    same_state(joined, &reference).await;
     for n in &nodes {
         n.raft.shutdown().await.unwrap();
     }
@@ -379,17 +400,12 @@ async fn a_restarted_node_keeps_its_log_vote_and_state() {
     for name in names {
         leader.raft.client_write(add(name)).await.unwrap();
     }
-    let applied = leader.raft.metrics().borrow().last_applied.unwrap().index;
+    let reference = leader.state.borrow().clone();
 
     eprintln!("--- stop a follower once it has everything");
     let idx = nodes.iter().position(|n| n.id != leader_id).unwrap();
     let follower = nodes.remove(idx);
-    follower
-        .raft
-        .wait(Some(WAIT))
-        .applied_index_at_least(Some(applied), "follower caught up")
-        .await
-        .unwrap();
+    same_state(&follower, &reference).await;
     let before = follower.raft.metrics().borrow().clone();
     net.unregister(follower.id);
     follower.raft.shutdown().await.unwrap();
@@ -436,7 +452,8 @@ async fn a_restarted_node_keeps_its_log_vote_and_state() {
         .applied_index_at_least(Some(applied), "restarted node caught up")
         .await
         .unwrap();
-    assert_eq!(*restarted.state.borrow(), *leader.state.borrow());
+    let reference = leader.state.borrow().clone();
+    same_state(&restarted, &reference).await;
     restarted.raft.shutdown().await.unwrap();
     for n in &nodes {
         n.raft.shutdown().await.unwrap();
