@@ -597,6 +597,15 @@ impl BackupService {
                     }
                 })?;
         }
+        // Probe: a destination we cannot write is an error before the barrier.
+        let probe = dest.join(format!("{TEMP_PREFIX}probe-{}", std::process::id()));
+        let probed = fs::File::create(&probe)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fs::remove_file(&probe));
+        if let Err(e) = probed {
+            let _ = fs::remove_file(&probe);
+            return Err(dest_error(dest, io_at(&probe)(e)));
+        }
         let catalog = Catalog::scan(dest, &cfg.name).map_err(|e| dest_error(dest, e))?;
         for t in &catalog.temp {
             let r = if t.is_dir() {
