@@ -7,6 +7,8 @@
 //!
 //! Replay a failure with the printed `MIRRORDB_SEED=…`.
 
+#![allow(clippy::unwrap_used)]
+
 use mirrordb::backup::{
     BackupSection, BackupService, RestoreTarget, Trigger, Until, restore_into,
     verify::{VerifyOptions, verify},
