@@ -118,8 +118,9 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
     };
     let state = ApiState::with_shared(shared.clone(), cfg);
     let mut app = api::router(state.clone());
-    if let Some(c) = &cluster {
-        app = crate::cluster::http::wrap(c.clone(), app, state);
+    match &cluster {
+        Some(c) => app = crate::cluster::http::wrap(c.clone(), app, state),
+        None => app = app.merge(api::standalone_probes(state)),
     }
     let stop = CancellationToken::new();
     let signal = stop.clone();

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 
 /// Paths anyone may call, even with tokens configured (liveness probes of
 /// load balancers and orchestrators cannot send tokens).
-pub const PUBLIC_PATHS: &[&str] = &["/health", "/primary"];
+pub const PUBLIC_PATHS: &[&str] = &["/health", "/primary", "/mirror"];
 
 /// The outcome of authorisation, put in the request's extensions.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -111,7 +111,6 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(status::health))
-        .route("/primary", get(status::primary))
         .route("/metrics", get(status::metrics))
         .route("/v1/status", get(status::status))
         .route("/v1/tables", get(tables::list))
@@ -150,6 +149,15 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn(redirect_to_same_path))
         .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// `GET /primary` of a node without `[cluster]`: 200 while it takes writes.
+/// A cluster node gets the cluster-aware probes (`/primary`, `/mirror`)
+/// from `cluster::http::wrap` instead, so [`router`] itself has none.
+pub fn standalone_probes(state: ApiState) -> Router {
+    Router::new()
+        .route("/primary", get(status::primary))
         .with_state(state)
 }
 

@@ -42,7 +42,7 @@ pub async fn health(State(st): State<ApiState>) -> Response {
     })
 }
 
-/// `GET /primary`: 200 only on a node that takes writes.
+/// `GET /primary` without `[cluster]`: 200 only on a node that takes writes.
 pub async fn primary(State(st): State<ApiState>) -> Response {
     let s = st.engine().status();
     let role = st.engine().role();
