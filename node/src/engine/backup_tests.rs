@@ -399,3 +399,69 @@ fn rollback_puts_every_touched_key_back_in_one_transaction() {
         assert!(e.rollback(SessionId::SYSTEM, end, history).await.is_err());
     });
 }
+
+/// Recovery row 5 with backups: a missing data file whose journal no longer
+/// starts at LSN 1 is restored from the newest backup set (plus archives) up
+/// to the live journal, which recovery then replays; the Backup Journal says
+/// so. Without auto_restore the node refuses and names the backups.
+#[test]
+fn a_lost_data_file_is_restored_from_backups_and_the_live_journal() {
+    use crate::backup::run::{BackupService, Trigger};
+    use crate::backup::settings::BackupSection;
+    let dir = tempfile::tempdir().unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.backup_dir = Some(backups.path().to_owned());
+    let expected = {
+        let e = Engine::open(c.clone()).unwrap();
+        let service = BackupService::new(
+            e.clone(),
+            BackupSection {
+                destination: backups.path().to_owned(),
+                ..BackupSection::default()
+            },
+        );
+        rt.block_on(async {
+            for i in 0..30 {
+                e.write(SessionId::SYSTEM, vec![put(&format!("before-{i}"), "1")])
+                    .await
+                    .unwrap();
+            }
+            service
+                .run(Trigger::Manual { by: "test".into() })
+                .await
+                .unwrap();
+            for i in 0..30 {
+                e.write(SessionId::SYSTEM, vec![put(&format!("after-{i}"), "2")])
+                    .await
+                    .unwrap();
+            }
+            e.shutdown().await.unwrap();
+        });
+        e.digest().unwrap()
+    };
+    let (segs, _) = scan::list_segments(&dir.path().join("journal")).unwrap();
+    assert!(
+        segs[0].header.first_lsn > 1,
+        "the backup archived the journal's start"
+    );
+    std::fs::remove_file(dir.path().join(store::DATA_FILE)).unwrap();
+
+    let err = Engine::open(c.clone()).unwrap_err();
+    assert!(err.to_string().contains("Backups exist"), "{err}");
+
+    c.auto_restore = true;
+    let e = Engine::open(c).unwrap();
+    assert_eq!(e.recovery().action, RecoveryAction::RestoredFromBackup);
+    assert!(
+        e.recovery().replayed_entries > 0,
+        "the live journal was replayed"
+    );
+    assert_eq!(e.digest().unwrap(), expected);
+    let log: String = std::fs::read_dir(dir.path().join("logs"))
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    assert!(log.contains("automatic restore"), "{log}");
+}

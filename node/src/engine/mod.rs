@@ -67,6 +67,9 @@ pub struct EngineConfig {
     /// The role at start. A mirror journals nothing of its own (not even at
     /// recovery): its journal is byte-identical to its primary's.
     pub role: replica::Role,
+    /// Where backup sets and journal archives are, for the automatic restore
+    /// of a damaged or missing data file (`recovery.auto_restore`).
+    pub backup_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -100,6 +103,7 @@ impl EngineConfig {
             write_timeout: Duration::from_secs(5),
             disk: Arc::new(RealDisk),
             role: replica::Role::Primary,
+            backup_dir: None,
         }
     }
 }

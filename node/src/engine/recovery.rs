@@ -6,7 +6,7 @@
 //! | opens, checkpoint < journal end | intact | replay (checkpoint, end] |
 //! | opens | torn or bad-CRC tail in the last segment | cut the tail, replay |
 //! | opens | bad CRC before the tail, or an LSN gap | refuse, naming segment and offset |
-//! | damaged or missing | journal complete from LSN 1 (or backups, with the backup pipeline) | `auto_restore = true`: rebuild; otherwise refuse with the command to run |
+//! | damaged or missing | journal complete from LSN 1, or backups + journals | `auto_restore = true`: rebuild from the journal, or restore the newest backup, integrate the archives and replay the live journal (logged in the Backup Journal); otherwise refuse with the command to run |
 //! | any | journal of another database id | refuse |
 //! | opens | journal ends before the checkpoint, or starts after it | refuse: journal files are missing |
 //!
@@ -48,6 +48,9 @@ pub enum RecoveryAction {
     Replayed,
     /// The data file was missing or damaged and rebuilt from the journal.
     RebuiltFromJournal,
+    /// The data file was missing or damaged and restored from the newest
+    /// backup set and the journal archives; the live journal was replayed.
+    RestoredFromBackup,
 }
 
 /// What recovery found and did; printed at start and served by the API.
@@ -135,28 +138,23 @@ pub(crate) fn recover(cfg: &EngineConfig) -> Result<Recovered, OpenError> {
         StoreOpen::Missing => {
             let state =
                 scan::verify(&journal_dir, None, true).map_err(|e| scan_err(e, data_dir))?;
-            if state.segments.is_empty() {
+            if state.segments.is_empty() && !has_backups(cfg) {
                 let db_id = *uuid::Uuid::new_v4().as_bytes();
                 let store = Store::create(&data_path, cfg.cache_bytes, db_id, 1)
                     .map_err(|e| OpenError::Store(e.to_string()))?;
                 (store, state, RecoveryAction::Created, None)
             } else {
-                let store =
+                let (store, action) =
                     rebuild_base(cfg, &data_path, &state, "the data file is missing", None)?;
-                (store, state, RecoveryAction::RebuiltFromJournal, None)
+                (store, state, action, None)
             }
         }
         StoreOpen::Damaged(reason) => {
             let state =
                 scan::verify(&journal_dir, None, true).map_err(|e| scan_err(e, data_dir))?;
             let moved = data_path.with_extension(format!("redb.damaged-{}", now_us() / 1_000_000));
-            let store = rebuild_base(cfg, &data_path, &state, &reason, Some(&moved))?;
-            (
-                store,
-                state,
-                RecoveryAction::RebuiltFromJournal,
-                Some(moved),
-            )
+            let (store, action) = rebuild_base(cfg, &data_path, &state, &reason, Some(&moved))?;
+            (store, state, action, Some(moved))
         }
     };
 
@@ -338,30 +336,49 @@ fn open_store(path: &Path, cache_bytes: usize) -> StoreOpen {
     }
 }
 
-/// Creates an empty data file to rebuild into from a journal that starts at
-/// LSN 1, if `auto_restore` allows it; otherwise refuses with the command.
+fn has_backups(cfg: &EngineConfig) -> bool {
+    cfg.backup_dir
+        .as_deref()
+        .is_some_and(|d| crate::backup::restore::detect_name(d).is_ok())
+}
+
+/// Rebuilds a missing or damaged data file, if `auto_restore` allows it:
+/// from the journal alone when it still starts at LSN 1, otherwise from the
+/// newest backup set and its archives up to where the live journal starts
+/// (recovery then replays the live journal as usual). Without
+/// `auto_restore` it refuses with the command to run.
 fn rebuild_base(
     cfg: &EngineConfig,
     data_path: &Path,
     state: &JournalState,
     reason: &str,
     move_damaged_to: Option<&Path>,
-) -> Result<Store, OpenError> {
+) -> Result<(Store, RecoveryAction), OpenError> {
     let complete = state.segments.first().map(|s| s.header.first_lsn) == Some(1);
-    let hint = if complete {
-        format!(
-            "The journal holds the whole history (from LSN 1 to {}): set `recovery.auto_restore = true` to rebuild the data file from it, or {}",
-            state.last_lsn,
-            restore_hint(&cfg.data_dir)
-        )
-    } else {
-        format!(
-            "The journal starts at LSN {}, so it cannot rebuild the data file alone: {}",
-            state.first_lsn,
-            restore_hint(&cfg.data_dir)
-        )
-    };
-    if !(cfg.auto_restore && complete) {
+    let backups = has_backups(cfg);
+    if !cfg.auto_restore || !(complete || backups) {
+        let hint = if complete {
+            format!(
+                "The journal holds the whole history (from LSN 1 to {}): set `recovery.auto_restore = true` to rebuild the data file from it, or {}",
+                state.last_lsn,
+                restore_hint(&cfg.data_dir)
+            )
+        } else if backups {
+            format!(
+                "Backups exist in {}: set `recovery.auto_restore = true` to restore from them automatically, or {}",
+                cfg.backup_dir
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display(),
+                restore_hint(&cfg.data_dir)
+            )
+        } else {
+            format!(
+                "The journal starts at LSN {} and no backups were found, so it cannot rebuild the data file alone: {}",
+                state.first_lsn,
+                restore_hint(&cfg.data_dir)
+            )
+        };
         return Err(OpenError::DataFileDamaged {
             path: data_path.to_owned(),
             reason: reason.to_owned(),
@@ -375,10 +392,92 @@ fn rebuild_base(
         })?;
         tracing::warn!(moved_to = %to.display(), "damaged data file moved aside");
     }
-    let first = &state.segments[0].header;
-    tracing::warn!(reason, db_id = %db_id_string(&first.db_id), "rebuilding the data file from the journal (recovery.auto_restore)");
-    Store::create(data_path, cfg.cache_bytes, first.db_id, first.epoch)
-        .map_err(|e| OpenError::Store(e.to_string()))
+    if complete {
+        let first = &state.segments[0].header;
+        tracing::warn!(reason, db_id = %db_id_string(&first.db_id), "rebuilding the data file from the journal (recovery.auto_restore)");
+        let store = Store::create(data_path, cfg.cache_bytes, first.db_id, first.epoch)?;
+        return Ok((store, RecoveryAction::RebuiltFromJournal));
+    }
+    restore_from_backups(cfg, data_path, state, reason)
+}
+
+/// Restores the data file from backups into a scratch directory, up to the
+/// LSN before the live journal's first entry, and moves it into place; the
+/// live journal stays where it is and is replayed by recovery.
+fn restore_from_backups(
+    cfg: &EngineConfig,
+    data_path: &Path,
+    state: &JournalState,
+    reason: &str,
+) -> Result<(Store, RecoveryAction), OpenError> {
+    use crate::backup::log::{BackupLog, LineKind};
+    use crate::backup::restore::{RestoreTarget, Until, restore_into};
+    let backup_dir = cfg.backup_dir.clone().unwrap_or_default();
+    let log = BackupLog::new(&cfg.data_dir.join("logs"), true);
+    let until = match state.segments.first() {
+        Some(s) => Until::Lsn(s.header.first_lsn.saturating_sub(1)),
+        None => Until::End,
+    };
+    log.line(
+        LineKind::Start,
+        &format!(
+            "automatic restore at start: the data file is damaged or missing ({reason}); restoring from {} up to {until:?}, then replaying the live journal",
+            backup_dir.display()
+        ),
+    );
+    tracing::warn!(reason, backups = %backup_dir.display(), ?until, "restoring the data file from backups (recovery.auto_restore)");
+    let scratch = cfg
+        .data_dir
+        .join("tmp")
+        .join(format!("auto-restore-{}", uuid::Uuid::new_v4().simple()));
+    let fail = |msg: String| {
+        let _ = std::fs::remove_dir_all(&scratch);
+        log.line(LineKind::Error, &format!("automatic restore failed: {msg}"));
+        OpenError::DataFileDamaged {
+            path: data_path.to_owned(),
+            reason: reason.to_owned(),
+            hint: format!(
+                "the automatic restore from {} failed: {msg}",
+                backup_dir.display()
+            ),
+        }
+    };
+    let target = RestoreTarget { set: None, until };
+    let report = restore_into(&backup_dir, &scratch, target, None, &|_| {})
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(first) = state.segments.first()
+        && report.last_lsn + 1 != first.header.first_lsn
+    {
+        return Err(fail(format!(
+            "the backups reach LSN {} but the live journal starts at {}: entries are missing between them",
+            report.last_lsn, first.header.first_lsn
+        )));
+    }
+    let io = |source| OpenError::DataDir {
+        path: data_path.to_owned(),
+        source,
+    };
+    std::fs::rename(scratch.join(DATA_FILE), data_path).map_err(io)?;
+    if state.segments.is_empty() {
+        // No live journal: the restored one (starting after the backups)
+        // becomes it.
+        let journal = cfg.data_dir.join("journal");
+        let _ = std::fs::remove_dir(&journal);
+        std::fs::rename(scratch.join("journal"), &journal).map_err(io)?;
+    }
+    std::fs::File::open(&cfg.data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    log.line(
+        LineKind::Info,
+        &format!(
+            "automatic restore finished: {} records, {} journal entries integrated, data file at LSN {}; replaying the live journal",
+            report.records, report.entries_integrated, report.last_lsn
+        ),
+    );
+    let store = Store::open(data_path, cfg.cache_bytes)?;
+    Ok((store, RecoveryAction::RestoredFromBackup))
 }
 
 fn open_journal(

@@ -1364,7 +1364,10 @@ impl Writer {
     }
 
     fn shutdown(&mut self) -> Result<(), WriteError> {
-        if self.unavailable.is_none() {
+        // A mirror journals nothing of its own: its journal must stay the
+        // primary's byte for byte, or a restart would resume past an entry
+        // of the primary it never received.
+        if self.unavailable.is_none() && !self.is_mirror() {
             let mut ops: Vec<Op> = self
                 .sessions
                 .drain()
