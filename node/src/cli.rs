@@ -155,7 +155,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn overrides(data_dir: Option<PathBuf>, listen: Option<SocketAddr>) -> Overrides {
-    Overrides { data_dir, listen }
+    Overrides {
+        data_dir,
+        listen,
+        backup_dir: None,
+    }
 }
 
 async fn serve_cmd(a: ServeArgs) -> ExitCode {

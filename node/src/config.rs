@@ -15,7 +15,7 @@
 //! `"1s"`, `"1m30s"`, `"2h"`), sizes are strings with a unit (`"64MiB"`,
 //! `"1GB"`) or plain integers of bytes. `docs/config.md` documents every key;
 //! a test checks that it names every key [`Config::default`] has.
-//! `[backup]` and `[cluster]` will join as their features land.
+//! `[backup]` is defined in `crate::backup::settings`.
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -409,6 +409,8 @@ pub struct Config {
     /// node). Documented in `docs/config.md`; see `crate::cluster::config`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterSection>,
+    /// `[backup]`: sets, archives, retention, schedules (see `crate::backup::settings`).
+    pub backup: crate::backup::BackupSection,
 }
 
 /// Command-line settings that take precedence over the file.
@@ -416,6 +418,8 @@ pub struct Config {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
+    /// `mirrordb serve --backup-dir`: overrides `backup.destination`.
+    pub backup_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -455,6 +459,9 @@ impl Config {
         }
         if let Some(l) = o.listen {
             self.node.listen = l;
+        }
+        if let Some(b) = &o.backup_dir {
+            self.backup.destination = b.clone();
         }
     }
 
@@ -513,6 +520,7 @@ impl Config {
             return bad("session.idle_timeout must be at least 1s".into());
         }
         self.validate_tokens()?;
+        self.backup.validate()?;
         if let Some(c) = &self.cluster {
             c.validate()?;
         }
@@ -796,6 +804,7 @@ mod tests {
         c.apply_overrides(&Overrides {
             data_dir: None,
             listen: Some("0.0.0.0:7070".parse().unwrap()),
+            backup_dir: None,
         });
         let m = c.validate().unwrap_err().to_string();
         assert!(m.contains("refusing to listen on 0.0.0.0:7070"), "{m}");
@@ -826,6 +835,7 @@ mod tests {
             &Overrides {
                 data_dir: Some("/from/flag".into()),
                 listen: Some("127.0.0.1:2".parse().unwrap()),
+                backup_dir: None,
             },
         )
         .unwrap();
