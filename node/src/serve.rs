@@ -56,6 +56,8 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
     e.cache_bytes = usize::try_from(cfg.cache.cache_bytes.0).unwrap_or(usize::MAX);
     e.segment_bytes = cfg.journal.segment_bytes.0;
     e.auto_restore = cfg.recovery.auto_restore;
+    // Automatic restore at start finds the backups here.
+    e.backup_dir = Some(cfg.backup.destination.clone());
     e.session_idle = cfg.session.idle_timeout.0;
     e.write_timeout = cfg.api.write_timeout.0;
     if let Some(c) = &cfg.cluster {
