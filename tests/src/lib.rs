@@ -57,6 +57,9 @@ pub fn seed() -> u64 {
     seed
 }
 
+/// A change to a test node's configuration.
+pub type ConfigHook = Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 /// Settings of an in-process test node.
 #[derive(Clone, Default)]
 pub struct NodeOptions {
@@ -72,6 +75,9 @@ pub struct NodeOptions {
     pub disk: Option<Arc<dyn Disk>>,
     /// Use this data directory instead of a new temporary one.
     pub data_dir: Option<PathBuf>,
+    /// Last word on the configuration (sections other tests need, such as
+    /// `[backup]` or `[cluster]`), applied after the fields above.
+    pub configure: Option<ConfigHook>,
 }
 
 impl NodeOptions {
@@ -133,6 +139,9 @@ impl TestNode {
         }
         if let Some(w) = opts.write_timeout {
             config.api.write_timeout.0 = w;
+        }
+        if let Some(f) = &opts.configure {
+            f(&mut config);
         }
         config.validate().expect("test config is valid");
         let mut ecfg: EngineConfig = serve::engine_config(&config);

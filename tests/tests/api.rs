@@ -1026,7 +1026,13 @@ async fn tokens_and_roles_are_enforced() {
 
 #[tokio::test]
 async fn health_status_and_metrics() {
-    let n = TestNode::start().await;
+    let n = TestNode::start_with(NodeOptions {
+        configure: Some(Arc::new(|c: &mut Config| {
+            c.node.name = "status-node".into()
+        })),
+        ..Default::default()
+    })
+    .await;
     let c = &n.client;
     c.put(n.url("/v1/tables/m/records/k"))
         .header("x-mirrordb-session", "worker-7")
@@ -1052,7 +1058,7 @@ async fn health_status_and_metrics() {
         .json()
         .await
         .unwrap();
-    assert_eq!(s["node"], "test");
+    assert_eq!(s["node"], "status-node");
     assert_eq!(s["role"], "primary", "{s}");
     assert!(
         s["engine"]["db_id"].as_str().is_some_and(|d| !d.is_empty()),
