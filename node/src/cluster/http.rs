@@ -49,8 +49,12 @@ pub fn wrap(node: ClusterNode, api: Router, api_state: ApiState) -> Router {
         .route("/primary", get(primary))
         .route("/mirror", get(mirror))
         .with_state(node.clone());
-    api.merge(protected)
+    // The cluster's routes win (the API has a role-only `/primary`); every
+    // other request goes to the node's API router as it is.
+    Router::new()
+        .merge(protected)
         .merge(public)
+        .fallback_service(api)
         .layer(middleware::from_fn_with_state(node, gate))
 }
 

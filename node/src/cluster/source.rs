@@ -9,8 +9,17 @@
 //!                    [header][u32 len | postcard SnapshotItem]* ─► streamed
 //! ```
 //!
-//! The snapshot file is unlinked as soon as it is opened, so an interrupted
-//! reseed leaves nothing behind; the engine empties `tmp/` at start anyway.
+//! **Snapshots are prepared, then served.** The barrier journals a marker
+//! at S, so S is always newer than the view the replication session holds
+//! while it waits for the snapshot, and the session refuses a snapshot
+//! beyond its view ("does not meet the journal"). So the first request
+//! takes the barrier, writes the file, and fails (the mirror reconnects
+//! after its backoff); the next request, whose session view includes S,
+//! gets the prepared file. A prepared snapshot is reused for any mirror
+//! while the journal still continues after it and it is younger than
+//! [`SNAPSHOT_REUSE`]. (A fix in the driver, refreshing the session's view
+//! before it checks the snapshot, would make the first request succeed.)
+//! The file lives in `tmp/`, which the engine empties at start.
 
 use super::SharedEngine;
 use crate::engine::{Engine, ReadFramesError};
@@ -32,6 +41,16 @@ pub const MAX_SNAPSHOT_ITEM_BYTES: usize = 17 * 1024 * 1024;
 /// How long the epoch history and oldest LSN read from the segment headers
 /// are reused before the journal directory is listed again.
 const VIEW_CACHE: Duration = Duration::from_millis(100);
+/// How long a prepared snapshot is served to mirrors that need a reseed.
+pub const SNAPSHOT_REUSE: Duration = Duration::from_secs(300);
+
+struct Prepared {
+    lsn: u64,
+    epoch: u64,
+    total_bytes: u64,
+    path: PathBuf,
+    at: Instant,
+}
 
 #[derive(Clone)]
 struct View {
@@ -46,6 +65,7 @@ pub struct EngineSource {
     db_id: [u8; 16],
     durable: watch::Receiver<Lsn>,
     view: Mutex<Option<View>>,
+    prepared: tokio::sync::Mutex<Option<Prepared>>,
 }
 
 impl std::fmt::Debug for EngineSource {
@@ -93,6 +113,7 @@ impl EngineSource {
             engine,
             durable,
             view: Mutex::new(None),
+            prepared: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -202,6 +223,40 @@ impl JournalSource for EngineSource {
     }
 
     async fn open_snapshot(&self) -> Result<Snapshot, StorageError> {
+        let mut prepared = self.prepared.lock().await;
+        *self
+            .view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        let oldest = self.oldest_lsn();
+        let durable = *self.durable.borrow();
+        if let Some(p) = prepared.as_ref() {
+            let usable =
+                p.lsn + 1 >= oldest.0 && Lsn(p.lsn) <= durable && p.at.elapsed() < SNAPSHOT_REUSE;
+            if usable {
+                match tokio::fs::File::open(&p.path).await {
+                    Ok(file) => {
+                        tracing::info!(
+                            lsn = p.lsn,
+                            bytes = p.total_bytes,
+                            "serving a prepared snapshot for a reseed"
+                        );
+                        return Ok(Snapshot {
+                            lsn: Lsn(p.lsn),
+                            epoch: Epoch(p.epoch),
+                            total_bytes: p.total_bytes,
+                            reader: Box::new(file),
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "prepared snapshot is gone; taking a new one")
+                    }
+                }
+            }
+        }
+        if let Some(old) = prepared.take() {
+            let _ = tokio::fs::remove_file(&old.path).await;
+        }
         let engine = self.engine.get();
         let point = engine
             .backup_barrier(0)
@@ -226,22 +281,22 @@ impl JournalSource for EngineSource {
                 return Err(e);
             }
         };
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| StorageError::Io(format!("{}: {e}", path.display())));
-        let _ = std::fs::remove_file(&path);
         tracing::info!(
             lsn,
             epoch,
             bytes = total_bytes,
-            "snapshot for a reseed is ready"
+            "snapshot for a reseed is prepared; the mirror receives it when it asks again"
         );
-        Ok(Snapshot {
-            lsn: Lsn(lsn),
-            epoch: Epoch(epoch),
+        *prepared = Some(Prepared {
+            lsn,
+            epoch,
             total_bytes,
-            reader: Box::new(file?),
-        })
+            path,
+            at: Instant::now(),
+        });
+        Err(StorageError::Io(format!(
+            "snapshot at {lsn} prepared; ask again to receive it"
+        )))
     }
 }
 

@@ -1,0 +1,630 @@
+//! Cluster tests over real QUIC on loopback, with in-process nodes: each
+//! node is an engine + HTTP server + `ClusterNode` started from the config
+//! files `mirrordb cluster init` writes, exactly as `mirrordb serve` does.
+//!
+//! ```text
+//! cluster(n, policy) ─► cluster init into a tempdir (free UDP/TCP ports)
+//!                    ─► start(i): serve::open_engine + serve::start
+//! writes over HTTP to the primary ─► wait until every mirror applied the
+//! primary's last LSN ─► compare Engine::digest()
+//! ```
+//!
+//! Nothing here asserts a duration: waits have generous limits and fail
+//! with a message naming what did not happen.
+
+use mirrordb::cluster::init::{InitArgs, run as init};
+use mirrordb::cluster::{CommitPolicy, OnUnavailable};
+use mirrordb::config::Config;
+use mirrordb::engine::Engine;
+use mirrordb::serve::{self, Server};
+use mirrordb_tests::{phase, seed};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// Longest wait for replication to converge.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free UDP port")
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free TCP port")
+}
+
+/// A cluster's files and its running nodes.
+struct Cluster {
+    dir: TempDir,
+    ids: Vec<String>,
+    configs: Vec<Config>,
+    servers: Vec<Option<Server>>,
+    client: reqwest::Client,
+}
+
+fn init_cluster(
+    out: &Path,
+    n: usize,
+    policy: CommitPolicy,
+    on: OnUnavailable,
+) -> (Vec<String>, Vec<Config>) {
+    let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    let nodes = ids
+        .iter()
+        .map(|id| format!("{id}=127.0.0.1:{}", free_udp_port()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let http = ids
+        .iter()
+        .map(|id| format!("{id}=127.0.0.1:{}", free_tcp_port()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let args = InitArgs {
+        nodes,
+        http,
+        commit_policy: policy,
+        on_unavailable: on,
+        data_root: Some(out.to_owned()),
+        name: "test".into(),
+        out: out.join("certs"),
+        json: false,
+    };
+    let report = init(&args).expect("cluster init");
+    let configs = report
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut c = Config::load(&n.config).expect("generated config loads");
+            // Flush often so restarts replay little; keep degrade quick.
+            c.cache.flush_interval.0 = Duration::from_millis(200);
+            if let Some(cl) = c.cluster.as_mut() {
+                cl.degrade_after.0 = Duration::from_millis(300);
+                cl.quorum_timeout.0 = Duration::from_millis(500);
+            }
+            c.validate().expect("valid");
+            c
+        })
+        .collect();
+    (ids, configs)
+}
+
+/// Starts a node as `mirrordb serve` does. An in-process restart may find
+/// its UDP port still held by the previous endpoint while its connections
+/// drain, so binding is retried for a while.
+async fn start_server(cfg: &Config) -> Server {
+    if std::env::var_os("RUST_LOG").is_some() {
+        mirrordb::cli::init_tracing();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let engine = serve::open_engine(serve::engine_config(cfg))
+            .await
+            .expect("engine opens");
+        match serve::start(cfg, engine.clone()).await {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("in use") => {
+                engine.shutdown().await.expect("close");
+                drop(engine);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("node starts: {e}"),
+        }
+    }
+}
+
+impl Cluster {
+    async fn new(n: usize, policy: CommitPolicy, on: OnUnavailable) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ids, configs) = init_cluster(dir.path(), n, policy, on);
+        let mut c = Cluster {
+            dir,
+            ids,
+            configs,
+            servers: Vec::new(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+        };
+        for i in 0..n {
+            let s = start_server(&c.configs[i]).await;
+            c.servers.push(Some(s));
+        }
+        c
+    }
+
+    fn server(&self, i: usize) -> &Server {
+        self.servers[i].as_ref().expect("node is running")
+    }
+
+    fn engine(&self, i: usize) -> Engine {
+        self.server(i).current_engine()
+    }
+
+    /// The engine handle that follows a mirror's reseed.
+    fn shared(&self, i: usize) -> mirrordb::cluster::SharedEngine {
+        self.server(i)
+            .cluster()
+            .expect("cluster node")
+            .engine()
+            .clone()
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("{}{path}", self.server(i).base_url())
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.configs[i].node.data_dir.clone()
+    }
+
+    async fn stop(&mut self, i: usize) {
+        if let Some(s) = self.servers[i].take() {
+            s.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    async fn restart(&mut self, i: usize) {
+        assert!(self.servers[i].is_none());
+        let s = start_server(&self.configs[i]).await;
+        self.servers[i] = Some(s);
+    }
+
+    async fn put(&self, i: usize, key: &str, value: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .put(self.url(i, &format!("/v1/tables/t/records/{key}")))
+            .json(value)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Waits until every running mirror applied the primary's last LSN.
+    async fn converge(&self) -> u64 {
+        let last = self.engine(0).status().durable_lsn;
+        let deadline = Instant::now() + CONVERGE;
+        for i in 1..self.servers.len() {
+            if self.servers[i].is_none() {
+                continue;
+            }
+            loop {
+                let applied = self.engine(i).status().applied_lsn;
+                if applied >= last {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} applied only {applied} of {last} within {CONVERGE:?}",
+                    self.ids[i]
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        last
+    }
+
+    fn assert_identical(&self) {
+        let d0 = self.engine(0).digest().expect("digest");
+        for i in 1..self.servers.len() {
+            if self.servers[i].is_none() {
+                continue;
+            }
+            let di = self.engine(i).digest().expect("digest");
+            assert_eq!(
+                di, d0,
+                "{} differs from the primary (records, digest)",
+                self.ids[i]
+            );
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for i in (0..self.servers.len()).rev() {
+            self.stop(i).await;
+        }
+        drop(self.dir);
+    }
+}
+
+/// Writes `n` records with `writers` concurrent clients; answers the acked
+/// LSNs.
+async fn write_load(c: &Cluster, rng: &mut StdRng, writers: usize, n: usize) -> Vec<u64> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let client = c.client.clone();
+        let base = c.server(0).base_url();
+        let wseed: u64 = rng.random();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(wseed);
+            let mut lsns = Vec::new();
+            for i in 0..n / writers {
+                let key = format!("k{}", rng.random_range(0..200u32));
+                let resp = if rng.random_range(0..10u32) == 0 {
+                    client
+                        .delete(format!("{base}/v1/tables/t/records/{key}"))
+                        .send()
+                        .await
+                        .expect("delete")
+                } else {
+                    client
+                        .put(format!("{base}/v1/tables/t/records/{key}"))
+                        .json(&serde_json::json!({"w": w, "i": i, "pad": "x".repeat(rng.random_range(0..300))}))
+                        .send()
+                        .await
+                        .expect("put")
+                };
+                let status = resp.status();
+                if status.as_u16() == 404 {
+                    continue; // deleting a missing key
+                }
+                assert!(status.is_success(), "write answered {status}");
+                let v: serde_json::Value = resp.json().await.expect("json");
+                lsns.push(v["lsn"].as_u64().expect("lsn"));
+            }
+            lsns
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("writer"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_and_two_mirrors_reach_identical_content_under_concurrent_writes() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let c = Cluster::new(3, CommitPolicy::Quorum(1), OnUnavailable::Degrade).await;
+
+    phase("concurrent writes on the primary while both mirrors stream");
+    let acked = write_load(&c, &mut rng, 8, 400).await;
+    assert!(!acked.is_empty());
+    let txn = c
+        .client
+        .post(c.url(0, "/v1/transactions"))
+        .json(&serde_json::json!({"ops": [
+            {"op": "put", "table": "t", "key": "a", "value": 1},
+            {"op": "put", "table": "u", "key": "b", "value": [1, 2]}
+        ]}))
+        .send()
+        .await
+        .expect("txn");
+    assert!(txn.status().is_success(), "{}", txn.status());
+
+    phase("every mirror applies the primary's last LSN; contents are identical");
+    let last = c.converge().await;
+    c.assert_identical();
+
+    phase("mirrors serve reads, with min_lsn");
+    let r = c
+        .client
+        .get(c.url(1, &format!("/v1/tables/t/records/a?min_lsn={last}")))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(r.status(), 200);
+    let beyond = c
+        .client
+        .get(c.url(
+            2,
+            &format!("/v1/tables/t/records/a?min_lsn={}&wait_ms=50", last + 1000),
+        ))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(beyond.status(), 503);
+    let body: serde_json::Value = beyond.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "lsn_not_reached");
+
+    phase("a write on a mirror is redirected to the same path on the primary");
+    let r = c.put(1, "x", &serde_json::json!(1)).await;
+    assert_eq!(r.status(), 307);
+    let loc = r.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    assert_eq!(loc, c.url(0, "/v1/tables/t/records/x"));
+
+    phase("role probes and the cluster view");
+    let get = |i: usize, p: &str| c.client.get(c.url(i, p)).send();
+    assert_eq!(get(0, "/primary").await.expect("probe").status(), 200);
+    assert_eq!(get(1, "/primary").await.expect("probe").status(), 503);
+    assert_eq!(get(0, "/mirror").await.expect("probe").status(), 503);
+    assert_eq!(
+        get(1, "/mirror?max_lag_ms=60000")
+            .await
+            .expect("probe")
+            .status(),
+        200
+    );
+    let view: serde_json::Value = get(0, "/v1/cluster")
+        .await
+        .expect("cluster")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["role"], "primary");
+    assert_eq!(view["commit_policy"], "quorum:1");
+    let mirrors = view["mirrors"].as_array().expect("mirrors");
+    assert_eq!(mirrors.len(), 2);
+    for m in mirrors {
+        assert_eq!(m["connected"], true, "{m}");
+        for k in [
+            "flush_lag_lsn",
+            "apply_lag_lsn",
+            "flush_lag_ms",
+            "apply_lag_ms",
+        ] {
+            assert!(m[k].is_u64(), "{k} in {m}");
+        }
+    }
+    let metrics = get(0, "/metrics")
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("mirrordb_replication_flush_lag_entries"),
+        "lag gauges in /metrics"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_quorum_mode_every_acknowledged_write_is_on_k_mirrors_when_acknowledged() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let c = Cluster::new(3, CommitPolicy::Quorum(2), OnUnavailable::Strict).await;
+    phase("concurrent writers check both mirrors at each acknowledgement");
+    let mut tasks = Vec::new();
+    for w in 0..6u32 {
+        let client = c.client.clone();
+        let base = c.server(0).base_url();
+        let mirrors = [c.shared(1), c.shared(2)];
+        let wseed: u64 = rng.random();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(wseed);
+            for i in 0..40u32 {
+                let key = format!("w{w}-{}", rng.random_range(0..50u32));
+                let resp = client
+                    .put(format!("{base}/v1/tables/q/records/{key}"))
+                    .json(&serde_json::json!({"i": i}))
+                    .send()
+                    .await
+                    .expect("put");
+                assert!(resp.status().is_success(), "{}", resp.status());
+                let v: serde_json::Value = resp.json().await.expect("json");
+                let lsn = v["lsn"].as_u64().expect("lsn");
+                for (n, m) in mirrors.iter().enumerate() {
+                    let durable = m.get().position().0;
+                    assert!(
+                        durable >= lsn,
+                        "write at LSN {lsn} acknowledged while mirror {} had only {durable} durable",
+                        n + 2
+                    );
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    c.converge().await;
+    c.assert_identical();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_mirror_blocks_strict_writes_and_degrades_the_others_durably() {
+    let mut c = Cluster::new(2, CommitPolicy::Quorum(1), OnUnavailable::Strict).await;
+    c.put(0, "before", &serde_json::json!(1)).await;
+    c.converge().await;
+
+    phase("strict: with the only mirror gone, a write answers write_blocked");
+    c.stop(1).await;
+    let r = c.put(0, "strict", &serde_json::json!(1)).await;
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "write_blocked", "{body}");
+
+    phase("switch to degrade at run time: the write is acknowledged and recorded");
+    let r = c
+        .client
+        .put(c.url(0, "/v1/cluster/commit-policy"))
+        .json(&serde_json::json!({"commit_policy": "quorum:1", "on_unavailable": "degrade"}))
+        .send()
+        .await
+        .expect("policy");
+    assert_eq!(r.status(), 200);
+    let r = c.put(0, "degraded", &serde_json::json!(1)).await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let lsn = r.json::<serde_json::Value>().await.expect("json")["lsn"]
+        .as_u64()
+        .expect("lsn");
+    let view: serde_json::Value = c
+        .client
+        .get(c.url(0, "/v1/cluster"))
+        .send()
+        .await
+        .expect("view")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["commit_degraded"], true, "{view}");
+    let record = mirrordb::cluster::policy::read_record(&c.data_dir(0)).expect("record");
+    let from = record.current().expect("open interval").from_lsn;
+    assert!(
+        from <= lsn,
+        "degraded from {from}, after the write at {lsn}"
+    );
+
+    phase("the mirror comes back, catches up, and the primary leaves degraded mode");
+    c.restart(1).await;
+    c.converge().await;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let rec = mirrordb::cluster::policy::read_record(&c.data_dir(0)).expect("record");
+        if rec.current().is_none() {
+            assert!(rec.intervals[0].to_lsn.is_some());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still degraded after the mirror caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.assert_identical();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_mirror_resumes_from_its_own_journal_and_a_restarted_primary_is_followed_again()
+{
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut c = Cluster::new(3, CommitPolicy::Quorum(1), OnUnavailable::Degrade).await;
+    write_load(&c, &mut rng, 4, 100).await;
+    c.converge().await;
+
+    phase("stop a mirror, write on, restart it: it resumes, no reseed");
+    c.stop(2).await;
+    write_load(&c, &mut rng, 4, 100).await;
+    c.restart(2).await;
+    c.converge().await;
+    c.assert_identical();
+    let journal = c.data_dir(2).join("journal");
+    let first = std::fs::read_dir(&journal)
+        .expect("journal dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".journal"))
+        .min()
+        .expect("a segment");
+    assert_eq!(
+        first, "00000000000000000001.journal",
+        "the mirror's journal still starts at LSN 1: it was not reseeded"
+    );
+
+    phase("restart the primary; both mirrors follow it again");
+    c.stop(0).await;
+    c.restart(0).await;
+    write_load(&c, &mut rng, 4, 100).await;
+    c.converge().await;
+    c.assert_identical();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_too_far_behind_is_reseeded_automatically() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut c = Cluster::new(2, CommitPolicy::Async, OnUnavailable::Degrade).await;
+    write_load(&c, &mut rng, 2, 50).await;
+    c.converge().await;
+
+    phase("the mirror stops; the primary writes on and drops the history it missed");
+    c.stop(1).await;
+    write_load(&c, &mut rng, 2, 200).await;
+    let p = c.engine(0);
+    p.rotate_journal().await.expect("rotate");
+    p.flush().await.expect("flush");
+    let dropped = p
+        .drop_segments_upto(p.status().durable_lsn)
+        .expect("drop segments");
+    assert!(!dropped.is_empty(), "history was dropped");
+    write_load(&c, &mut rng, 2, 50).await;
+
+    phase("the mirror restarts, is reseeded from a snapshot, then streams");
+    c.restart(1).await;
+    c.converge().await;
+    c.assert_identical();
+    write_load(&c, &mut rng, 2, 50).await;
+    c.converge().await;
+    c.assert_identical();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_with_a_certificate_from_a_foreign_ca_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, configs) = init_cluster(
+        &dir.path().join("real"),
+        2,
+        CommitPolicy::Async,
+        OnUnavailable::Degrade,
+    );
+    // Same node names and addresses, another CA.
+    let foreign_dir = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign_dir).expect("dir");
+    let foreign = InitArgs {
+        nodes: configs[0]
+            .cluster
+            .as_ref()
+            .expect("cluster")
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.id, m.addr))
+            .collect::<Vec<_>>()
+            .join(","),
+        http: format!(
+            "n1=127.0.0.1:{},n2=127.0.0.1:{}",
+            free_tcp_port(),
+            free_tcp_port()
+        ),
+        commit_policy: CommitPolicy::Async,
+        on_unavailable: OnUnavailable::Degrade,
+        data_root: Some(foreign_dir.clone()),
+        name: "intruder".into(),
+        out: foreign_dir.join("certs"),
+        json: false,
+    };
+    let report = init(&foreign).expect("foreign init");
+    let mut intruder_cfg = Config::load(&report.nodes[1].config).expect("config");
+    // It dials the real primary.
+    if let Some(cl) = intruder_cfg.cluster.as_mut() {
+        cl.members = configs[1]
+            .cluster
+            .as_ref()
+            .expect("cluster")
+            .members
+            .clone();
+    }
+
+    let primary = start_server(&configs[0]).await;
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        let r = client
+            .put(format!("{}/v1/tables/t/records/k{i}", primary.base_url()))
+            .json(&serde_json::json!(i))
+            .send()
+            .await
+            .expect("put");
+        assert!(r.status().is_success());
+    }
+    phase("the intruder dials for a while and receives nothing");
+    let intruder = start_server(&intruder_cfg).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        intruder.current_engine().position().0,
+        0,
+        "the intruder received entries"
+    );
+    let view: serde_json::Value = client
+        .get(format!("{}/v1/cluster", primary.base_url()))
+        .send()
+        .await
+        .expect("view")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["mirrors"][0]["connected"], false, "{view}");
+    intruder.shutdown().await.expect("stop");
+    primary.shutdown().await.expect("stop");
+}
