@@ -9,6 +9,7 @@
 //! ```text
 //!  bootstrap (once, one node):  raft.initialize(all voters) ─► leader ─► AddMember × n
 //!  add_member (on the leader):  add_learner (catches up) ─► voter ─► AddMember
+//!  remove_member (on the leader): RemoveMember (refused for the primary) ─► voter removed
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -145,6 +146,52 @@ pub async fn add_member<T: RaftTransport>(
         .await
         .map_err(|_| MembershipError::Timeout("membership change"))??;
     record(raft, my_id, transport, name, member, timeout).await
+}
+
+/// Removes `name` from a running cluster. Must run on the Raft leader. The
+/// member record goes first, so the controller stops considering the node
+/// before it stops voting; the primary cannot be removed (switch over first).
+pub async fn remove_member<T: RaftTransport>(
+    raft: &Raft,
+    my_id: u64,
+    transport: &T,
+    name: &NodeId,
+    timeout: Duration,
+) -> Result<(), MembershipError> {
+    let cmd = ClusterCommand::RemoveMember { node: name.clone() };
+    let reply = tokio::time::timeout(timeout, propose(raft, my_id, transport, cmd, timeout))
+        .await
+        .map_err(|_| MembershipError::Timeout("RemoveMember not committed"))??;
+    match reply {
+        ControlReply::Proposed(Ok(_)) | ControlReply::Proposed(Err(Rejected::UnknownMember(_))) => {
+        }
+        ControlReply::Proposed(Err(e)) => return Err(MembershipError::Rejected(e)),
+        ControlReply::NotLeader { leader } => return Err(MembershipError::NotLeader { leader }),
+        other => return Err(MembershipError::Raft(format!("unexpected reply {other:?}"))),
+    }
+    let id = raft_id(name);
+    let is_voter = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|v| v == id);
+    if is_voter {
+        tokio::time::timeout(
+            timeout,
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false),
+        )
+        .await
+        .map_err(|_| MembershipError::Timeout("membership change"))?
+        .map_err(|e| match e.forward_to_leader() {
+            Some(f) => MembershipError::NotLeader {
+                leader: f.leader_node.clone(),
+            },
+            None => MembershipError::Raft(e.to_string()),
+        })?;
+    }
+    Ok(())
 }
 
 /// Proposes `AddMember`, accepting "already a member".

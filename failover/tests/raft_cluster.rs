@@ -230,8 +230,9 @@ fn member(name: &str, role: Role) -> Member {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bootstrap_is_idempotent_and_a_member_can_join_later() {
-    use mirrordb_failover::membership::{add_member, bootstrap};
+async fn bootstrap_is_idempotent_and_members_join_and_leave() {
+    use mirrordb_failover::membership::{MembershipError, add_member, bootstrap, remove_member};
+    use mirrordb_failover::state::Rejected;
     let net = MemNetwork::new(seed());
     let mut nodes = Vec::new();
     for name in ["n1", "n2", "w"] {
@@ -291,6 +292,43 @@ async fn bootstrap_is_idempotent_and_a_member_can_join_later() {
         .voter_ids()
         .collect();
     assert!(voters.contains(&joined.id), "n3 is a voter: {voters:?}");
+
+    eprintln!("--- n3 leaves again; n1 cannot be removed while primary");
+    let t = net.transport(leader.id);
+    leader
+        .raft
+        .client_write(ClusterCommand::Promote {
+            node: NodeId::from("n1"),
+            epoch: mirrordb_failover::Epoch(1),
+            first_lsn: mirrordb_failover::Lsn(1),
+            now_ms: 0,
+            lease_ttl_ms: 1000,
+        })
+        .await
+        .unwrap();
+    let err = remove_member(&leader.raft, leader.id, &t, &NodeId::from("n1"), WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MembershipError::Rejected(Rejected::RemovePrimary(_))),
+        "{err}"
+    );
+    remove_member(&leader.raft, leader.id, &t, &n3, WAIT)
+        .await
+        .unwrap();
+    let voters: Vec<u64> = leader
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert!(
+        !voters.contains(&joined.id),
+        "n3 is no longer a voter: {voters:?}"
+    );
+    assert!(!leader.state.borrow().members.contains_key(&n3));
     for n in &nodes {
         n.raft.shutdown().await.unwrap();
     }
