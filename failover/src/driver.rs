@@ -24,6 +24,7 @@
 //! whose results come back as events, so an unreachable leader never stalls
 //! the self-fencing check.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +92,7 @@ enum Acting {
 pub struct DriverHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
+    reports: watch::Receiver<BTreeMap<NodeId, Report>>,
 }
 
 /// Why a handle request failed.
@@ -137,6 +139,14 @@ impl DriverHandle {
     pub fn status(&self) -> watch::Receiver<Status> {
         self.status.clone()
     }
+
+    /// The last position report of every data node, as collected by this
+    /// node's controller (fresh only while this node is the Raft leader;
+    /// `GET /v1/cluster` can show lag from it).
+    #[must_use]
+    pub fn reports(&self) -> watch::Receiver<BTreeMap<NodeId, Report>> {
+        self.reports.clone()
+    }
 }
 
 /// The failover driver of one node.
@@ -151,6 +161,7 @@ pub struct Driver<T, R> {
     clock: Clock,
     controller: Controller,
     status_tx: watch::Sender<Status>,
+    reports_tx: watch::Sender<BTreeMap<NodeId, Report>>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     commands_rx: mpsc::Receiver<Command>,
@@ -195,6 +206,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         let (events_tx, events_rx) = mpsc::channel(CHANNEL_DEPTH);
         let (commands_tx, commands_rx) = mpsc::channel(CHANNEL_DEPTH);
         let (status_tx, status) = watch::channel(Status::NotLeader);
+        let (reports_tx, reports) = watch::channel(BTreeMap::new());
         let driver = Driver {
             id: raft_id(&name),
             name,
@@ -206,6 +218,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             clock,
             controller: Controller::new(ControllerConfig::from(&timing)),
             status_tx,
+            reports_tx,
             events_tx,
             events_rx,
             commands_rx,
@@ -225,6 +238,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             DriverHandle {
                 commands: commands_tx,
                 status,
+                reports,
             },
         )
     }
@@ -559,6 +573,8 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             Event::Report(r) => self.controller.handle_report(r),
             Event::ReportsDone => {
                 self.reports_inflight = false;
+                self.reports_tx
+                    .send_replace(self.controller.reports().clone());
                 let now = self.now_ms();
                 self.controller.handle_tick(now);
                 self.run_actions().await;

@@ -327,6 +327,18 @@ async fn partition_the_primary(n1_behind_ms: u64) {
         wait_told(by(n), Told::Mirror(NodeId::from("n1"), Epoch(1))).await;
     }
 
+    eprintln!("--- the leader's driver publishes every data node's position");
+    let leader_id = by("n1").raft.metrics().borrow().current_leader.unwrap();
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let mut reports = leader.handle.reports();
+    tokio::time::timeout(
+        WAIT,
+        reports.wait_for(|r| r.len() == 3 && r.values().all(|x| x.reachable)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
     eprintln!("--- the primary renews its lease");
     let first = s.lease.clone().unwrap().expires_at_ms;
     wait_state(by("n2"), "lease renewed", |s| {
