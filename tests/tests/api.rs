@@ -589,6 +589,61 @@ async fn random_requests_never_crash_or_500() {
 }
 
 #[tokio::test]
+async fn blob_uploads_beyond_the_limit_answer_write_blocked() {
+    let n = TestNode::start_with(NodeOptions {
+        write_timeout: Some(Duration::from_millis(300)),
+        body_idle_timeout: Some(Duration::from_secs(20)),
+        ..Default::default()
+    })
+    .await;
+    phase("32 uploads that send a header and a little body, then stall");
+    let mut stalled = Vec::new();
+    for i in 0..mirrordb::api::MAX_CONCURRENT_BLOB_UPLOADS {
+        let mut s = tokio::net::TcpStream::connect(n.addr).await.unwrap();
+        let req = format!(
+            "PUT /v1/tables/t/blobs/b{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    phase("one more waits write_timeout for a slot, then answers write_blocked");
+    let r = n
+        .client
+        .put(n.url("/v1/tables/t/blobs/extra"))
+        .body(vec![1u8; 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code(r).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "write_blocked".into())
+    );
+    phase("records are not held back by BLOB uploads; freed slots are reused");
+    let r = n
+        .client
+        .put(n.url("/v1/tables/t/records/k"))
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = n
+        .client
+        .put(n.url("/v1/tables/t/blobs/extra"))
+        .body(vec![1u8; 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    n.stop().await;
+}
+
+#[tokio::test]
 async fn scans_are_ordered_and_paged() {
     let n = TestNode::start().await;
     let c = &n.client;

@@ -9,8 +9,10 @@
 //! Neither direction holds a whole BLOB in memory. A `Content-Length` past
 //! the limit is refused before any byte is read.
 
+use super::MAX_CONCURRENT_BLOB_UPLOADS;
 use super::records::{precondition, table_key};
 use super::{ApiError, Caller, IdleBody, St, body_timeout, content_length, json_ok};
+use crate::engine::WriteError;
 use crate::model::MAX_BLOB_BYTES;
 use axum::body::Body;
 use axum::extract::Path;
@@ -53,6 +55,18 @@ pub async fn put_blob(
     if let Some(len) = declared.filter(|l| *l > MAX_BLOB_BYTES) {
         return Err(ApiError::too_large(Some(len), MAX_BLOB_BYTES));
     }
+    let _permit = tokio::time::timeout(
+        st.inner.write_timeout,
+        st.inner.blob_uploads.clone().acquire_owned(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::from(WriteError::WriteBlocked(format!(
+            "{MAX_CONCURRENT_BLOB_UPLOADS} BLOB uploads are in progress; none finished within {}",
+            crate::config::format_duration(st.inner.write_timeout)
+        )))
+    })?
+    .map_err(|_| ApiError::from(WriteError::Closed))?;
     let session = st.session(&caller).await?;
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();

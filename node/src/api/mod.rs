@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backups;
 pub mod blobs;
 pub mod error;
 pub mod records;
@@ -54,6 +55,9 @@ pub const SESSION_HEADER: &str = "x-mirrordb-session";
 pub const MAX_SESSION_NAME_BYTES: usize = 128;
 /// Session name used when the client sends none.
 pub const DEFAULT_SESSION_NAME: &str = "default";
+/// BLOB uploads in progress at once (each stages up to 1 GiB on disk and
+/// holds a file); more wait up to `api.write_timeout`, then `write_blocked`.
+pub const MAX_CONCURRENT_BLOB_UPLOADS: usize = 32;
 /// Token name of requests when no tokens are configured.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -69,7 +73,10 @@ struct StateInner {
     tokens: Vec<TokenConfig>,
     max_body_bytes: usize,
     body_idle: Duration,
+    write_timeout: Duration,
+    blob_uploads: Arc<tokio::sync::Semaphore>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    backups: crate::backup::BackupService,
 }
 
 impl ApiState {
@@ -82,6 +89,14 @@ impl ApiState {
     /// State over a replaceable engine handle (a mirror's reseed swaps the
     /// engine; requests then use the new one).
     pub fn with_shared(engine: crate::cluster::SharedEngine, cfg: &Config) -> ApiState {
+        // The backup pipeline follows the current engine; its scheduler
+        // (if `backup.schedule` is set) runs while this state lives.
+        let source = engine.clone();
+        let backups = crate::backup::BackupService::with_engine_source(
+            Arc::new(move || source.get()),
+            cfg.backup.clone(),
+        );
+        backups.spawn_scheduler();
         ApiState {
             inner: Arc::new(StateInner {
                 engine,
@@ -89,7 +104,10 @@ impl ApiState {
                 tokens: cfg.api.tokens.clone(),
                 max_body_bytes: usize::try_from(cfg.api.max_body_bytes.0).unwrap_or(usize::MAX),
                 body_idle: cfg.api.body_idle_timeout.0,
+                write_timeout: cfg.api.write_timeout.0,
+                blob_uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_BLOB_UPLOADS)),
                 metrics: crate::metrics::handle(),
+                backups,
             }),
         }
     }
@@ -97,6 +115,11 @@ impl ApiState {
     /// The engine (the current one: a reseed may replace it).
     pub fn engine(&self) -> Engine {
         self.inner.engine.get()
+    }
+
+    /// The node's backup pipeline.
+    pub fn backups(&self) -> &crate::backup::BackupService {
+        &self.inner.backups
     }
 
     /// Opens (or reuses) the engine session of a request's identity.
@@ -129,6 +152,13 @@ pub fn router(state: ApiState) -> Router {
                 .delete(blobs::delete_blob),
         )
         .route("/v1/transactions", post(records::transaction))
+        .route("/v1/backups", get(backups::list).post(backups::start))
+        .route(
+            "/v1/backups/current",
+            get(backups::current).delete(backups::stop),
+        )
+        .route("/v1/restore-points", post(backups::restore_point))
+        .route("/v1/rollback", post(backups::rollback))
         .route("/v1/journal", get(admin::journal))
         .route("/v1/journal/rotate", post(admin::rotate))
         .route(
