@@ -212,10 +212,13 @@ impl History {
         format::write_atomic(&dest.join(HISTORY_FILE), &bytes)
     }
 
-    /// Adds an entry (replacing one of the same number that did not complete).
+    /// Adds an entry (replacing a failed or interrupted attempt of the same
+    /// number; missed runs stay on record).
     pub fn push(&mut self, e: HistoryEntry) {
-        self.entries
-            .retain(|o| o.number != e.number || o.status.is_complete());
+        self.entries.retain(|o| {
+            o.number != e.number
+                || !matches!(o.status, BackupStatus::Failed | BackupStatus::Interrupted)
+        });
         self.entries.push(e);
         if self.entries.len() > MAX_HISTORY_ENTRIES {
             let cut = self.entries.len() - MAX_HISTORY_ENTRIES;

@@ -189,13 +189,16 @@ struct Running {
     cancel: Arc<AtomicBool>,
 }
 
+/// Where the service finds the engine: a mirror's reseed may replace it.
+pub type EngineSource = Arc<dyn Fn() -> Engine + Send + Sync>;
+
 struct Inner {
-    engine: Engine,
+    engine: EngineSource,
     cfg: BackupSection,
     log: BackupLog,
     running: Mutex<Option<Running>>,
     paused: Mutex<bool>,
-    resume: tokio::sync::Notify,
+    resume: Arc<tokio::sync::Notify>,
 }
 
 /// The backup pipeline of one node. Cheap to clone.
@@ -251,7 +254,12 @@ impl BackupService {
     /// The service for `engine` with `[backup]` settings; the Backup Journal
     /// goes to `data_dir/logs`.
     pub fn new(engine: Engine, cfg: BackupSection) -> BackupService {
-        let logs = engine.config().data_dir.join("logs");
+        BackupService::with_engine_source(Arc::new(move || engine.clone()), cfg)
+    }
+
+    /// The service over an engine that may be replaced (see [`EngineSource`]).
+    pub fn with_engine_source(engine: EngineSource, cfg: BackupSection) -> BackupService {
+        let logs = engine().config().data_dir.join("logs");
         let log = BackupLog::new(&logs, cfg.verbose);
         let paused = History::read(&cfg.destination)
             .map(|h| h.automatic_paused)
@@ -263,7 +271,7 @@ impl BackupService {
                 log,
                 running: Mutex::new(None),
                 paused: Mutex::new(paused),
-                resume: tokio::sync::Notify::new(),
+                resume: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }
@@ -273,9 +281,9 @@ impl BackupService {
         &self.inner.cfg
     }
 
-    /// The engine.
-    pub fn engine(&self) -> &Engine {
-        &self.inner.engine
+    /// The engine (the current one).
+    pub fn engine(&self) -> Engine {
+        (self.inner.engine)()
     }
 
     /// The Backup Journal.
@@ -658,11 +666,11 @@ impl BackupService {
     fn changed_since(&self, lsn: u64) -> bool {
         use crate::journal::scan;
         use crate::model::Op;
-        let end = self.inner.engine.status().durable_lsn;
+        let end = self.engine().status().durable_lsn;
         if end <= lsn {
             return false;
         }
-        let Ok((segs, _)) = scan::list_segments(&self.inner.engine.journal_dir()) else {
+        let Ok((segs, _)) = scan::list_segments(&self.engine().journal_dir()) else {
             return true;
         };
         if segs.first().is_none_or(|s| s.header.first_lsn > lsn + 1) {
@@ -696,7 +704,7 @@ impl BackupService {
         let inner = &*self.inner;
         let cfg = inner.cfg.clone();
         self.update(|p| p.phase = "barrier");
-        let point = inner.engine.backup_barrier(number).await?;
+        let point = self.engine().backup_barrier(number).await?;
         let lsn = point.lsn;
         let counts = point
             .snapshot
@@ -719,7 +727,7 @@ impl BackupService {
         };
         let (set_dir, archive, manifest) = written?;
         // Archived durably: the live segments ≤ S can go.
-        match inner.engine.drop_segments_upto(lsn) {
+        match self.engine().drop_segments_upto(lsn) {
             Ok(dropped) => {
                 for d in dropped {
                     tracing::debug!(segment = %d.display(), "archived segment dropped");
@@ -1073,19 +1081,25 @@ impl BackupService {
         if schedules.is_empty() {
             return None;
         }
-        let this = self.clone();
+        tokio::runtime::Handle::try_current().ok()?;
+        let sched = Scheduler::new(
+            schedules,
+            self.inner.cfg.retry_after.0,
+            self.inner.cfg.max_attempts,
+        );
+        // The task holds the service weakly: it ends once the node drops it.
+        let weak = Arc::downgrade(&self.inner);
         Some(tokio::spawn(async move {
-            this.scheduler_loop(Scheduler::new(
-                schedules,
-                this.inner.cfg.retry_after.0,
-                this.inner.cfg.max_attempts,
-            ))
-            .await
+            scheduler_loop(weak, sched).await;
         }))
     }
+}
 
-    async fn scheduler_loop(&self, mut sched: Scheduler) {
-        let inner = &*self.inner;
+async fn scheduler_loop(weak: std::sync::Weak<Inner>, mut sched: Scheduler) {
+    let upgrade = || weak.upgrade().map(|inner| BackupService { inner });
+    let Some(this) = upgrade() else { return };
+    {
+        let inner = &*this.inner;
         let dest = inner.cfg.destination.clone();
         let history = History::read(&dest).unwrap_or_default();
         let last = history
@@ -1122,8 +1136,14 @@ impl BackupService {
                 tracing::warn!("cannot record missed backups: {e}");
             }
         }
-        loop {
-            if sched.paused() && !self.automatic_paused() {
+    }
+    drop(this);
+    loop {
+        let Some(this) = upgrade() else { return };
+        let inner = &*this.inner;
+        let dest = inner.cfg.destination.clone();
+        {
+            if sched.paused() && !this.automatic_paused() {
                 sched.resume();
             }
             let now = Utc::now();
@@ -1132,7 +1152,7 @@ impl BackupService {
                     scheduled: scheduled.to_rfc3339_opts(SecondsFormat::Secs, true),
                     attempt,
                 };
-                let r = self.run(trigger).await;
+                let r = this.run(trigger).await;
                 let ok = match &r {
                     Ok(_) => true,
                     Err(BackupError::Busy(_)) => true,
@@ -1164,9 +1184,11 @@ impl BackupService {
                 .map(|t| (t - now).to_std().unwrap_or(Duration::ZERO))
                 .unwrap_or(SCHEDULER_MAX_SLEEP)
                 .min(SCHEDULER_MAX_SLEEP);
+            let notify = inner.resume.clone();
+            drop(this);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = inner.resume.notified() => {}
+                _ = notify.notified() => {}
             }
         }
     }
