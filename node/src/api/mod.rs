@@ -55,6 +55,9 @@ pub const SESSION_HEADER: &str = "x-mirrordb-session";
 pub const MAX_SESSION_NAME_BYTES: usize = 128;
 /// Session name used when the client sends none.
 pub const DEFAULT_SESSION_NAME: &str = "default";
+/// BLOB uploads in progress at once (each stages up to 1 GiB on disk and
+/// holds a file); more wait up to `api.write_timeout`, then `write_blocked`.
+pub const MAX_CONCURRENT_BLOB_UPLOADS: usize = 32;
 /// Token name of requests when no tokens are configured.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -70,6 +73,8 @@ struct StateInner {
     tokens: Vec<TokenConfig>,
     max_body_bytes: usize,
     body_idle: Duration,
+    write_timeout: Duration,
+    blob_uploads: Arc<tokio::sync::Semaphore>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     backups: crate::backup::BackupService,
 }
@@ -99,6 +104,8 @@ impl ApiState {
                 tokens: cfg.api.tokens.clone(),
                 max_body_bytes: usize::try_from(cfg.api.max_body_bytes.0).unwrap_or(usize::MAX),
                 body_idle: cfg.api.body_idle_timeout.0,
+                write_timeout: cfg.api.write_timeout.0,
+                blob_uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_BLOB_UPLOADS)),
                 metrics: crate::metrics::handle(),
                 backups,
             }),
