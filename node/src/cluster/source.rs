@@ -1,7 +1,7 @@
 //! [`EngineSource`]: the primary's journal as the replication crate reads it.
 //!
 //! ```text
-//! epoch_history  ◄── segment headers (each epoch change starts a segment), cached briefly
+//! epoch_history  ◄── Engine::epoch_history (durable), else segment headers; cached briefly
 //! oldest_lsn     ◄── first LSN of the oldest live segment
 //! durable_lsn    ◄── Engine::durable_lsn_watch (u64) forwarded as Lsn
 //! read           ◄── Engine::read_frames on a blocking thread, cut to the byte budget
@@ -128,20 +128,27 @@ impl EngineSource {
             return v.clone();
         }
         let engine = self.engine.get();
-        let v = read_view(&engine.journal_dir(), engine.position());
+        let v = read_view(
+            &engine.journal_dir(),
+            engine.position(),
+            &engine.epoch_history(),
+        );
         *cached = Some(v.clone());
         v
     }
 }
 
-fn read_view(journal_dir: &Path, (durable, epoch): (u64, u64)) -> View {
-    let mut pairs: Vec<(Epoch, Lsn)> = Vec::new();
+fn read_view(journal_dir: &Path, (durable, epoch): (u64, u64), known: &[(u64, u64)]) -> View {
+    // The engine's durable history (kept in the data file) survives dropped
+    // segments; segment headers stand in when it is empty.
+    let mut pairs: Vec<(Epoch, Lsn)> = known.iter().map(|&(e, l)| (Epoch(e), Lsn(l))).collect();
+    let from_headers = pairs.is_empty();
     let mut oldest = Lsn(durable.saturating_add(1));
     if let Ok((segs, _)) = crate::journal::scan::list_segments(journal_dir) {
         if let Some(first) = segs.first() {
             oldest = Lsn(first.header.first_lsn.min(durable.saturating_add(1)));
         }
-        for s in &segs {
+        for s in segs.iter().filter(|_| from_headers) {
             let e = Epoch(s.header.epoch);
             if pairs.last().is_none_or(|(last, _)| e > *last) {
                 pairs.push((e, Lsn(s.header.first_lsn)));
