@@ -1480,6 +1480,26 @@ async fn config_errors_stop_the_binary_naming_the_key() {
     let (status, out, _) = run_mirrordb(&["config", "defaults"]).unwrap();
     assert!(status.success());
     assert!(out.contains("flush_interval = \"1s\""), "{out}");
+
+    phase("config check prints the resolved file with secrets redacted");
+    std::fs::write(
+        &path,
+        "[node]\nlisten = \"0.0.0.0:7070\"\n[[api.tokens]]\nname = \"app\"\ntoken = \"super-secret-token-value\"\nrole = \"write\"\n",
+    )
+    .unwrap();
+    let (status, out, errout) = run_mirrordb(&[
+        "config",
+        "check",
+        "--config",
+        path.to_str().unwrap(),
+        "--json",
+    ])
+    .unwrap();
+    assert!(status.success(), "{errout}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["node"]["listen"], "0.0.0.0:7070");
+    assert_eq!(v["api"]["tokens"][0]["token"], "<redacted>");
+    assert!(!out.contains("super-secret-token-value"));
 }
 
 #[tokio::test]
