@@ -379,10 +379,12 @@ async fn a_primary_and_two_mirrors_reach_identical_content_under_concurrent_writ
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn in_quorum_mode_every_acknowledged_write_is_on_k_mirrors_when_acknowledged() {
+/// Concurrent writers check, at each acknowledgement, that both mirrors
+/// already have the write durably (`quorum`) or applied (`remote_apply`).
+async fn every_ack_is_on_both_mirrors(policy: CommitPolicy) {
     let mut rng = StdRng::seed_from_u64(seed());
-    let c = Cluster::new(3, CommitPolicy::Quorum(2), OnUnavailable::Strict).await;
+    let c = Cluster::new(3, policy, OnUnavailable::Strict).await;
+    let applied = matches!(policy, CommitPolicy::RemoteApply(_));
     phase("concurrent writers check both mirrors at each acknowledgement");
     let mut tasks = Vec::new();
     for w in 0..6u32 {
@@ -404,10 +406,15 @@ async fn in_quorum_mode_every_acknowledged_write_is_on_k_mirrors_when_acknowledg
                 let v: serde_json::Value = resp.json().await.expect("json");
                 let lsn = v["lsn"].as_u64().expect("lsn");
                 for (n, m) in mirrors.iter().enumerate() {
-                    let durable = m.get().position().0;
+                    let e = m.get();
+                    let (what, at) = if applied {
+                        ("applied", e.status().applied_lsn)
+                    } else {
+                        ("durable", e.position().0)
+                    };
                     assert!(
-                        durable >= lsn,
-                        "write at LSN {lsn} acknowledged while mirror {} had only {durable} durable",
+                        at >= lsn,
+                        "write at LSN {lsn} acknowledged while mirror n{} had only {at} {what}",
                         n + 2
                     );
                 }
@@ -420,6 +427,16 @@ async fn in_quorum_mode_every_acknowledged_write_is_on_k_mirrors_when_acknowledg
     c.converge().await;
     c.assert_identical();
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_quorum_mode_every_acknowledged_write_is_on_k_mirrors_when_acknowledged() {
+    every_ack_is_on_both_mirrors(CommitPolicy::Quorum(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_remote_apply_mode_every_acknowledged_write_is_applied_on_k_mirrors() {
+    every_ack_is_on_both_mirrors(CommitPolicy::RemoteApply(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 pub const DEGRADE_FILE: &str = "commit-degraded.json";
 /// Most intervals kept in the degrade record (the oldest are dropped).
 pub const MAX_DEGRADE_INTERVALS: usize = 1000;
-/// How often `remote_apply` re-checks applied positions.
-const APPLY_POLL: Duration = Duration::from_millis(2);
 
 /// One interval in which writes were acknowledged without their mirrors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,22 +224,11 @@ impl CommitGate {
         deadline: Instant,
     ) -> Result<(), usize> {
         let k = policy.mirrors_needed();
-        if let Err(t) = self.tracker.wait_for(k, lsn, deadline).await {
-            return Err(t.reached);
-        }
-        if let CommitPolicy::RemoteApply(_) = policy {
-            loop {
-                let reached = self.applied_count(lsn);
-                if reached >= k {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err(reached);
-                }
-                tokio::time::sleep(APPLY_POLL).await;
-            }
-        }
-        Ok(())
+        let r = match policy {
+            CommitPolicy::RemoteApply(_) => self.tracker.wait_for_applied(k, lsn, deadline).await,
+            _ => self.tracker.wait_for(k, lsn, deadline).await,
+        };
+        r.map_err(|t| t.reached)
     }
 
     /// Waits until the write at `lsn` (durable on the primary) may be
