@@ -3,34 +3,11 @@
 //! the snapshot plus the journal matches the original, rotation, dropping
 //! archived segments, flush-and-lock, restore points and online rollback.
 
+use super::test_support::{cfg, rt, tput};
 use super::*;
 use crate::journal::scan::{self, EntryIter};
 use crate::model::{Op, WriteOp};
 use std::collections::BTreeMap;
-
-fn cfg(dir: &Path) -> EngineConfig {
-    let mut c = EngineConfig::new(dir);
-    c.flush_interval = Duration::from_secs(3600);
-    c.write_timeout = Duration::from_secs(5);
-    c
-}
-
-fn put(key: &str, value: &str) -> WriteOp {
-    WriteOp::Put {
-        table: "t".into(),
-        key: key.into(),
-        value: value.as_bytes().to_vec(),
-        if_version: None,
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Rebuilds a data directory from a snapshot plus the live journal after S.
 fn rebuild(point: &BackupPoint, journal_dir: &Path, to: &Path, until: u64) -> RestoredDataDir {
@@ -59,7 +36,7 @@ fn barrier_snapshot_holds_exactly_the_operations_up_to_s_while_writes_go_on() {
                 while !stop.load(Ordering::Relaxed) {
                     let key = format!("c{c}-{i}");
                     let ack = e
-                        .write(SessionId::SYSTEM, vec![put(&key, &i.to_string())])
+                        .write(SessionId::SYSTEM, vec![tput(&key, &i.to_string())])
                         .await
                         .unwrap();
                     acked.lock().unwrap().insert(key, ack.versions[0]);
@@ -120,7 +97,7 @@ fn barrier_snapshot_holds_exactly_the_operations_up_to_s_while_writes_go_on() {
     // The restored node journals on from the next LSN.
     rt.block_on(async {
         let ack = e2
-            .write(SessionId::SYSTEM, vec![put("new", "1")])
+            .write(SessionId::SYSTEM, vec![tput("new", "1")])
             .await
             .unwrap();
         assert!(ack.lsn > end);
@@ -135,7 +112,7 @@ fn barrier_rotates_and_archived_segments_can_be_dropped() {
         let e = Engine::open(cfg(dir.path())).unwrap();
         let point = rt.block_on(async {
             for i in 0..20 {
-                e.write(SessionId::SYSTEM, vec![put(&format!("k{i}"), "1")])
+                e.write(SessionId::SYSTEM, vec![tput(&format!("k{i}"), "1")])
                     .await
                     .unwrap();
             }
@@ -150,7 +127,7 @@ fn barrier_rotates_and_archived_segments_can_be_dropped() {
         let dropped = e.drop_segments_upto(point.lsn).unwrap();
         assert_eq!(dropped, point.segments);
         rt.block_on(async {
-            e.write(SessionId::SYSTEM, vec![put("after", "1")])
+            e.write(SessionId::SYSTEM, vec![tput("after", "1")])
                 .await
                 .unwrap();
             // Rotation on request, and none when the segment is empty.
@@ -170,10 +147,10 @@ fn point_in_time_inside_a_transaction_stops_before_it() {
     let rt = rt();
     let e = Engine::open(cfg(dir.path())).unwrap();
     let ack = rt.block_on(async {
-        e.write(SessionId::SYSTEM, vec![put("solo", "1")])
+        e.write(SessionId::SYSTEM, vec![tput("solo", "1")])
             .await
             .unwrap();
-        e.write(SessionId::SYSTEM, vec![put("a", "1"), put("b", "1")])
+        e.write(SessionId::SYSTEM, vec![tput("a", "1"), tput("b", "1")])
             .await
             .unwrap()
     });
@@ -201,7 +178,7 @@ fn builder_refuses_a_gap() {
     let rt = rt();
     let e = Engine::open(cfg(dir.path())).unwrap();
     rt.block_on(async {
-        e.write(SessionId::SYSTEM, vec![put("a", "1")])
+        e.write(SessionId::SYSTEM, vec![tput("a", "1")])
             .await
             .unwrap();
     });
@@ -222,7 +199,7 @@ fn lock_holds_writes_until_unlock_and_refuses_them_past_their_deadline() {
     c.write_timeout = Duration::from_millis(400);
     let e = Engine::open(c).unwrap();
     rt.block_on(async {
-        e.write(SessionId::SYSTEM, vec![put("before", "1")])
+        e.write(SessionId::SYSTEM, vec![tput("before", "1")])
             .await
             .unwrap();
         let st = e.lock("ops", Duration::from_secs(30)).await.unwrap();
@@ -246,7 +223,7 @@ fn lock_holds_writes_until_unlock_and_refuses_them_past_their_deadline() {
         );
         // A held write past its deadline is refused and not applied.
         let err = e
-            .write(SessionId::SYSTEM, vec![put("blocked", "1")])
+            .write(SessionId::SYSTEM, vec![tput("blocked", "1")])
             .await
             .unwrap_err();
         assert_eq!(err.code(), "write_blocked");
@@ -254,7 +231,7 @@ fn lock_holds_writes_until_unlock_and_refuses_them_past_their_deadline() {
         // A held write completes after the unlock.
         let waiting = {
             let e = e.clone();
-            tokio::spawn(async move { e.write(SessionId::SYSTEM, vec![put("held", "1")]).await })
+            tokio::spawn(async move { e.write(SessionId::SYSTEM, vec![tput("held", "1")]).await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiting.is_finished(), "write held while locked");
@@ -285,7 +262,7 @@ fn lock_is_released_when_its_lease_lapses() {
             .await
             .unwrap();
         // This write is held, then proceeds once the lease lapses.
-        e.write(SessionId::SYSTEM, vec![put("k", "1")])
+        e.write(SessionId::SYSTEM, vec![tput("k", "1")])
             .await
             .unwrap();
     });
@@ -328,15 +305,15 @@ fn rollback_puts_every_touched_key_back_in_one_transaction() {
         e.write(
             SessionId::SYSTEM,
             vec![
-                put("kept", "1"),
-                put("changed", "\"old\""),
-                put("deleted", "\"old\""),
+                tput("kept", "1"),
+                tput("changed", "\"old\""),
+                tput("deleted", "\"old\""),
             ],
         )
         .await
         .unwrap();
         let l = e.status().durable_lsn;
-        e.write(SessionId::SYSTEM, vec![put("changed", "\"new\"")])
+        e.write(SessionId::SYSTEM, vec![tput("changed", "\"new\"")])
             .await
             .unwrap();
         e.write(
@@ -349,10 +326,10 @@ fn rollback_puts_every_touched_key_back_in_one_transaction() {
         )
         .await
         .unwrap();
-        e.write(SessionId::SYSTEM, vec![put("created", "\"new\"")])
+        e.write(SessionId::SYSTEM, vec![tput("created", "\"new\"")])
             .await
             .unwrap();
-        e.write(SessionId::SYSTEM, vec![put("flipped", "\"x\"")])
+        e.write(SessionId::SYSTEM, vec![tput("flipped", "\"x\"")])
             .await
             .unwrap();
         e.write(
@@ -424,7 +401,7 @@ fn a_lost_data_file_is_restored_from_backups_and_the_live_journal() {
         );
         rt.block_on(async {
             for i in 0..30 {
-                e.write(SessionId::SYSTEM, vec![put(&format!("before-{i}"), "1")])
+                e.write(SessionId::SYSTEM, vec![tput(&format!("before-{i}"), "1")])
                     .await
                     .unwrap();
             }
@@ -433,7 +410,7 @@ fn a_lost_data_file_is_restored_from_backups_and_the_live_journal() {
                 .await
                 .unwrap();
             for i in 0..30 {
-                e.write(SessionId::SYSTEM, vec![put(&format!("after-{i}"), "2")])
+                e.write(SessionId::SYSTEM, vec![tput(&format!("after-{i}"), "2")])
                     .await
                     .unwrap();
             }

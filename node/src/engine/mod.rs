@@ -692,6 +692,8 @@ impl Stream for BlobStream {
 }
 
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]

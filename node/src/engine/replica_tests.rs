@@ -3,32 +3,9 @@
 //! journal bytes; duplicates are skipped; gaps, bad frames and older epochs
 //! are refused; a mirror refuses client writes; backups run on a mirror.
 
+use super::test_support::{cfg, frames_of, rt, tput};
 use super::*;
 use crate::journal::scan::{self, EntryIter};
-use crate::model::WriteOp;
-
-fn cfg(dir: &Path) -> EngineConfig {
-    let mut c = EngineConfig::new(dir);
-    c.flush_interval = Duration::from_secs(3600);
-    c
-}
-
-fn put(key: &str, value: &str) -> WriteOp {
-    WriteOp::Put {
-        table: "t".into(),
-        key: key.into(),
-        value: value.as_bytes().to_vec(),
-        if_version: None,
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn mirror_cfg(dir: &Path) -> EngineConfig {
     let mut c = cfg(dir);
@@ -77,7 +54,7 @@ fn a_mirror_follows_to_identical_content_and_journal_bytes() {
     let rt = rt();
     let p = Engine::open(cfg(pd.path())).unwrap();
     rt.block_on(async {
-        p.write(SessionId::SYSTEM, vec![put("before-seed", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("before-seed", "1")])
             .await
             .unwrap();
     });
@@ -91,14 +68,14 @@ fn a_mirror_follows_to_identical_content_and_journal_bytes() {
         for i in 0..50 {
             p.write(
                 SessionId::SYSTEM,
-                vec![put(&format!("k{i}"), &i.to_string())],
+                vec![tput(&format!("k{i}"), &i.to_string())],
             )
             .await
             .unwrap();
         }
         p.write(
             SessionId::SYSTEM,
-            vec![put("a", "1"), put("b", "2"), put("c", "3")],
+            vec![tput("a", "1"), tput("b", "2"), tput("c", "3")],
         )
         .await
         .unwrap();
@@ -134,18 +111,13 @@ fn duplicates_are_skipped_and_gaps_bad_frames_and_old_epochs_refused() {
     let m = seed_mirror(&p, &rt, md.path());
     rt.block_on(async {
         for i in 0..5 {
-            p.write(SessionId::SYSTEM, vec![put(&format!("k{i}"), "1")])
+            p.write(SessionId::SYSTEM, vec![tput(&format!("k{i}"), "1")])
                 .await
                 .unwrap();
         }
     });
     let start = m.position().0 + 1;
-    let frames: Vec<Vec<u8>> = p
-        .read_frames(start, 100, 1 << 20)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let frames: Vec<Vec<u8>> = frames_of(&p, start, 100);
     rt.block_on(async {
         // Gap: skip the first frame.
         let err = m.append_frames(frames[1..].to_vec()).await.unwrap_err();
@@ -166,7 +138,7 @@ fn duplicates_are_skipped_and_gaps_bad_frames_and_old_epochs_refused() {
         let err = m.append_frames(vec![stale]).await.unwrap_err();
         assert_eq!(err.code(), "stale_epoch", "{err}");
         // Clients cannot write to a mirror; the primary takes no frames.
-        let err = m.write(SessionId::SYSTEM, vec![put("x", "1")]).await.unwrap_err();
+        let err = m.write(SessionId::SYSTEM, vec![tput("x", "1")]).await.unwrap_err();
         assert!(matches!(&err, WriteError::NotPrimary { primary_http: Some(h) } if h == "http://primary:7070"), "{err}");
         assert!(p.append_frames(frames).await.is_err());
     });
@@ -180,18 +152,13 @@ fn a_mirror_restarts_without_writing_and_resumes_inside_a_transaction() {
     let p = Engine::open(cfg(pd.path())).unwrap();
     let m = seed_mirror(&p, &rt, md.path());
     rt.block_on(async {
-        p.write(SessionId::SYSTEM, vec![put("a", "1"), put("b", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("a", "1"), tput("b", "1")])
             .await
             .unwrap();
     });
     // Ship only the first half of the transaction, then restart the mirror.
     let start = m.position().0 + 1;
-    let frames: Vec<Vec<u8>> = p
-        .read_frames(start, 2, 1 << 20)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let frames: Vec<Vec<u8>> = frames_of(&p, start, 2);
     rt.block_on(m.append_frames(frames)).unwrap();
     let pos_before = m.position();
     drop(m);
@@ -216,20 +183,15 @@ fn backups_run_on_a_mirror_without_touching_its_journal() {
     let p = Engine::open(cfg(pd.path())).unwrap();
     let m = seed_mirror(&p, &rt, md.path());
     rt.block_on(async {
-        p.write(SessionId::SYSTEM, vec![put("a", "1"), put("b", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("a", "1"), tput("b", "1")])
             .await
             .unwrap();
-        p.write(SessionId::SYSTEM, vec![put("c", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("c", "1")])
             .await
             .unwrap();
     });
     let start = m.position().0 + 1;
-    let frames: Vec<Vec<u8>> = p
-        .read_frames(start, 2, 1 << 20)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let frames: Vec<Vec<u8>> = frames_of(&p, start, 2);
     rt.block_on(m.append_frames(frames)).unwrap();
     // Inside a transaction: the barrier waits for its end.
     let waiting = {
@@ -244,7 +206,7 @@ fn backups_run_on_a_mirror_without_touching_its_journal() {
     assert_eq!(point.snapshot.digest().unwrap(), p.digest().unwrap());
     // The mirror's journal still matches the primary's: shipping goes on.
     rt.block_on(async {
-        p.write(SessionId::SYSTEM, vec![put("d", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("d", "1")])
             .await
             .unwrap();
     });
@@ -258,7 +220,7 @@ fn read_frames_reports_compacted_history() {
     let rt = rt();
     let p = Engine::open(cfg(pd.path())).unwrap();
     let point = rt.block_on(async {
-        p.write(SessionId::SYSTEM, vec![put("a", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("a", "1")])
             .await
             .unwrap();
         p.backup_barrier(1).await.unwrap()
@@ -288,22 +250,17 @@ fn a_promoted_mirror_writes_in_the_new_epoch_and_closes_a_dead_primarys_transact
     let m2 = seed_mirror(&p, &rt, m2d.path());
     ship(&p, &m2, &rt, 100);
     rt.block_on(async {
-        p.write(SessionId::SYSTEM, vec![put("acked", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("acked", "1")])
             .await
             .unwrap();
-        p.write(SessionId::SYSTEM, vec![put("a", "1"), put("b", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("a", "1"), tput("b", "1")])
             .await
             .unwrap();
     });
     // The mirror got the single write and half of the transaction when the
     // primary died.
     let start = m.position().0 + 1;
-    let frames: Vec<Vec<u8>> = p
-        .read_frames(start, 3, 1 << 20)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let frames: Vec<Vec<u8>> = frames_of(&p, start, 3);
     rt.block_on(m.append_frames(frames)).unwrap();
     let last = m.position().0;
     let (epoch, first) = rt.block_on(m.promote(2)).unwrap();
@@ -311,7 +268,7 @@ fn a_promoted_mirror_writes_in_the_new_epoch_and_closes_a_dead_primarys_transact
     assert_eq!(m.role(), Role::Primary);
     assert!(rt.block_on(m.promote(2)).is_err(), "an epoch must be new");
     let ack = rt
-        .block_on(m.write(SessionId::SYSTEM, vec![put("new", "1")]))
+        .block_on(m.write(SessionId::SYSTEM, vec![tput("new", "1")]))
         .unwrap();
     let f = m.read_frames(ack.lsn, 1, 1 << 20).unwrap().remove(0);
     assert_eq!(f.header.epoch, 2, "writes are stamped with the new epoch");
@@ -326,27 +283,17 @@ fn a_promoted_mirror_writes_in_the_new_epoch_and_closes_a_dead_primarys_transact
     // entries (epoch 1) are then refused.
     let from = m2.position().0 + 1;
     assert!(from <= first, "m2 is not ahead of the fork");
-    let frames: Vec<Vec<u8>> = m
-        .read_frames(from, 100, 1 << 20)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let frames: Vec<Vec<u8>> = frames_of(&m, from, 100);
     let pos = rt.block_on(m2.append_frames(frames)).unwrap();
     assert_eq!(pos.epoch, 2);
     assert_eq!(m2.digest().unwrap(), m.digest().unwrap());
     assert_eq!(m2.epoch_history().last(), Some(&(2, first)));
     rt.block_on(async {
-        p.write(SessionId::SYSTEM, vec![put("deposed", "1")])
+        p.write(SessionId::SYSTEM, vec![tput("deposed", "1")])
             .await
             .unwrap();
     });
-    let stale: Vec<Vec<u8>> = p
-        .read_frames(pos.flushed_lsn + 1, 10, 1 << 20)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.bytes)
-        .collect();
+    let stale: Vec<Vec<u8>> = frames_of(&p, pos.flushed_lsn + 1, 10);
     assert!(!stale.is_empty(), "the deposed primary wrote past the fork");
     let err = rt.block_on(m2.append_frames(stale)).unwrap_err();
     assert_eq!(err.code(), "stale_epoch", "{err}");
@@ -366,7 +313,7 @@ fn epoch_history_is_rebuilt_from_the_journal_after_a_crash() {
     let p = Engine::open(cfg(pd.path())).unwrap();
     let m = seed_mirror(&p, &rt, md.path());
     let (_, first) = rt.block_on(m.promote(5)).unwrap();
-    rt.block_on(m.write(SessionId::SYSTEM, vec![put("x", "1")]))
+    rt.block_on(m.write(SessionId::SYSTEM, vec![tput("x", "1")]))
         .unwrap();
     let history = m.epoch_history();
     // Forget the data file's record: the journal's segment headers and

@@ -3,40 +3,12 @@
 //! `FaultyDisk`, and the write paths (transactions, preconditions, BLOBs,
 //! unjournaled tables, sessions).
 
+use super::test_support::{cfg, put, rt, value};
 use super::*;
 use crate::journal::disk::FaultyDisk;
 use crate::journal::scan;
 use crate::model::{ClientIdentity, WriteOp};
 use std::io::Write;
-
-fn cfg(dir: &Path) -> EngineConfig {
-    let mut c = EngineConfig::new(dir);
-    // Flush only when a test asks, so replay paths are exercised.
-    c.flush_interval = Duration::from_secs(3600);
-    c
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn put(table: &str, key: &str, value: &str) -> WriteOp {
-    WriteOp::Put {
-        table: table.into(),
-        key: key.into(),
-        value: value.as_bytes().to_vec(),
-        if_version: None,
-    }
-}
-
-fn value(e: &Engine, table: &str, key: &str) -> Option<String> {
-    e.get(table, key)
-        .unwrap()
-        .map(|r| String::from_utf8(r.value).unwrap())
-}
 
 /// Simulates SIGKILL: copies the data directory as the OS holds it (page
 /// cache included, process memory lost) while the engine is idle, then drops
