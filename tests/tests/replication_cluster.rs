@@ -645,3 +645,62 @@ async fn a_mirror_with_a_certificate_from_a_foreign_ca_is_refused() {
     intruder.shutdown().await.expect("stop");
     primary.shutdown().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deposed_primary_saves_its_divergent_tail_and_follows_the_new_primary() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut c = Cluster::new(2, CommitPolicy::Async, OnUnavailable::Degrade).await;
+    write_load(&c, &mut rng, 2, 40).await;
+    c.converge().await;
+
+    phase("the mirror stops; the old primary writes entries nobody else has");
+    c.stop(1).await;
+    for i in 0..5 {
+        c.put(0, &format!("lost-{i}"), &serde_json::json!(i)).await;
+    }
+    let old_last = c.engine(0).status().durable_lsn;
+    c.stop(0).await;
+
+    phase("n2 is promoted to epoch 2 (as failover would) and writes");
+    let mut n2_cfg = serve::engine_config(&c.configs[1]);
+    n2_cfg.role = mirrordb::engine::Role::Mirror { primary_http: None };
+    let n2 = serve::open_engine(n2_cfg).await.expect("open n2");
+    let (epoch, fork) = n2.promote(2).await.expect("promote");
+    assert_eq!(epoch, 2);
+    assert!(
+        fork <= old_last,
+        "the old primary's tail overlaps the new epoch"
+    );
+    n2.shutdown().await.expect("close n2");
+    drop(n2);
+    for cfg in &mut c.configs {
+        cfg.cluster.as_mut().expect("cluster").primary = "n2".into();
+    }
+    c.restart(1).await;
+    for i in 0..5 {
+        let r = c.put(1, &format!("new-{i}"), &serde_json::json!(i)).await;
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+
+    phase("the old primary restarts as a mirror of n2: its tail is saved, then it follows");
+    c.restart(0).await;
+    let last = c.engine(1).status().durable_lsn;
+    let deadline = Instant::now() + CONVERGE;
+    while c.engine(0).status().applied_lsn < last || c.engine(0).position().1 < 2 {
+        assert!(Instant::now() < deadline, "n1 did not follow n2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        c.engine(0).digest().expect("digest"),
+        c.engine(1).digest().expect("digest")
+    );
+    assert!(c.engine(0).get("t", "lost-4").expect("get").is_none());
+    let saved: Vec<_> = std::fs::read_dir(c.data_dir(0).join("rollback"))
+        .expect("rollback/ exists")
+        .filter_map(|e| e.ok())
+        .collect();
+    assert_eq!(saved.len(), 1, "one saved tail");
+    let bytes = std::fs::metadata(saved[0].path()).expect("file").len();
+    assert!(bytes > 0, "the saved tail holds the divergent frames");
+    c.shutdown().await;
+}
