@@ -34,6 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 pub const MAX_BATCH_REQUESTS: usize = 4096;
 /// Journal bytes buffered before they are written out mid-batch.
 const WRITE_OUT_BYTES: usize = 4 << 20;
+/// Most writes held while the database is locked; past it they are
+/// refused at once with `write_blocked`.
+pub const MAX_HELD_REQUESTS: usize = 16_384;
 /// BLOB bytes staged per data-file transaction.
 const BLOB_APPLY_BYTES: u64 = 32 << 20;
 
@@ -264,7 +267,16 @@ impl Writer {
                     continue;
                 }
                 if self.lock.is_some() {
-                    self.held.push(env);
+                    if self.held.len() >= MAX_HELD_REQUESTS {
+                        reply_err(
+                            env.req,
+                            WriteError::WriteBlocked(format!(
+                                "the database is locked and {MAX_HELD_REQUESTS} writes already wait; not applied"
+                            )),
+                        );
+                    } else {
+                        self.held.push(env);
+                    }
                     continue;
                 }
             }
