@@ -45,8 +45,13 @@ pub enum Command {
     /// configurations; `cluster status` shows a node's view.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Flush the data file and hold new writes (for an external snapshot)
+    /// until `unlock` or the lease lapses.
+    Lock(LockArgs),
+    /// Release one level of a `lock`.
+    Unlock(UnlockArgs),
     // More subcommands go here, one variant each, plus one arm in `run`:
-    // `journal rotate`, then backup, restore, verify, rollback, lock, cluster, switchover.
+    // backup, restore, verify, rollback, switchover.
 }
 
 /// `mirrordb cluster …`.
@@ -63,6 +68,45 @@ pub enum ClusterCommand {
 pub enum JournalCommand {
     /// List journal entries filtered by LSN, time, table, key or session.
     Show(crate::activity::JournalShowArgs),
+    /// Close the open journal segment and start a new one (on a running node).
+    Rotate(NodeClientArgs),
+}
+
+/// How a command reaches a running node's HTTP API.
+#[derive(Debug, Clone, Args)]
+pub struct NodeClientArgs {
+    /// The node's base URL.
+    #[arg(long, env = "MIRRORDB_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token (an admin token for lock, unlock and rotate).
+    #[arg(long, env = "MIRRORDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the node's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mirrordb lock`.
+#[derive(Debug, Clone, Args)]
+pub struct LockArgs {
+    #[command(flatten)]
+    pub node: NodeClientArgs,
+    /// Lock owner (default: the token's name).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// The lock lapses by itself after this long unless renewed: 30s, 5m…
+    #[arg(long, default_value = "60s")]
+    pub lease: String,
+}
+
+/// `mirrordb unlock`.
+#[derive(Debug, Clone, Args)]
+pub struct UnlockArgs {
+    #[command(flatten)]
+    pub node: NodeClientArgs,
+    /// Lock owner (default: the token's name).
+    #[arg(long)]
+    pub owner: Option<String>,
 }
 
 /// `mirrordb serve`.
@@ -147,6 +191,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Cluster(ClusterCommand::Status(a)) => Ok(crate::cluster::init::status(a).await),
+        Command::Lock(a) => {
+            let mut body = serde_json::json!({ "lease": a.lease });
+            if let Some(o) = &a.owner {
+                body["owner"] = o.clone().into();
+            }
+            Ok(node_call(&a.node, reqwest::Method::POST, "/v1/lock", Some(body)).await)
+        }
+        Command::Unlock(a) => {
+            let path = match &a.owner {
+                Some(o) => format!("/v1/lock?owner={}", percent_encode(o)),
+                None => "/v1/lock".to_owned(),
+            };
+            Ok(node_call(&a.node, reqwest::Method::DELETE, &path, None).await)
+        }
+        Command::Journal(JournalCommand::Rotate(a)) => {
+            Ok(node_call(&a, reqwest::Method::POST, "/v1/journal/rotate", None).await)
+        }
         Command::Journal(JournalCommand::Show(a)) => {
             tokio::task::spawn_blocking(move || crate::activity::run_show(a)).await??;
             Ok(ExitCode::SUCCESS)
@@ -253,6 +314,72 @@ fn print_recovery(r: &RecoveryReport, json: bool) {
             "recovery: the damaged data file was moved to {}",
             p.display()
         );
+    }
+}
+
+/// Percent-encodes a query value.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// How long a command waits for a node's answer.
+const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Calls a node's API and prints the answer: JSON with `--json`, else one
+/// line. Exit 0 on a 2xx answer.
+async fn node_call(
+    a: &NodeClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> ExitCode {
+    let url = format!("{}{path}", a.url.trim_end_matches('/'));
+    let client = match reqwest::Client::builder()
+        .timeout(NODE_CALL_TIMEOUT)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrordb: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut req = client.request(method.clone(), &url);
+    if let Some(t) = &a.token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mirrordb: {method} {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if a.json || status.is_success() {
+        println!("{text}");
+    }
+    if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        eprintln!("mirrordb: {method} {url} answered {status}: {message}");
+        ExitCode::FAILURE
     }
 }
 

@@ -1418,7 +1418,59 @@ async fn activity_lock_and_rotation_paths() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
+    phase("the CLI's lock, unlock and journal rotate call the same paths");
+    let cli = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_mirrordb(&a).unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let args = |cmd: &[&str], token: &str| -> Vec<String> {
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--url".into(),
+            n.base.clone(),
+            "--token".into(),
+            token.into(),
+        ]);
+        v
+    };
+    let (st, _, err) = cli(args(&["lock", "--lease", "10s"], WRITE_TOKEN)).await;
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("needs role admin"), "{err}");
+    let (st, out, err) = cli(args(
+        &["lock", "--owner", "snap", "--lease", "10s"],
+        ADMIN_TOKEN,
+    ))
+    .await;
+    assert!(st.success(), "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["owner"],
+        "snap",
+        "{out}"
+    );
+    let (st, out, err) = cli(args(&["unlock", "--owner", "snap"], ADMIN_TOKEN)).await;
+    assert!(st.success(), "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["locked"],
+        false,
+        "{out}"
+    );
+    let (st, out, err) = cli(args(&["journal", "rotate"], ADMIN_TOKEN)).await;
+    assert!(st.success(), "{err}");
+    assert!(out.contains("last_lsn"), "{out}");
+
     phase("journal rotation (admin) closes the open segment");
+    let r = c
+        .put(n.url("/v1/tables/t/records/after-rotate"))
+        .bearer_auth(WRITE_TOKEN)
+        .body("4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let r = c
         .post(n.url("/v1/journal/rotate"))
         .bearer_auth(ADMIN_TOKEN)
