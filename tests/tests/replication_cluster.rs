@@ -562,6 +562,10 @@ async fn a_mirror_too_far_behind_is_reseeded_automatically() {
     c.restart(1).await;
     c.converge().await;
     c.assert_identical();
+    assert!(
+        !c.data_dir(1).join("rollback").exists(),
+        "a mirror that was merely behind keeps nothing aside"
+    );
     write_load(&c, &mut rng, 2, 50).await;
     c.converge().await;
     c.assert_identical();

@@ -14,6 +14,11 @@
 //!       ─► fsync parent ─► open D as a mirror ─► SharedEngine::replace ─► remove D.reseed-old
 //! ```
 //!
+//! A snapshot installed over a mirror that is ahead of it or in another
+//! epoch (a fork the primary could not locate) keeps the replaced journal
+//! under `rollback/replaced-<time>-journal/`: entries are never dropped
+//! silently. A mirror that is merely behind keeps nothing.
+//!
 //! A crash at any point of the swap leaves the old state or the new one:
 //! [`recover_swap`] (run before the engine opens) finishes or undoes it.
 
@@ -136,7 +141,7 @@ impl EngineSink {
 
     /// Shuts the current engine down, swaps `new_dir` in for the data
     /// directory, and opens it as the current engine.
-    async fn swap_in(&mut self, new_dir: PathBuf) -> Result<(), StorageError> {
+    async fn swap_in(&mut self, new_dir: PathBuf, keep_journal: bool) -> Result<(), StorageError> {
         let old_engine = self.engine.get();
         if let Err(e) = old_engine.shutdown().await {
             tracing::warn!(error = %e, "closing the replaced engine");
@@ -152,6 +157,18 @@ impl EngineSink {
             std::fs::rename(&dir, &old).map_err(io_err("move the old data directory aside"))?;
             std::fs::rename(&new_dir, &dir).map_err(io_err("move the new data directory in"))?;
             fsync_dir(&parent(&dir)).map_err(io_err("fsync the parent directory"))?;
+            if keep_journal {
+                // Entries the primary may not have: never dropped silently.
+                let saved = dir.join(ROLLBACK_DIR).join(format!(
+                    "replaced-{}-journal",
+                    chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+                ));
+                std::fs::create_dir_all(dir.join(ROLLBACK_DIR))
+                    .and_then(|()| std::fs::rename(old.join("journal"), &saved))
+                    .and_then(|()| fsync_dir(&dir.join(ROLLBACK_DIR)))
+                    .map_err(io_err("keep the replaced journal"))?;
+                tracing::warn!(path = %saved.display(), "the replaced data directory's journal may hold entries the primary lacks; kept");
+            }
             let engine = Engine::open(cfg)
                 .map_err(|e| StorageError::Fatal(format!("reopening after reseed: {e}")))?;
             if let Err(e) = std::fs::remove_dir_all(&old) {
@@ -183,7 +200,7 @@ impl EngineSink {
         })
         .await
         .map_err(|e| StorageError::Io(format!("build task: {e}")))??;
-        self.swap_in(new_dir).await
+        self.swap_in(new_dir, false).await
     }
 }
 
@@ -275,7 +292,7 @@ impl JournalSink for EngineSink {
         })
         .await
         .map_err(|e| StorageError::Io(format!("build task: {e}")))??;
-        self.swap_in(new_dir).await?;
+        self.swap_in(new_dir, false).await?;
         Ok(self.position())
     }
 
@@ -353,7 +370,12 @@ impl JournalSink for EngineSink {
             .map_err(|e| StorageError::Io(format!("build task: {e}")));
         let _ = std::fs::remove_file(&staged);
         let records = built??;
-        self.swap_in(new_dir).await?;
+        // A mirror ahead of the snapshot, or in another epoch, may hold
+        // entries the primary lacks (a fork it could not locate): keep its
+        // journal under rollback/ instead of deleting it.
+        let (old_lsn, old_epoch) = self.engine.get().position();
+        let keep = old_lsn > 0 && (old_lsn > lsn.0 || old_epoch != epoch.0);
+        self.swap_in(new_dir, keep).await?;
         let pos = self.position();
         tracing::info!(lsn = %lsn, epoch = %epoch, records, "reseeded from the primary's snapshot");
         Ok(pos)
