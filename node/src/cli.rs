@@ -50,8 +50,22 @@ pub enum Command {
     Lock(LockArgs),
     /// Release one level of a `lock`.
     Unlock(UnlockArgs),
+    /// Start a full backup on a running node (--wait: follow it with a
+    /// progress bar; Ctrl-C stops it).
+    Backup(crate::backup::cli::BackupArgs),
+    /// List a node's backup sets, archives and history.
+    Backups(crate::backup::cli::BackupsArgs),
+    /// Check every checksum of backup sets and the journal archive chain
+    /// (--restore: also restore into a scratch directory and compare).
+    Verify(crate::backup::cli::VerifyArgs),
+    /// Restore a backup set into a new data directory, rolled forward to
+    /// a point in time (--dry-run prints the plan).
+    Restore(crate::backup::cli::RestoreArgs),
+    /// Undo everything after an LSN: online (one compensating transaction)
+    /// or --offline (restore to the LSN into a new directory).
+    Rollback(crate::backup::cli::RollbackArgs),
     // More subcommands go here, one variant each, plus one arm in `run`:
-    // backup, restore, verify, rollback, switchover.
+    // switchover.
 }
 
 /// `mirrordb cluster …`.
@@ -124,6 +138,9 @@ pub struct ServeArgs {
     /// Print the recovery report and the listen address as JSON lines.
     #[arg(long)]
     pub json: bool,
+    /// Backup destination; overrides `backup.destination`.
+    #[arg(long)]
+    pub backup_dir: Option<PathBuf>,
 }
 
 /// `mirrordb healthcheck`.
@@ -208,6 +225,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Journal(JournalCommand::Rotate(a)) => {
             Ok(node_call(&a, reqwest::Method::POST, "/v1/journal/rotate", None).await)
         }
+        Command::Backup(a) => crate::backup::cli::backup(a).await,
+        Command::Backups(a) => crate::backup::cli::backups(a).await,
+        Command::Verify(a) => crate::backup::cli::verify_cmd(a).await,
+        Command::Restore(a) => crate::backup::cli::restore_cmd(a).await,
+        Command::Rollback(a) => crate::backup::cli::rollback_cmd(a).await,
         Command::Journal(JournalCommand::Show(a)) => {
             tokio::task::spawn_blocking(move || crate::activity::run_show(a)).await??;
             Ok(ExitCode::SUCCESS)
@@ -224,7 +246,9 @@ fn overrides(data_dir: Option<PathBuf>, listen: Option<SocketAddr>) -> Overrides
 }
 
 async fn serve_cmd(a: ServeArgs) -> ExitCode {
-    let cfg = match Config::resolve(a.config.as_deref(), &overrides(a.data_dir, a.listen)) {
+    let mut o = overrides(a.data_dir, a.listen);
+    o.backup_dir = a.backup_dir;
+    let cfg = match Config::resolve(a.config.as_deref(), &o) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mirrordb: {e}");
