@@ -65,6 +65,7 @@ enum Command {
         ClusterCommand,
         oneshot::Sender<Result<CommandResult, DriverError>>,
     ),
+    StepDown(oneshot::Sender<Result<(), DriverError>>),
 }
 
 /// Results of spawned work, back into the driver loop.
@@ -134,6 +135,19 @@ impl DriverHandle {
         rx.await.map_err(|_| DriverError::Stopped)?
     }
 
+    /// Graceful shutdown of a primary: stop writing, stop renewing and give
+    /// the lease up, so the controller promotes a successor at once instead
+    /// of after `lease_ttl_ms + failover_margin_ms`. A no-op on a node that
+    /// is not primary. The node stays fenced until it is told a new role.
+    pub async fn step_down(&self) -> Result<(), DriverError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::StepDown(tx))
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
     /// The controller's status on this node.
     #[must_use]
     pub fn status(&self) -> watch::Receiver<Status> {
@@ -175,6 +189,9 @@ pub struct Driver<T, R> {
     self_fenced: bool,
     /// Writes held for a switchover, with the last LSN written.
     holding: Option<Lsn>,
+    /// Stepped down as primary of this epoch: no becoming primary again, no
+    /// renewal, no unfencing, until the state names another primary.
+    stepped_down: Option<Epoch>,
     last_switchover_proposal_ms: u64,
     reports_inflight: bool,
     last_reports_ms: u64,
@@ -229,6 +246,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             last_renew_ms: 0,
             self_fenced: false,
             holding: None,
+            stepped_down: None,
             last_switchover_proposal_ms: 0,
             reports_inflight: false,
             last_reports_ms: 0,
@@ -300,23 +318,33 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 let _ = reply.send(result);
                 self.run_actions().await;
             }
-            Command::Propose(cmd, reply) => {
-                let (raft, transport, id) = (self.raft.clone(), self.transport.clone(), self.id);
-                let deadline = Duration::from_millis(self.timing.lease_ttl_ms);
-                tokio::spawn(async move {
-                    let r = tokio::time::timeout(
-                        deadline,
-                        propose(&raft, id, &*transport, cmd, deadline),
-                    )
-                    .await;
-                    let result = match r {
-                        Err(_) => Err(DriverError::Proposal("not committed in time".into())),
-                        Ok(Err(e)) => Err(DriverError::Proposal(e.to_string())),
-                        Ok(Ok(ControlReply::Proposed(result))) => Ok(result),
-                        Ok(Ok(other)) => Err(DriverError::Proposal(format!("{other:?}"))),
-                    };
-                    let _ = reply.send(result);
+            Command::StepDown(reply) => {
+                let state = self.state_rx.borrow().clone();
+                if state.primary.as_ref() != Some(&self.name) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let epoch = state.epoch;
+                if self.acting == Acting::Primary(epoch)
+                    && let Err(e) = self.role.fence_writes(epoch).await
+                {
+                    let _ = reply.send(Err(DriverError::Proposal(e.to_string())));
+                    return;
+                }
+                self.self_fenced = true;
+                self.stepped_down = Some(epoch);
+                tracing::info!(node = %self.name, %epoch, "stepping down: releasing the lease");
+                let cmd = ClusterCommand::ReleaseLease {
+                    node: self.name.clone(),
+                    epoch,
+                };
+                self.spawn_reply(cmd, reply, |r| match r {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(DriverError::Proposal(e.to_string())),
                 });
+            }
+            Command::Propose(cmd, reply) => {
+                self.spawn_reply(cmd, reply, Ok);
             }
         }
     }
@@ -361,6 +389,9 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         }
         match &state.primary {
             Some(p) if *p == self.name => {
+                if self.stepped_down == Some(state.epoch) {
+                    return;
+                }
                 if self.acting == Acting::Primary(state.epoch) {
                     self.switchover_duties(state).await;
                     return;
@@ -372,6 +403,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                         self.acting = Acting::Primary(state.epoch);
                         self.self_fenced = false;
                         self.holding = None;
+                        self.stepped_down = None;
                         // The grant from Promote is on the proposer's clock;
                         // renew at once to get a deadline on ours.
                         self.lease_until_ms = state
@@ -422,6 +454,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 self.self_fenced = true;
             }
             self.holding = None;
+            self.stepped_down = None;
             self.acting = Acting::Idle;
         }
     }
@@ -470,7 +503,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 // Ended: no switchover promotion can apply any more. Write
                 // again if the lease is known valid, else after the next
                 // committed renewal.
-                if now < self.lease_until_ms {
+                if now < self.lease_until_ms && self.stepped_down.is_none() {
                     match self.role.unfence_writes(state.epoch).await {
                         Ok(()) => self.self_fenced = false,
                         Err(e) => tracing::error!(node = %self.name, %e, "unfence failed"),
@@ -479,6 +512,29 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             }
             (None, None) => {}
         }
+    }
+
+    /// Proposes `cmd` in the background and answers `reply` with `map` of
+    /// the state machine's result.
+    fn spawn_reply<V: Send + 'static>(
+        &self,
+        cmd: ClusterCommand,
+        reply: oneshot::Sender<Result<V, DriverError>>,
+        map: impl FnOnce(CommandResult) -> Result<V, DriverError> + Send + 'static,
+    ) {
+        let (raft, transport, id) = (self.raft.clone(), self.transport.clone(), self.id);
+        let deadline = Duration::from_millis(self.timing.lease_ttl_ms);
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(deadline, propose(&raft, id, &*transport, cmd, deadline))
+                .await;
+            let result = match r {
+                Err(_) => Err(DriverError::Proposal("not committed in time".into())),
+                Ok(Err(e)) => Err(DriverError::Proposal(e.to_string())),
+                Ok(Ok(ControlReply::Proposed(result))) => map(result),
+                Ok(Ok(other)) => Err(DriverError::Proposal(format!("{other:?}"))),
+            };
+            let _ = reply.send(result);
+        });
     }
 
     /// Proposes `cmd` in the background, logging the outcome.
@@ -498,6 +554,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             return;
         };
         if !self.renew_inflight
+            && self.stepped_down.is_none()
             && now.saturating_sub(self.last_renew_ms) >= self.timing.lease_renew_ms
         {
             self.renew_inflight = true;
@@ -556,6 +613,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                         self.role.lease_valid_until(epoch, self.lease_until_ms);
                         if self.self_fenced
                             && self.holding.is_none()
+                            && self.stepped_down.is_none()
                             && self.now_ms() < self.lease_until_ms
                         {
                             // Committed renewal: no promotion can have happened.

@@ -281,6 +281,25 @@ async fn wait_state(
     }
 }
 
+/// Waits until the Raft leader's controller has seen these flushed LSNs.
+async fn wait_positions(nodes: &[TestNode], want: &[(&str, u64)]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let leader = nodes[0].raft.metrics().borrow().current_leader;
+        if let Some(leader) = nodes.iter().find(|n| Some(n.id) == leader) {
+            let seen = leader.handle.reports().borrow().clone();
+            if want.iter().all(|(name, lsn)| {
+                seen.get(&NodeId::from(*name))
+                    .is_some_and(|r| r.reachable && r.flushed_lsn == Lsn(*lsn))
+            }) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "the leader never saw {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_told(node: &TestNode, what: Told) -> Instant {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -356,7 +375,7 @@ async fn partition_the_primary(n1_behind_ms: u64) {
     by("n1").role.set_position(1, 20);
     by("n2").role.set_position(1, 15);
     by("n3").role.set_position(1, 18);
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the leader see them
+    wait_positions(&nodes, &[("n1", 20), ("n2", 15), ("n3", 18)]).await;
 
     eprintln!("--- partition n1 away from n2 and n3");
     net.partition(&[by("n1").id], &[by("n2").id, by("n3").id]);
@@ -737,6 +756,44 @@ async fn random_partitions_never_give_two_writable_primaries() {
     );
     stop_tx.send(true).unwrap();
     for n in nodes.iter() {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_down_releases_the_lease_and_a_successor_takes_over() {
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    wait_state(by("n2"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+    wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
+    for n in ["n1", "n2", "n3"] {
+        by(n).role.set_position(1, 20);
+    }
+    wait_positions(&nodes, &[("n1", 20), ("n2", 20), ("n3", 20)]).await;
+    // A mirror is not affected.
+    by("n3").handle.step_down().await.unwrap();
+
+    eprintln!("--- n1 steps down (graceful shutdown)");
+    by("n1").handle.step_down().await.unwrap();
+    assert!(by("n1").role.first_time(&Told::Fence).is_some());
+    wait_told(by("n2"), Told::Primary(Epoch(2), Lsn(21))).await;
+    let s = wait_state(by("n3"), "n2 primary", |s| {
+        s.primary == Some(NodeId::from("n2"))
+    })
+    .await;
+    let lf = s.last_failover.unwrap();
+    assert_eq!(lf.from, Some(NodeId::from("n1")));
+    assert_eq!(lf.duration_ms, 0, "no lease to wait for");
+    wait_told(by("n1"), Told::Mirror(NodeId::from("n2"), Epoch(2))).await;
+    assert!(by("n1").role.first_time(&Told::Unfence).is_none());
+    assert!(by("n3").role.first_time(&Told::Fence).is_none());
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
         n.raft.shutdown().await.unwrap();
     }
 }
