@@ -558,10 +558,28 @@ async fn a_mirror_too_far_behind_is_reseeded_automatically() {
     assert!(!dropped.is_empty(), "history was dropped");
     write_load(&c, &mut rng, 2, 50).await;
 
-    phase("the mirror restarts, is reseeded from a snapshot, then streams");
+    phase("the mirror restarts, is reseeded from a snapshot, then streams; reads go on throughout");
     c.restart(1).await;
+    let reader = {
+        let client = c.client.clone();
+        let url = c.url(1, "/v1/tables/t/records?limit=10");
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..200 {
+                let s = client.get(&url).send().await.expect("read").status();
+                statuses.push(s.as_u16());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            statuses
+        })
+    };
     c.converge().await;
     c.assert_identical();
+    let statuses = reader.await.expect("reader");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "reads failed across the reseed: {statuses:?}"
+    );
     assert!(
         !c.data_dir(1).join("rollback").exists(),
         "a mirror that was merely behind keeps nothing aside"
