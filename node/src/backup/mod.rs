@@ -28,8 +28,8 @@ pub mod verify;
 pub use crate::engine::store::SnapshotItem;
 pub use manifest::{BackupStatus, Catalog, History, Manifest};
 pub use restore::{
-    RestoreError, RestorePlan, RestoreProgress, RestoreReport, RestoreTarget, Until, plan,
-    restore_into,
+    ForkPolicy, RestoreError, RestorePlan, RestoreProgress, RestoreReport, RestoreTarget, Until,
+    plan, restore_into, restore_into_with,
 };
 pub use run::{BackupError, BackupOutcome, BackupService, Progress, Trigger};
 pub use settings::BackupSection;

@@ -673,6 +673,18 @@ pub fn plan(
     })
 }
 
+/// Whether a restore that leaves later history out starts a new epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ForkPolicy {
+    /// A new epoch when entries after the target were seen (point-in-time
+    /// restores: the restored database is a new branch of history).
+    #[default]
+    Auto,
+    /// Keep the epoch: the caller continues the same history (automatic
+    /// restore at start, which then replays the live journal after the target).
+    Never,
+}
+
 /// Restores into `data_dir` (which must not hold a data file or journal):
 /// plan, load the base set, integrate up to the target, finish. Logs one
 /// line in `data_dir/logs/Backup Journal[…].txt`.
@@ -681,6 +693,25 @@ pub fn restore_into(
     data_dir: &Path,
     target: RestoreTarget,
     journal_dir: Option<&Path>,
+    progress: &dyn Fn(RestoreProgress),
+) -> Result<RestoreReport, RestoreError> {
+    restore_into_with(
+        backup_dir,
+        data_dir,
+        target,
+        journal_dir,
+        ForkPolicy::Auto,
+        progress,
+    )
+}
+
+/// [`restore_into`] with an explicit [`ForkPolicy`].
+pub fn restore_into_with(
+    backup_dir: &Path,
+    data_dir: &Path,
+    target: RestoreTarget,
+    journal_dir: Option<&Path>,
+    fork: ForkPolicy,
     progress: &dyn Fn(RestoreProgress),
 ) -> Result<RestoreReport, RestoreError> {
     let log = BackupLog::new(&data_dir.join("logs"), true);
@@ -693,7 +724,7 @@ pub fn restore_into(
             target.describe()
         ),
     );
-    let r = restore_inner(backup_dir, data_dir, target, journal_dir, progress);
+    let r = restore_inner(backup_dir, data_dir, target, journal_dir, fork, progress);
     match &r {
         Ok(rep) => log.line(
             LineKind::Info,
@@ -722,6 +753,7 @@ fn restore_inner(
     data_dir: &Path,
     target: RestoreTarget,
     journal_dir: Option<&Path>,
+    fork: ForkPolicy,
     progress: &dyn Fn(RestoreProgress),
 ) -> Result<RestoreReport, RestoreError> {
     let t0 = Instant::now();
@@ -795,6 +827,9 @@ fn restore_inner(
         entries,
         lsn: pos,
     });
+    if fork == ForkPolicy::Never {
+        forked = false;
+    }
     let new_epoch = forked.then_some(ep + 1);
     let done: RestoredDataDir = builder.finish(new_epoch)?;
     let secs = t_int.elapsed().as_secs_f64();
