@@ -16,6 +16,7 @@
 //! | [`config`] | `[cluster]` keys, [`CommitPolicy`], [`OnUnavailable`] |
 //! | [`init`] | `mirrordb cluster init`: CA, node certificates, node configs |
 //! | [`source`] | [`EngineSource`]: `JournalSource` over an engine |
+//! | [`reader`] | sequential journal reads from remembered positions |
 //! | [`sink`] | [`EngineSink`]: `JournalSink` over a swappable engine; reseed by directory swap |
 //! | [`policy`] | commit policies, the quorum wait, the durable degrade record |
 //! | [`runtime`] | [`ClusterNode`]: endpoint, replication tasks, status, metrics |
@@ -25,6 +26,7 @@ pub mod config;
 pub mod http;
 pub mod init;
 pub mod policy;
+pub mod reader;
 pub mod runtime;
 pub mod sink;
 pub mod source;

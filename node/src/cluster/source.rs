@@ -4,7 +4,8 @@
 //! epoch_history  ◄── Engine::epoch_history (durable), else segment headers; cached briefly
 //! oldest_lsn     ◄── first LSN of the oldest live segment
 //! durable_lsn    ◄── Engine::durable_lsn_watch (u64) forwarded as Lsn
-//! read           ◄── Engine::read_frames on a blocking thread, cut to the byte budget
+//! read           ◄── reader::read on a blocking thread: sequential, from a remembered
+//!                    cursor (segment, offset) instead of a scan from the segment start
 //! open_snapshot  ◄── backup barrier at S ─► MVCC snapshot ─► temp file of
 //!                    [header][u32 len | postcard SnapshotItem]* ─► streamed
 //! ```
@@ -22,7 +23,7 @@
 //! The file lives in `tmp/`, which the engine empties at start.
 
 use super::SharedEngine;
-use crate::engine::{Engine, ReadFramesError};
+use crate::engine::Engine;
 use mirrordb_replication::protocol::EpochHistory;
 use mirrordb_replication::{Epoch, FramedEntry, JournalSource, Lsn, Snapshot, StorageError};
 use std::io::Write;
@@ -66,7 +67,11 @@ pub struct EngineSource {
     durable: watch::Receiver<Lsn>,
     view: Mutex<Option<View>>,
     prepared: tokio::sync::Mutex<Option<Prepared>>,
+    cursors: Mutex<Vec<super::reader::Cursor>>,
 }
+
+/// Read positions remembered (one per streaming mirror, roughly).
+const MAX_CURSORS: usize = 16;
 
 impl std::fmt::Debug for EngineSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,6 +119,7 @@ impl EngineSource {
             durable,
             view: Mutex::new(None),
             prepared: tokio::sync::Mutex::new(None),
+            cursors: Mutex::new(Vec::new()),
         }
     }
 
@@ -190,43 +196,42 @@ impl JournalSource for EngineSource {
         max_bytes: usize,
     ) -> Result<Vec<FramedEntry>, StorageError> {
         let engine = self.engine.get();
-        let frames =
-            tokio::task::spawn_blocking(move || engine.read_frames(from.0, max_entries, max_bytes))
-                .await
-                .map_err(|e| StorageError::Io(format!("journal read task: {e}")))?;
-        let frames = match frames {
-            Ok(f) => f,
-            Err(ReadFramesError::Compacted {
-                first_available, ..
-            }) => {
-                // The view may have been cached before the drop.
+        let durable = engine.status().durable_lsn;
+        let journal = engine.journal_dir();
+        let cursor = {
+            let mut cs = self
+                .cursors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            cs.iter()
+                .position(|c| c.next_lsn == from.0)
+                .map(|i| cs.swap_remove(i))
+        };
+        let (entries, cursor) = tokio::task::spawn_blocking(move || {
+            super::reader::read(&journal, cursor, from.0, durable, max_entries, max_bytes)
+        })
+        .await
+        .map_err(|e| StorageError::Io(format!("journal read task: {e}")))?
+        .inspect_err(|e| {
+            if matches!(e, StorageError::Unavailable { .. }) {
+                // The view may have been cached before segments were dropped.
                 *self
                     .view
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-                return Err(StorageError::Unavailable {
-                    oldest: Lsn(first_available),
-                });
             }
-            Err(e) => return Err(StorageError::Io(e.to_string())),
-        };
-        let mut out = Vec::with_capacity(frames.len());
-        let mut bytes = 0usize;
-        for f in frames {
-            let e = FramedEntry {
-                lsn: Lsn(f.header.lsn),
-                epoch: Epoch(f.header.epoch),
-                bytes: f.bytes,
-            };
-            // The engine stops after passing the budget; the contract is to
-            // stay within it (a single larger entry travels alone).
-            if !out.is_empty() && bytes + e.wire_len() > max_bytes {
-                break;
+        })?;
+        if let Some(c) = cursor {
+            let mut cs = self
+                .cursors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cs.len() >= MAX_CURSORS {
+                cs.remove(0);
             }
-            bytes += e.wire_len();
-            out.push(e);
+            cs.push(c);
         }
-        Ok(out)
+        Ok(entries)
     }
 
     async fn open_snapshot(&self) -> Result<Snapshot, StorageError> {
