@@ -15,6 +15,7 @@
 //! The byte formats are written down in `docs/backup-format.md`; the
 //! operator's guide is `docs/backups.md`.
 
+pub mod activity;
 pub mod cli;
 pub mod format;
 pub mod log;
