@@ -297,4 +297,52 @@ mod tests {
             assert!(bad.parse::<CommitPolicy>().is_err(), "{bad}");
         }
     }
+
+    /// `docs/config.md` documents every `[cluster]` key.
+    #[test]
+    fn docs_name_every_cluster_key() {
+        let docs_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.md");
+        let docs = std::fs::read_to_string(&docs_path).unwrap();
+        let section = ClusterSection {
+            node_id: "n1".into(),
+            certs_dir: "/c".into(),
+            primary: "n1".into(),
+            listen: Some("127.0.0.1:1".into()),
+            commit_policy: default_policy(),
+            on_unavailable: default_on_unavailable(),
+            quorum_timeout: default_quorum_timeout(),
+            degrade_after: default_degrade_after(),
+            members: vec![MemberConfig {
+                id: "n1".into(),
+                addr: "127.0.0.1:1".into(),
+                http: "http://127.0.0.1:2".into(),
+            }],
+        };
+        let value: toml::Table = toml::from_str(&toml::to_string(&section).unwrap()).unwrap();
+        for (key, v) in &value {
+            let full = format!("`cluster.{key}`");
+            assert!(docs.contains(&full), "docs/config.md lacks {full}");
+            if let toml::Value::Array(a) = v {
+                for t in a.iter().filter_map(|m| m.as_table()) {
+                    for k in t.keys() {
+                        let full = format!("`cluster.{key}.{k}`");
+                        assert!(docs.contains(&full), "docs/config.md lacks {full}");
+                    }
+                }
+            }
+        }
+        // Defaults as the docs show them.
+        for (key, shown) in [
+            ("commit_policy", "`\"quorum:1\"`"),
+            ("on_unavailable", "`\"degrade\"`"),
+            ("quorum_timeout", "`\"5s\"`"),
+            ("degrade_after", "`\"2s\"`"),
+        ] {
+            let line = docs
+                .lines()
+                .find(|l| l.starts_with(&format!("| `cluster.{key}`")))
+                .unwrap();
+            assert!(line.contains(shown), "{key} should show {shown}: {line}");
+        }
+    }
 }
