@@ -204,6 +204,9 @@ pub struct RestorePlan {
     pub base: Option<PlanBase>,
     pub archives: Vec<PlanArchive>,
     pub live: Option<PlanLive>,
+    /// Journal after the target exists (in archives or the live journal
+    /// left out of the plan): the restore forks history.
+    pub later_history: bool,
 }
 
 impl RestorePlan {
@@ -249,12 +252,13 @@ impl RestorePlan {
             ));
             step += 1;
         }
+        let resolved = match (&self.target.until, self.target_lsn) {
+            (Until::Name(_), Some(l)) => format!(" (LSN {l})"),
+            _ => String::new(),
+        };
         s.push_str(&format!(
-            "  {step}. stop at {}{}\n",
-            self.target_description,
-            self.target_lsn
-                .map(|l| format!(" (LSN {l})"))
-                .unwrap_or_default()
+            "  {step}. stop {}{resolved}\n",
+            self.target_description
         ));
         s
     }
@@ -625,19 +629,22 @@ pub fn plan(
         },
     };
     let base = base_set.map(plan_base);
-    let (sources, target_lsn) = if target.until == Until::SetOnly {
-        (Vec::new(), base.as_ref().map(|b| b.lsn))
+    let from = base.as_ref().map(|b| b.number).unwrap_or(0);
+    let (sources, target_lsn, later_history) = if target.until == Until::SetOnly {
+        let later = !all_sources(Some(from)).is_empty();
+        (Vec::new(), base.as_ref().map(|b| b.lsn), later)
     } else {
-        let from = base.as_ref().map(|b| b.number).unwrap_or(0);
         let mut s = all_sources(Some(from));
-        // Archives that start after the target are not needed.
+        let before = s.len();
+        // Sources that start after the target are not needed.
         if let Some(l) = target_lsn {
             s.retain(|x| match x {
                 Source::Archive(a) => a.first_lsn <= l,
                 Source::Live(v) => v.first_lsn <= l,
             });
         }
-        (s, target_lsn)
+        let later = s.len() < before;
+        (s, target_lsn, later)
     };
     // Without a base, the history must start at LSN 1.
     if base.is_none() {
@@ -670,6 +677,7 @@ pub fn plan(
         base,
         archives,
         live,
+        later_history,
     })
 }
 
@@ -806,10 +814,9 @@ fn restore_inner(
                 });
             }
         }
-    } else {
-        // Leaving out what followed the set forks history when anything did.
-        forked = !plan.archives.is_empty() || plan.live.is_some();
     }
+    // Leaving out what followed the target forks history.
+    forked |= plan.later_history;
     let (pos, ep) = builder.position();
     if let Some(l) = plan.target_lsn
         && target.until != Until::SetOnly
