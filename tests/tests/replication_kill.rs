@@ -151,6 +151,17 @@ async fn killed_mirror_and_primary_resume_and_every_node_ends_identical() {
     wait_applied(&client, &n2, last, "n2").await;
     wait_applied(&client, &n3, last, "n3").await;
 
+    phase("mirrordb cluster status shows both mirrors connected");
+    let (status, stdout, stderr) =
+        run_mirrordb(&["cluster", "status", "--url", &n1.base]).expect("cluster status runs");
+    assert!(status.success(), "{stdout}{stderr}");
+    for m in ["n2", "n3"] {
+        assert!(
+            stdout.contains(&format!("mirror {m}: connected")),
+            "{stdout}"
+        );
+    }
+
     phase("stop everything; the three data directories hold the same content");
     for n in [n2, n3, n1] {
         n.terminate().expect("SIGTERM");
