@@ -471,3 +471,61 @@ async fn activity_analysis_reads_archives_and_the_live_journal() {
     );
     e.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_times_missed_while_down_are_recorded_as_failed() {
+    use mirrordb::backup::manifest::HistoryEntry;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("backups");
+    std::fs::create_dir_all(&dest).unwrap();
+    let data = tmp.path().join("data");
+    let e = open(&data).await;
+
+    phase("the last scheduled backup ran five hours ago; the node was down since");
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let five_hours_ago = mirrordb::activity::format_time_us(now_us - 5 * 3600 * 1_000_000);
+    let mut h = History::default();
+    h.push(HistoryEntry {
+        number: 1,
+        started: five_hours_ago.clone(),
+        duration_ms: 1,
+        status: BackupStatus::Ok,
+        trigger: "scheduled".into(),
+        scheduled: Some(five_hours_ago),
+        lsn: Some(1),
+        error: None,
+        files: vec![],
+    });
+    h.write(&dest).unwrap();
+    let svc = BackupService::new(
+        e.clone(),
+        BackupSection {
+            schedule: vec!["every 1h".into()],
+            ..section(&dest)
+        },
+    );
+    let task = svc.spawn_scheduler().expect("a schedule is configured");
+
+    phase("at start, every hourly time in between is recorded as missed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let missed = loop {
+        let h = History::read(&dest).unwrap();
+        let m = h
+            .entries
+            .iter()
+            .filter(|x| x.status == BackupStatus::Missed)
+            .count();
+        if m > 0 || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!((4..=5).contains(&missed), "{missed} missed runs recorded");
+    let log = std::fs::read_to_string(data.join("logs/Backup Journal[001].txt")).unwrap();
+    assert!(log.contains("missed"), "{log}");
+    task.abort();
+    e.shutdown().await.unwrap();
+}
