@@ -100,14 +100,24 @@ fn init_cluster(
 /// its UDP port still held by the previous endpoint while its connections
 /// drain, so binding is retried for a while.
 async fn start_server(cfg: &Config) -> Server {
+    start_server_on(cfg, None).await
+}
+
+/// [`start_server`] with the journal writing through `disk`.
+async fn start_server_on(
+    cfg: &Config,
+    disk: Option<std::sync::Arc<dyn mirrordb::journal::disk::Disk>>,
+) -> Server {
     if std::env::var_os("RUST_LOG").is_some() {
         mirrordb::cli::init_tracing();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let engine = serve::open_engine(serve::engine_config(cfg))
-            .await
-            .expect("engine opens");
+        let mut ecfg = serve::engine_config(cfg);
+        if let Some(d) = &disk {
+            ecfg.disk = d.clone();
+        }
+        let engine = serve::open_engine(ecfg).await.expect("engine opens");
         match serve::start(cfg, engine.clone()).await {
             Ok(s) => return s,
             Err(e) if Instant::now() < deadline && e.to_string().contains("in use") => {
@@ -175,6 +185,16 @@ impl Cluster {
     async fn restart(&mut self, i: usize) {
         assert!(self.servers[i].is_none());
         let s = start_server(&self.configs[i]).await;
+        self.servers[i] = Some(s);
+    }
+
+    async fn restart_on(
+        &mut self,
+        i: usize,
+        disk: std::sync::Arc<dyn mirrordb::journal::disk::Disk>,
+    ) {
+        assert!(self.servers[i].is_none());
+        let s = start_server_on(&self.configs[i], Some(disk)).await;
         self.servers[i] = Some(s);
     }
 
@@ -724,5 +744,55 @@ async fn a_deposed_primary_saves_its_divergent_tail_and_follows_the_new_primary(
     assert_eq!(saved.len(), 1, "one saved tail");
     let bytes = std::fs::metadata(saved[0].path()).expect("file").len();
     assert!(bytes > 0, "the saved tail holds the divergent frames");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_whose_disk_fails_stops_acknowledging_and_the_strict_primary_blocks() {
+    let mut c = Cluster::new(2, CommitPolicy::Quorum(1), OnUnavailable::Strict).await;
+    assert!(
+        c.put(0, "a", &serde_json::json!(1))
+            .await
+            .status()
+            .is_success()
+    );
+    c.converge().await;
+
+    phase("the mirror restarts on a disk that will fail an fsync");
+    c.stop(1).await;
+    let disk = mirrordb::journal::disk::FaultyDisk::new();
+    c.restart_on(1, std::sync::Arc::new(disk.clone())).await;
+    assert!(
+        c.put(0, "b", &serde_json::json!(2))
+            .await
+            .status()
+            .is_success()
+    );
+    c.converge().await;
+
+    phase("its next fsync fails: it stops acknowledging; the strict primary blocks writes");
+    disk.plan(|p| p.fail_next_sync = true);
+    let r = c.put(0, "c", &serde_json::json!(3)).await;
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "write_blocked", "{body}");
+    assert!(
+        !c.engine(1).status().journal_available,
+        "the mirror's journal is marked unavailable"
+    );
+
+    phase("the failed mirror still serves reads but is not a healthy mirror");
+    let get = |p: String| c.client.get(p).send();
+    let r = get(c.url(1, "/v1/tables/t/records/b")).await.expect("read");
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let r = get(c.url(1, "/mirror")).await.expect("probe");
+        if r.status() == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/mirror still answers 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.shutdown().await;
 }
