@@ -491,6 +491,10 @@ pub struct JournalShowArgs {
     /// With --json, print one JSON array instead of JSON lines.
     #[arg(long, requires = "json")]
     pub array: bool,
+    /// Also read the journal archives of this backup destination, so
+    /// entries that backups moved out of the live journal are shown.
+    #[arg(long)]
+    pub backups: Option<PathBuf>,
 }
 
 impl JournalShowArgs {
@@ -517,10 +521,23 @@ impl JournalShowArgs {
 
 /// Runs `mirrordb journal show`, writing to stdout (notes go to stderr).
 pub fn run_show(args: JournalShowArgs) -> anyhow::Result<()> {
-    let dir = args.journal_dir();
-    if !dir.is_dir() {
-        anyhow::bail!("no journal directory at {}", dir.display());
+    let live = args.journal_dir();
+    if !live.is_dir() && args.backups.is_none() {
+        anyhow::bail!("no journal directory at {}", live.display());
     }
+    // With --backups: a scratch view of the archived segments plus the live
+    // ones (removed when `view` is dropped), read like a live journal.
+    let view = match &args.backups {
+        Some(b) => Some(crate::backup::activity::JournalView::build(
+            Some(b),
+            &live,
+            args.from_lsn.unwrap_or(0),
+            args.to_lsn.unwrap_or(u64::MAX),
+            &std::env::temp_dir(),
+        )?),
+        None => None,
+    };
+    let dir = view.as_ref().map_or(live, |v| v.path().to_path_buf());
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let (shown, truncated, note) = show(&dir, &args, &mut out)?;
