@@ -407,8 +407,11 @@ impl BackupService {
                     LineKind::Error,
                     &format!("backup failed before it started ({}): {e}", trigger.name()),
                 );
+                // The caller of `start` gets the error itself (with its code).
                 if let Some(tx) = started {
-                    let _ = tx.send(Err(BackupError::Internal(e.to_string())));
+                    let msg = e.to_string();
+                    let _ = tx.send(Err(e));
+                    return Err(BackupError::Internal(msg));
                 }
                 return Err(e);
             }
