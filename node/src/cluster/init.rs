@@ -136,11 +136,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
     }
 }
 
+/// Writes a new file readable by its owner only (node configurations may
+/// hold API tokens).
 fn write_new(path: &Path, text: &str) -> Result<(), InitError> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .map_err(io(path))?;
     f.write_all(text.as_bytes()).map_err(io(path))?;
@@ -245,6 +249,12 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
             None => PathBuf::from(format!("./data-{id}")),
         };
         cfg.node.listen = *listen;
+        // One backup destination per node: nodes started side by side must
+        // not write the same sets.
+        cfg.backup.destination = match &a.data_root {
+            Some(root) => root.join(format!("backups-{id}")),
+            None => PathBuf::from(format!("./backups-{id}")),
+        };
         cfg.api.tokens = tokens.clone();
         cfg.cluster = Some(ClusterSection {
             node_id: id.clone(),
@@ -266,6 +276,11 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
     let ca = ClusterCa::generate(&a.name)?;
     let private = out.join(CA_PRIVATE_DIR);
     ca.write(&private)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(&private))?;
+    }
     write_new(&out.join(CA_CERT_FILE), ca.cert_pem())?;
     let mut report = InitReport {
         ca_cert: out.join(CA_CERT_FILE),
@@ -472,6 +487,18 @@ mod tests {
             assert_eq!(c.node_id, n);
             assert_eq!(c.primary, "n1");
             assert_eq!(cfg.node.data_dir, PathBuf::from(format!("./data-{n}")));
+            assert_eq!(
+                cfg.backup.destination,
+                PathBuf::from(format!("./backups-{n}"))
+            );
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(out.join(format!("{n}.toml")))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o077, 0, "configs may hold tokens: owner only");
+            }
             let text = std::fs::read_to_string(out.join(format!("{n}.toml"))).unwrap();
             assert!(
                 !text.contains("ca.key") && !text.contains(CA_PRIVATE_DIR),
