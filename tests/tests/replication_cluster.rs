@@ -132,8 +132,22 @@ async fn start_server_on(
 
 impl Cluster {
     async fn new(n: usize, policy: CommitPolicy, on: OnUnavailable) -> Cluster {
+        Cluster::new_with(n, policy, on, |_| {}).await
+    }
+
+    /// A cluster whose configs `tweak` changes before the nodes start.
+    async fn new_with(
+        n: usize,
+        policy: CommitPolicy,
+        on: OnUnavailable,
+        tweak: impl Fn(&mut Config),
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (ids, configs) = init_cluster(dir.path(), n, policy, on);
+        let (ids, mut configs) = init_cluster(dir.path(), n, policy, on);
+        for c in &mut configs {
+            tweak(c);
+            c.validate().expect("valid");
+        }
         let mut c = Cluster {
             dir,
             ids,
@@ -794,5 +808,65 @@ async fn a_mirror_whose_disk_fails_stops_acknowledging_and_the_strict_primary_bl
         assert!(Instant::now() < deadline, "/mirror still answers 200");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_routes_need_tokens_except_the_probes() {
+    use mirrordb::config::{Role, TokenConfig};
+    let token = |name: &str, secret: &str, role| TokenConfig {
+        name: name.into(),
+        token: secret.into(),
+        role,
+    };
+    let c = Cluster::new_with(2, CommitPolicy::Async, OnUnavailable::Degrade, |cfg| {
+        cfg.api.tokens = vec![
+            token("reader", "reader-secret-0123456789", Role::Read),
+            token("ops", "ops-secret-0123456789abc", Role::Admin),
+        ];
+    })
+    .await;
+    let get = |p: &str| c.client.get(c.url(0, p));
+    assert_eq!(get("/primary").send().await.expect("probe").status(), 200);
+    assert_eq!(get("/v1/cluster").send().await.expect("view").status(), 401);
+    let r = get("/v1/cluster")
+        .bearer_auth("reader-secret-0123456789")
+        .send()
+        .await
+        .expect("view");
+    assert_eq!(r.status(), 200);
+    let put = |secret: &'static str| {
+        c.client
+            .put(c.url(0, "/v1/cluster/commit-policy"))
+            .bearer_auth(secret)
+            .json(&serde_json::json!({"commit_policy": "quorum:1"}))
+            .send()
+    };
+    assert_eq!(
+        put("reader-secret-0123456789").await.expect("put").status(),
+        403
+    );
+    assert_eq!(
+        put("ops-secret-0123456789abc").await.expect("put").status(),
+        200
+    );
+    // A read with min_lsn is authorised before it waits.
+    let r = c
+        .client
+        .get(c.url(1, "/v1/tables/t/records/a?min_lsn=999999&wait_ms=60000"))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(r.status(), 401);
+    // Too large a policy is refused with nothing changed.
+    let r = c
+        .client
+        .put(c.url(0, "/v1/cluster/commit-policy"))
+        .bearer_auth("ops-secret-0123456789abc")
+        .json(&serde_json::json!({"commit_policy": "quorum:2"}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 400);
     c.shutdown().await;
 }
