@@ -34,6 +34,54 @@ struct Change {
     value: Option<(u64, Vec<u8>)>,
 }
 
+/// BLOB contents at a point: (table, key) → bytes.
+type Blobs = BTreeMap<(String, String), Vec<u8>>;
+
+/// One acknowledged BLOB change.
+#[derive(Clone, Debug)]
+struct BlobChange {
+    lsn: u64,
+    table: String,
+    key: String,
+    bytes: Option<Vec<u8>>,
+}
+
+fn blobs_at(changes: &[BlobChange], lsn: u64) -> Blobs {
+    let mut m = Blobs::new();
+    for c in changes.iter().filter(|c| c.lsn <= lsn) {
+        match &c.bytes {
+            Some(b) => {
+                m.insert((c.table.clone(), c.key.clone()), b.clone());
+            }
+            None => {
+                m.remove(&(c.table.clone(), c.key.clone()));
+            }
+        }
+    }
+    m
+}
+
+/// The BLOBs among `keys` that a data directory holds.
+async fn read_blobs(dir: &Path, keys: &[(String, String)]) -> Blobs {
+    use futures::StreamExt;
+    let e = open(dir).await;
+    let mut out = Blobs::new();
+    for (t, k) in keys {
+        if e.tables().unwrap().iter().all(|x| &x.name != t) {
+            continue;
+        }
+        if let Some(mut s) = e.blob(t, k).unwrap() {
+            let mut b = Vec::new();
+            while let Some(c) = s.next().await {
+                b.extend_from_slice(&c.unwrap());
+            }
+            out.insert((t.clone(), k.clone()), b);
+        }
+    }
+    e.shutdown().await.unwrap();
+    out
+}
+
 fn model_at(changes: &[Change], lsn: u64) -> State {
     let mut m = State::new();
     for c in changes.iter().filter(|c| c.lsn <= lsn) {
@@ -147,6 +195,7 @@ async fn model_based_backups_and_point_in_time_restores() {
 
     phase("random writes, transactions, restore points, rotations and backups");
     let mut changes: Vec<Change> = Vec::new();
+    let mut blob_changes: Vec<BlobChange> = Vec::new();
     let mut names: Vec<(String, u64)> = Vec::new();
     let mut times: Vec<(u64, u64)> = Vec::new();
     let mut sets: Vec<(u32, u64)> = Vec::new();
@@ -201,6 +250,36 @@ async fn model_based_backups_and_point_in_time_restores() {
                     table,
                     key: k,
                     value: None,
+                });
+                last_lsn = ack.lsn;
+            }
+        } else if roll < 63 {
+            // A BLOB of up to 2.5 MiB (several 1 MiB chunks), or its delete.
+            let key = format!("b{}", rng.random_range(0..4u32));
+            if rng.random_bool(0.75) {
+                let len = rng.random_range(0..(5usize << 19));
+                let bytes: Vec<u8> = (0..len).map(|i| (i as u64 ^ seed) as u8).collect();
+                let body = futures::stream::iter(
+                    bytes
+                        .chunks(300_000)
+                        .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+                        .collect::<Vec<_>>(),
+                );
+                let ack = engine.put_blob(s, "files", &key, body).await.unwrap();
+                blob_changes.push(BlobChange {
+                    lsn: ack.lsn,
+                    table: "files".into(),
+                    key,
+                    bytes: Some(bytes),
+                });
+                last_lsn = ack.lsn;
+            } else {
+                let ack = engine.delete_blob(s, "files", &key).await.unwrap();
+                blob_changes.push(BlobChange {
+                    lsn: ack.lsn,
+                    table: "files".into(),
+                    key,
+                    bytes: None,
                 });
                 last_lsn = ack.lsn;
             }
@@ -363,6 +442,22 @@ async fn model_based_backups_and_point_in_time_restores() {
             "restore {what}: content differs from the model (seed {seed}):\n{}\nplan: {}",
             describe_diff(&want, &got),
             rep.plan.describe()
+        );
+        let want_blobs = blobs_at(&blob_changes, lsn);
+        let keys: Vec<(String, String)> =
+            (0..4).map(|i| ("files".into(), format!("b{i}"))).collect();
+        let got_blobs = read_blobs(&into, &keys).await;
+        assert!(
+            want_blobs == got_blobs,
+            "restore {what}: BLOBs differ (seed {seed}): want {:?}, got {:?}",
+            want_blobs
+                .iter()
+                .map(|(k, v)| (k, v.len()))
+                .collect::<Vec<_>>(),
+            got_blobs
+                .iter()
+                .map(|(k, v)| (k, v.len()))
+                .collect::<Vec<_>>()
         );
     }
     engine.shutdown().await.unwrap();
