@@ -850,6 +850,31 @@ async fn cluster_routes_need_tokens_except_the_probes() {
         put("ops-secret-0123456789abc").await.expect("put").status(),
         200
     );
+    // A write on a mirror is authorised before it is redirected.
+    let w = |secret: Option<&'static str>| {
+        let mut r = c
+            .client
+            .put(c.url(1, "/v1/tables/t/records/a"))
+            .json(&serde_json::json!(1));
+        if let Some(s) = secret {
+            r = r.bearer_auth(s);
+        }
+        r.send()
+    };
+    assert_eq!(w(None).await.expect("put").status(), 401);
+    assert_eq!(
+        w(Some("reader-secret-0123456789"))
+            .await
+            .expect("put")
+            .status(),
+        403
+    );
+    let r = w(Some("ops-secret-0123456789abc")).await.expect("put");
+    assert_eq!(r.status(), 307);
+    assert_eq!(
+        r.headers()["location"].to_str().expect("location"),
+        c.url(0, "/v1/tables/t/records/a")
+    );
     // A read with min_lsn is authorised before it waits.
     let r = c
         .client

@@ -13,7 +13,8 @@
 //! ```text
 //! read  ─► strip min_lsn / max_lag_ms / wait_ms ─► authorise ─► too stale? 503 stale_read
 //!       ─► wait until applied >= min_lsn (or 503 lsn_not_reached) ─► handler
-//! write ─► handler ─► 307 not_primary: Location = primary + path
+//! write ─► on a mirror: authorise ─► 307 not_primary, Location = primary + path
+//!       ─► handler ─► 307 not_primary: Location = primary + path
 //!                 ─► 2xx on the primary: CommitGate::wait(lsn of the answer)
 //!                    ─► the answer, or 503 write_blocked (strict)
 //! ```
@@ -169,6 +170,20 @@ pub async fn gate(State(node): State<ClusterNode>, mut req: Request, next: Next)
         .uri()
         .path_and_query()
         .map_or(path.clone(), |pq| pq.as_str().to_owned());
+    if let Role::Mirror { primary_http } = node.engine().get().role() {
+        // Refuse before the handler: no body is read (a BLOB would be
+        // staged first), and a reseed swapping the engine cannot turn the
+        // answer into `shutting_down`. Authorisation still comes first.
+        let authz = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if let Err(e) = auth::check(node.tokens(), &method, &path, authz) {
+            return e.into_response();
+        }
+        let e = crate::engine::WriteError::NotPrimary { primary_http };
+        return redirect_to_path(ApiError::from(e).into_response(), &path_and_query);
+    }
     let resp = next.run(req).await;
     if resp.status() == StatusCode::TEMPORARY_REDIRECT {
         return redirect_to_path(resp, &path_and_query);
