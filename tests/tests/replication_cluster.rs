@@ -756,8 +756,39 @@ async fn a_deposed_primary_saves_its_divergent_tail_and_follows_the_new_primary(
         .filter_map(|e| e.ok())
         .collect();
     assert_eq!(saved.len(), 1, "one saved tail");
+    let saved_name = saved[0].file_name();
     let bytes = std::fs::metadata(saved[0].path()).expect("file").len();
     assert!(bytes > 0, "the saved tail holds the divergent frames");
+
+    phase("a later reseed of n1 keeps the saved tail");
+    c.stop(0).await;
+    for i in 0..20 {
+        c.put(1, &format!("more-{i}"), &serde_json::json!(i)).await;
+    }
+    let p = c.engine(1);
+    p.rotate_journal().await.expect("rotate");
+    p.flush().await.expect("flush");
+    assert!(
+        !p.drop_segments_upto(p.status().durable_lsn)
+            .expect("drop")
+            .is_empty()
+    );
+    c.put(1, "after-drop", &serde_json::json!(1)).await;
+    c.restart(0).await;
+    let last = c.engine(1).status().durable_lsn;
+    let deadline = Instant::now() + CONVERGE;
+    while c.engine(0).status().applied_lsn < last {
+        assert!(Instant::now() < deadline, "n1 was not reseeded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        c.engine(0).digest().expect("digest"),
+        c.engine(1).digest().expect("digest")
+    );
+    assert!(
+        c.data_dir(0).join("rollback").join(&saved_name).exists(),
+        "the saved tail survived the reseed"
+    );
     c.shutdown().await;
 }
 

@@ -14,7 +14,8 @@
 //!       ─► fsync parent ─► open D as a mirror ─► SharedEngine::replace ─► remove D.reseed-old
 //! ```
 //!
-//! A snapshot installed over a mirror that is ahead of it or in another
+//! `rollback/` is carried over by every swap, so saved tails survive later
+//! reseeds. A snapshot installed over a mirror that is ahead of it or in another
 //! epoch (a fork the primary could not locate) keeps the replaced journal
 //! under `rollback/replaced-<time>-journal/`: entries are never dropped
 //! silently. A mirror that is merely behind keeps nothing.
@@ -157,6 +158,18 @@ impl EngineSink {
             std::fs::rename(&dir, &old).map_err(io_err("move the old data directory aside"))?;
             std::fs::rename(&new_dir, &dir).map_err(io_err("move the new data directory in"))?;
             fsync_dir(&parent(&dir)).map_err(io_err("fsync the parent directory"))?;
+            // Saved tails outlive every swap.
+            let old_rollback = old.join(ROLLBACK_DIR);
+            if old_rollback.exists() {
+                let new_rollback = dir.join(ROLLBACK_DIR);
+                if new_rollback.exists() {
+                    std::fs::remove_dir(&new_rollback)
+                        .map_err(io_err("make room for the saved tails"))?;
+                }
+                std::fs::rename(&old_rollback, &new_rollback)
+                    .map_err(io_err("carry rollback/ over"))?;
+                fsync_dir(&dir).map_err(io_err("fsync the data directory"))?;
+            }
             if keep_journal {
                 // Entries the primary may not have: never dropped silently.
                 let saved = dir.join(ROLLBACK_DIR).join(format!(
@@ -274,10 +287,8 @@ impl JournalSink for EngineSink {
         }
         let db_id = db_id_bytes(&e);
         drop(e);
-        // Rewind by reseed: an empty data directory of the same database.
-        // (The saved tail was moved out of the way first: it lives in the
-        // old directory, so copy it over.)
-        let saved_dir = self.cfg.data_dir.join(ROLLBACK_DIR);
+        // Rewind by reseed: an empty data directory of the same database
+        // (the swap carries rollback/ over).
         let new_dir = sibling(&self.cfg.data_dir, NEW_SUFFIX);
         let nd = new_dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
@@ -288,7 +299,7 @@ impl JournalSink for EngineSink {
                 .map_err(|e| StorageError::Io(format!("build an empty data directory: {e}")))?;
             b.finish(None)
                 .map_err(|e| StorageError::Io(format!("build an empty data directory: {e}")))?;
-            copy_dir(&saved_dir, &nd.join(ROLLBACK_DIR))
+            Ok(())
         })
         .await
         .map_err(|e| StorageError::Io(format!("build task: {e}")))??;
@@ -407,21 +418,6 @@ fn save_tail(
     f.sync_all().map_err(io_err("fsync the rollback file"))?;
     fsync_dir(dir).map_err(io_err("fsync rollback/"))?;
     Ok((path, n))
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<(), StorageError> {
-    let Ok(rd) = std::fs::read_dir(from) else {
-        return Ok(());
-    };
-    std::fs::create_dir_all(to).map_err(io_err("create rollback/"))?;
-    for e in rd.flatten() {
-        let target = to.join(e.file_name());
-        std::fs::copy(e.path(), &target).map_err(io_err("copy a saved tail"))?;
-        std::fs::File::open(&target)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err("fsync a saved tail"))?;
-    }
-    fsync_dir(to).map_err(io_err("fsync rollback/"))
 }
 
 /// Builds a data directory at `new_dir` from a staged snapshot stream;
