@@ -97,6 +97,8 @@ pub struct CommitGate {
     file: Mutex<PathBuf>,
     quorum_timeout: Duration,
     degrade_after: Duration,
+    /// The durable LSN at the previous recovery check.
+    sampled: Mutex<Option<Lsn>>,
 }
 
 fn now_rfc3339() -> String {
@@ -162,6 +164,7 @@ impl CommitGate {
             file: Mutex::new(data_dir.join(DEGRADE_FILE)),
             quorum_timeout,
             degrade_after,
+            sampled: Mutex::new(None),
         })
     }
 
@@ -317,9 +320,19 @@ impl CommitGate {
         Ok(())
     }
 
-    /// Leaves degraded mode when the policy's mirrors have every durable
-    /// entry up to `durable` again. Called periodically.
+    /// Leaves degraded mode when the policy's mirrors have caught up with
+    /// where the primary was at the previous check (under a steady load
+    /// they are never exactly at the current end). Called periodically with
+    /// the durable LSN; the interval is closed at the current one, a
+    /// conservative end: later writes wait for the policy again.
     pub fn check_recovered(&self, durable: Lsn) {
+        let target = self
+            .sampled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(durable)
+            .unwrap_or(durable)
+            .min(durable);
         let (policy, degraded) = {
             let s = self.lock();
             (s.policy, s.record.current().is_some())
@@ -329,9 +342,9 @@ impl CommitGate {
         }
         let k = policy.mirrors_needed();
         let reached = if let CommitPolicy::RemoteApply(_) = policy {
-            self.applied_count(durable)
+            self.applied_count(target)
         } else {
-            self.tracker.count_flushed(durable)
+            self.tracker.count_flushed(target)
         };
         if reached < k {
             return;
@@ -419,5 +432,28 @@ mod tests {
         let (_, g2) = gate(t.path(), OnUnavailable::Degrade);
         assert!(!g2.degraded());
         assert_eq!(g2.record(), rec);
+    }
+
+    #[tokio::test]
+    async fn degraded_mode_ends_under_a_steady_load() {
+        let t = tempfile::tempdir().unwrap();
+        let (tr, g) = gate(t.path(), OnUnavailable::Degrade);
+        g.wait(Lsn(10)).await.unwrap();
+        assert!(g.degraded());
+        // The primary moves on between checks; the mirror follows a little
+        // behind, never at the current end.
+        let n2 = NodeId::from("n2");
+        g.check_recovered(Lsn(50));
+        tr.record(&n2, Lsn(40), Lsn(40), Instant::now());
+        g.check_recovered(Lsn(60));
+        assert!(g.degraded(), "40 is behind the previous sample 50");
+        tr.record(&n2, Lsn(65), Lsn(65), Instant::now());
+        g.check_recovered(Lsn(70));
+        assert!(!g.degraded(), "65 covers the previous sample 60");
+        assert_eq!(
+            g.record().intervals[0].to_lsn,
+            Some(70),
+            "closed at the current end, conservatively"
+        );
     }
 }
