@@ -522,4 +522,28 @@ mod tests {
             assert!(build_from_snapshot(&staged, &t.path().join("n"), Lsn(0), Epoch(0)).is_err());
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Snapshot bytes come from the network: any stream, valid header
+        /// or not, gives an error or a data directory, never a panic.
+        #[test]
+        fn arbitrary_snapshot_streams_never_panic(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            with_header in proptest::prelude::any::<bool>(),
+        ) {
+            let t = tempfile::tempdir().unwrap();
+            let staged = t.path().join("s");
+            let mut bytes = Vec::new();
+            if with_header {
+                bytes.extend_from_slice(SNAPSHOT_MAGIC);
+                bytes.extend_from_slice(&[7u8; 16]);
+                bytes.extend_from_slice(&5u64.to_le_bytes());
+                bytes.extend_from_slice(&1u64.to_le_bytes());
+            }
+            bytes.extend_from_slice(&body);
+            std::fs::write(&staged, &bytes).unwrap();
+            let _ = build_from_snapshot(&staged, &t.path().join("n"), Lsn(5), Epoch(1));
+        }
+    }
 }
