@@ -22,7 +22,7 @@ use mirrordb_replication::certs::{CertError, NodeIdentity};
 use mirrordb_replication::driver::{
     MirrorOptions, MirrorStatus, PrimaryAddr, run_mirror, serve_replication,
 };
-use mirrordb_replication::endpoint::{EndpointError, EndpointOptions};
+use mirrordb_replication::endpoint::{CLOSE_REFUSED, EndpointError, EndpointOptions};
 use mirrordb_replication::protocol::PrimaryConfig;
 use mirrordb_replication::{AckTracker, Lsn, NodeEndpoint, NodeId};
 use serde::Serialize;
@@ -205,7 +205,7 @@ impl ClusterNode {
         tasks.push(tokio::spawn(async move {
             while let Some(pc) = incoming.raft.recv().await {
                 pc.connection
-                    .close(3u32.into(), b"no raft service on this node");
+                    .close(CLOSE_REFUSED.into(), b"no raft service on this node");
             }
         }));
         let side = if section.is_primary() {
@@ -247,7 +247,7 @@ impl ClusterNode {
             tasks.push(tokio::spawn(async move {
                 while let Some(pc) = repl.recv().await {
                     tracing::warn!(peer = %pc.node, "refusing a replication subscription: this node is a mirror");
-                    pc.connection.close(3u32.into(), b"not the primary");
+                    pc.connection.close(CLOSE_REFUSED.into(), b"not the primary");
                 }
             }));
             let primary = section
