@@ -241,7 +241,7 @@ impl JournalSource for EngineSource {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         let oldest = self.oldest_lsn();
-        let durable = *self.durable.borrow();
+        let durable = Lsn(self.engine.get().status().durable_lsn);
         if let Some(p) = prepared.as_ref() {
             let usable =
                 p.lsn + 1 >= oldest.0 && Lsn(p.lsn) <= durable && p.at.elapsed() < SNAPSHOT_REUSE;
