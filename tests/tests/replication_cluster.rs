@@ -926,3 +926,63 @@ async fn cluster_routes_need_tokens_except_the_probes() {
     assert_eq!(r.status(), 400);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backups_run_on_the_primary_and_on_a_mirror_while_mirrors_replicate() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let c = Cluster::new(2, CommitPolicy::Quorum(1), OnUnavailable::Degrade).await;
+    write_load(&c, &mut rng, 2, 60).await;
+
+    phase("a backup on the primary while writes go on");
+    let load = {
+        let client = c.client.clone();
+        let base = c.server(0).base_url();
+        tokio::spawn(async move {
+            for i in 0..100 {
+                let r = client
+                    .put(format!("{base}/v1/tables/t/records/during-{i}"))
+                    .json(&serde_json::json!(i))
+                    .send()
+                    .await
+                    .expect("put");
+                assert!(r.status().is_success(), "{}", r.status());
+            }
+        })
+    };
+    let r = c
+        .client
+        .post(c.url(0, "/v1/backups?wait=true"))
+        .send()
+        .await
+        .expect("backup");
+    let status = r.status();
+    let body = r.text().await.expect("body");
+    assert!(
+        status.is_success(),
+        "backup on the primary: {status} {body}"
+    );
+    load.await.expect("writer");
+    c.converge().await;
+    c.assert_identical();
+
+    phase("a backup on the mirror, which journals nothing of its own");
+    let before = c.engine(1).position();
+    let r = c
+        .client
+        .post(c.url(1, "/v1/backups?wait=true"))
+        .send()
+        .await
+        .expect("backup");
+    let status = r.status();
+    let body = r.text().await.expect("body");
+    assert!(status.is_success(), "backup on the mirror: {status} {body}");
+    assert_eq!(
+        c.engine(1).position(),
+        before,
+        "the mirror's journal is unchanged"
+    );
+    write_load(&c, &mut rng, 2, 40).await;
+    c.converge().await;
+    c.assert_identical();
+    c.shutdown().await;
+}
