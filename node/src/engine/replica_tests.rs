@@ -332,3 +332,48 @@ fn epoch_history_is_rebuilt_from_the_journal_after_a_crash() {
         m.epoch_history()
     );
 }
+
+#[test]
+fn a_mirror_journals_nothing_at_shutdown_or_after_a_demotion() {
+    let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let m = seed_mirror(&p, &rt, md.path());
+    rt.block_on(p.write(SessionId::SYSTEM, vec![tput("a", "1")]))
+        .unwrap();
+    ship(&p, &m, &rt, 100);
+    let before = m.position();
+    rt.block_on(m.shutdown()).unwrap();
+    drop(m);
+    let m = Engine::open(mirror_cfg(md.path())).unwrap();
+    assert_eq!(
+        m.position(),
+        before,
+        "clean shutdown of a mirror journals nothing"
+    );
+    // A primary with an open session, demoted: its idle sessions are not
+    // closed in the journal it now shares with its new primary.
+    let mut c = cfg(pd.path());
+    c.session_idle = Duration::from_millis(50);
+    drop(p);
+    let p = Engine::open(c).unwrap();
+    let id = crate::model::ClientIdentity {
+        token_name: "app".into(),
+        peer: "127.0.0.1".into(),
+        client_session: "s".into(),
+    };
+    rt.block_on(async {
+        let s = p.session(id).await.unwrap();
+        p.write(s, vec![tput("b", "1")]).await.unwrap();
+        p.set_role(Role::Mirror { primary_http: None })
+            .await
+            .unwrap();
+    });
+    let demoted_at = p.position();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        p.position(),
+        demoted_at,
+        "no SessionClose journaled after the demotion"
+    );
+}

@@ -1030,6 +1030,12 @@ impl Writer {
     }
 
     fn close_idle_sessions(&mut self) {
+        if self.is_mirror() {
+            // A mirror journals nothing of its own; sessions of its time as
+            // primary end with that role.
+            self.sessions.clear();
+            return;
+        }
         let idle: Vec<SessionId> = self
             .sessions
             .iter()
