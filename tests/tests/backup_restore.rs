@@ -636,3 +636,53 @@ async fn restore_refuses_a_journal_of_another_database() {
     ea.shutdown().await.unwrap();
     eb.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_backups_the_live_journal_alone_serves_restore_and_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let none = tmp.path().join("no-backups-here");
+    let engine = open(&data).await;
+    let s = session(&engine).await;
+    let put = |k: &str, v: &str| WriteOp::Put {
+        table: "t".into(),
+        key: k.into(),
+        value: v.as_bytes().to_vec(),
+        if_version: None,
+    };
+    let l = engine
+        .write(s, vec![put("a", "1"), put("b", "2")])
+        .await
+        .unwrap()
+        .lsn;
+    engine.write(s, vec![put("a", "3")]).await.unwrap();
+    engine.write(s, vec![put("c", "4")]).await.unwrap();
+
+    phase("point-in-time restore from the journal alone");
+    let into = tmp.path().join("restored");
+    restore_into(
+        &none,
+        &into,
+        RestoreTarget {
+            set: None,
+            until: Until::Lsn(l),
+        },
+        Some(&engine.journal_dir()),
+        &|_| {},
+    )
+    .unwrap();
+    let got = read_all(&into).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[&("t".to_string(), "a".to_string())].1, b"1");
+
+    phase("online rollback with the journal as history");
+    let history = std::sync::Arc::new(mirrordb::backup::restore::BackupHistory {
+        backup_dir: none.clone(),
+        journal_dir: engine.journal_dir(),
+    });
+    let rep = engine.rollback(s, l, history).await.unwrap();
+    assert_eq!((rep.keys_restored, rep.keys_deleted), (1, 1), "{rep:?}");
+    assert_eq!(engine.get("t", "a").unwrap().unwrap().value, b"1");
+    assert!(engine.get("t", "c").unwrap().is_none());
+    engine.shutdown().await.unwrap();
+}

@@ -341,9 +341,18 @@ pub struct SnapshotSummary {
     pub chunks: Vec<ChunkInfo>,
 }
 
-/// Writes a snapshot stream, compressed, into a file.
+/// Chunks queued between the encoding thread and the compressing thread.
+const COMPRESS_QUEUE_CHUNKS: usize = 4;
+
+type SnapshotEncoder = zstd::Encoder<'static, HashingWriter<BufWriter<File>>>;
+
+/// Writes a snapshot stream, compressed, into a file. Items are encoded
+/// into chunks by the caller's thread; compression and writing run on a
+/// thread of their own, so reading the data file and compressing overlap.
 pub struct SnapshotWriter {
-    enc: zstd::Encoder<'static, HashingWriter<BufWriter<File>>>,
+    tx: Option<std::sync::mpsc::SyncSender<(Vec<u8>, [u8; 12])>>,
+    compressor: Option<std::thread::JoinHandle<io::Result<SnapshotEncoder>>>,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
     path: PathBuf,
     payload: Vec<u8>,
     items_in_chunk: u32,
@@ -363,8 +372,24 @@ impl SnapshotWriter {
         let hw = HashingWriter::new(BufWriter::with_capacity(1 << 20, f));
         let mut enc = zstd::Encoder::new(hw, level).map_err(io_at(path))?;
         enc.write_all(&header.encode()).map_err(io_at(path))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, [u8; 12])>(COMPRESS_QUEUE_CHUNKS);
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let w2 = written.clone();
+        let compressor = std::thread::Builder::new()
+            .name("mirrordb-backup-zstd".into())
+            .spawn(move || -> io::Result<SnapshotEncoder> {
+                for (payload, head) in rx {
+                    enc.write_all(&head)?;
+                    enc.write_all(&payload)?;
+                    w2.store(enc.get_ref().bytes(), std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(enc)
+            })
+            .map_err(io_at(path))?;
         Ok(SnapshotWriter {
-            enc,
+            tx: Some(tx),
+            compressor: Some(compressor),
+            written,
             path: path.to_owned(),
             payload: Vec::with_capacity(CHUNK_TARGET_BYTES + 4096),
             items_in_chunk: 0,
@@ -376,7 +401,7 @@ impl SnapshotWriter {
 
     /// Compressed bytes written to the file so far.
     pub fn file_bytes(&self) -> u64 {
-        self.enc.get_ref().bytes()
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Items added so far.
@@ -408,16 +433,52 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// The compressing thread's result (its error, if it failed).
+    fn join(&mut self) -> Result<SnapshotEncoder, FormatError> {
+        self.tx = None;
+        let handle = self.compressor.take().ok_or_else(|| {
+            FormatError::damaged(
+                &self.path.display().to_string(),
+                0,
+                "writer already finished",
+            )
+        })?;
+        match handle.join() {
+            Ok(r) => r.map_err(io_at(&self.path)),
+            Err(_) => Err(FormatError::damaged(
+                &self.path.display().to_string(),
+                0,
+                "the compressing thread panicked",
+            )),
+        }
+    }
+
     fn flush_chunk(&mut self) -> Result<(), FormatError> {
         if self.items_in_chunk == 0 {
             return Ok(());
         }
-        let info = write_chunk(&mut self.enc, &self.payload, self.items_in_chunk)
-            .map_err(io_at(&self.path))?;
-        self.raw_bytes += self.payload.len() as u64;
+        let payload = std::mem::replace(
+            &mut self.payload,
+            Vec::with_capacity(CHUNK_TARGET_BYTES + 4096),
+        );
+        let (head, info) = chunk_head(&payload, self.items_in_chunk);
+        self.raw_bytes += payload.len() as u64;
         self.chunks.push(info);
-        self.payload.clear();
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send((payload, head)).is_ok())
+            .unwrap_or(false);
         self.items_in_chunk = 0;
+        if !sent {
+            // The compressing thread stopped: its error says why.
+            self.join()?;
+            return Err(FormatError::damaged(
+                &self.path.display().to_string(),
+                0,
+                "the compressing thread stopped",
+            ));
+        }
         Ok(())
     }
 
@@ -425,14 +486,15 @@ impl SnapshotWriter {
     pub fn finish(mut self) -> Result<SnapshotSummary, FormatError> {
         self.flush_chunk()?;
         let path = self.path.clone();
-        write_chunk(&mut self.enc, &[], 0).map_err(io_at(&path))?;
+        let mut enc = self.join()?;
+        write_chunk(&mut enc, &[], 0).map_err(io_at(&path))?;
         let mut trailer = [0u8; 20];
         trailer[0..8].copy_from_slice(&self.items.to_le_bytes());
         trailer[8..16].copy_from_slice(&(self.chunks.len() as u64).to_le_bytes());
         let crc = crc32c::crc32c(&trailer[0..16]);
         trailer[16..20].copy_from_slice(&crc.to_le_bytes());
-        self.enc.write_all(&trailer).map_err(io_at(&path))?;
-        let hw = self.enc.finish().map_err(io_at(&path))?;
+        enc.write_all(&trailer).map_err(io_at(&path))?;
+        let hw = enc.finish().map_err(io_at(&path))?;
         let (buf, file_bytes, sha256) = hw.finish();
         let f = buf.into_inner().map_err(|e| FormatError::Io {
             path: path.clone(),
@@ -444,24 +506,43 @@ impl SnapshotWriter {
             raw_bytes: self.raw_bytes,
             file_bytes,
             sha256,
-            chunks: self.chunks,
+            chunks: std::mem::take(&mut self.chunks),
         })
     }
 }
 
-fn write_chunk(w: &mut impl Write, payload: &[u8], items: u32) -> io::Result<ChunkInfo> {
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        // An abandoned writer (error, stop) lets its thread end.
+        self.tx = None;
+        if let Some(h) = self.compressor.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A chunk's 12-byte header and its manifest entry.
+fn chunk_head(payload: &[u8], items: u32) -> ([u8; 12], ChunkInfo) {
     let mut head = [0u8; 12];
     head[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     head[4..8].copy_from_slice(&items.to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&head[0..8]), payload);
     head[8..12].copy_from_slice(&crc.to_le_bytes());
+    (
+        head,
+        ChunkInfo {
+            items,
+            bytes: payload.len() as u32,
+            crc32c: crc,
+        },
+    )
+}
+
+fn write_chunk(w: &mut impl Write, payload: &[u8], items: u32) -> io::Result<ChunkInfo> {
+    let (head, info) = chunk_head(payload, items);
     w.write_all(&head)?;
     w.write_all(payload)?;
-    Ok(ChunkInfo {
-        items,
-        bytes: payload.len() as u32,
-        crc32c: crc,
-    })
+    Ok(info)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

@@ -282,6 +282,9 @@ pub struct RestoreReport {
 
 /// Finds the one backup name used in `dir`.
 pub fn detect_name(dir: &Path) -> Result<String, RestoreError> {
+    if !dir.is_dir() {
+        return Err(RestoreError::NoBackups(dir.to_owned()));
+    }
     let rd = std::fs::read_dir(dir).map_err(format::io_at(dir))?;
     let mut names = std::collections::BTreeSet::new();
     for e in rd.flatten() {
@@ -515,13 +518,16 @@ pub fn plan(
     target: &RestoreTarget,
     journal_dir: Option<&Path>,
 ) -> Result<RestorePlan, RestoreError> {
-    let live_only = !backup_dir.is_dir() && journal_dir.is_some();
-    let (name, catalog) = if live_only {
-        (String::new(), Catalog::default())
-    } else {
-        let name = detect_name(backup_dir)?;
-        let c = Catalog::scan(backup_dir, &name)?;
-        (name, c)
+    // No backups but a journal: the journal alone (it must start at LSN 1).
+    let (name, catalog) = match detect_name(backup_dir) {
+        Ok(name) => {
+            let c = Catalog::scan(backup_dir, &name)?;
+            (name, c)
+        }
+        Err(RestoreError::NoBackups(_)) if journal_dir.is_some() => {
+            (String::new(), Catalog::default())
+        }
+        Err(e) => return Err(e),
     };
     // The database: the newest set's, else the first archive's, else the live journal's.
     let live_segments = match journal_dir {

@@ -709,20 +709,31 @@ impl BackupService {
         self.update(|p| p.phase = "barrier");
         let point = self.engine().backup_barrier(number).await?;
         let lsn = point.lsn;
-        let counts = point
-            .snapshot
-            .counts()
-            .map_err(|e| BackupError::Snapshot(e.to_string()))?;
+        // Progress totals from cheap estimates: the tables' counters and the
+        // data file's size (an exact count would walk the whole file once more).
+        let engine = self.engine();
+        let items_total = engine
+            .tables()
+            .map(|ts| ts.iter().map(|t| 1 + t.records + t.blobs).sum::<u64>())
+            .unwrap_or(0);
+        let bytes_total = fs::metadata(
+            engine
+                .config()
+                .data_dir
+                .join(crate::engine::store::DATA_FILE),
+        )
+        .map(|m| m.len())
+        .unwrap_or(0);
         self.update(|p| {
             p.lsn = Some(lsn);
-            p.items_total = counts.records + counts.tables + counts.blobs;
-            p.bytes_total = counts.approx_bytes;
+            p.items_total = items_total;
+            p.bytes_total = bytes_total;
         });
         let this = self.clone();
         let dest2 = dest.to_owned();
         let cancel2 = cancel.clone();
         let task = tokio::task::spawn_blocking(move || {
-            this.write_set(number, &dest2, point, counts, &cfg, &cancel2)
+            this.write_set(number, &dest2, point, &cfg, &cancel2)
         });
         let written = match task.await {
             Ok(r) => r,
@@ -764,7 +775,6 @@ impl BackupService {
         number: u32,
         dest: &Path,
         point: crate::engine::backup::BackupPoint,
-        counts: crate::engine::backup::SnapshotCounts,
         cfg: &BackupSection,
         cancel: &AtomicBool,
     ) -> Result<(PathBuf, Option<PathBuf>, Manifest), BackupError> {
@@ -951,7 +961,6 @@ impl BackupService {
             archive: archive_entry,
             attached,
         };
-        let _ = counts;
         let mbytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| BackupError::Internal(e.to_string()))?;
         {
