@@ -319,6 +319,11 @@ async fn do_read<S: JournalSource>(
         },
         ReadRequest::OpenSnapshot => match source.open_snapshot().await {
             Ok(s) => {
+                // Taking a snapshot may itself journal (a barrier marker at
+                // its LSN): refresh the session's view of the journal first,
+                // or it would refuse a snapshot newer than what it saw.
+                let durable = *source.durable_lsn().borrow();
+                session.handle_journal(view(source, durable));
                 let _ = session.handle_snapshot_opened(s.lsn, s.epoch, s.total_bytes, now());
                 *snapshot = Some(s);
             }

@@ -10,17 +10,12 @@
 //!                    [header][u32 len | postcard SnapshotItem]* ─► streamed
 //! ```
 //!
-//! **Snapshots are prepared, then served.** The barrier journals a marker
-//! at S, so S is always newer than the view the replication session holds
-//! while it waits for the snapshot, and the session refuses a snapshot
-//! beyond its view ("does not meet the journal"). So the first request
-//! takes the barrier, writes the file, and fails (the mirror reconnects
-//! after its backoff); the next request, whose session view includes S,
-//! gets the prepared file. A prepared snapshot is reused for any mirror
-//! while the journal still continues after it and it is younger than
-//! [`SNAPSHOT_REUSE`]. (A fix in the driver, refreshing the session's view
-//! before it checks the snapshot, would make the first request succeed.)
-//! The file lives in `tmp/`, which the engine empties at start.
+//! **Snapshots are prepared, then served.** A request takes the barrier
+//! (which journals a marker at S; the driver refreshes the session's view of
+//! the journal before it checks the snapshot), writes the file and serves
+//! it. A prepared snapshot is reused for any mirror while the journal still
+//! continues after it and it is younger than [`SNAPSHOT_REUSE`]. The file
+//! lives in `tmp/`, which the engine empties at start.
 
 use super::SharedEngine;
 use crate::engine::Engine;
@@ -297,8 +292,11 @@ impl JournalSource for EngineSource {
             lsn,
             epoch,
             bytes = total_bytes,
-            "snapshot for a reseed is prepared; the mirror receives it when it asks again"
+            "snapshot for a reseed is prepared"
         );
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StorageError::Io(format!("{}: {e}", path.display())))?;
         *prepared = Some(Prepared {
             lsn,
             epoch,
@@ -306,9 +304,12 @@ impl JournalSource for EngineSource {
             path,
             at: Instant::now(),
         });
-        Err(StorageError::Io(format!(
-            "snapshot at {lsn} prepared; ask again to receive it"
-        )))
+        Ok(Snapshot {
+            lsn: Lsn(lsn),
+            epoch: Epoch(epoch),
+            total_bytes,
+            reader: Box::new(file),
+        })
     }
 }
 
