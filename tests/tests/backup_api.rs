@@ -169,6 +169,23 @@ async fn backups_restore_points_and_rollback_over_http() {
         dest.join("mirrordb[0000].journal").is_file()
             && dest.join("mirrordb[0001].journal").is_file()
     );
+    phase("activity analysis still shows the writes that backups archived");
+    let act: Value = c
+        .get(url("/v1/journal?table=t&limit=1000"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let puts = act["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["op"] == "put")
+        .count();
+    assert_eq!(puts, 20, "{act}");
     let r = c
         .delete(url("/v1/backups/current"))
         .bearer_auth(ADMIN_TOKEN)

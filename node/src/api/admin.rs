@@ -1,4 +1,5 @@
-//! Operator paths of one node: activity analysis (`GET /v1/journal`), journal
+//! Operator paths of one node: activity analysis (`GET /v1/journal`, over
+//! the backup destination's journal archives and the live journal), journal
 //! rotation (`POST /v1/journal/rotate`, 4D's "New log file") and
 //! flush-and-lock (`POST/DELETE/GET /v1/lock`, for external snapshots).
 //! Writing paths here need the `admin` role (see `auth::required_role`).
@@ -39,10 +40,19 @@ pub async fn journal(
     let durable = st.engine().status().durable_lsn;
     filter.to_lsn = Some(filter.to_lsn.map_or(durable, |t| t.min(durable)));
     let dir = st.engine().journal_dir();
-    let outcome = tokio::task::spawn_blocking(move || crate::activity::query(&dir, &filter, limit))
-        .await
-        .map_err(|e| storage(format!("activity scan stopped: {e}")))?
-        .map_err(activity_error)?;
+    // The journal archives of the backup destination come first: entries
+    // that backups moved out of the live journal stay visible.
+    let backups = st.backups().settings().destination.clone();
+    let scratch = st.engine().config().data_dir.join("tmp");
+    let outcome = tokio::task::spawn_blocking(move || {
+        crate::backup::activity::query(Some(&backups), &dir, &filter, limit, &scratch)
+    })
+    .await
+    .map_err(|e| storage(format!("activity scan stopped: {e}")))?
+    .map_err(|e| match e {
+        crate::backup::activity::ViewError::Activity(a) => activity_error(a),
+        other => storage(other.to_string()),
+    })?;
     Ok(json_ok(&outcome))
 }
 
