@@ -231,9 +231,12 @@ pub async fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     );
     pb.set_prefix(number.to_string());
     let mut interrupted = false;
+    // One listener for the whole wait, so a Ctrl-C between polls is not lost.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c(), if !interrupted => {
+            _ = &mut ctrl_c, if !interrupted => {
                 interrupted = true;
                 pb.set_message("stopping");
                 let _ = call(&c, &a.node, reqwest::Method::DELETE, "/v1/backups/current", None).await;

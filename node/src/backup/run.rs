@@ -706,6 +706,10 @@ impl BackupService {
     ) -> Result<BackupOutcome, BackupError> {
         let inner = &*self.inner;
         let cfg = inner.cfg.clone();
+        if cancel.load(Ordering::Acquire) {
+            // Stopped while the on_start hook ran: not even a barrier.
+            return Err(BackupError::Interrupted);
+        }
         self.update(|p| p.phase = "barrier");
         let point = self.engine().backup_barrier(number).await?;
         let lsn = point.lsn;
