@@ -623,15 +623,21 @@ impl Engine {
     /// and stops the writer. Later writes answer `shutting_down`.
     pub async fn shutdown(&self) -> Result<(), WriteError> {
         let (reply, rx) = oneshot::channel();
-        self.inner
+        let sent = self
+            .inner
             .tx
             .send(Envelope {
                 req: Request::Shutdown { reply },
                 deadline: Instant::now() + Duration::from_secs(3600),
             })
-            .await
-            .map_err(|_| WriteError::Closed)?;
-        let r = rx.await.map_err(|_| WriteError::Closed)?;
+            .await;
+        // A writer that is already gone was shut down before: closing a
+        // closed engine succeeds (a reseed swap closes the old engine, and
+        // the server may close it again at its own shutdown).
+        let r = match sent {
+            Ok(()) => rx.await.unwrap_or(Ok(())),
+            Err(_) => Ok(()),
+        };
         let handle = self
             .inner
             .writer
@@ -640,7 +646,10 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(h) = handle {
-            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+            match tokio::task::spawn_blocking(move || h.join()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(WriteError::Storage("the writer thread panicked".into())),
+            }
         }
         r
     }

@@ -780,3 +780,19 @@ fn second_process_on_same_data_dir_is_refused() {
         OpenError::Locked(_)
     ));
 }
+
+#[test]
+fn shutting_down_twice_succeeds_and_later_writes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    rt.block_on(async {
+        e.shutdown().await.unwrap();
+        e.shutdown().await.unwrap();
+        let err = e
+            .write(SessionId::SYSTEM, vec![put("t", "k", "1")])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "shutting_down");
+    });
+}
