@@ -341,6 +341,30 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_errs_and_due_times_move_forward(
+            text in "\\PC{0,40}",
+            h in 1u32..=744, hh in 0u32..24, mm in 0u32..60, day in 1u32..=31,
+            secs in 0i64..4_000_000_000,
+        ) {
+            let _ = text.parse::<Schedule>();
+            let t = Utc.timestamp_opt(secs, 0).single().unwrap();
+            let at = NaiveTime::from_hms_opt(hh, mm, 0).unwrap();
+            for s in [
+                Schedule::EveryHours(h),
+                Schedule::Daily(at),
+                Schedule::Weekly(vec![Weekday::Sun, Weekday::Wed], at),
+                Schedule::Monthly(day, at),
+            ] {
+                let n = s.next_after(t);
+                proptest::prop_assert!(n > t, "{s} after {t} gave {n}");
+                proptest::prop_assert!(n - t <= Duration::days(32), "{s} after {t} gave {n}");
+                proptest::prop_assert_eq!(s.to_string().parse::<Schedule>().unwrap(), s);
+            }
+        }
+    }
+
     #[test]
     fn schedules_parse_and_print() {
         for s in [
