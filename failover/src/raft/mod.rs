@@ -10,9 +10,10 @@
 //!   vote and the state machine (one redb file, every write fsynced).
 //! - [`network`]: openraft's network over a small byte transport
 //!   ([`network::RaftTransport`]), with an in-memory fault-injecting
-//!   implementation for tests. The QUIC transport (ALPN `mirrordb-raft/1`)
-//!   will implement the same trait, one bidirectional stream per call with
-//!   [`framing`]'s length-prefixed frames.
+//!   implementation for tests.
+//! - [`quic`]: the same trait over the node's QUIC endpoint (ALPN
+//!   `mirrordb-raft/1`), one bidirectional stream per call with
+//!   [`framing`]'s length-prefixed frames, and its receiving side.
 
 use std::fmt;
 
@@ -23,6 +24,7 @@ use crate::state::{ClusterCommand, CommandResult, raft_id};
 
 pub mod framing;
 pub mod network;
+pub mod quic;
 pub mod store;
 
 openraft::declare_raft_types!(

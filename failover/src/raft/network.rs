@@ -2,8 +2,8 @@
 //!
 //! openraft talks to peers through [`RaftNetworkFactory`]; this module
 //! implements it once, generic over [`RaftTransport`]: "send these bytes to
-//! that node and give me its answer". The QUIC endpoint (ALPN
-//! `mirrordb-raft/1`, mutual TLS) will implement `RaftTransport`; tests use
+//! that node and give me its answer". [`super::quic::QuicTransport`] implements
+//! it over the QUIC endpoint (ALPN `mirrordb-raft/1`, mutual TLS); tests use
 //! [`MemNetwork`], an in-memory transport with per-pair fault injection.
 //!
 //! ```text
