@@ -411,7 +411,7 @@ fn restore_from_backups(
     reason: &str,
 ) -> Result<(Store, RecoveryAction), OpenError> {
     use crate::backup::log::{BackupLog, LineKind};
-    use crate::backup::restore::{RestoreTarget, Until, restore_into};
+    use crate::backup::restore::{ForkPolicy, RestoreTarget, Until, restore_into_with};
     let backup_dir = cfg.backup_dir.clone().unwrap_or_default();
     let log = BackupLog::new(&cfg.data_dir.join("logs"), true);
     let until = match state.segments.first() {
@@ -443,8 +443,16 @@ fn restore_from_backups(
         }
     };
     let target = RestoreTarget { set: None, until };
-    let report = restore_into(&backup_dir, &scratch, target, None, &|_| {})
-        .map_err(|e| fail(e.to_string()))?;
+    let report = restore_into_with(
+        &backup_dir,
+        &scratch,
+        target,
+        None,
+        // The same history continues: the live journal is replayed next.
+        ForkPolicy::Never,
+        &|_| {},
+    )
+    .map_err(|e| fail(e.to_string()))?;
     if let Some(first) = state.segments.first()
         && report.last_lsn + 1 != first.header.first_lsn
     {
