@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use mirrordb_failover::NodeId;
 use mirrordb_failover::raft::network::{
-    NetworkFactory, RaftRequest, RaftTransport, RpcEnvelope, RpcHandler, RpcReply, TransportError,
+    ControlRequest, NetworkFactory, RaftRequest, RaftTransport, RpcEnvelope, RpcHandler, RpcReply,
+    RpcService, TransportError,
 };
 use mirrordb_failover::raft::quic::{QuicServer, QuicTransport, raft_membership};
 use mirrordb_failover::raft::{Raft, RaftNode, store};
@@ -304,5 +305,96 @@ async fn the_receiver_refuses_wrong_targets_impersonation_and_non_members() {
     same_state(&n2, &reference).await;
     for n in [&n1, &n2, &n9] {
         n.raft.shutdown().await.unwrap();
+    }
+}
+
+/// Answers every request with its own bytes.
+struct Echo;
+
+impl RpcService for Echo {
+    fn serve<'a>(
+        &'a self,
+        request: &'a [u8],
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<u8>, TransportError>> + Send + 'a>,
+    > {
+        Box::pin(async move { Ok(request.to_vec()) })
+    }
+}
+
+/// Binds `name`'s endpoint at `addr` and serves it with [`Echo`].
+fn echo_server(
+    ca: &ClusterCa,
+    name: &str,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<NodeEndpoint> {
+    let (endpoint, incoming) =
+        match NodeEndpoint::bind(&identity(ca, name), addr, EndpointOptions::default()) {
+            Ok(x) => x,
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        };
+    tokio::spawn(QuicServer::new(NodeId::from(name), Arc::new(Echo)).run(incoming.raft));
+    Ok(endpoint)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_is_redialed_on_a_later_call() {
+    let ca = ClusterCa::generate("quic-test").unwrap();
+    let (n1, _n1_incoming) = NodeEndpoint::bind(
+        &identity(&ca, "n1"),
+        "127.0.0.1:0".parse().unwrap(),
+        EndpointOptions::default(),
+    )
+    .unwrap();
+    let transport = QuicTransport::new(n1);
+    let n2 = echo_server(&ca, "n2", "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = n2.local_addr().unwrap();
+    let target = RaftNode {
+        name: NodeId::from("n2"),
+        raft_addr: addr.to_string(),
+    };
+    let request = postcard::to_stdvec(&RpcEnvelope {
+        target: raft_id(&NodeId::from("n2")),
+        request: RaftRequest::Control(ControlRequest::Position),
+    })
+    .unwrap();
+
+    eprintln!("--- a first call dials n2 and caches the connection");
+    let reply = transport
+        .call(&target, request.clone(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(reply, request);
+
+    eprintln!("--- n2 restarts on the same address: the cached connection is closed");
+    n2.close();
+    drop(n2);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let _n2 = loop {
+        // The old socket is released once its endpoint has drained.
+        match echo_server(&ca, "n2", addr) {
+            Ok(e) => break e,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("rebind {addr}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("rebind {addr}: {e}"),
+        }
+    };
+
+    eprintln!("--- later calls redial and are answered again");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match transport.call(&target, request.clone(), WAIT).await {
+            Ok(reply) => {
+                assert_eq!(reply, request);
+                break;
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("call after restart: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("never redialed: {e}"),
+        }
     }
 }

@@ -369,3 +369,46 @@ fn check_sender(peer: &NodeId, request: &[u8]) -> Result<(), TransportError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::Vote;
+    use openraft::raft::VoteRequest;
+    use proptest::prelude::*;
+
+    use super::super::network::{ControlRequest, RpcEnvelope};
+
+    fn vote_from(candidate: u64) -> Vec<u8> {
+        let env = RpcEnvelope {
+            target: 1,
+            request: RaftRequest::Vote(VoteRequest::new(Vote::new(1, candidate), None)),
+        };
+        postcard::to_stdvec(&env).expect("encodes")
+    }
+
+    #[test]
+    fn a_vote_in_the_peers_own_name_passes_and_another_name_is_refused() {
+        let n2 = NodeId::from("n2");
+        assert_eq!(check_sender(&n2, &vote_from(raft_id(&n2))), Ok(()));
+        let other = raft_id(&NodeId::from("n3"));
+        assert!(matches!(
+            check_sender(&n2, &vote_from(other)),
+            Err(TransportError::Refused(_))
+        ));
+        let control = RpcEnvelope {
+            target: 1,
+            request: RaftRequest::Control(ControlRequest::Position),
+        };
+        let bytes = postcard::to_stdvec(&control).expect("encodes");
+        assert_eq!(check_sender(&n2, &bytes), Ok(()));
+    }
+
+    proptest! {
+        /// Arbitrary request bytes give an error or a verdict, never a panic.
+        #[test]
+        fn arbitrary_request_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = check_sender(&NodeId::from("n2"), &bytes);
+        }
+    }
+}
