@@ -3,7 +3,9 @@
 //! elect a leader, replicate cluster commands and apply the same state; a
 //! leader whose endpoint closes is replaced by the other two; a node with a
 //! certificate from another CA cannot take part; the receiving side refuses
-//! requests for another node, in another node's name, or from a non-member.
+//! requests for another node, in another node's name, or from a non-member;
+//! a peer restarted on the same address is redialed; `bootstrap` and a
+//! follower's forwarded proposal (control requests) work over QUIC.
 //!
 //! The only randomness of its own is the seed choosing which node
 //! initializes the group (openraft's election timers are its own); nothing
@@ -396,5 +398,69 @@ async fn a_closed_connection_is_redialed_on_a_later_call() {
             }
             Err(e) => panic!("never redialed: {e}"),
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_over_quic_and_a_follower_forwards_a_proposal_to_the_leader() {
+    use mirrordb_failover::membership::bootstrap;
+    use mirrordb_failover::raft::network::{ControlReply, propose};
+    let ca = ClusterCa::generate("quic-test").unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(start(&ca, name).await);
+    }
+    let members: BTreeMap<NodeId, Member> = nodes
+        .iter()
+        .map(|n| match add(n) {
+            ClusterCommand::AddMember { node, member } => (node, member),
+            _ => unreachable!("add builds AddMember"),
+        })
+        .collect();
+
+    eprintln!("--- bootstrap from n2 (members are recorded through the leader over QUIC)");
+    bootstrap(
+        &nodes[1].raft,
+        nodes[1].id,
+        &*nodes[1].transport,
+        &members,
+        WAIT,
+    )
+    .await
+    .unwrap();
+    for n in &nodes {
+        let mut rx = n.state.clone();
+        tokio::time::timeout(WAIT, rx.wait_for(|s| s.members == members))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    eprintln!("--- a follower's proposal travels to the leader as a control request");
+    let all: Vec<&QuicNode> = nodes.iter().collect();
+    let leader = leader_among(&all, None).await;
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap();
+    let cmd = ClusterCommand::SetNoFailover {
+        node: NodeId::from("n3"),
+        nofailover: true,
+    };
+    let reply = propose(&follower.raft, follower.id, &*follower.transport, cmd, WAIT)
+        .await
+        .unwrap();
+    assert!(matches!(reply, ControlReply::Proposed(Ok(_))), "{reply:?}");
+    let mut rx = follower.state.clone();
+    tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|s| {
+            s.members
+                .get(&NodeId::from("n3"))
+                .is_some_and(|m| m.nofailover)
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
     }
 }
