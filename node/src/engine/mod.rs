@@ -144,6 +144,8 @@ struct Inner {
     cfg: EngineConfig,
     report: RecoveryReport,
     db_id: String,
+    /// Held while a new session is opened (see [`Engine::session`]).
+    session_opening: tokio::sync::Mutex<()>,
     // Declared after `tx`: fields drop in order, so the channel is closed
     // first and the writer can finish before it is joined.
     writer: WriterThread,
@@ -276,6 +278,7 @@ impl Engine {
                 report: rec.report,
                 db_id,
                 cfg,
+                session_opening: tokio::sync::Mutex::new(()),
                 writer: WriterThread(Mutex::new(Some(handle))),
                 _lock: lock,
             }),
@@ -341,15 +344,23 @@ impl Engine {
     /// The session for a client identity, journaling `SessionOpen` the first
     /// time it is seen.
     pub async fn session(&self, identity: ClientIdentity) -> Result<SessionId, WriteError> {
-        if let Some(s) = self
-            .inner
-            .shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&identity)
-        {
-            return Ok(*s);
+        let known = |e: &Engine| {
+            e.inner
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&identity)
+                .copied()
+        };
+        if let Some(s) = known(self) {
+            return Ok(s);
+        }
+        // Opening is serialised, and the identity looked up again under the
+        // lock, so concurrent first writes of one client open one session.
+        let _opening = self.inner.session_opening.lock().await;
+        if let Some(s) = known(self) {
+            return Ok(s);
         }
         let id = identity.clone();
         let s = self

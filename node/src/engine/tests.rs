@@ -796,3 +796,35 @@ fn shutting_down_twice_succeeds_and_later_writes_are_refused() {
         assert_eq!(err.code(), "shutting_down");
     });
 }
+
+#[test]
+fn concurrent_first_writes_of_one_client_open_one_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let id = ClientIdentity {
+        token_name: "app".into(),
+        peer: "127.0.0.1".into(),
+        client_session: "s".into(),
+    };
+    let ids = rt.block_on(async {
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (e, id) = (e.clone(), id.clone());
+                tokio::spawn(async move { e.session(id).await.unwrap() })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+        ids
+    });
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    let (segs, _) = scan::list_segments(&dir.path().join("journal")).unwrap();
+    let opens = scan::EntryIter::new(segs, 1, u64::MAX)
+        .map(|f| crate::journal::format::decode_op(f.unwrap().payload()).unwrap())
+        .filter(|o| matches!(o, Op::SessionOpen { .. }))
+        .count();
+    assert_eq!(opens, 1);
+}
