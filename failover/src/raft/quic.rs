@@ -13,7 +13,7 @@
 //!              ──► open_bi ──► write_frame(request), finish ──► read_frame(reply)
 //!  acceptor: Incoming.raft ──► PeerConnection{node (from its certificate)}
 //!              ──► accept_bi (≤ MAX_CONCURRENT_RPCS in flight)
-//!              ──► read_frame ──► admit(peer)? sender claim = peer? ──► RpcService::serve
+//!              ──► admit(peer)? ──► read_frame ──► sender claim = peer? ──► RpcService::serve
 //!              ──► write_frame(reply) | reset(REFUSED)
 //! ```
 //!
@@ -339,11 +339,12 @@ impl QuicServer {
         send: &mut quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), TransportError> {
-        let request = read_frame(&mut recv).await?;
+        // Before reading: a refused peer makes us allocate nothing.
         if !(self.admission)(peer) {
             warn!(node = %self.local, %peer, "raft request from a non-member refused");
             return Err(TransportError::Refused(format!("{peer} is not a member")));
         }
+        let request = read_frame(&mut recv).await?;
         check_sender(peer, &request)?;
         let reply = self.service.serve(&request).await?;
         write_frame(send, &reply).await?;
