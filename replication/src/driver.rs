@@ -712,8 +712,11 @@ mod tests {
     }
 
     fn start_mirror(id: &NodeIdentity, primary: &PrimaryAddr) -> Mirror {
+        start_mirror_with(id, primary, MemorySink::new())
+    }
+
+    fn start_mirror_with(id: &NodeIdentity, primary: &PrimaryAddr, sink: MemorySink) -> Mirror {
         let (endpoint, _incoming) = bind(id);
-        let sink = MemorySink::new();
         let (stop, stop_rx) = watch::channel(false);
         let (ptx, prx) = watch::channel(Some(primary.clone()));
         let (status, status_rx) = watch::channel(MirrorStatus::default());
@@ -973,27 +976,9 @@ mod tests {
         }
         let id = identity(&ca, "n2");
         let m = {
-            let (endpoint, _incoming) = bind(&id);
             let sink = MemorySink::new();
             sink.preload(DB, mirror_entries);
-            let (stop, stop_rx) = watch::channel(false);
-            let (ptx, prx) = watch::channel(Some(p.addr.clone()));
-            let (status, status_rx) = watch::channel(MirrorStatus::default());
-            let task = tokio::spawn(run_mirror(
-                endpoint,
-                sink.clone(),
-                prx,
-                stop_rx,
-                fast_mirror(),
-                status,
-            ));
-            Mirror {
-                sink,
-                stop,
-                task,
-                status: status_rx,
-                _primary: ptx,
-            }
+            start_mirror_with(&id, &p.addr, sink)
         };
         let last = p.source.last_lsn();
         p.tracker
