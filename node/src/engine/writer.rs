@@ -763,6 +763,13 @@ impl Writer {
     }
 
     fn after_batch(&mut self) {
+        // Published after every batch, not only at open: a metrics recorder
+        // installed after the engine opened would otherwise never see it.
+        metrics::gauge!("mirrordb_journal_available").set(if self.unavailable.is_some() {
+            0.0
+        } else {
+            1.0
+        });
         let last = self.journal.last_lsn();
         metrics::gauge!("mirrordb_last_lsn").set(last as f64);
         metrics::gauge!("mirrordb_flush_lag_entries")
