@@ -119,6 +119,12 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
         None => (crate::cluster::SharedEngine::new(engine.clone()), None),
     };
     let state = ApiState::with_shared(shared.clone(), cfg);
+    if let Some(gate) = cluster.as_ref().and_then(|c| c.gate()) {
+        state.set_commit_gate(gate.clone());
+    }
+    if let Some(tracker) = cluster.as_ref().and_then(|c| c.tracker()) {
+        state.set_replication_tracker(tracker.clone());
+    }
     let mut app = api::router(state.clone());
     match &cluster {
         Some(c) => app = crate::cluster::http::wrap(c.clone(), app, state),

@@ -510,6 +510,16 @@ async fn a_missing_mirror_blocks_strict_writes_and_degrades_the_others_durably()
         .await
         .expect("json");
     assert_eq!(view["commit_degraded"], true, "{view}");
+    let health: serde_json::Value = c
+        .client
+        .get(c.url(0, "/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["commit_degraded"], true, "the health flag: {health}");
     let record = mirrordb::cluster::policy::read_record(&c.data_dir(0)).expect("record");
     let from = record.current().expect("open interval").from_lsn;
     assert!(

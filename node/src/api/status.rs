@@ -26,6 +26,9 @@ struct Health<'a> {
     journal_available: bool,
     journal_error: Option<String>,
     last_lsn: u64,
+    /// A cluster primary whose commit policy fell back to async
+    /// (`on_unavailable = "degrade"`): acknowledged writes may be on no mirror.
+    commit_degraded: bool,
 }
 
 /// `GET /health`.
@@ -39,6 +42,7 @@ pub async fn health(State(st): State<ApiState>) -> Response {
         journal_available: s.journal_available,
         journal_error: s.journal_error,
         last_lsn: s.last_lsn,
+        commit_degraded: st.commit_degraded(),
     })
 }
 
@@ -90,6 +94,9 @@ pub async fn status(st: St) -> Response {
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(st: St) -> Response {
     let State(st) = st;
+    if let Some(t) = st.inner.replication.get() {
+        crate::cluster::runtime::publish_lag_gauges(t, std::time::Instant::now());
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -37,6 +37,28 @@ use tokio::task::JoinHandle;
 /// How often connection states are compared, gauges published and the
 /// degraded mode re-checked.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Sets the per-mirror lag gauges from the tracker. Called by the watch task
+/// and again whenever `/metrics` is scraped, so a scrape never misses a
+/// mirror that connected since the last watch tick.
+pub fn publish_lag_gauges(tracker: &AckTracker, now: Instant) {
+    for l in tracker.lag(now) {
+        let labels = [("mirror", l.node.to_string())];
+        metrics::gauge!("mirrordb_replication_connected", &labels).set(if l.connected {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("mirrordb_replication_flush_lag_entries", &labels)
+            .set(l.flush_lag_lsn as f64);
+        metrics::gauge!("mirrordb_replication_apply_lag_entries", &labels)
+            .set(l.apply_lag_lsn as f64);
+        metrics::gauge!("mirrordb_replication_flush_lag_seconds", &labels)
+            .set(l.flush_lag.as_secs_f64());
+        metrics::gauge!("mirrordb_replication_apply_lag_seconds", &labels)
+            .set(l.apply_lag.as_secs_f64());
+    }
+}
 /// How long a read with `min_lsn` waits by default for the mirror to apply it.
 pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(5);
 /// Longest `wait_ms` a read may ask for.
@@ -503,18 +525,8 @@ impl ClusterNode {
                                 tracing::warn!(peer = %id, "mirror disconnected");
                             }
                         }
-                        let labels = [("mirror", id)];
-                        metrics::gauge!("mirrordb_replication_connected", &labels)
-                            .set(if l.connected { 1.0 } else { 0.0 });
-                        metrics::gauge!("mirrordb_replication_flush_lag_entries", &labels)
-                            .set(l.flush_lag_lsn as f64);
-                        metrics::gauge!("mirrordb_replication_apply_lag_entries", &labels)
-                            .set(l.apply_lag_lsn as f64);
-                        metrics::gauge!("mirrordb_replication_flush_lag_seconds", &labels)
-                            .set(l.flush_lag.as_secs_f64());
-                        metrics::gauge!("mirrordb_replication_apply_lag_seconds", &labels)
-                            .set(l.apply_lag.as_secs_f64());
                     }
+                    publish_lag_gauges(tracker, now);
                 }
                 Side::Mirror { status, .. } => {
                     let m = status.borrow().clone();
