@@ -667,7 +667,15 @@ impl DataFileBuilder {
             path: journal_dir.clone(),
             source,
         })?;
-        let records = self.store.read().and_then(|v| v.counts())?.records;
+        // The tables' metadata holds the counts; `counts()` would also walk
+        // the B-trees for a byte estimate nobody needs here.
+        let records = self
+            .store
+            .read()
+            .and_then(|v| v.tables())?
+            .iter()
+            .map(|t| t.records)
+            .sum();
         Ok(RestoredDataDir {
             last_lsn: last,
             epoch,
