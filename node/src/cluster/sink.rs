@@ -39,6 +39,39 @@ pub const NEW_SUFFIX: &str = "reseed-new";
 pub const OLD_SUFFIX: &str = "reseed-old";
 /// Directory (inside the data directory) where divergent tails are saved.
 pub const ROLLBACK_DIR: &str = "rollback";
+/// Directory (inside the data directory) of the failover control plane's
+/// Raft log, vote and state.
+pub const RAFT_DIR: &str = "raft";
+
+/// What belongs to the node rather than to its copy of the database, and so
+/// survives every reseed: saved tails and the Raft store. (The Raft store
+/// stays open across the swap: a rename keeps the open file.)
+const CARRIED: [&str; 2] = [ROLLBACK_DIR, RAFT_DIR];
+
+/// Moves the [`CARRIED`] directories of `old` into `dir` unless `dir` has a
+/// non-empty one already.
+fn carry_over(old: &Path, dir: &Path) -> std::io::Result<()> {
+    let mut moved = false;
+    for name in CARRIED {
+        let from = old.join(name);
+        if !from.exists() {
+            continue;
+        }
+        let to = dir.join(name);
+        if to.exists() {
+            if std::fs::read_dir(&to)?.next().is_some() {
+                continue;
+            }
+            std::fs::remove_dir(&to)?;
+        }
+        std::fs::rename(&from, &to)?;
+        moved = true;
+    }
+    if moved {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
 
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir
@@ -67,7 +100,7 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 /// | --- | --- | --- | --- | --- |
 /// | yes | yes | – | build not swapped in | remove new |
 /// | no | yes | yes | crash between the renames | rename new → D |
-/// | yes | – | yes | swap done, old not removed | remove old |
+/// | yes | – | yes | swap done, old not removed | carry `rollback/` and `raft/` over, remove old |
 pub fn recover_swap(data_dir: &Path) -> std::io::Result<()> {
     let new = sibling(data_dir, NEW_SUFFIX);
     let old = sibling(data_dir, OLD_SUFFIX);
@@ -81,6 +114,9 @@ pub fn recover_swap(data_dir: &Path) -> std::io::Result<()> {
         std::fs::remove_dir_all(&new)?;
     }
     if data_dir.exists() && old.exists() {
+        // A crash may have come before saved tails and the Raft store were
+        // carried over: they are the node's, never the reseed's to drop.
+        carry_over(&old, data_dir)?;
         std::fs::remove_dir_all(&old)?;
     }
     Ok(())
@@ -158,18 +194,7 @@ impl EngineSink {
             std::fs::rename(&dir, &old).map_err(io_err("move the old data directory aside"))?;
             std::fs::rename(&new_dir, &dir).map_err(io_err("move the new data directory in"))?;
             fsync_dir(&parent(&dir)).map_err(io_err("fsync the parent directory"))?;
-            // Saved tails outlive every swap.
-            let old_rollback = old.join(ROLLBACK_DIR);
-            if old_rollback.exists() {
-                let new_rollback = dir.join(ROLLBACK_DIR);
-                if new_rollback.exists() {
-                    std::fs::remove_dir(&new_rollback)
-                        .map_err(io_err("make room for the saved tails"))?;
-                }
-                std::fs::rename(&old_rollback, &new_rollback)
-                    .map_err(io_err("carry rollback/ over"))?;
-                fsync_dir(&dir).map_err(io_err("fsync the data directory"))?;
-            }
+            carry_over(&old, &dir).map_err(io_err("carry rollback/ and raft/ over"))?;
             if keep_journal {
                 // Entries the primary may not have: never dropped silently.
                 let saved = dir.join(ROLLBACK_DIR).join(format!(
@@ -506,6 +531,27 @@ mod tests {
         recover_swap(&d).unwrap();
         assert!(!new.exists());
         assert_eq!(std::fs::read(d.join("x")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_swap_interrupted_before_the_carry_over_keeps_saved_tails_and_the_raft_store() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("data");
+        let old = sibling(&d, OLD_SUFFIX);
+        // Both renames done, nothing carried over yet.
+        std::fs::create_dir_all(d.join(ROLLBACK_DIR)).unwrap();
+        for name in [ROLLBACK_DIR, RAFT_DIR] {
+            std::fs::create_dir_all(old.join(name)).unwrap();
+            std::fs::write(old.join(name).join("f"), name).unwrap();
+        }
+        recover_swap(&d).unwrap();
+        assert!(!old.exists());
+        for name in [ROLLBACK_DIR, RAFT_DIR] {
+            assert_eq!(std::fs::read(d.join(name).join("f")).unwrap(), name.as_bytes());
+        }
+        // A second run finds nothing to do.
+        recover_swap(&d).unwrap();
+        assert_eq!(std::fs::read(d.join(RAFT_DIR).join("f")).unwrap(), b"raft");
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub enum WriteError {
     WriteBlocked(String),
     #[error("this node is not the primary")]
     NotPrimary { primary_http: Option<String> },
+    /// A primary whose lease lapsed (or that is being replaced): it neither
+    /// takes nor acknowledges writes until the cluster confirms it again.
+    #[error("{0}")]
+    Fenced(String),
     #[error("a transaction cannot mix journaled and unjournaled tables ({0})")]
     MixedJournaling(String),
     #[error("the engine is shutting down")]
@@ -52,7 +56,7 @@ impl WriteError {
             WriteError::VersionConflict { .. } => "version_conflict",
             WriteError::JournalUnavailable(_) => "journal_unavailable",
             WriteError::WriteBlocked(_) => "write_blocked",
-            WriteError::NotPrimary { .. } => "not_primary",
+            WriteError::NotPrimary { .. } | WriteError::Fenced(_) => "not_primary",
             WriteError::MixedJournaling(_) => "invalid_request",
             WriteError::Closed => "shutting_down",
             WriteError::Storage(_) => "storage_error",

@@ -119,6 +119,10 @@ pub(crate) struct Shared {
     pub epoch_history: Mutex<Vec<(u64, u64)>>,
     pub role: Mutex<replica::Role>,
     pub epoch: AtomicU64,
+    /// The primary's lease deadline (ms since the Unix epoch); `u64::MAX`
+    /// when no lease applies (a standalone node or a statically configured
+    /// primary). Past it no client write is taken or acknowledged.
+    pub lease_until_ms: AtomicU64,
     pub lock: Mutex<backup::LockStatus>,
     pub sessions: Mutex<HashMap<ClientIdentity, SessionId>>,
 }
@@ -230,6 +234,7 @@ impl Engine {
             durable_tx,
             sessions: Mutex::new(HashMap::new()),
             lock: Mutex::new(backup::LockStatus::default()),
+            lease_until_ms: AtomicU64::new(u64::MAX),
             role: Mutex::new(cfg.role.clone()),
             epoch_history: Mutex::new(rec.epoch_history.clone()),
             epoch: AtomicU64::new(rec.journal.epoch()),
@@ -251,6 +256,7 @@ impl Engine {
             dirty_bytes: 0,
             unavailable: None,
             lock: None,
+            hold: false,
             held: Vec::new(),
             role: cfg.role.clone(),
             waiting_barriers: Vec::new(),

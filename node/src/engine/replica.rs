@@ -90,6 +90,43 @@ impl Engine {
         self.call(|reply| Request::Promote { epoch, reply }).await
     }
 
+    /// Holds client writes (they wait, up to their deadline) until
+    /// [`Engine::release_writes`], a promotion or a switch to mirror (held
+    /// writes then answer `not_primary`). Answers the last LSN, durable: a
+    /// switchover target that reaches it holds every acknowledged write.
+    pub async fn hold_writes(&self) -> Result<u64, WriteError> {
+        self.call(|reply| Request::Hold { on: true, reply }).await
+    }
+
+    /// Ends [`Engine::hold_writes`]; held writes go ahead.
+    pub async fn release_writes(&self) -> Result<u64, WriteError> {
+        self.call(|reply| Request::Hold { on: false, reply }).await
+    }
+
+    /// The primary's lease: past `until_ms` (milliseconds since the Unix
+    /// epoch, this machine's clock) no client write is taken or
+    /// acknowledged. `None` removes the check (a node whose role is not
+    /// decided by a lease).
+    pub fn set_lease_until(&self, until_ms: Option<u64>) {
+        self.inner.shared.lease_until_ms.store(
+            until_ms.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// The lease deadline set by [`Engine::set_lease_until`], if any.
+    pub fn lease_until(&self) -> Option<u64> {
+        match self
+            .inner
+            .shared
+            .lease_until_ms
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            u64::MAX => None,
+            t => Some(t),
+        }
+    }
+
     /// The last durable `(lsn, epoch)` of this node's journal.
     pub fn position(&self) -> (u64, u64) {
         let s = &self.inner.shared;

@@ -377,3 +377,84 @@ fn a_mirror_journals_nothing_at_shutdown_or_after_a_demotion() {
         "no SessionClose journaled after the demotion"
     );
 }
+
+fn now_ms() -> u64 {
+    crate::journal::writer::now_us() / 1000
+}
+
+#[test]
+fn a_lapsed_lease_refuses_writes_and_a_renewed_one_takes_them_again() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let p = Engine::open(cfg(d.path())).unwrap();
+    rt.block_on(async {
+        p.set_lease_until(Some(now_ms() + 60_000));
+        p.write(SessionId::SYSTEM, vec![tput("a", "1")]).await.unwrap();
+        p.set_lease_until(Some(now_ms().saturating_sub(1)));
+        let before = p.position().0;
+        let err = p
+            .write(SessionId::SYSTEM, vec![tput("b", "1")])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "not_primary", "{err}");
+        assert_eq!(p.position().0, before, "a refused write is not journaled");
+        // Reads go on.
+        assert!(p.get("t", "a").unwrap().is_some());
+        p.set_lease_until(Some(now_ms() + 60_000));
+        p.write(SessionId::SYSTEM, vec![tput("b", "1")]).await.unwrap();
+        p.set_lease_until(None);
+        assert_eq!(p.lease_until(), None);
+        p.write(SessionId::SYSTEM, vec![tput("c", "1")]).await.unwrap();
+        p.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn held_writes_wait_and_go_ahead_on_release() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let p = Engine::open(cfg(d.path())).unwrap();
+    rt.block_on(async {
+        let ack = p.write(SessionId::SYSTEM, vec![tput("a", "1")]).await.unwrap();
+        let held_at = p.hold_writes().await.unwrap();
+        assert_eq!(held_at, ack.lsn);
+        assert_eq!(p.status().durable_lsn, held_at);
+        let p2 = p.clone();
+        let waiting =
+            tokio::spawn(async move { p2.write(SessionId::SYSTEM, vec![tput("b", "1")]).await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a held write waits");
+        assert_eq!(p.position().0, held_at, "nothing written while held");
+        p.release_writes().await.unwrap();
+        let b = waiting.await.unwrap().unwrap();
+        assert!(b.lsn > held_at);
+        p.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn held_writes_answer_not_primary_with_the_new_primary_after_a_demotion() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let p = Engine::open(cfg(d.path())).unwrap();
+    rt.block_on(async {
+        p.write(SessionId::SYSTEM, vec![tput("a", "1")]).await.unwrap();
+        let held_at = p.hold_writes().await.unwrap();
+        let p2 = p.clone();
+        let waiting =
+            tokio::spawn(async move { p2.write(SessionId::SYSTEM, vec![tput("b", "1")]).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        p.set_role(Role::Mirror {
+            primary_http: Some("http://n2:7070".into()),
+        })
+        .await
+        .unwrap();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, WriteError::NotPrimary { primary_http: Some(h) } if h == "http://n2:7070"),
+            "{err}"
+        );
+        assert_eq!(p.position().0, held_at);
+        p.shutdown().await.unwrap();
+    });
+}

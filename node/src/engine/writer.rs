@@ -109,6 +109,12 @@ pub(crate) enum Request {
         epoch: u64,
         reply: Reply<(u64, u64)>,
     },
+    /// Hold (`on`) or release client writes: a switchover's pause. Answers
+    /// the last LSN, durable.
+    Hold {
+        on: bool,
+        reply: Reply<u64>,
+    },
     /// Frames from the primary (on a mirror).
     AppendFrames {
         frames: Vec<Vec<u8>>,
@@ -215,7 +221,9 @@ pub(crate) struct Writer {
     pub unavailable: Option<String>,
     pub unjournaled_blob_seq: u64,
     pub lock: Option<LockState>,
-    /// Writes waiting for the lock to be released.
+    /// Client writes are held for a switchover (see [`Request::Hold`]).
+    pub hold: bool,
+    /// Writes waiting for the lock (or the hold) to be released.
     pub held: Vec<Envelope>,
     pub role: super::replica::Role,
     /// The epoch history changed since the last flush.
@@ -261,12 +269,16 @@ impl Writer {
                 reply_err(env.req, e);
                 continue;
             }
+            if env.req.is_client_write() && self.lease_lapsed() {
+                reply_err(env.req, fenced("refused"));
+                continue;
+            }
             if env.req.writes() {
                 if env.deadline <= now {
                     reply_err(env.req, blocked());
                     continue;
                 }
-                if self.lock.is_some() {
+                if self.lock.is_some() || (self.hold && env.req.is_client_write()) {
                     if self.held.len() >= MAX_HELD_REQUESTS {
                         reply_err(
                             env.req,
@@ -350,10 +362,21 @@ impl Writer {
                                 role.clone();
                             self.role = role;
                             let _ = reply.send(Ok(()));
+                            if self.is_mirror() {
+                                // Held writes now answer not_primary with the
+                                // new primary's address.
+                                self.set_hold(false);
+                            }
                         }
                         Request::Promote { epoch, reply } => {
                             let r = self.promote(epoch);
                             let _ = reply.send(r);
+                            self.set_hold(false);
+                        }
+                        Request::Hold { on, reply } => {
+                            let r = self.durable_position();
+                            let _ = reply.send(r);
+                            self.set_hold(on);
                         }
                         Request::AppendFrames { frames, reply } => {
                             let r = self.append_frames(frames);
@@ -576,6 +599,15 @@ impl Writer {
                     "the write is journaled but the data file could not be updated: {e}"
                 )));
             }
+            return;
+        }
+        if self.lease_lapsed() {
+            // Durable here, but the lease ran out meanwhile: another node may
+            // be primary already, so this node does not acknowledge it.
+            for p in pending {
+                p.send_err(fenced("written locally but not acknowledged"));
+            }
+            self.after_batch();
             return;
         }
         metrics::counter!("mirrordb_writes_total").increment(ops_acked);
@@ -1369,7 +1401,7 @@ impl Writer {
             self.resume_held();
             return;
         }
-        if self.lock.is_some() {
+        if self.lock.is_some() || self.hold {
             let now = Instant::now();
             let (expired, waiting): (Vec<_>, Vec<_>) =
                 self.held.drain(..).partition(|e| e.deadline <= now);
@@ -1378,6 +1410,40 @@ impl Writer {
                 reply_err(env.req, blocked());
             }
             self.publish_lock();
+        }
+    }
+
+    /// Whether this node's primary lease has run out.
+    fn lease_lapsed(&self) -> bool {
+        let until = self.shared.lease_until_ms.load(Ordering::Acquire);
+        until != u64::MAX && crate::journal::writer::now_us() / 1000 >= until
+    }
+
+    /// The last LSN, made durable first if it is not yet.
+    fn durable_position(&mut self) -> Result<u64, WriteError> {
+        if let Some(e) = self.journal_error() {
+            return Err(e);
+        }
+        let last = self.journal.last_lsn();
+        if self.shared.durable_lsn.load(Ordering::Acquire) < last {
+            if let Err(e) = self.journal.write_out().and_then(|()| self.journal.sync()) {
+                self.mark_unavailable("journal fdatasync", &e);
+                return Err(WriteError::JournalUnavailable(e.to_string()));
+            }
+            self.shared.durable_lsn.store(last, Ordering::Release);
+            let _ = self.shared.durable_tx.send(last);
+        }
+        Ok(last)
+    }
+
+    fn set_hold(&mut self, on: bool) {
+        if self.hold == on {
+            return;
+        }
+        self.hold = on;
+        tracing::info!(held = self.held.len(), "client writes {}", if on { "held" } else { "released" });
+        if !on {
+            self.resume_held();
         }
     }
 
@@ -1392,7 +1458,9 @@ impl Writer {
         // A mirror journals nothing of its own: its journal must stay the
         // primary's byte for byte, or a restart would resume past an entry
         // of the primary it never received.
-        if self.unavailable.is_none() && !self.is_mirror() {
+        // Nor does a primary whose lease lapsed: its successor may be
+        // writing those LSNs already.
+        if self.unavailable.is_none() && !self.is_mirror() && !self.lease_lapsed() {
             let mut ops: Vec<Op> = self
                 .sessions
                 .drain()
@@ -1430,6 +1498,9 @@ fn reply_err(req: Request, e: WriteError) {
         Request::Promote { reply, .. } => {
             let _ = reply.send(Err(e));
         }
+        Request::Hold { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
         Request::AppendFrames { reply, .. } => {
             let _ = reply.send(Err(e));
         }
@@ -1444,6 +1515,12 @@ fn reply_err(req: Request, e: WriteError) {
         }
         Request::Tick => {}
     }
+}
+
+fn fenced(what: &str) -> WriteError {
+    WriteError::Fenced(format!(
+        "this node's primary lease lapsed: the write was {what}; it takes no writes until the cluster confirms it as primary or names another"
+    ))
 }
 
 fn blocked() -> WriteError {
