@@ -10,7 +10,7 @@
 //! Failover (DESIGN §8):
 //!
 //! ```text
-//!  leader for ≥ lease_ttl ─┐
+//!  leader, own-term entry applied, for ≥ settle ─┐
 //!  lease.expires_at + margin < now ─┼─► best candidate ─► Propose(Promote{c, epoch+1, c.flushed+1})
 //!  candidate: reachable data node, not nofailover, not the lapsed primary,
 //!             async: lag ≤ max_lag_on_failover; quorum: member of sync_set
@@ -48,8 +48,11 @@ use crate::{Epoch, Lsn, NodeId};
 /// Controller settings, all in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControllerConfig {
-    /// Lease length, also the wait of a new leader before it may promote.
+    /// Lease length.
     pub lease_ttl_ms: u64,
+    /// How long a new leader gathers position reports before it may
+    /// promote (so that it picks among fresh reports, not the first one).
+    pub settle_ms: u64,
     /// Extra wait after a lease's expiry.
     pub failover_margin_ms: u64,
     /// A report older than this counts as unreachable.
@@ -65,6 +68,7 @@ impl From<&Timing> for ControllerConfig {
     fn from(t: &Timing) -> Self {
         ControllerConfig {
             lease_ttl_ms: t.lease_ttl_ms,
+            settle_ms: t.heartbeat_ms.saturating_mul(3),
             failover_margin_ms: t.failover_margin_ms,
             report_max_age_ms: t.lease_ttl_ms,
             retry_after_ms: t.lease_ttl_ms,
@@ -130,7 +134,7 @@ impl fmt::Display for ReadOnlyReason {
 pub enum Status {
     /// This node is not the Raft leader; another node's controller acts.
     NotLeader,
-    /// Just became leader: waits one lease before it may promote.
+    /// Just became leader: gathers reports before it may promote.
     WaitingForLease {
         /// When it may act.
         until_ms: u64,
@@ -172,10 +176,9 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Status::NotLeader => f.write_str("not the raft leader"),
-            Status::WaitingForLease { until_ms } => write!(
-                f,
-                "new raft leader: waiting until {until_ms} ms for any old lease to lapse"
-            ),
+            Status::WaitingForLease { until_ms } => {
+                write!(f, "new raft leader: gathering reports until {until_ms} ms")
+            }
             Status::Healthy { primary, epoch } => {
                 write!(f, "primary {primary} in epoch {epoch} holds its lease")
             }
@@ -300,6 +303,11 @@ impl Controller {
     }
 
     /// Raft leadership changed (or was confirmed) at `now_ms`.
+    ///
+    /// `is_leader` may be true only once the leader has applied an entry of
+    /// its own `term` (openraft commits a blank one on election): only then
+    /// does its state hold every lease renewal an earlier leader committed,
+    /// so a lease it sees as lapsed has lapsed.
     pub fn handle_leadership(&mut self, is_leader: bool, term: u64, now_ms: u64) {
         if is_leader && (!self.is_leader || term != self.term) {
             self.leader_since_ms = now_ms;
@@ -420,9 +428,7 @@ impl Controller {
         let Some(state) = self.state.clone() else {
             return;
         };
-        let until_ms = self
-            .leader_since_ms
-            .saturating_add(self.config.lease_ttl_ms);
+        let until_ms = self.leader_since_ms.saturating_add(self.config.settle_ms);
         if now_ms < until_ms {
             self.set_status(Status::WaitingForLease { until_ms });
             return;
@@ -549,7 +555,11 @@ impl Controller {
             .filter(|(n, m)| m.role == Role::Data && !m.nofailover && Some(*n) != exclude)
             .filter(|(n, _)| self.is_fresh(n, now_ms))
             .filter_map(|(n, _)| self.reports.get(n))
-            .filter(|r| r.epoch <= state.epoch && r.flushed_lsn.next() >= epoch_start)
+            // A fresh cluster's nodes start their journals at epoch 1.
+            .filter(|r| {
+                (r.epoch <= state.epoch || state.epoch_history.is_empty())
+                    && r.flushed_lsn.next() >= epoch_start
+            })
             .collect()
     }
 
@@ -557,6 +567,8 @@ impl Controller {
         let lapsed = state.primary.as_ref();
         let eligible = self.eligible(state, lapsed, now_ms);
         let max_lag = match state.commit_policy.mode {
+            // No primary ever: nothing was acknowledged, any node will do.
+            _ if state.epoch_history.is_empty() => Some(u64::MAX),
             CommitMode::Async {
                 max_lag_on_failover,
             } => Some(max_lag_on_failover),
@@ -622,6 +634,7 @@ mod tests {
 
     const TTL: u64 = 1000;
     const MARGIN: u64 = 250;
+    const SETTLE: u64 = 300;
 
     fn n(s: &str) -> NodeId {
         NodeId::from(s)
@@ -630,6 +643,7 @@ mod tests {
     fn config() -> ControllerConfig {
         ControllerConfig {
             lease_ttl_ms: TTL,
+            settle_ms: SETTLE,
             failover_margin_ms: MARGIN,
             report_max_age_ms: 1000,
             retry_after_ms: 1000,
@@ -895,6 +909,34 @@ mod tests {
     }
 
     #[test]
+    fn the_first_primary_of_a_quorum_cluster_needs_no_sync_set() {
+        let mut s = ClusterState::default();
+        for name in ["n1", "n2", "n3"] {
+            s.apply(&ClusterCommand::AddMember {
+                node: n(name),
+                member: Member {
+                    role: Role::Data,
+                    raft_addr: format!("{name}:7000"),
+                    http_addr: format!("{name}:7070"),
+                    nofailover: false,
+                },
+            })
+            .unwrap();
+        }
+        s.apply(&ClusterCommand::SetCommitPolicy {
+            policy: CommitPolicy::parse("quorum:1", "strict").unwrap(),
+        })
+        .unwrap();
+        let mut c = leader(&s);
+        // Fresh journals are at epoch 1 while the cluster's is 0.
+        for name in ["n1", "n2", "n3"] {
+            c.handle_report(report(name, 1, 0, 2200));
+        }
+        c.handle_tick(AFTER_LAPSE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n1"));
+    }
+
+    #[test]
     fn degraded_quorum_mode_falls_back_to_async_choice() {
         let mut s = quorum_state();
         s.apply(&ClusterCommand::MarkDegraded {
@@ -924,25 +966,25 @@ mod tests {
     }
 
     #[test]
-    fn new_leader_waits_a_full_lease_ttl() {
+    fn new_leader_gathers_reports_before_it_promotes() {
         let s = state();
         let mut c = Controller::new(config());
         c.handle_state(&s);
         c.handle_report(report("n2", 1, 10, 5000));
-        // Elected long after the lease lapsed: it still cannot know that no
-        // renewal was committed under the previous leader, so it waits.
+        // Elected long after the lease lapsed: it first hears from every
+        // reachable node so that it does not promote the first to answer.
         c.handle_leadership(true, 7, 5000);
         c.handle_tick(5000);
-        c.handle_tick(5000 + TTL - 1);
+        c.handle_tick(5000 + SETTLE - 1);
         assert!(proposals(&mut c).is_empty());
         assert_eq!(
             c.status(),
             &Status::WaitingForLease {
-                until_ms: 5000 + TTL
+                until_ms: 5000 + SETTLE
             }
         );
-        c.handle_report(report("n2", 1, 10, 5000 + TTL));
-        c.handle_tick(5000 + TTL);
+        c.handle_report(report("n2", 1, 10, 5000 + SETTLE));
+        c.handle_tick(5000 + SETTLE);
         assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
     }
 
@@ -1301,7 +1343,7 @@ mod tests {
                         let since = leader_since.expect("only a leader emits");
                         if let Action::Propose(cmd @ ClusterCommand::Promote { .. }) = &a {
                             let ClusterCommand::Promote { node, .. } = cmd else { unreachable!() };
-                            prop_assert!(now >= since + TTL, "promoted {}ms after election", now - since);
+                            prop_assert!(now >= since + SETTLE, "promoted {}ms after election", now - since);
                             let m = &s.members[node];
                             prop_assert_eq!(m.role, Role::Data);
                             prop_assert!(!m.nofailover);

@@ -358,7 +358,15 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         let (is_leader, term) = {
             let m = self.raft.metrics();
             let m = m.borrow();
-            (m.current_leader == Some(self.id), m.current_term)
+            // A leader acts only once it applied an entry of its own term:
+            // then its state holds every lease renewal committed before it.
+            let caught_up = m
+                .last_applied
+                .is_some_and(|l| l.leader_id.term == m.current_term);
+            (
+                m.current_leader == Some(self.id) && caught_up,
+                m.current_term,
+            )
         };
         self.controller.handle_leadership(is_leader, term, now);
         if !is_leader {
