@@ -5,14 +5,19 @@
 //! [cluster]
 //! node_id = "n2"
 //! certs_dir = "/etc/mirrordb/cluster"   # ca.pem, n2.pem, n2.key
-//! primary = "n1"
+//! failover = true                       # Raft elects the primary (default)
+//! # primary = "n1"                      # only with failover = false
 //! commit_policy = "quorum:1"            # async | quorum:K | remote_apply:K
 //! on_unavailable = "degrade"            # degrade | strict
 //!
+//! [cluster.timing]                      # all optional, milliseconds
+//! lease_ttl_ms = 1000
+//!
 //! [[cluster.members]]
 //! id = "n1"
-//! addr = "127.0.0.1:7101"               # QUIC (replication)
+//! addr = "127.0.0.1:7101"               # QUIC (replication and Raft)
 //! http = "http://127.0.0.1:7071"        # HTTP API, for not_primary redirects
+//! role = "data"                         # data | witness
 //! ```
 //!
 //! Every key is checked at start-up ([`ClusterSection::validate`]); unknown
@@ -146,6 +151,83 @@ pub struct MemberConfig {
     pub addr: String,
     /// HTTP API base URL, e.g. `http://127.0.0.1:7071`.
     pub http: String,
+    /// `data` (holds the database) or `witness` (votes, holds no data,
+    /// never primary).
+    #[serde(default, skip_serializing_if = "MemberRole::is_data")]
+    pub role: MemberRole,
+    /// Never make this node primary, neither on failover nor by switchover
+    /// (a mirror kept for reads or backups).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nofailover: bool,
+}
+
+/// What a member is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRole {
+    /// Holds the database; may be primary.
+    #[default]
+    Data,
+    /// Votes in Raft only.
+    Witness,
+}
+
+impl MemberRole {
+    fn is_data(&self) -> bool {
+        *self == MemberRole::Data
+    }
+}
+
+/// `[cluster.timing]`: the control plane's timings in milliseconds (see
+/// `failover::Timing`); every key optional.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingConfig {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    pub lease_renew_ms: u64,
+    pub lease_ttl_ms: u64,
+    pub failover_margin_ms: u64,
+    pub max_clock_skew_ms: u64,
+    pub switchover_timeout_ms: u64,
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        TimingConfig::from(mirrordb_failover::Timing::default())
+    }
+}
+
+impl From<mirrordb_failover::Timing> for TimingConfig {
+    fn from(t: mirrordb_failover::Timing) -> Self {
+        TimingConfig {
+            heartbeat_ms: t.heartbeat_ms,
+            election_min_ms: t.election_min_ms,
+            election_max_ms: t.election_max_ms,
+            lease_renew_ms: t.lease_renew_ms,
+            lease_ttl_ms: t.lease_ttl_ms,
+            failover_margin_ms: t.failover_margin_ms,
+            max_clock_skew_ms: t.max_clock_skew_ms,
+            switchover_timeout_ms: t.switchover_timeout_ms,
+        }
+    }
+}
+
+impl TimingConfig {
+    /// The failover crate's timings.
+    pub fn timing(&self) -> mirrordb_failover::Timing {
+        mirrordb_failover::Timing {
+            heartbeat_ms: self.heartbeat_ms,
+            election_min_ms: self.election_min_ms,
+            election_max_ms: self.election_max_ms,
+            lease_renew_ms: self.lease_renew_ms,
+            lease_ttl_ms: self.lease_ttl_ms,
+            failover_margin_ms: self.failover_margin_ms,
+            max_clock_skew_ms: self.max_clock_skew_ms,
+            switchover_timeout_ms: self.switchover_timeout_ms,
+        }
+    }
 }
 
 /// `[cluster]`.
@@ -156,8 +238,24 @@ pub struct ClusterSection {
     pub node_id: String,
     /// Directory with `ca.pem`, `<node_id>.pem`, `<node_id>.key`.
     pub certs_dir: PathBuf,
-    /// The node that is primary (until the failover issue elects one).
-    pub primary: String,
+    /// Whether the Raft control plane elects the primary and fails over
+    /// (default). With `false` the primary is the fixed `primary` key.
+    #[serde(default = "default_true")]
+    pub failover: bool,
+    /// The fixed primary when `failover = false`; not allowed otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Async mode: most entries a mirror may lag behind the primary and
+    /// still be promoted automatically (what async may lose, at most).
+    #[serde(default = "default_max_lag")]
+    pub max_lag_on_failover: u64,
+    /// Control-plane timings.
+    #[serde(default)]
+    pub timing: TimingConfig,
+    /// This node joins a running cluster (`mirrordb cluster add`) instead
+    /// of forming one with the other members on first start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
     /// UDP address the QUIC endpoint binds; default: this member's `addr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
@@ -178,6 +276,12 @@ pub struct ClusterSection {
     pub members: Vec<MemberConfig>,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_max_lag() -> u64 {
+    mirrordb_failover::state::DEFAULT_MAX_LAG_ON_FAILOVER
+}
 fn default_policy() -> CommitPolicy {
     CommitPolicy::Quorum(1)
 }
@@ -197,9 +301,49 @@ impl ClusterSection {
         self.members.iter().find(|m| m.id == id)
     }
 
-    /// Whether this node is the configured primary.
+    /// Whether this node is the fixed primary (`failover = false`).
     pub fn is_primary(&self) -> bool {
-        self.node_id == self.primary
+        !self.failover && self.primary.as_deref() == Some(self.node_id.as_str())
+    }
+
+    /// This node's member entry.
+    pub fn me(&self) -> Option<&MemberConfig> {
+        self.member(&self.node_id)
+    }
+
+    /// Whether this node is a witness.
+    pub fn is_witness(&self) -> bool {
+        self.me().is_some_and(|m| m.role == MemberRole::Witness)
+    }
+
+    /// The data members other than this node.
+    pub fn data_peers(&self) -> impl Iterator<Item = &MemberConfig> {
+        self.members
+            .iter()
+            .filter(|m| m.id != self.node_id && m.role == MemberRole::Data)
+    }
+
+    /// The commit policy as the control plane records it.
+    pub fn state_policy(&self) -> mirrordb_failover::state::CommitPolicy {
+        use mirrordb_failover::state as st;
+        let mode = match self.commit_policy {
+            CommitPolicy::Async => st::CommitMode::Async {
+                max_lag_on_failover: self.max_lag_on_failover,
+            },
+            CommitPolicy::Quorum(k) => st::CommitMode::Quorum {
+                k: u32::try_from(k).unwrap_or(u32::MAX),
+            },
+            CommitPolicy::RemoteApply(k) => st::CommitMode::RemoteApply {
+                k: u32::try_from(k).unwrap_or(u32::MAX),
+            },
+        };
+        st::CommitPolicy {
+            mode,
+            on_unavailable: match self.on_unavailable {
+                OnUnavailable::Strict => st::OnUnavailable::Strict,
+                OnUnavailable::Degrade => st::OnUnavailable::Degrade,
+            },
+        }
     }
 
     /// Cross-key checks.
@@ -242,13 +386,41 @@ impl ClusterSection {
                 self.node_id
             ));
         }
-        if self.member(&self.primary).is_none() {
-            return bad(format!(
-                "cluster.primary {:?} is not one of cluster.members",
-                self.primary
-            ));
+        match (&self.primary, self.failover) {
+            (Some(p), false) => match self.member(p) {
+                None => {
+                    return bad(format!(
+                        "cluster.primary {p:?} is not one of cluster.members"
+                    ));
+                }
+                Some(m) if m.role == MemberRole::Witness => {
+                    return bad(format!("cluster.primary {p:?} is a witness"));
+                }
+                Some(_) => {}
+            },
+            (None, false) => {
+                return bad("cluster.primary is required when cluster.failover = false".into());
+            }
+            (Some(_), true) => {
+                return bad(
+                    "cluster.primary is only for cluster.failover = false: with failover the cluster elects its primary"
+                        .into(),
+                );
+            }
+            (None, true) => {}
         }
-        let mirrors = self.members.len() - 1;
+        if !self.failover && self.members.iter().any(|m| m.role == MemberRole::Witness) {
+            return bad("cluster.members: a witness needs cluster.failover = true".into());
+        }
+        if let Err(e) = self.timing.timing().validate() {
+            return bad(format!("cluster.timing: {e}"));
+        }
+        let mirrors = self
+            .members
+            .iter()
+            .filter(|m| m.role == MemberRole::Data)
+            .count()
+            .saturating_sub(1);
         if self.commit_policy.mirrors_needed() > mirrors {
             return bad(format!(
                 "cluster.commit_policy {} needs more mirrors than the {mirrors} the cluster has",
@@ -306,7 +478,11 @@ mod tests {
         let section = ClusterSection {
             node_id: "n1".into(),
             certs_dir: "/c".into(),
-            primary: "n1".into(),
+            failover: true,
+            primary: Some("n1".into()),
+            max_lag_on_failover: default_max_lag(),
+            timing: TimingConfig::default(),
+            join: true,
             listen: Some("127.0.0.1:1".into()),
             commit_policy: default_policy(),
             on_unavailable: default_on_unavailable(),
@@ -316,12 +492,20 @@ mod tests {
                 id: "n1".into(),
                 addr: "127.0.0.1:1".into(),
                 http: "http://127.0.0.1:2".into(),
+                role: MemberRole::Witness,
+                nofailover: true,
             }],
         };
         let value: toml::Table = toml::from_str(&toml::to_string(&section).unwrap()).unwrap();
         for (key, v) in &value {
             let full = format!("`cluster.{key}`");
             assert!(docs.contains(&full), "docs/config.md lacks {full}");
+            if let toml::Value::Table(t) = v {
+                for k in t.keys() {
+                    let full = format!("`cluster.{key}.{k}`");
+                    assert!(docs.contains(&full), "docs/config.md lacks {full}");
+                }
+            }
             if let toml::Value::Array(a) = v {
                 for t in a.iter().filter_map(|m| m.as_table()) {
                     for k in t.keys() {
