@@ -190,6 +190,31 @@ impl AckTracker {
             .count()
     }
 
+    /// How many of `set` have flushed (or, with `applied`, applied) `lsn`.
+    pub fn count_in(
+        &self,
+        set: &std::collections::BTreeSet<NodeId>,
+        lsn: Lsn,
+        applied: bool,
+    ) -> usize {
+        let inner = self.lock();
+        set.iter()
+            .filter_map(|n| inner.mirrors.get(n))
+            .filter(|p| {
+                if applied {
+                    p.applied_lsn >= lsn
+                } else {
+                    p.flushed_lsn >= lsn
+                }
+            })
+            .count()
+    }
+
+    /// Changes whenever a mirror reports or (dis)connects.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// Waits until `k` mirrors have flushed (fsynced) `lsn`, or `deadline`:
     /// the `quorum` commit policy.
     pub async fn wait_for(

@@ -92,6 +92,12 @@ struct State {
 pub struct CommitGate {
     tracker: Arc<AckTracker>,
     mirrors: Vec<NodeId>,
+    /// With automatic failover: which mirrors count, and how a degrade is
+    /// recorded in the cluster state.
+    sync: Option<SyncRule>,
+    /// Highest LSN acknowledged under the policy (a mirror joining the
+    /// sync set must hold it).
+    acked: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
     /// Serialises writes of the record file.
     file: Mutex<PathBuf>,
@@ -99,6 +105,32 @@ pub struct CommitGate {
     degrade_after: Duration,
     /// The durable LSN at the previous recovery check.
     sampled: Mutex<Option<Lsn>>,
+}
+
+/// A future answering whether the cluster state recorded something.
+pub type Recorded = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// The quorum rule under automatic failover (DESIGN §8). Only members of
+/// the **sync set** recorded in the cluster state count towards `k`, so the
+/// controller knows which mirrors hold every acknowledged write; and before
+/// the primary acknowledges a write without them (`degrade`) it records
+/// that in the cluster state, so the controller stops relying on the set.
+#[derive(Clone)]
+pub struct SyncRule {
+    /// The committed sync set.
+    pub set: tokio::sync::watch::Receiver<std::collections::BTreeSet<NodeId>>,
+    /// Proposes `MarkDegraded{from_lsn}`; `Ok` once committed.
+    pub mark_degraded: Arc<dyn Fn(Lsn) -> Recorded + Send + Sync>,
+    /// Proposes `ClearDegraded` (best effort).
+    pub clear_degraded: Arc<dyn Fn() -> Recorded + Send + Sync>,
+}
+
+impl std::fmt::Debug for SyncRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncRule")
+            .field("set", &*self.set.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -156,6 +188,8 @@ impl CommitGate {
         Ok(CommitGate {
             tracker,
             mirrors,
+            sync: None,
+            acked: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
                 policy,
                 on_unavailable,
@@ -166,6 +200,24 @@ impl CommitGate {
             degrade_after,
             sampled: Mutex::new(None),
         })
+    }
+
+    /// Counts only the sync set's mirrors and records degrades in the
+    /// cluster state (automatic failover).
+    #[must_use]
+    pub fn with_sync_rule(mut self, rule: SyncRule) -> Self {
+        self.sync = Some(rule);
+        self
+    }
+
+    /// Highest LSN acknowledged under a quorum policy so far.
+    pub fn acked_lsn(&self) -> Lsn {
+        Lsn(self.acked.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// The mirrors of this primary.
+    pub fn mirrors(&self) -> &[NodeId] {
+        &self.mirrors
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -227,11 +279,35 @@ impl CommitGate {
         deadline: Instant,
     ) -> Result<(), usize> {
         let k = policy.mirrors_needed();
-        let r = match policy {
-            CommitPolicy::RemoteApply(_) => self.tracker.wait_for_applied(k, lsn, deadline).await,
-            _ => self.tracker.wait_for(k, lsn, deadline).await,
+        let applied = matches!(policy, CommitPolicy::RemoteApply(_));
+        if let Some(rule) = &self.sync {
+            let mut set = rule.set.clone();
+            let mut changed = self.tracker.subscribe();
+            loop {
+                changed.borrow_and_update();
+                let members = set.borrow_and_update().clone();
+                let reached = self.tracker.count_in(&members, lsn, applied);
+                if reached >= k {
+                    return Ok(());
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return Err(reached) },
+                    r = set.changed() => if r.is_err() { return Err(reached) },
+                    () = tokio::time::sleep_until(deadline.into()) => return Err(reached),
+                }
+            }
+        }
+        let r = if applied {
+            self.tracker.wait_for_applied(k, lsn, deadline).await
+        } else {
+            self.tracker.wait_for(k, lsn, deadline).await
         };
         r.map_err(|t| t.reached)
+    }
+
+    fn note_acked(&self, lsn: Lsn) {
+        self.acked
+            .fetch_max(lsn.0, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Waits until the write at `lsn` (durable on the primary) may be
@@ -254,7 +330,10 @@ impl CommitGate {
             OnUnavailable::Degrade => self.degrade_after,
         };
         match self.wait_met(policy, lsn, start + limit).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.note_acked(lsn);
+                Ok(())
+            }
             Err(reached) => match on_unavailable {
                 OnUnavailable::Strict => {
                     metrics::counter!("mirrordb_commit_blocked_total").increment(1);
@@ -267,7 +346,19 @@ impl CommitGate {
                     })
                 }
                 OnUnavailable::Degrade => {
+                    if let Some(rule) = &self.sync
+                        && !self.degraded()
+                    {
+                        // The controller must know before anything is
+                        // acknowledged without the sync set.
+                        (rule.mark_degraded)(lsn).await.map_err(|e| {
+                            CommitError::Record(format!(
+                                "cannot record the degrade in the cluster state: {e}"
+                            ))
+                        })?;
+                    }
                     self.degrade(lsn, policy, reached)?;
+                    self.note_acked(lsn);
                     metrics::counter!("mirrordb_commit_degraded_acks_total").increment(1);
                     Ok(())
                 }
@@ -341,13 +432,25 @@ impl CommitGate {
             return;
         }
         let k = policy.mirrors_needed();
-        let reached = if let CommitPolicy::RemoteApply(_) = policy {
-            self.applied_count(target)
-        } else {
-            self.tracker.count_flushed(target)
+        let reached = match &self.sync {
+            Some(rule) => {
+                let set = rule.set.borrow().clone();
+                self.tracker
+                    .count_in(&set, target, matches!(policy, CommitPolicy::RemoteApply(_)))
+            }
+            None if matches!(policy, CommitPolicy::RemoteApply(_)) => self.applied_count(target),
+            None => self.tracker.count_flushed(target),
         };
         if reached < k {
             return;
+        }
+        if let Some(rule) = &self.sync {
+            let clear = (rule.clear_degraded)();
+            tokio::spawn(async move {
+                if let Err(e) = clear.await {
+                    tracing::warn!(error = %e, "cannot record the end of the degrade in the cluster state");
+                }
+            });
         }
         let path = self
             .file
