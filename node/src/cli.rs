@@ -45,6 +45,9 @@ pub enum Command {
     /// configurations; `cluster status` shows a node's view.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Planned switchover: hold writes, let the target catch up, promote
+    /// it, demote the old primary (no acknowledged write is lost).
+    Switchover(crate::cluster::init::SwitchoverArgs),
     /// Flush the data file and hold new writes (for an external snapshot)
     /// until `unlock` or the lease lapses.
     Lock(LockArgs),
@@ -208,6 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Cluster(ClusterCommand::Status(a)) => Ok(crate::cluster::init::status(a).await),
+        Command::Switchover(a) => Ok(crate::cluster::init::switchover(a).await),
         Command::Lock(a) => {
             let mut body = serde_json::json!({ "lease": a.lease });
             if let Some(o) = &a.owner {

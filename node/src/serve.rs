@@ -119,11 +119,8 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
         None => (crate::cluster::SharedEngine::new(engine.clone()), None),
     };
     let state = ApiState::with_shared(shared.clone(), cfg);
-    if let Some(gate) = cluster.as_ref().and_then(|c| c.gate()) {
-        state.set_commit_gate(gate.clone());
-    }
-    if let Some(tracker) = cluster.as_ref().and_then(|c| c.tracker()) {
-        state.set_replication_tracker(tracker.clone());
+    if let Some(c) = &cluster {
+        state.set_cluster(c.clone());
     }
     let mut app = api::router(state.clone());
     match &cluster {

@@ -77,29 +77,31 @@ struct StateInner {
     blob_uploads: Arc<tokio::sync::Semaphore>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     backups: crate::backup::BackupService,
-    /// A cluster primary's commit gate, for the `commit_degraded` flag of
-    /// `/health` (set by `serve` once the cluster is up).
-    commit_gate: std::sync::OnceLock<Arc<crate::cluster::policy::CommitGate>>,
-    /// A cluster primary's view of its mirrors, published at each scrape.
-    replication: std::sync::OnceLock<Arc<mirrordb_replication::AckTracker>>,
+    /// The cluster side (set by `serve` once it is up): its commit gate
+    /// gives `/health`'s `commit_degraded`, its tracker the mirrors' lag at
+    /// each `/metrics` scrape, whenever this node is primary.
+    cluster: std::sync::OnceLock<crate::cluster::ClusterNode>,
 }
 
 impl ApiState {
-    /// Lets `/health` report when a cluster primary's commit policy has
-    /// degraded to async. Set once; later calls are ignored.
-    pub fn set_commit_gate(&self, gate: Arc<crate::cluster::policy::CommitGate>) {
-        let _ = self.inner.commit_gate.set(gate);
-    }
-
-    /// Lets `/metrics` publish the mirrors' lag at each scrape (cluster
-    /// primaries). Set once; later calls are ignored.
-    pub fn set_replication_tracker(&self, tracker: Arc<mirrordb_replication::AckTracker>) {
-        let _ = self.inner.replication.set(tracker);
+    /// Attaches the cluster side. Set once; later calls are ignored.
+    pub fn set_cluster(&self, node: crate::cluster::ClusterNode) {
+        let _ = self.inner.cluster.set(node);
     }
 
     /// Whether the commit policy has degraded to async (cluster primaries).
     pub fn commit_degraded(&self) -> bool {
-        self.inner.commit_gate.get().is_some_and(|g| g.degraded())
+        self.inner
+            .cluster
+            .get()
+            .and_then(|c| c.gate())
+            .is_some_and(|g| g.degraded())
+    }
+
+    /// The primary's per-mirror acknowledgements, while this node is a
+    /// cluster primary.
+    pub fn replication_tracker(&self) -> Option<Arc<mirrordb_replication::AckTracker>> {
+        self.inner.cluster.get().and_then(|c| c.tracker())
     }
 
     /// State for a node running `engine` with the `[node]` and `[api]`
@@ -130,8 +132,7 @@ impl ApiState {
                 blob_uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_BLOB_UPLOADS)),
                 metrics: crate::metrics::handle(),
                 backups,
-                commit_gate: std::sync::OnceLock::new(),
-                replication: std::sync::OnceLock::new(),
+                cluster: std::sync::OnceLock::new(),
             }),
         }
     }

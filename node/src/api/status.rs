@@ -94,8 +94,8 @@ pub async fn status(st: St) -> Response {
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(st: St) -> Response {
     let State(st) = st;
-    if let Some(t) = st.inner.replication.get() {
-        crate::cluster::runtime::publish_lag_gauges(t, std::time::Instant::now());
+    if let Some(t) = st.replication_tracker() {
+        crate::cluster::runtime::publish_lag_gauges(&t, std::time::Instant::now());
     }
     (
         StatusCode::OK,

@@ -6,6 +6,7 @@
 //! | `GET /mirror?max_lag_ms=` | 200 only on a mirror within that lag (public probe) |
 //! | `GET /v1/cluster` | members, role, positions, per-mirror lag, commit policy |
 //! | `PUT /v1/cluster/commit-policy` | `{"commit_policy": "quorum:1", "on_unavailable"?: "strict"}` (admin) |
+//! | `POST /v1/cluster/switchover` | `{"to"?: "n2"}` (admin): planned switchover, run by the Raft leader (forwarded there) |
 //!
 //! and [`gate`], a middleware on the data paths (`/v1/tables…`,
 //! `/v1/transactions`):
@@ -29,7 +30,7 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use mirrordb_replication::Lsn;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -44,6 +45,7 @@ pub fn wrap(node: ClusterNode, api: Router, api_state: ApiState) -> Router {
     let protected = Router::new()
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/commit-policy", put(set_commit_policy))
+        .route("/v1/cluster/switchover", post(switchover))
         .layer(middleware::from_fn_with_state(api_state, auth::authorize))
         .with_state(node.clone());
     let public = Router::new()
@@ -376,8 +378,135 @@ pub async fn set_commit_policy(State(node): State<ClusterNode>, body: Body) -> R
     if let Err(m) = gate.set_policy(b.commit_policy, on) {
         return ApiError::invalid(m).into_response();
     }
+    if let Some(f) = node.failover() {
+        // The controller chooses candidates by the recorded policy.
+        let mut section = node.section().clone();
+        section.commit_policy = b.commit_policy;
+        section.on_unavailable = on;
+        let cmd = mirrordb_failover::state::ClusterCommand::SetCommitPolicy {
+            policy: section.state_policy(),
+        };
+        match f.handle().propose(cmd).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(r)) => return ApiError::invalid(r.to_string()).into_response(),
+            Err(e) => {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the policy applies on this primary but could not be recorded in the cluster state: {e}")).into_response();
+            }
+        }
+    }
     json_ok(&node.status())
 }
+
+/// Most bytes of a switchover request body.
+const MAX_SWITCHOVER_BODY: usize = 1024;
+/// How long a forwarded control request may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchoverBody {
+    to: Option<String>,
+}
+
+/// The answer to a switchover request.
+#[derive(Debug, Serialize)]
+struct SwitchoverAnswer {
+    /// The node being promoted.
+    target: String,
+    /// The Raft leader that runs it.
+    leader: String,
+}
+
+/// Sends a control request on to the Raft leader's HTTP API.
+async fn forward_to_leader(
+    leader_http: &str,
+    path: &str,
+    authz: Option<HeaderValue>,
+    body: bytes::Bytes,
+) -> Response {
+    let url = format!("{}{path}", leader_http.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let mut req = client
+        .post(&url)
+        .timeout(FORWARD_TIMEOUT)
+        .header(FORWARDED_HEADER, "1")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body);
+    if let Some(a) = authz {
+        req = req.header(header::AUTHORIZATION, a);
+    }
+    match req.send().await {
+        Ok(r) => {
+            let status =
+                StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            match r.bytes().await {
+                Ok(b) => (status, [(header::CONTENT_TYPE, "application/json")], b).into_response(),
+                Err(e) => unavailable(
+                    "unavailable",
+                    format!("the Raft leader at {leader_http} answered incompletely: {e}"),
+                ),
+            }
+        }
+        Err(e) => unavailable(
+            "unavailable",
+            format!("cannot reach the Raft leader at {leader_http}: {e}"),
+        ),
+    }
+}
+
+/// `POST /v1/cluster/switchover`.
+pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Response {
+    let Some(f) = node.failover() else {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "failover_off",
+            "this cluster has a fixed primary (cluster.failover = false): change cluster.primary and restart instead".to_owned(),
+        )
+        .into_response();
+    };
+    let authz = req.headers().get(header::AUTHORIZATION).cloned();
+    let forwarded = req.headers().contains_key(FORWARDED_HEADER);
+    let bytes = match axum::body::to_bytes(req.into_body(), MAX_SWITCHOVER_BODY).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::too_large(None, MAX_SWITCHOVER_BODY as u64).into_response(),
+    };
+    let body: SwitchoverBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        SwitchoverBody::default()
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(b) => b,
+            Err(e) => return ApiError::invalid(format!("bad body: {e}")).into_response(),
+        }
+    };
+    if !f.is_leader() {
+        let Some((leader, Some(http))) = f.leader() else {
+            return unavailable(
+                "no_leader",
+                "no Raft leader is known right now; retry in a second".to_owned(),
+            );
+        };
+        if forwarded {
+            return unavailable(
+                "no_leader",
+                format!("{leader} is not the Raft leader any more; retry"),
+            );
+        }
+        return forward_to_leader(&http, "/v1/cluster/switchover", authz, bytes).await;
+    }
+    let target = body.to.map(mirrordb_failover::NodeId);
+    match f.handle().switchover(target).await {
+        Ok(t) => json_ok(&SwitchoverAnswer {
+            target: t.0,
+            leader: node.section().node_id.clone(),
+        }),
+        Err(e) => {
+            ApiError::new(StatusCode::CONFLICT, "switchover_refused", e.to_string()).into_response()
+        }
+    }
+}
+
+/// Marks a request forwarded once (no forwarding loops).
+const FORWARDED_HEADER: &str = "x-mirrordb-forwarded";
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -28,9 +28,16 @@ pub const CA_PRIVATE_DIR: &str = "ca-private";
 #[derive(Debug, Clone, clap::Args)]
 pub struct InitArgs {
     /// Members and their replication (QUIC) addresses: `n1=HOST:PORT,n2=…`.
-    /// The first one listed starts as primary.
+    /// With failover the cluster elects its primary (on a fresh cluster the
+    /// lowest name); with `--no-failover` the first one listed is primary.
     #[arg(long, required = true)]
     pub nodes: String,
+    /// Members that are witnesses (vote, hold no data): `n3` or `n3,n4`.
+    #[arg(long, default_value = "")]
+    pub witness: String,
+    /// A fixed primary (the first of `--nodes`) and no automatic failover.
+    #[arg(long)]
+    pub no_failover: bool,
     /// HTTP API addresses: `n1=IP:PORT,n2=…` (every node).
     #[arg(long, required = true)]
     pub http: String,
@@ -87,7 +94,9 @@ pub struct InitReport {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct InitNode {
     pub id: String,
+    /// The fixed primary (`--no-failover` only).
     pub primary: bool,
+    pub witness: bool,
     pub config: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -207,6 +216,8 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
             id: id.clone(),
             addr: addr.clone(),
             http: url.clone(),
+            role: super::config::MemberRole::Data,
+            nofailover: false,
         })
         .collect();
     let tokens = if need_tokens {
@@ -240,6 +251,34 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
     }
 
     let primary = nodes[0].0.clone();
+    let witnesses: Vec<String> = a
+        .witness
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for w in &witnesses {
+        if !nodes.iter().any(|(n, _)| n == w) {
+            return Err(InitError::Args(format!(
+                "--witness names {w}, which --nodes does not list"
+            )));
+        }
+    }
+    if a.no_failover && !witnesses.is_empty() {
+        return Err(InitError::Args(
+            "--witness needs failover (drop --no-failover)".into(),
+        ));
+    }
+    let members: Vec<MemberConfig> = members
+        .into_iter()
+        .map(|mut m| {
+            if witnesses.contains(&m.id) {
+                m.role = super::config::MemberRole::Witness;
+            }
+            m
+        })
+        .collect();
     let mut configs = Vec::new();
     for ((id, _), (_, listen, _)) in nodes.iter().zip(&listens) {
         let mut cfg = Config::default();
@@ -259,7 +298,11 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
         cfg.cluster = Some(ClusterSection {
             node_id: id.clone(),
             certs_dir: out.clone(),
-            primary: primary.clone(),
+            failover: !a.no_failover,
+            primary: a.no_failover.then(|| primary.clone()),
+            max_lag_on_failover: mirrordb_failover::state::DEFAULT_MAX_LAG_ON_FAILOVER,
+            timing: super::config::TimingConfig::default(),
+            join: false,
             listen: None,
             commit_policy: a.commit_policy,
             on_unavailable: a.on_unavailable,
@@ -311,7 +354,8 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
         write_new(&config, &format!("{header}{text}"))?;
         report.nodes.push(InitNode {
             id: id.clone(),
-            primary: *id == primary,
+            primary: a.no_failover && *id == primary,
+            witness: witnesses.contains(id),
             config,
             cert: out.join(format!("{id}.pem")),
             key: out.join(format!("{id}.key")),
@@ -337,7 +381,15 @@ pub fn print(r: &InitReport, json: bool) {
         println!(
             "{} ({}): mirrordb serve --config {}   [replication {}, HTTP {}]",
             n.id,
-            if n.primary { "primary" } else { "mirror" },
+            if n.primary {
+                "primary"
+            } else if n.witness {
+                "witness"
+            } else if r.nodes.iter().any(|o| o.primary) {
+                "mirror"
+            } else {
+                "data node; the cluster elects its primary"
+            },
             n.config.display(),
             n.addr,
             n.http
@@ -434,6 +486,56 @@ pub async fn status(a: StatusArgs) -> std::process::ExitCode {
             m["apply_lag_ms"]
         );
     }
+    if let Some(f) = v.get("failover").filter(|f| !f.is_null()) {
+        println!(
+            "failover: raft leader {} (term {}), controller {}",
+            s(&f["raft_leader"]),
+            f["raft_term"],
+            s(&f["controller"])
+        );
+        if let Some(l) = f.get("lease").filter(|l| !l.is_null()) {
+            let left = l["expires_in_ms"].as_i64().unwrap_or(0);
+            println!(
+                "  lease: {} epoch {}, {}",
+                s(&l["holder"]),
+                l["epoch"],
+                if left >= 0 {
+                    format!("valid for {left} ms")
+                } else {
+                    format!("LAPSED {} ms ago", -left)
+                }
+            );
+        }
+        if let Some(lf) = f.get("last_failover").filter(|l| !l.is_null()) {
+            println!(
+                "  last failover: {} -> {} (epoch {}) took {} ms",
+                s(&lf["from"]),
+                s(&lf["to"]),
+                lf["epoch"],
+                lf["duration_ms"]
+            );
+        }
+        for m in f["members"].as_array().into_iter().flatten() {
+            println!(
+                "  member {} ({}{}): {} flushed {} lag {} [{}]",
+                s(&m["id"]),
+                s(&m["role"]),
+                if m["nofailover"].as_bool() == Some(true) {
+                    ", nofailover"
+                } else {
+                    ""
+                },
+                s(&m["http"]),
+                s(&m["flushed_lsn"]),
+                s(&m["lag_lsn"]),
+                match m["reachable"].as_bool() {
+                    Some(true) => "reachable",
+                    Some(false) => "UNREACHABLE",
+                    None => "no report here; ask the Raft leader",
+                }
+            );
+        }
+    }
     if let Some(f) = v.get("following").filter(|f| !f.is_null()) {
         println!(
             "  following {}: {}, flushed {} applied {}, primary at {}, lag {} ms",
@@ -463,6 +565,8 @@ mod tests {
             http: "n1=127.0.0.1:7071,n2=127.0.0.1:7072,n3=127.0.0.1:7073".into(),
             commit_policy: CommitPolicy::Quorum(1),
             on_unavailable: OnUnavailable::Degrade,
+            witness: String::new(),
+            no_failover: false,
             data_root: None,
             name: "test".into(),
             out: out.to_owned(),
@@ -476,7 +580,7 @@ mod tests {
         let out = dir.path().join("cluster");
         let r = run(&args(&out)).unwrap();
         assert_eq!(r.nodes.len(), 3);
-        assert!(r.nodes[0].primary && !r.nodes[1].primary);
+        assert!(r.nodes.iter().all(|n| !n.primary), "the cluster elects");
         assert!(out.join("ca.pem").exists());
         assert!(!out.join("ca.key").exists(), "the CA key is kept apart");
         assert!(out.join(CA_PRIVATE_DIR).join("ca.key").exists());
@@ -485,7 +589,8 @@ mod tests {
             cfg.validate().unwrap();
             let c = cfg.cluster.as_ref().unwrap();
             assert_eq!(c.node_id, n);
-            assert_eq!(c.primary, "n1");
+            assert!(c.failover);
+            assert_eq!(c.primary, None);
             assert_eq!(cfg.node.data_dir, PathBuf::from(format!("./data-{n}")));
             assert_eq!(
                 cfg.backup.destination,
@@ -524,5 +629,120 @@ mod tests {
         let mut a = args(dir.path());
         a.commit_policy = CommitPolicy::Quorum(3);
         assert!(run(&a).unwrap_err().to_string().contains("mirrors"));
+        let mut a = args(dir.path());
+        a.witness = "n9".into();
+        assert!(run(&a).unwrap_err().to_string().contains("n9"));
+        let mut a = args(dir.path());
+        a.witness = "n3".into();
+        a.no_failover = true;
+        assert!(run(&a).unwrap_err().to_string().contains("failover"));
+        // Two data nodes and a witness: quorum:2 needs more mirrors.
+        let mut a = args(dir.path());
+        a.witness = "n3".into();
+        a.commit_policy = CommitPolicy::Quorum(2);
+        assert!(run(&a).unwrap_err().to_string().contains("mirrors"));
     }
+
+    #[test]
+    fn no_failover_fixes_the_first_node_as_primary_and_witnesses_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(&dir.path().join("a"));
+        a.no_failover = true;
+        let r = run(&a).unwrap();
+        assert!(r.nodes[0].primary && !r.nodes[1].primary);
+        let cfg = Config::load(&r.nodes[1].config).unwrap();
+        let c = cfg.cluster.unwrap();
+        assert!(!c.failover);
+        assert_eq!(c.primary.as_deref(), Some("n1"));
+        let mut a = args(&dir.path().join("b"));
+        a.witness = "n3".into();
+        let r = run(&a).unwrap();
+        assert!(r.nodes[2].witness && !r.nodes[0].witness);
+        let c = Config::load(&r.nodes[0].config).unwrap().cluster.unwrap();
+        assert_eq!(
+            c.member("n3").unwrap().role,
+            crate::cluster::config::MemberRole::Witness
+        );
+    }
+}
+
+/// `mirrordb switchover` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SwitchoverArgs {
+    /// The node to promote (default: the best caught-up mirror).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Any node's base URL (the request is forwarded to the Raft leader).
+    #[arg(long, env = "MIRRORDB_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token (role `admin`).
+    #[arg(long, env = "MIRRORDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// How long to wait for the new primary (seconds; 0: do not wait).
+    #[arg(long, default_value_t = 30)]
+    pub wait: u64,
+}
+
+/// Runs `mirrordb switchover`: starts a planned switchover and waits until
+/// the target is primary.
+pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let base = a.url.trim_end_matches('/').to_owned();
+    let client = reqwest::Client::new();
+    let with_token = |r: reqwest::RequestBuilder| match &a.token {
+        Some(t) => r.bearer_auth(t),
+        None => r,
+    };
+    let body = serde_json::json!({ "to": a.to });
+    let started = std::time::Instant::now();
+    let resp = match with_token(client.post(format!("{base}/v1/cluster/switchover")))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mirrordb switchover: {base}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ok = resp.status().is_success();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !ok {
+        eprintln!(
+            "mirrordb switchover refused: {}",
+            v["error"]["message"].as_str().unwrap_or("(no message)")
+        );
+        return ExitCode::FAILURE;
+    }
+    let target = v["target"].as_str().unwrap_or_default().to_owned();
+    println!(
+        "switchover to {target} started (run by the Raft leader {})",
+        v["leader"].as_str().unwrap_or("?")
+    );
+    if a.wait == 0 {
+        return ExitCode::SUCCESS;
+    }
+    let deadline = started + std::time::Duration::from_secs(a.wait);
+    while std::time::Instant::now() < deadline {
+        if let Ok(r) = with_token(client.get(format!("{base}/v1/cluster")))
+            .send()
+            .await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+            && v["primary"].as_str() == Some(target.as_str())
+        {
+            println!(
+                "{target} is primary (epoch {}) after {} ms",
+                v["failover"]["epoch"],
+                started.elapsed().as_millis()
+            );
+            return ExitCode::SUCCESS;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "mirrordb switchover: {target} is not primary after {} s",
+        a.wait
+    );
+    ExitCode::FAILURE
 }

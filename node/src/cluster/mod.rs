@@ -14,6 +14,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`config`] | `[cluster]` keys, [`CommitPolicy`], [`OnUnavailable`] |
+//! | [`control`] | the failover control plane: Raft, the driver, the node's `RoleControl` |
 //! | [`init`] | `mirrordb cluster init`: CA, node certificates, node configs |
 //! | [`source`] | [`EngineSource`]: `JournalSource` over an engine |
 //! | [`reader`] | sequential journal reads from remembered positions |
@@ -23,6 +24,7 @@
 //! | [`http`] | `/primary`, `/mirror`, `/v1/cluster`, commit-policy route, the write/read gate |
 
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod init;
 pub mod policy;

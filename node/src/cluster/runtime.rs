@@ -22,7 +22,9 @@ use mirrordb_replication::certs::{CertError, NodeIdentity};
 use mirrordb_replication::driver::{
     MirrorOptions, MirrorStatus, PrimaryAddr, run_mirror, serve_replication,
 };
-use mirrordb_replication::endpoint::{CLOSE_REFUSED, EndpointError, EndpointOptions};
+use mirrordb_replication::endpoint::{
+    CLOSE_REFUSED, EndpointError, EndpointOptions, PeerConnection,
+};
 use mirrordb_replication::protocol::PrimaryConfig;
 use mirrordb_replication::{AckTracker, Lsn, NodeEndpoint, NodeId};
 use serde::Serialize;
@@ -31,7 +33,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// How often connection states are compared, gauges published and the
@@ -80,9 +82,11 @@ pub enum ClusterError {
     Gate(String),
     #[error("the node has no [cluster] section")]
     NotConfigured,
+    #[error("failover control plane: {0}")]
+    Raft(String),
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, ClusterError> {
+pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr, ClusterError> {
     let err = |reason: String| ClusterError::Resolve {
         addr: addr.to_owned(),
         reason,
@@ -93,16 +97,25 @@ async fn resolve(addr: &str) -> Result<SocketAddr, ClusterError> {
     it.next().ok_or_else(|| err("no address".into()))
 }
 
+/// What the node does in its cluster right now. Changed only by
+/// [`ClusterNode::serve_as_primary`] and [`ClusterNode::follow`] (or at
+/// start in a fixed-primary cluster).
 enum Side {
+    /// No role yet (failover: before the control plane names one), or a
+    /// witness. Writes are refused, reads served.
+    Idle,
     Primary {
+        epoch: u64,
         tracker: Arc<AckTracker>,
         gate: Arc<CommitGate>,
         shutdown: watch::Sender<bool>,
     },
     Mirror {
+        primary: String,
         status: watch::Receiver<MirrorStatus>,
         stop: watch::Sender<bool>,
-        task: Mutex<Option<JoinHandle<()>>>,
+        task: Option<JoinHandle<()>>,
+        resolver: JoinHandle<()>,
     },
 }
 
@@ -112,7 +125,14 @@ struct Inner {
     engine: SharedEngine,
     endpoint: NodeEndpoint,
     quic_addr: SocketAddr,
-    side: Side,
+    side: Mutex<Side>,
+    /// Serialises role changes.
+    transition: tokio::sync::Mutex<()>,
+    /// Where accepted replication subscriptions go while this node is
+    /// primary (`None`: refused).
+    route: Mutex<Option<mpsc::Sender<PeerConnection>>>,
+    /// The failover control plane, when `cluster.failover` is on.
+    failover: std::sync::OnceLock<super::control::Failover>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -162,11 +182,12 @@ pub struct FollowView {
 #[derive(Clone, Debug, Serialize)]
 pub struct ClusterStatus {
     pub node: String,
+    /// `primary`, `mirror`, `witness` or `starting`.
     pub role: &'static str,
     pub epoch: u64,
     pub last_lsn: u64,
     pub applied_lsn: u64,
-    pub primary: String,
+    pub primary: Option<String>,
     pub primary_http: Option<String>,
     pub replication_addr: String,
     pub members: Vec<super::MemberConfig>,
@@ -176,15 +197,22 @@ pub struct ClusterStatus {
     pub degraded_intervals: Vec<super::policy::DegradedInterval>,
     pub mirrors: Vec<MirrorView>,
     pub following: Option<FollowView>,
+    /// The control plane's view (`None` with `failover = false`).
+    pub failover: Option<super::control::FailoverView>,
 }
 
-/// The role a node with this section opens its engine with.
+/// The role a node with this section opens its engine with: the fixed
+/// primary takes writes; everyone else refuses them until told otherwise.
 pub fn role_at_start(c: &ClusterSection) -> Role {
     if c.is_primary() {
         Role::Primary
     } else {
         Role::Mirror {
-            primary_http: c.member(&c.primary).map(|m| m.http.clone()),
+            primary_http: c
+                .primary
+                .as_deref()
+                .and_then(|p| c.member(p))
+                .map(|m| m.http.clone()),
         }
     }
 }
@@ -200,136 +228,80 @@ impl ClusterNode {
         let section = cfg.cluster.clone().ok_or(ClusterError::NotConfigured)?;
         let me = NodeId(section.node_id.clone());
         let identity = NodeIdentity::load(&section.certs_dir, &me)?;
-        let own = section
-            .member(&section.node_id)
-            .ok_or(ClusterError::NotConfigured)?
-            .clone();
+        let own = section.me().ok_or(ClusterError::NotConfigured)?.clone();
         let bind = match &section.listen {
             Some(l) => resolve(l).await?,
             None => resolve(&own.addr).await?,
         };
-        let members: Vec<NodeId> = section
-            .members
-            .iter()
-            .map(|m| NodeId(m.id.clone()))
-            .collect();
-        let (endpoint, mut incoming) = NodeEndpoint::bind(
-            &identity,
-            bind,
-            EndpointOptions {
-                members: Some(members),
-            },
-        )?;
-        let quic_addr = endpoint.local_addr().unwrap_or(bind);
-        let shared = SharedEngine::new(engine.clone());
-        let mut tasks = Vec::new();
-        // The failover control plane is not wired yet: refuse raft peers.
-        tasks.push(tokio::spawn(async move {
-            while let Some(pc) = incoming.raft.recv().await {
-                pc.connection
-                    .close(CLOSE_REFUSED.into(), b"no raft service on this node");
-            }
-        }));
-        let side = if section.is_primary() {
-            let tracker = Arc::new(AckTracker::new());
-            let mirrors: Vec<NodeId> = section
+        // With failover, members join at run time: any peer certified by
+        // the cluster CA may connect, and Raft admits only its members.
+        let members: Option<Vec<NodeId>> = (!section.failover).then(|| {
+            section
                 .members
                 .iter()
-                .filter(|m| m.id != section.node_id)
                 .map(|m| NodeId(m.id.clone()))
-                .collect();
-            let gate = CommitGate::new(
-                tracker.clone(),
-                mirrors,
-                section.commit_policy,
-                section.on_unavailable,
-                section.quorum_timeout.0,
-                section.degrade_after.0,
-                &engine.config().data_dir,
-            )
-            .map_err(ClusterError::Gate)?;
-            let source = Arc::new(EngineSource::new(shared.clone()));
-            let (shutdown, shutdown_rx) = watch::channel(false);
-            tasks.push(tokio::spawn(serve_replication(
-                incoming.replication,
-                source,
-                tracker.clone(),
-                PrimaryConfig::default(),
-                shutdown_rx,
-            )));
-            tracing::info!(node = %me, addr = %quic_addr, policy = %section.commit_policy, on_unavailable = %section.on_unavailable, "serving replication as primary");
-            Side::Primary {
-                tracker,
-                gate: Arc::new(gate),
-                shutdown,
-            }
-        } else {
-            // Mirrors accept no replication subscriptions.
-            let mut repl = incoming.replication;
-            tasks.push(tokio::spawn(async move {
-                while let Some(pc) = repl.recv().await {
-                    tracing::warn!(peer = %pc.node, "refusing a replication subscription: this node is a mirror");
-                    pc.connection.close(CLOSE_REFUSED.into(), b"not the primary");
-                }
-            }));
-            let primary = section
-                .member(&section.primary)
-                .ok_or(ClusterError::NotConfigured)?
-                .clone();
-            let (ptx, prx) = watch::channel(None);
-            tasks.push(tokio::spawn(async move {
-                // Resolve (and keep trying: a name may not exist yet).
-                let mut delay = Duration::from_millis(100);
-                loop {
-                    match resolve(&primary.addr).await {
-                        Ok(addr) => {
-                            ptx.send_replace(Some(PrimaryAddr {
-                                node: NodeId(primary.id.clone()),
-                                addr,
-                            }));
-                            // Hold the sender: dropping it stops the mirror.
-                            ptx.closed().await;
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot resolve the primary yet");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-            }));
-            let (stop, stop_rx) = watch::channel(false);
-            let (status_tx, status) = watch::channel(MirrorStatus::default());
-            let sink = EngineSink::new(shared.clone());
-            let ep = endpoint.clone();
-            let task = tokio::spawn(async move {
-                match run_mirror(ep, sink, prx, stop_rx, MirrorOptions::default(), status_tx).await
-                {
-                    Ok(_) => tracing::info!("replication stopped"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "replication stopped: the mirror's journal failed; this node no longer follows its primary")
-                    }
-                }
-            });
-            tracing::info!(node = %me, addr = %quic_addr, primary = %section.primary, "following the primary as a mirror");
-            Side::Mirror {
-                status,
-                stop,
-                task: Mutex::new(Some(task)),
-            }
-        };
+                .collect()
+        });
+        let (endpoint, incoming) =
+            NodeEndpoint::bind(&identity, bind, EndpointOptions { members })?;
+        let quic_addr = endpoint.local_addr().unwrap_or(bind);
+        let shared = SharedEngine::new(engine.clone());
         let node = ClusterNode {
             inner: Arc::new(Inner {
-                section,
+                section: section.clone(),
                 tokens: cfg.api.tokens.clone(),
                 engine: shared,
                 endpoint,
                 quic_addr,
-                side,
-                tasks: Mutex::new(tasks),
+                side: Mutex::new(Side::Idle),
+                transition: tokio::sync::Mutex::new(()),
+                route: Mutex::new(None),
+                failover: std::sync::OnceLock::new(),
+                tasks: Mutex::new(Vec::new()),
             }),
         };
+        // Replication subscriptions go to the current primary side.
+        let router = node.clone();
+        let mut repl = incoming.replication;
+        node.tasks().push(tokio::spawn(async move {
+            while let Some(pc) = repl.recv().await {
+                let to = router.route().clone();
+                match to {
+                    Some(tx) => {
+                        if let Err(e) = tx.try_send(pc) {
+                            let pc = match e {
+                                mpsc::error::TrySendError::Full(pc)
+                                | mpsc::error::TrySendError::Closed(pc) => pc,
+                            };
+                            pc.connection.close(CLOSE_REFUSED.into(), b"busy");
+                        }
+                    }
+                    None => {
+                        tracing::debug!(peer = %pc.node, "refusing a replication subscription: not the primary");
+                        pc.connection.close(CLOSE_REFUSED.into(), b"not the primary");
+                    }
+                }
+            }
+        }));
+        if section.failover {
+            let f = super::control::Failover::start(node.clone(), incoming.raft).await?;
+            let _ = node.inner.failover.set(f);
+        } else {
+            // A fixed primary: refuse Raft peers, take the configured role.
+            let mut raft = incoming.raft;
+            node.tasks().push(tokio::spawn(async move {
+                while let Some(pc) = raft.recv().await {
+                    pc.connection
+                        .close(CLOSE_REFUSED.into(), b"failover is off on this node");
+                }
+            }));
+            let _t = node.inner.transition.lock().await;
+            if section.is_primary() {
+                node.start_primary(engine.position().1, None)?;
+            } else if let Some(p) = section.primary.as_deref().and_then(|p| section.member(p)) {
+                node.start_mirror(p.id.clone(), p.addr.clone(), 0);
+            }
+        }
         let watcher = node.clone();
         let w = tokio::spawn(async move { watcher.watch().await });
         node.tasks().push(w);
@@ -341,6 +313,184 @@ impl ClusterNode {
             .tasks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn side(&self) -> std::sync::MutexGuard<'_, Side> {
+        self.inner
+            .side
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn route(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<PeerConnection>>> {
+        self.inner
+            .route
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts serving replication as primary of `epoch` (transition lock
+    /// held by the caller; the side is `Idle`).
+    pub(crate) fn start_primary(
+        &self,
+        epoch: u64,
+        sync: Option<super::policy::SyncRule>,
+    ) -> Result<(), ClusterError> {
+        let section = &self.inner.section;
+        let engine = self.inner.engine.get();
+        let tracker = Arc::new(AckTracker::new());
+        let mirrors: Vec<NodeId> = section.data_peers().map(|m| NodeId(m.id.clone())).collect();
+        let mut gate = CommitGate::new(
+            tracker.clone(),
+            mirrors,
+            section.commit_policy,
+            section.on_unavailable,
+            section.quorum_timeout.0,
+            section.degrade_after.0,
+            &engine.config().data_dir,
+        )
+        .map_err(ClusterError::Gate)?;
+        if let Some(rule) = sync {
+            gate = gate.with_sync_rule(rule);
+        }
+        let source = Arc::new(EngineSource::new(self.inner.engine.clone()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(64);
+        let task = tokio::spawn(serve_replication(
+            rx,
+            source,
+            tracker.clone(),
+            PrimaryConfig::default(),
+            shutdown_rx,
+        ));
+        self.tasks().push(task);
+        *self.route() = Some(tx);
+        tracing::info!(node = %section.node_id, epoch, addr = %self.inner.quic_addr, policy = %section.commit_policy, on_unavailable = %section.on_unavailable, "serving replication as primary");
+        *self.side() = Side::Primary {
+            epoch,
+            tracker,
+            gate: Arc::new(gate),
+            shutdown,
+        };
+        Ok(())
+    }
+
+    /// Starts following `primary` at `addr` (transition lock held by the
+    /// caller; the side is `Idle`). Primaries of epochs before
+    /// `fence_epoch` are refused.
+    pub(crate) fn start_mirror(&self, primary: String, addr: String, fence_epoch: u64) {
+        let (ptx, prx) = watch::channel(None);
+        let target = NodeId(primary.clone());
+        let resolver = tokio::spawn(async move {
+            // Resolve (and keep trying: a name may not exist yet).
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match resolve(&addr).await {
+                    Ok(addr) => {
+                        ptx.send_replace(Some(PrimaryAddr {
+                            node: target.clone(),
+                            addr,
+                        }));
+                        // Hold the sender: dropping it stops the mirror.
+                        ptx.closed().await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot resolve the primary yet");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let (status_tx, status) = watch::channel(MirrorStatus::default());
+        let sink = EngineSink::new(self.inner.engine.clone());
+        let ep = self.inner.endpoint.clone();
+        let mut opts = MirrorOptions {
+            fence_epoch: mirrordb_replication::Epoch(fence_epoch),
+            ..MirrorOptions::default()
+        };
+        if self.inner.section.failover {
+            // A new primary is up within seconds: look for it often.
+            opts.backoff_max = Duration::from_millis(500);
+        }
+        let task = tokio::spawn(async move {
+            match run_mirror(ep, sink, prx, stop_rx, opts, status_tx).await {
+                Ok(_) => tracing::info!("replication stopped"),
+                Err(e) => {
+                    tracing::error!(error = %e, "replication stopped: the mirror's journal failed; this node no longer follows its primary")
+                }
+            }
+        });
+        tracing::info!(node = %self.inner.section.node_id, addr = %self.inner.quic_addr, primary = %primary, "following the primary as a mirror");
+        *self.side() = Side::Mirror {
+            primary,
+            status,
+            stop,
+            task: Some(task),
+            resolver,
+        };
+    }
+
+    /// Stops whatever the node does (transition lock held by the caller);
+    /// it is `Idle` afterwards.
+    pub(crate) async fn stop_side(&self) {
+        let old = std::mem::replace(&mut *self.side(), Side::Idle);
+        match old {
+            Side::Idle => {}
+            Side::Primary { shutdown, .. } => {
+                *self.route() = None;
+                shutdown.send_replace(true);
+            }
+            Side::Mirror {
+                stop,
+                task,
+                resolver,
+                ..
+            } => {
+                stop.send_replace(true);
+                if let Some(t) = task {
+                    let abort = t.abort_handle();
+                    if tokio::time::timeout(STOP_GRACE, t).await.is_err() {
+                        tracing::warn!("replication did not stop in time; abandoning it");
+                        abort.abort();
+                    }
+                }
+                resolver.abort();
+            }
+        }
+    }
+
+    /// Serialises role changes.
+    pub(crate) async fn transition(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.transition.lock().await
+    }
+
+    /// The epoch this node is primary of, if it is.
+    pub(crate) fn primary_epoch(&self) -> Option<u64> {
+        match &*self.side() {
+            Side::Primary { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    /// The primary this node follows, if it is a mirror.
+    pub(crate) fn following(&self) -> Option<String> {
+        match &*self.side() {
+            Side::Mirror { primary, .. } => Some(primary.clone()),
+            _ => None,
+        }
+    }
+
+    /// The QUIC endpoint (replication and Raft).
+    pub(crate) fn endpoint(&self) -> &NodeEndpoint {
+        &self.inner.endpoint
+    }
+
+    /// The failover control plane, when on.
+    pub fn failover(&self) -> Option<&super::control::Failover> {
+        self.inner.failover.get()
     }
 
     /// The engine handle the API must use.
@@ -365,37 +515,56 @@ impl ClusterNode {
 
     /// Whether this node serves as primary.
     pub fn is_primary(&self) -> bool {
-        matches!(self.inner.side, Side::Primary { .. })
+        matches!(&*self.side(), Side::Primary { .. })
     }
 
     /// The primary's commit gate.
-    pub fn gate(&self) -> Option<&Arc<CommitGate>> {
-        match &self.inner.side {
-            Side::Primary { gate, .. } => Some(gate),
-            Side::Mirror { .. } => None,
+    pub fn gate(&self) -> Option<Arc<CommitGate>> {
+        match &*self.side() {
+            Side::Primary { gate, .. } => Some(gate.clone()),
+            _ => None,
         }
     }
 
     /// The primary's per-mirror acknowledgements.
-    pub fn tracker(&self) -> Option<&Arc<AckTracker>> {
-        match &self.inner.side {
-            Side::Primary { tracker, .. } => Some(tracker),
-            Side::Mirror { .. } => None,
+    pub fn tracker(&self) -> Option<Arc<AckTracker>> {
+        match &*self.side() {
+            Side::Primary { tracker, .. } => Some(tracker.clone()),
+            _ => None,
         }
     }
 
     /// The mirror's replication status.
     pub fn mirror_status(&self) -> Option<MirrorStatus> {
-        match &self.inner.side {
+        match &*self.side() {
             Side::Mirror { status, .. } => Some(status.borrow().clone()),
-            Side::Primary { .. } => None,
+            _ => None,
         }
+    }
+
+    /// The primary's id, as far as this node knows.
+    pub fn primary_id(&self) -> Option<String> {
+        if let Some(f) = self.failover() {
+            return f.state().primary.map(|p| p.0);
+        }
+        self.inner.section.primary.clone()
     }
 
     /// The primary's HTTP base URL.
     pub fn primary_http(&self) -> Option<String> {
+        if let Some(f) = self.failover() {
+            let st = f.state();
+            return st
+                .primary
+                .as_ref()
+                .and_then(|p| st.members.get(p))
+                .map(|m| m.http_addr.clone());
+        }
         let s = &self.inner.section;
-        s.member(&s.primary).map(|m| m.http.clone())
+        s.primary
+            .as_deref()
+            .and_then(|p| s.member(p))
+            .map(|m| m.http.clone())
     }
 
     /// Waits until the data file has applied `lsn`, up to `deadline`;
@@ -426,15 +595,16 @@ impl ClusterNode {
         let now = Instant::now();
         let mut out = ClusterStatus {
             node: s.node_id.clone(),
-            role: if self.is_primary() {
-                "primary"
-            } else {
-                "mirror"
+            role: match &*self.side() {
+                Side::Primary { .. } => "primary",
+                Side::Mirror { .. } => "mirror",
+                Side::Idle if s.is_witness() => "witness",
+                Side::Idle => "starting",
             },
             epoch: st.epoch,
             last_lsn: st.last_lsn,
             applied_lsn: st.applied_lsn,
-            primary: s.primary.clone(),
+            primary: self.primary_id(),
             primary_http: self.primary_http(),
             replication_addr: self.inner.quic_addr.to_string(),
             members: s.members.clone(),
@@ -444,16 +614,24 @@ impl ClusterNode {
             degraded_intervals: Vec::new(),
             mirrors: Vec::new(),
             following: None,
+            failover: self.failover().map(|f| f.view()),
         };
-        match &self.inner.side {
+        let (tracker, gate, mirror) = match &*self.side() {
             Side::Primary { tracker, gate, .. } => {
+                (Some(tracker.clone()), Some(gate.clone()), None)
+            }
+            Side::Mirror { status, .. } => (None, None, Some(status.borrow().clone())),
+            Side::Idle => (None, None, None),
+        };
+        match (tracker, gate, mirror) {
+            (Some(tracker), Some(gate), _) => {
                 let (p, o) = gate.policy();
                 out.commit_policy = Some(p.to_string());
                 out.on_unavailable = Some(o.to_string());
                 out.commit_degraded = gate.degraded();
                 out.degraded_intervals = gate.record().intervals;
                 let lag = tracker.lag(now);
-                for m in s.members.iter().filter(|m| m.id != s.node_id) {
+                for m in s.data_peers() {
                     let id = NodeId(m.id.clone());
                     let p = tracker.progress(&id);
                     let l = lag.iter().find(|l| l.node == id);
@@ -489,8 +667,7 @@ impl ClusterNode {
                     out.mirrors.push(view);
                 }
             }
-            Side::Mirror { status, .. } => {
-                let m = status.borrow().clone();
+            (_, _, Some(m)) => {
                 out.following = Some(FollowView {
                     primary: m.primary.as_ref().map(|p| p.to_string()),
                     streaming: m.streaming,
@@ -501,6 +678,7 @@ impl ClusterNode {
                     lag_ms: m.lag(now).map(ms),
                 });
             }
+            _ => {}
         }
         out
     }
@@ -511,8 +689,18 @@ impl ClusterNode {
         loop {
             tokio::time::sleep(WATCH_INTERVAL).await;
             let now = Instant::now();
-            match &self.inner.side {
+            let (tracker, gate, mirror) = match &*self.side() {
                 Side::Primary { tracker, gate, .. } => {
+                    (Some(tracker.clone()), Some(gate.clone()), None)
+                }
+                Side::Mirror { status, .. } => (None, None, Some(status.borrow().clone())),
+                Side::Idle => (None, None, None),
+            };
+            if let Some(f) = self.failover() {
+                f.on_watch_tick(tracker.as_deref(), gate.as_deref()).await;
+            }
+            match (tracker, gate, mirror) {
+                (Some(tracker), Some(gate), _) => {
                     let durable = self.inner.engine.get().status().durable_lsn;
                     gate.check_recovered(Lsn(durable));
                     for l in tracker.lag(now) {
@@ -526,10 +714,9 @@ impl ClusterNode {
                             }
                         }
                     }
-                    publish_lag_gauges(tracker, now);
+                    publish_lag_gauges(&tracker, now);
                 }
-                Side::Mirror { status, .. } => {
-                    let m = status.borrow().clone();
+                (_, _, Some(m)) => {
                     if m.streaming != streaming {
                         streaming = m.streaming;
                         let peer = m
@@ -555,29 +742,20 @@ impl ClusterNode {
                         metrics::gauge!("mirrordb_mirror_lag_seconds").set(lag.as_secs_f64());
                     }
                 }
+                _ => {}
             }
         }
     }
 
-    /// Stops replication and closes the endpoint. The engine stays open
-    /// (the server closes it).
+    /// Stops the control plane and replication and closes the endpoint.
+    /// The engine stays open (the server closes it).
     pub async fn stop(&self) {
-        if let Side::Primary { shutdown, .. } = &self.inner.side {
-            shutdown.send_replace(true);
+        if let Some(f) = self.failover() {
+            f.stop().await;
         }
-        if let Side::Mirror { stop, task, .. } = &self.inner.side {
-            stop.send_replace(true);
-            let t = task
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if let Some(t) = t {
-                let abort = t.abort_handle();
-                if tokio::time::timeout(STOP_GRACE, t).await.is_err() {
-                    tracing::warn!("replication did not stop in time; abandoning it");
-                    abort.abort();
-                }
-            }
+        {
+            let _t = self.transition().await;
+            self.stop_side().await;
         }
         self.inner.endpoint.close();
         for t in self.tasks().drain(..) {

@@ -547,7 +547,10 @@ mod tests {
         recover_swap(&d).unwrap();
         assert!(!old.exists());
         for name in [ROLLBACK_DIR, RAFT_DIR] {
-            assert_eq!(std::fs::read(d.join(name).join("f")).unwrap(), name.as_bytes());
+            assert_eq!(
+                std::fs::read(d.join(name).join("f")).unwrap(),
+                name.as_bytes()
+            );
         }
         // A second run finds nothing to do.
         recover_swap(&d).unwrap();

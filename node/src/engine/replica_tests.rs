@@ -389,7 +389,9 @@ fn a_lapsed_lease_refuses_writes_and_a_renewed_one_takes_them_again() {
     let p = Engine::open(cfg(d.path())).unwrap();
     rt.block_on(async {
         p.set_lease_until(Some(now_ms() + 60_000));
-        p.write(SessionId::SYSTEM, vec![tput("a", "1")]).await.unwrap();
+        p.write(SessionId::SYSTEM, vec![tput("a", "1")])
+            .await
+            .unwrap();
         p.set_lease_until(Some(now_ms().saturating_sub(1)));
         let before = p.position().0;
         let err = p
@@ -401,10 +403,14 @@ fn a_lapsed_lease_refuses_writes_and_a_renewed_one_takes_them_again() {
         // Reads go on.
         assert!(p.get("t", "a").unwrap().is_some());
         p.set_lease_until(Some(now_ms() + 60_000));
-        p.write(SessionId::SYSTEM, vec![tput("b", "1")]).await.unwrap();
+        p.write(SessionId::SYSTEM, vec![tput("b", "1")])
+            .await
+            .unwrap();
         p.set_lease_until(None);
         assert_eq!(p.lease_until(), None);
-        p.write(SessionId::SYSTEM, vec![tput("c", "1")]).await.unwrap();
+        p.write(SessionId::SYSTEM, vec![tput("c", "1")])
+            .await
+            .unwrap();
         p.shutdown().await.unwrap();
     });
 }
@@ -415,7 +421,10 @@ fn held_writes_wait_and_go_ahead_on_release() {
     let rt = rt();
     let p = Engine::open(cfg(d.path())).unwrap();
     rt.block_on(async {
-        let ack = p.write(SessionId::SYSTEM, vec![tput("a", "1")]).await.unwrap();
+        let ack = p
+            .write(SessionId::SYSTEM, vec![tput("a", "1")])
+            .await
+            .unwrap();
         let held_at = p.hold_writes().await.unwrap();
         assert_eq!(held_at, ack.lsn);
         assert_eq!(p.status().durable_lsn, held_at);

@@ -1441,7 +1441,11 @@ impl Writer {
             return;
         }
         self.hold = on;
-        tracing::info!(held = self.held.len(), "client writes {}", if on { "held" } else { "released" });
+        tracing::info!(
+            held = self.held.len(),
+            "client writes {}",
+            if on { "held" } else { "released" }
+        );
         if !on {
             self.resume_held();
         }
