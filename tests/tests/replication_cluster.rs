@@ -76,6 +76,8 @@ fn init_cluster(
         name: "test".into(),
         out: out.join("certs"),
         json: false,
+        witness: String::new(),
+        no_failover: true,
     };
     let report = init(&args).expect("cluster init");
     let configs = report
@@ -667,6 +669,8 @@ async fn a_mirror_with_a_certificate_from_a_foreign_ca_is_refused() {
         name: "intruder".into(),
         out: foreign_dir.join("certs"),
         json: false,
+        witness: String::new(),
+        no_failover: true,
     };
     let report = init(&foreign).expect("foreign init");
     let mut intruder_cfg = Config::load(&report.nodes[1].config).expect("config");
@@ -740,7 +744,7 @@ async fn a_deposed_primary_saves_its_divergent_tail_and_follows_the_new_primary(
     n2.shutdown().await.expect("close n2");
     drop(n2);
     for cfg in &mut c.configs {
-        cfg.cluster.as_mut().expect("cluster").primary = "n2".into();
+        cfg.cluster.as_mut().expect("cluster").primary = Some("n2".into());
     }
     c.restart(1).await;
     for i in 0..5 {

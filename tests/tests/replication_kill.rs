@@ -113,6 +113,7 @@ async fn killed_mirror_and_primary_resume_and_every_node_ends_identical() {
         &http,
         "--out",
         out.to_str().expect("utf-8"),
+        "--no-failover",
     ])
     .expect("cluster init runs");
     assert!(status.success(), "cluster init failed: {stdout}{stderr}");
