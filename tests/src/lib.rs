@@ -7,6 +7,7 @@
 //! ChildNode::spawn(dir)    the `mirrordb` binary as a child process (kill -9 / SIGTERM / restart)
 //! mirrordb_bin()           where that binary is, building it first if needed
 //! seed()                   MIRRORDB_SEED or a random seed, printed with the replay command
+//! cluster::ChildCluster    `cluster init` + N child members, optionally behind relay::Relay
 //! ```
 //!
 //! **Finding the binary.** Cargo's `CARGO_BIN_EXE_<name>` exists only for
@@ -17,6 +18,9 @@
 //! `cargo build -p mirrordb --bin mirrordb` into that same target directory
 //! (a no-op when fresh), so a test never runs a stale binary. Set
 //! `MIRRORDB_BIN=/path/to/mirrordb` to use a given binary and skip the build.
+
+pub mod cluster;
+pub mod relay;
 
 use anyhow::{Context, bail};
 use mirrordb::config::{Config, Role, TokenConfig};
@@ -255,13 +259,23 @@ impl ChildNode {
     /// Like [`ChildNode::spawn`], with more arguments after `serve` (for
     /// example `["--config", path]`).
     pub fn spawn_with(data_dir: &Path, extra: &[&str]) -> anyhow::Result<ChildNode> {
+        let dir = data_dir
+            .to_str()
+            .context("data directory path is not UTF-8")?;
+        let mut args = vec!["--data-dir", dir, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        ChildNode::spawn_serve(data_dir, &args)
+    }
+
+    /// `mirrordb serve --json <args>` and nothing else: for a node whose
+    /// config file sets its data directory and listen address (a cluster
+    /// member, whose peers know its address). `data_dir` is only recorded.
+    pub fn spawn_serve(data_dir: &Path, args: &[&str]) -> anyhow::Result<ChildNode> {
         let bin = mirrordb_bin()?;
         let mut child = Command::new(&bin)
             .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--json"])
-            .args(extra)
+            .arg("--json")
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
