@@ -145,7 +145,7 @@ fn longest_pause(acks: &[Ack]) -> Duration {
 }
 
 async fn switchover(c: &ChildCluster, from: usize, to: usize) {
-    let args = vec![
+    let args = [
         "switchover".to_owned(),
         "--to".into(),
         c.ids[to].clone(),
