@@ -78,6 +78,10 @@ pub enum ClusterCommand {
     Init(crate::cluster::init::InitArgs),
     /// Show a node's view of the cluster (GET /v1/cluster).
     Status(crate::cluster::init::StatusArgs),
+    /// Make a new member's certificate and config; started, it joins by itself.
+    Add(crate::cluster::members::AddArgs),
+    /// Remove a member from the running cluster (not the primary).
+    Remove(crate::cluster::members::RemoveArgs),
 }
 
 /// `mirrordb journal …`.
@@ -211,6 +215,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Cluster(ClusterCommand::Status(a)) => Ok(crate::cluster::init::status(a).await),
+        Command::Cluster(ClusterCommand::Add(a)) => Ok(crate::cluster::members::add_cmd(&a)),
+        Command::Cluster(ClusterCommand::Remove(a)) => {
+            Ok(crate::cluster::members::remove_cmd(a).await)
+        }
         Command::Switchover(a) => Ok(crate::cluster::init::switchover(a).await),
         Command::Lock(a) => {
             let mut body = serde_json::json!({ "lease": a.lease });

@@ -78,11 +78,13 @@ pub struct ChildCluster {
     client: reqwest::Client,
 }
 
-fn free_udp() -> anyhow::Result<SocketAddr> {
+/// A free UDP port on loopback (for a member's QUIC endpoint).
+pub fn free_udp() -> anyhow::Result<SocketAddr> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn free_tcp() -> anyhow::Result<SocketAddr> {
+/// A free TCP port on loopback (for a member's HTTP API).
+pub fn free_tcp() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
@@ -175,6 +177,25 @@ impl ChildCluster {
             c.spawn(i)?;
         }
         Ok(c)
+    }
+
+    /// Takes in a member made later by `mirrordb cluster add` (its config
+    /// in the same certificate directory); returns its index.
+    pub fn adopt(&mut self, id: &str, http: SocketAddr) -> usize {
+        let certs = self.configs[0]
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        self.ids.push(id.to_owned());
+        self.configs.push(certs.join(format!("{id}.toml")));
+        self.http.push(format!("http://{http}"));
+        self.nodes.push(None);
+        self.ids.len() - 1
+    }
+
+    /// The directory `cluster init` wrote.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
     }
 
     /// The relay (panics when the cluster was made without one).

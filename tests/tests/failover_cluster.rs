@@ -8,6 +8,8 @@
 //!   async: its divergent tail is saved under rollback/; quorum: nothing lost
 //! switchover ─► target promoted, old primary a mirror, nothing lost
 //!   ─► kill the Raft leader (not the primary) ─► writes go on, nothing lost
+//! cluster add n4 ─► started, it joins and follows as a mirror ─► cluster
+//!   remove n4 (the primary cannot be removed) ─► nothing lost
 //! witness ─► kill the primary of 2 data nodes + witness ─► the other data
 //!   node is promoted, the witness never is; the old primary rejoins
 //! ```
@@ -15,7 +17,9 @@
 //! Repeated SIGKILLs of the primary under load are `mirrordb drill`'s job,
 //! tested in `drill.rs`.
 
-use mirrordb_tests::cluster::{Ack, ChildCluster, ClusterOptions, Put, Writers, files_under};
+use mirrordb_tests::cluster::{
+    Ack, ChildCluster, ClusterOptions, Put, Writers, files_under, free_tcp, free_udp,
+};
 use mirrordb_tests::{phase, run_mirrordb};
 use std::time::{Duration, Instant};
 
@@ -272,6 +276,97 @@ async fn two_data_nodes_and_a_witness_survive_the_loss_of_the_primary() {
     c.wait_mirror_at(p, latest, LONG).await.expect("rejoined");
     let acks = writers.stop().await;
     let missing = c.missing_on(q, &acks).await.expect("scan");
+    assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
+    for i in 0..c.ids.len() {
+        c.stop(i).expect("clean stop");
+    }
+}
+
+async fn cli(args: Vec<String>) -> (bool, String) {
+    let (status, out, err) = tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_mirrordb(&a)
+    })
+    .await
+    .expect("join")
+    .expect("mirrordb runs");
+    (status.success(), format!("{out}{err}"))
+}
+
+fn members(status: &serde_json::Value) -> Vec<String> {
+    status["failover"]["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_is_added_and_removed_at_run_time() {
+    let mut c = ChildCluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster starts");
+    let (p, _) = c.wait_primary(None, 1, LONG).await.expect("a primary");
+    let writers = Writers::start(&c.http, 2);
+    writers.wait_more(30, None, LONG).await.expect("writes");
+
+    phase("mirrordb cluster add n4, then start it: it joins by itself");
+    let (quic, http) = (free_udp().expect("port"), free_tcp().expect("port"));
+    let (ok, out) = cli(vec![
+        "cluster".into(),
+        "add".into(),
+        "n4".into(),
+        "--addr".into(),
+        quic.to_string(),
+        "--http".into(),
+        http.to_string(),
+        "--certs".into(),
+        c.certs_dir().display().to_string(),
+    ])
+    .await;
+    assert!(ok, "cluster add failed: {out}");
+    let n4 = c.adopt("n4", http);
+    c.spawn(n4).expect("n4 starts");
+    writers.wait_more(30, None, LONG).await.expect("writes");
+    let latest = writers.acks().iter().map(|a| a.lsn).max().unwrap_or(0);
+    c.wait_mirror_at(n4, latest, LONG)
+        .await
+        .expect("n4 follows the primary");
+    let s = c.status(p).await.expect("status");
+    assert!(members(&s).contains(&"n4".to_owned()), "{s}");
+
+    phase("the primary cannot be removed");
+    let (ok, out) = cli(vec![
+        "cluster".into(),
+        "remove".into(),
+        c.ids[p].clone(),
+        "--url".into(),
+        c.http[p].clone(),
+    ])
+    .await;
+    assert!(!ok, "removing the primary succeeded: {out}");
+
+    phase("mirrordb cluster remove n4");
+    let (ok, out) = cli(vec![
+        "cluster".into(),
+        "remove".into(),
+        "n4".into(),
+        "--url".into(),
+        c.http[p].clone(),
+    ])
+    .await;
+    assert!(ok, "cluster remove failed: {out}");
+    let s = c.status(p).await.expect("status");
+    assert!(!members(&s).contains(&"n4".to_owned()), "{s}");
+    c.stop(n4).expect("n4 stops");
+    writers
+        .wait_more(30, Some(n4), LONG)
+        .await
+        .expect("writes go on");
+    let acks = writers.stop().await;
+    let (now, _) = c.wait_primary(None, 1, LONG).await.expect("a primary");
+    let missing = c.missing_on(now, &acks).await.expect("scan");
     assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
     for i in 0..c.ids.len() {
         c.stop(i).expect("clean stop");

@@ -429,6 +429,17 @@ impl Failover {
                 form_cluster(raft, id, transport, members, policy).await;
             }));
         }
+        if section.join && fresh {
+            let own = configured_members(&section).remove(&me);
+            if let Some(own) = own {
+                tasks.push(tokio::spawn(ask_to_join(
+                    node.clone(),
+                    me.clone(),
+                    own,
+                    states.clone(),
+                )));
+            }
+        }
         tracing::info!(node = %me, raft_id = id, witness = section.is_witness(), "failover control plane started");
         Ok(Failover {
             inner: Arc::new(FInner {
@@ -463,6 +474,36 @@ impl Failover {
     /// The transport to other members.
     pub fn transport(&self) -> &Arc<QuicTransport> {
         &self.inner.transport
+    }
+
+    /// Adds a member (on the Raft leader only): learner, voter once caught
+    /// up, then recorded in the cluster state.
+    pub async fn add_member(
+        &self,
+        name: &NodeId,
+        member: &Member,
+    ) -> Result<(), membership::MembershipError> {
+        membership::add_member(
+            &self.inner.raft,
+            self.raft_id(),
+            self.inner.transport.as_ref(),
+            name,
+            member,
+            MEMBERSHIP_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Removes a member (on the Raft leader only; never the primary).
+    pub async fn remove_member(&self, name: &NodeId) -> Result<(), membership::MembershipError> {
+        membership::remove_member(
+            &self.inner.raft,
+            self.raft_id(),
+            self.inner.transport.as_ref(),
+            name,
+            MEMBERSHIP_TIMEOUT,
+        )
+        .await
     }
 
     /// Control-plane timings.
@@ -669,6 +710,73 @@ impl Failover {
 
 /// Forms the cluster from the configured members, retrying until a
 /// majority answers.
+/// How long adding or removing a member may take on the leader (a new
+/// learner must catch up with the control-plane log first).
+pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A node started with `join = true`: asks the configured members (any of
+/// them forwards to the Raft leader) to add it, until its own state lists
+/// it as a member.
+async fn ask_to_join(
+    node: ClusterNode,
+    me: NodeId,
+    own: Member,
+    mut states: watch::Receiver<ClusterState>,
+) {
+    let body = serde_json::json!({
+        "id": me.0,
+        "addr": own.raft_addr,
+        "http": own.http_addr,
+        "role": match own.role { MemberKind::Witness => "witness", _ => "data" },
+        "nofailover": own.nofailover,
+    });
+    let token = node
+        .tokens()
+        .iter()
+        .find(|t| t.role == crate::config::Role::Admin)
+        .map(|t| t.token.clone());
+    let client = reqwest::Client::new();
+    let peers: Vec<String> = node
+        .section()
+        .members
+        .iter()
+        .filter(|m| m.id != me.0)
+        .map(|m| m.http.trim_end_matches('/').to_owned())
+        .collect();
+    let mut attempt = 0usize;
+    loop {
+        if states.borrow().members.contains_key(&me) {
+            tracing::info!(node = %me, "added to the cluster");
+            return;
+        }
+        if let Some(peer) = peers.get(attempt % peers.len().max(1)) {
+            let mut req = client
+                .post(format!("{peer}/v1/cluster/members"))
+                .timeout(MEMBERSHIP_TIMEOUT + Duration::from_secs(10))
+                .json(&body);
+            if let Some(t) = &token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(node = %me, via = %peer, "the cluster accepted this node");
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    tracing::warn!(node = %me, via = %peer, %status, answer = %text, "join refused; retrying");
+                }
+                Err(e) => {
+                    tracing::warn!(node = %me, via = %peer, error = %e, "cannot ask to join; retrying")
+                }
+            }
+        }
+        attempt += 1;
+        // Wake early when the state lists this node.
+        let _ = tokio::time::timeout(Duration::from_secs(2), states.changed()).await;
+    }
+}
+
 async fn form_cluster(
     raft: Raft,
     id: u64,

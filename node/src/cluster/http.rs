@@ -7,6 +7,8 @@
 //! | `GET /v1/cluster` | members, role, positions, per-mirror lag, commit policy |
 //! | `PUT /v1/cluster/commit-policy` | `{"commit_policy": "quorum:1", "on_unavailable"?: "strict"}` (admin) |
 //! | `POST /v1/cluster/switchover` | `{"to"?: "n2"}` (admin): planned switchover, run by the Raft leader (forwarded there) |
+//! | `POST /v1/cluster/members` | `{"id","addr","http","role"?,"nofailover"?}` (admin): add a member (forwarded to the Raft leader; waits until it caught up with the control plane) |
+//! | `DELETE /v1/cluster/members/{id}` | (admin): remove a member (not the primary) |
 //!
 //! and [`gate`], a middleware on the data paths (`/v1/tables…`,
 //! `/v1/transactions`):
@@ -46,6 +48,11 @@ pub fn wrap(node: ClusterNode, api: Router, api_state: ApiState) -> Router {
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/commit-policy", put(set_commit_policy))
         .route("/v1/cluster/switchover", post(switchover))
+        .route("/v1/cluster/members", post(add_member))
+        .route(
+            "/v1/cluster/members/{id}",
+            axum::routing::delete(remove_member),
+        )
         .layer(middleware::from_fn_with_state(api_state, auth::authorize))
         .with_state(node.clone());
     let public = Router::new()
@@ -420,15 +427,22 @@ struct SwitchoverAnswer {
 /// Sends a control request on to the Raft leader's HTTP API.
 async fn forward_to_leader(
     leader_http: &str,
+    method: reqwest::Method,
     path: &str,
     authz: Option<HeaderValue>,
     body: bytes::Bytes,
 ) -> Response {
     let url = format!("{}{path}", leader_http.trim_end_matches('/'));
     let client = reqwest::Client::new();
+    // Adding a member waits for it to catch up with the control-plane log.
+    let timeout = if path.starts_with("/v1/cluster/members") {
+        super::control::MEMBERSHIP_TIMEOUT + FORWARD_TIMEOUT
+    } else {
+        FORWARD_TIMEOUT
+    };
     let mut req = client
-        .post(&url)
-        .timeout(FORWARD_TIMEOUT)
+        .request(method, &url)
+        .timeout(timeout)
         .header(FORWARDED_HEADER, "1")
         .header(header::CONTENT_TYPE, "application/json")
         .body(body);
@@ -457,12 +471,7 @@ async fn forward_to_leader(
 /// `POST /v1/cluster/switchover`.
 pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Response {
     let Some(f) = node.failover() else {
-        return ApiError::new(
-            StatusCode::CONFLICT,
-            "failover_off",
-            "this cluster has a fixed primary (cluster.failover = false): change cluster.primary and restart instead".to_owned(),
-        )
-        .into_response();
+        return failover_off();
     };
     let authz = req.headers().get(header::AUTHORIZATION).cloned();
     let forwarded = req.headers().contains_key(FORWARDED_HEADER);
@@ -478,20 +487,17 @@ pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Respon
             Err(e) => return ApiError::invalid(format!("bad body: {e}")).into_response(),
         }
     };
-    if !f.is_leader() {
-        let Some((leader, Some(http))) = f.leader() else {
-            return unavailable(
-                "no_leader",
-                "no Raft leader is known right now; retry in a second".to_owned(),
-            );
-        };
-        if forwarded {
-            return unavailable(
-                "no_leader",
-                format!("{leader} is not the Raft leader any more; retry"),
-            );
-        }
-        return forward_to_leader(&http, "/v1/cluster/switchover", authz, bytes).await;
+    if let Some(r) = leader_elsewhere(
+        f,
+        forwarded,
+        reqwest::Method::POST,
+        "/v1/cluster/switchover",
+        authz,
+        bytes,
+    )
+    .await
+    {
+        return r;
     }
     let target = body.to.map(mirrordb_failover::NodeId);
     match f.handle().switchover(target).await {
@@ -502,6 +508,156 @@ pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Respon
         Err(e) => {
             ApiError::new(StatusCode::CONFLICT, "switchover_refused", e.to_string()).into_response()
         }
+    }
+}
+
+/// `None` on the Raft leader; elsewhere the leader's answer to the same
+/// request (forwarded once), or why there is none.
+async fn leader_elsewhere(
+    f: &super::control::Failover,
+    forwarded: bool,
+    method: reqwest::Method,
+    path: &str,
+    authz: Option<HeaderValue>,
+    bytes: bytes::Bytes,
+) -> Option<Response> {
+    if f.is_leader() {
+        return None;
+    }
+    let Some((leader, Some(http))) = f.leader() else {
+        return Some(unavailable(
+            "no_leader",
+            "no Raft leader is known right now; retry in a second".to_owned(),
+        ));
+    };
+    if forwarded {
+        return Some(unavailable(
+            "no_leader",
+            format!("{leader} is not the Raft leader any more; retry"),
+        ));
+    }
+    Some(forward_to_leader(&http, method, path, authz, bytes).await)
+}
+
+fn failover_off() -> Response {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "failover_off",
+        "this cluster has a fixed primary (cluster.failover = false): change cluster.primary and restart instead".to_owned(),
+    )
+    .into_response()
+}
+
+/// Most bytes of a member request body.
+const MAX_MEMBER_BODY: usize = 4096;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberBody {
+    id: String,
+    addr: String,
+    http: String,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    nofailover: bool,
+}
+
+fn membership_error(e: mirrordb_failover::membership::MembershipError) -> Response {
+    use mirrordb_failover::membership::MembershipError as E;
+    match e {
+        E::Rejected(r) => {
+            ApiError::new(StatusCode::CONFLICT, "membership_refused", r.to_string()).into_response()
+        }
+        E::NotLeader { .. } => unavailable("no_leader", e.to_string()),
+        other => unavailable("unavailable", other.to_string()),
+    }
+}
+
+/// `POST /v1/cluster/members` `{"id","addr","http","role"?,"nofailover"?}`.
+pub async fn add_member(State(node): State<ClusterNode>, req: Request) -> Response {
+    let Some(f) = node.failover() else {
+        return failover_off();
+    };
+    let authz = req.headers().get(header::AUTHORIZATION).cloned();
+    let forwarded = req.headers().contains_key(FORWARDED_HEADER);
+    let bytes = match axum::body::to_bytes(req.into_body(), MAX_MEMBER_BODY).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::too_large(None, MAX_MEMBER_BODY as u64).into_response(),
+    };
+    let body: MemberBody = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => return ApiError::invalid(format!("bad body: {e}")).into_response(),
+    };
+    if let Err(e) = mirrordb_replication::certs::validate_node_id(&body.id) {
+        return ApiError::invalid(e.to_string()).into_response();
+    }
+    let role = match body.role.as_deref() {
+        None | Some("data") => mirrordb_failover::state::Role::Data,
+        Some("witness") => mirrordb_failover::state::Role::Witness,
+        Some(other) => {
+            return ApiError::invalid(format!("role {other:?}: expected \"data\" or \"witness\""))
+                .into_response();
+        }
+    };
+    if let Some(r) = leader_elsewhere(
+        f,
+        forwarded,
+        reqwest::Method::POST,
+        "/v1/cluster/members",
+        authz,
+        bytes,
+    )
+    .await
+    {
+        return r;
+    }
+    let name = mirrordb_failover::NodeId(body.id.clone());
+    let member = mirrordb_failover::state::Member {
+        role,
+        raft_addr: body.addr,
+        http_addr: body.http,
+        nofailover: body.nofailover,
+    };
+    tracing::info!(node = %name, "adding a member");
+    match f.add_member(&name, &member).await {
+        Ok(()) => json_ok(&serde_json::json!({ "added": body.id })),
+        Err(e) => membership_error(e),
+    }
+}
+
+/// `DELETE /v1/cluster/members/{id}`.
+pub async fn remove_member(
+    State(node): State<ClusterNode>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let Some(f) = node.failover() else {
+        return failover_off();
+    };
+    let authz = req.headers().get(header::AUTHORIZATION).cloned();
+    let forwarded = req.headers().contains_key(FORWARDED_HEADER);
+    if let Err(e) = mirrordb_replication::certs::validate_node_id(&id) {
+        return ApiError::invalid(e.to_string()).into_response();
+    }
+    let path = format!("/v1/cluster/members/{id}");
+    if let Some(r) = leader_elsewhere(
+        f,
+        forwarded,
+        reqwest::Method::DELETE,
+        &path,
+        authz,
+        bytes::Bytes::new(),
+    )
+    .await
+    {
+        return r;
+    }
+    let name = mirrordb_failover::NodeId(id.clone());
+    tracing::info!(node = %name, "removing a member");
+    match f.remove_member(&name).await {
+        Ok(()) => json_ok(&serde_json::json!({ "removed": id })),
+        Err(e) => membership_error(e),
     }
 }
 

@@ -125,7 +125,7 @@ fn pairs(flag: &str, s: &str) -> Result<Vec<(String, String)>, InitError> {
     Ok(out)
 }
 
-fn host_of(addr: &str) -> Result<String, InitError> {
+pub(crate) fn host_of(addr: &str) -> Result<String, InitError> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| InitError::Args(format!("{addr:?} must be HOST:PORT")))?;
@@ -138,7 +138,7 @@ fn host_of(addr: &str) -> Result<String, InitError> {
     Ok(host.to_owned())
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
     move |source| InitError::Io {
         path: path.to_owned(),
         source,
@@ -147,7 +147,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
 
 /// Writes a new file readable by its owner only (node configurations may
 /// hold API tokens).
-fn write_new(path: &Path, text: &str) -> Result<(), InitError> {
+pub(crate) fn write_new(path: &Path, text: &str) -> Result<(), InitError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

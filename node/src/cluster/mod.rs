@@ -27,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod http;
 pub mod init;
+pub mod members;
 pub mod policy;
 pub mod reader;
 pub mod runtime;
