@@ -203,7 +203,15 @@ pub fn router(state: ApiState) -> Router {
         ))
         .layer(middleware::from_fn(redirect_to_same_path))
         .layer(middleware::from_fn(track))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx is an answer the node chose (not_primary during a failover,
+        // journal_unavailable, …), each logged where it is decided; logging
+        // every one again at ERROR would flood the log in exactly the
+        // moments an operator reads it.
+        .layer(
+            TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(state)
 }
 
