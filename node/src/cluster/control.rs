@@ -257,7 +257,10 @@ pub struct FailoverRecord {
     pub from: Option<String>,
     pub to: String,
     pub epoch: u64,
+    /// When the promotion was proposed (ms since the Unix epoch).
     pub at_ms: u64,
+    /// From the old lease's expiry (or release, in a switchover) to the
+    /// promotion: the controller's share of the outage.
     pub duration_ms: u64,
 }
 

@@ -508,7 +508,7 @@ pub async fn status(a: StatusArgs) -> std::process::ExitCode {
         }
         if let Some(lf) = f.get("last_failover").filter(|l| !l.is_null()) {
             println!(
-                "  last failover: {} -> {} (epoch {}) took {} ms",
+                "  last failover: {} -> {} (epoch {}), promoted {} ms after the old lease lapsed",
                 s(&lf["from"]),
                 s(&lf["to"]),
                 lf["epoch"],
