@@ -10,7 +10,8 @@
 //! Failover (DESIGN §8):
 //!
 //! ```text
-//!  leader, own-term entry applied, for ≥ settle ─┐
+//!  leader, own-term entry applied, for ≥ settle (lease_ttl; 3 heartbeats
+//!  when the primary does not answer the leader) ─┐
 //!  lease.expires_at + margin < now ─┼─► best candidate ─► Propose(Promote{c, epoch+1, c.flushed+1})
 //!  candidate: reachable data node, not nofailover, not the lapsed primary,
 //!             async: lag ≤ max_lag_on_failover; quorum: member of sync_set
@@ -50,9 +51,14 @@ use crate::{Epoch, Lsn, NodeId};
 pub struct ControllerConfig {
     /// Lease length.
     pub lease_ttl_ms: u64,
-    /// How long a new leader gathers position reports before it may
-    /// promote (so that it picks among fresh reports, not the first one).
+    /// How long a new leader waits before it may promote while the
+    /// primary still answers: a live primary whose renewals failed during
+    /// the change of Raft leader gets this long to renew with the new one.
     pub settle_ms: u64,
+    /// How long a new leader gathers position reports before it may
+    /// promote when the primary does not answer it (dead or cut off): it
+    /// then picks among fresh reports, not the first one.
+    pub gather_ms: u64,
     /// Extra wait after a lease's expiry.
     pub failover_margin_ms: u64,
     /// A report older than this counts as unreachable.
@@ -68,7 +74,12 @@ impl From<&Timing> for ControllerConfig {
     fn from(t: &Timing) -> Self {
         ControllerConfig {
             lease_ttl_ms: t.lease_ttl_ms,
-            settle_ms: t.heartbeat_ms.saturating_mul(3),
+            // A live primary whose renewals failed while Raft changed
+            // leaders gets one lease to renew with the new leader before it
+            // is replaced (shorter settles made leader changes depose
+            // healthy primaries in the driver tests).
+            settle_ms: t.lease_ttl_ms,
+            gather_ms: t.heartbeat_ms.saturating_mul(3),
             failover_margin_ms: t.failover_margin_ms,
             report_max_age_ms: t.lease_ttl_ms,
             retry_after_ms: t.lease_ttl_ms,
@@ -428,7 +439,19 @@ impl Controller {
         let Some(state) = self.state.clone() else {
             return;
         };
-        let until_ms = self.leader_since_ms.saturating_add(self.config.settle_ms);
+        // A primary this leader could not reach itself is not going to renew:
+        // only gather reports. One that answers gets the whole settle.
+        let primary_gone = state.primary.as_ref().is_none_or(|p| {
+            self.reports
+                .get(p)
+                .is_some_and(|r| !r.reachable && r.at_ms >= self.leader_since_ms)
+        });
+        let wait_ms = if primary_gone {
+            self.config.gather_ms
+        } else {
+            self.config.settle_ms
+        };
+        let until_ms = self.leader_since_ms.saturating_add(wait_ms);
         if now_ms < until_ms {
             self.set_status(Status::WaitingForLease { until_ms });
             return;
@@ -643,7 +666,8 @@ mod tests {
     fn config() -> ControllerConfig {
         ControllerConfig {
             lease_ttl_ms: TTL,
-            settle_ms: SETTLE,
+            settle_ms: TTL,
+            gather_ms: SETTLE,
             failover_margin_ms: MARGIN,
             report_max_age_ms: 1000,
             retry_after_ms: 1000,
@@ -971,9 +995,14 @@ mod tests {
         let mut c = Controller::new(config());
         c.handle_state(&s);
         c.handle_report(report("n2", 1, 10, 5000));
-        // Elected long after the lease lapsed: it first hears from every
-        // reachable node so that it does not promote the first to answer.
+        // Elected long after the lease lapsed, and the primary does not
+        // answer: it only hears from every reachable node first, so that it
+        // does not promote the first to answer.
         c.handle_leadership(true, 7, 5000);
+        c.handle_report(Report {
+            reachable: false,
+            ..report("n1", 1, 10, 5000)
+        });
         c.handle_tick(5000);
         c.handle_tick(5000 + SETTLE - 1);
         assert!(proposals(&mut c).is_empty());
@@ -985,6 +1014,30 @@ mod tests {
         );
         c.handle_report(report("n2", 1, 10, 5000 + SETTLE));
         c.handle_tick(5000 + SETTLE);
+        assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
+    }
+
+    #[test]
+    fn new_leader_gives_a_primary_that_answers_a_lease_to_renew() {
+        let s = state();
+        let mut c = Controller::new(config());
+        c.handle_state(&s);
+        // The lapsed primary answered the new leader (or was not asked
+        // yet): its renewals may only have failed during the election.
+        c.handle_leadership(true, 7, 5000);
+        c.handle_report(report("n1", 1, 10, 5000));
+        c.handle_report(report("n2", 1, 10, 5000));
+        c.handle_tick(5000 + SETTLE);
+        c.handle_tick(5000 + TTL - 1);
+        assert!(proposals(&mut c).is_empty());
+        assert_eq!(
+            c.status(),
+            &Status::WaitingForLease {
+                until_ms: 5000 + TTL
+            }
+        );
+        c.handle_report(report("n2", 1, 10, 5000 + TTL));
+        c.handle_tick(5000 + TTL);
         assert_eq!(promoted(&proposals(&mut c)).unwrap().0, n("n2"));
     }
 
