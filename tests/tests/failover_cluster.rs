@@ -72,7 +72,13 @@ async fn partition_the_primary(policy: &str) {
 
     phase("heal: the old primary rejoins as a mirror");
     c.relay().heal();
-    let latest = writers.acks().iter().map(|a| a.lsn).max().unwrap_or(0);
+    let latest = writers
+        .acks()
+        .iter()
+        .filter(|a| a.node != p)
+        .map(|a| a.lsn)
+        .max()
+        .unwrap_or(0);
     c.wait_mirror_at(p, latest, LONG)
         .await
         .expect("old primary follows");
@@ -117,12 +123,23 @@ async fn partition_the_primary(policy: &str) {
             "the old primary's divergent tail ({first_new}..={old_last}) was not saved"
         );
     }
+    // Its own old LSNs may be higher than the new epoch's: wait for the
+    // content, not a position.
     let new_writes: Vec<Ack> = acked_by(&acks, q).into_iter().cloned().collect();
-    let lacking = c.missing_on(p, &new_writes).await.expect("scan");
-    assert!(
-        lacking.is_empty(),
-        "the rejoined node lacks new writes: {lacking:?}"
-    );
+    let deadline = Instant::now() + LONG;
+    loop {
+        let lacking = c.missing_on(p, &new_writes).await.unwrap_or_default();
+        if lacking.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rejoined node lacks {} new writes, e.g. {:?}",
+            lacking.len(),
+            lacking.first()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for i in 0..c.ids.len() {
         c.stop(i).expect("clean stop");
     }
