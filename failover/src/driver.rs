@@ -224,6 +224,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         let (commands_tx, commands_rx) = mpsc::channel(CHANNEL_DEPTH);
         let (status_tx, status) = watch::channel(Status::NotLeader);
         let (reports_tx, reports) = watch::channel(BTreeMap::new());
+        let controller = Controller::new(ControllerConfig::from(&timing)).with_me(name.clone());
         let driver = Driver {
             id: raft_id(&name),
             name,
@@ -233,7 +234,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             role,
             state_rx,
             clock,
-            controller: Controller::new(ControllerConfig::from(&timing)),
+            controller,
             status_tx,
             reports_tx,
             events_tx,
