@@ -258,7 +258,11 @@ impl JournalSink for EngineSink {
             // An empty mirror has not adopted a database yet.
             db_id: if lsn == 0 { [0; 16] } else { db_id_bytes(&e) },
             last_lsn: Lsn(lsn),
-            last_epoch: Epoch(epoch),
+            // An empty journal holds no entry, hence no epoch. The engine's
+            // epoch survives a rewind to empty (truncate_after) and a
+            // restart; reporting it here made the session refuse the
+            // primary's first entries, of older epochs, for ever.
+            last_epoch: Epoch(if lsn == 0 { 0 } else { epoch }),
             applied_lsn: Lsn(status.applied_lsn.min(lsn)),
         }
     }
@@ -555,6 +559,27 @@ mod tests {
         // A second run finds nothing to do.
         recover_swap(&d).unwrap();
         assert_eq!(std::fs::read(d.join(RAFT_DIR).join("f")).unwrap(), b"raft");
+    }
+
+    /// Regression: a mirror rewound to empty after a failover (its tail
+    /// diverged) kept the newer epoch as the epoch of "its last entry", so
+    /// it refused entry 1 (epoch 1) from the new primary and never caught
+    /// up ("entry 1 has epoch 1, allowed 3..=4").
+    #[test]
+    fn an_empty_mirror_reports_no_epoch_even_after_a_rewind_in_a_newer_epoch() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("data");
+        DataFileBuilder::create(&d, [7; 16], 3, 0)
+            .unwrap()
+            .finish(None)
+            .unwrap();
+        let mut cfg = EngineConfig::new(&d);
+        cfg.role = crate::engine::Role::Mirror { primary_http: None };
+        let engine = Engine::open(cfg).unwrap();
+        assert_eq!(engine.position(), (0, 3));
+        let sink = EngineSink::new(SharedEngine::new(engine));
+        let pos = sink.position();
+        assert_eq!((pos.last_lsn, pos.last_epoch), (Lsn(0), Epoch(0)));
     }
 
     #[test]
