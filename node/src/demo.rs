@@ -1146,14 +1146,20 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         h.dir.join("certs").display(),
         h.dir.display()
     );
+    let mut interrupted_by = None;
     let result = tokio::select! {
         r = async {
             h.start_all()?;
             out.step("started n1, n2 and n3 (mirrordb serve --config certs/nX.toml); waiting for them to elect a primary");
             h.round(1, &out).await
         } => r,
-        why = interrupted() => Err(anyhow!(why)),
+        why = interrupted() => {
+            interrupted_by = Some(why);
+            Err(anyhow!(why))
+        }
     };
+    // A failure keeps the directory for its node logs; an interruption
+    // does not (unless --keep).
     let (ok, keep) = match &result {
         Ok(r) => {
             let ok = r.error.is_none() && r.lost == 0 && r.rejoin_missing == 0;
@@ -1164,7 +1170,7 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             println!("FAILED: {e:#}");
-            (false, true)
+            (false, a.harness.keep || interrupted_by.is_none())
         }
     };
     h.stop(keep).await;
@@ -1223,6 +1229,7 @@ pub async fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
         narrate: false,
     };
     let mut drills: Vec<DrillReport> = Vec::new();
+    let mut was_interrupted = false;
     let stopped: Option<String> = tokio::select! {
         r = async {
             h.start_all()?;
@@ -1237,7 +1244,10 @@ pub async fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
             }
             anyhow::Ok(())
         } => r.err().map(|e| format!("{e:#}")),
-        why = interrupted() => Some(why.to_owned()),
+        why = interrupted() => {
+            was_interrupted = true;
+            Some(why.to_owned())
+        }
     };
     let summary = summarize(&drills, policy);
     let failed = stopped.is_some()
@@ -1245,7 +1255,9 @@ pub async fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
         || summary.rejoin_missing > 0
         || !summary.verdict.all_completed
         || drills.len() < a.count as usize;
-    let keep = a.harness.keep || failed;
+    // A failure keeps the directory for its node logs; an interruption
+    // does not (unless --keep).
+    let keep = a.harness.keep || (failed && !was_interrupted);
     h.stop(keep).await;
     if a.json {
         let doc = DrillOutput {
