@@ -4,7 +4,8 @@
 //! leader whose endpoint closes is replaced by the other two; a node with a
 //! certificate from another CA cannot take part; the receiving side refuses
 //! requests for another node, in another node's name, or from a non-member;
-//! a peer restarted on the same address is redialed; `bootstrap` and a
+//! a peer restarted on the same address is redialed, also when it was cut
+//! off without a word (SIGKILL); `bootstrap` and a
 //! follower's forwarded proposal (control requests) work over QUIC.
 //!
 //! The only randomness of its own is the seed choosing which node
@@ -337,6 +338,98 @@ fn echo_server(
         };
     tokio::spawn(QuicServer::new(NodeId::from(name), Arc::new(Echo)).run(incoming.raft));
     Ok(endpoint)
+}
+
+/// A UDP relay on its own address that forwards to a backend which can be
+/// swapped: swapping cuts the old backend off without a packet, as when a
+/// peer is killed with SIGKILL and restarted on the same address.
+async fn relay(
+    backend: std::net::SocketAddr,
+) -> (std::net::SocketAddr, watch::Sender<std::net::SocketAddr>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let (tx, rx) = watch::channel(backend);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        let mut client = None;
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let backend = *rx.borrow();
+            let to = if from == backend {
+                client
+            } else if Some(from) == client || client.is_none() {
+                client = Some(from);
+                Some(backend)
+            } else {
+                // A cut-off backend answering: dropped.
+                None
+            };
+            if let Some(to) = to {
+                let _ = socket.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    (addr, tx)
+}
+
+/// Regression: a peer killed and restarted on the same address never
+/// answers on the old connection, and QUIC noticed only at its idle timeout
+/// (10 s); the Raft leader's heartbeats to a restarted node were lost that
+/// long (found by `mirrordb drill`). Now a connection silent for
+/// `STALE_AFTER` while calls time out is closed and redialed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_replaced_peer_is_redialed_well_before_the_idle_timeout() {
+    let ca = ClusterCa::generate("quic-test").unwrap();
+    let (n1, _n1_incoming) = NodeEndpoint::bind(
+        &identity(&ca, "n1"),
+        "127.0.0.1:0".parse().unwrap(),
+        EndpointOptions::default(),
+    )
+    .unwrap();
+    let transport = QuicTransport::new(n1);
+    let old = echo_server(&ca, "n2", "127.0.0.1:0".parse().unwrap()).unwrap();
+    let (addr, backend) = relay(old.local_addr().unwrap()).await;
+    let target = RaftNode {
+        name: NodeId::from("n2"),
+        raft_addr: addr.to_string(),
+    };
+    let request = postcard::to_stdvec(&RpcEnvelope {
+        target: raft_id(&NodeId::from("n2")),
+        request: RaftRequest::Control(ControlRequest::Position),
+    })
+    .unwrap();
+    let short = std::time::Duration::from_millis(100);
+
+    eprintln!("--- a first call dials n2 through the relay and caches the connection");
+    let reply = transport
+        .call(&target, request.clone(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(reply, request);
+
+    eprintln!("--- n2 is replaced without a word: the old connection goes silent");
+    let new = echo_server(&ca, "n2", "127.0.0.1:0".parse().unwrap()).unwrap();
+    backend.send_replace(new.local_addr().unwrap());
+    let cut = tokio::time::Instant::now();
+
+    eprintln!("--- calls with heartbeat deadlines time out, then one redials and is answered");
+    let limit = mirrordb_replication::endpoint::IDLE_TIMEOUT / 2;
+    loop {
+        match transport.call(&target, request.clone(), short).await {
+            Ok(reply) => {
+                assert_eq!(reply, request);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    cut.elapsed() < limit,
+                    "still no answer {:?} after the replacement: {e}",
+                    cut.elapsed()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+    drop(old);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,13 @@ pub enum Command {
     /// Undo everything after an LSN: online (one compensating transaction)
     /// or --offline (restore to the LSN into a new directory).
     Rollback(crate::backup::cli::RollbackArgs),
+    /// Start a three-node cluster on loopback, kill its primary under
+    /// writes, and tell step by step how a mirror takes over and the old
+    /// primary rejoins.
+    Demo(crate::demo::DemoArgs),
+    /// Failover drills on a three-node loopback cluster: kill the primary
+    /// under writes N times; print failover times and acknowledged-write loss.
+    Drill(crate::demo::DrillArgs),
     // More subcommands go here, one variant each, plus one arm in `run`:
     // switchover.
 }
@@ -242,6 +249,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => crate::backup::cli::verify_cmd(a).await,
         Command::Restore(a) => crate::backup::cli::restore_cmd(a).await,
         Command::Rollback(a) => crate::backup::cli::rollback_cmd(a).await,
+        Command::Demo(a) => crate::demo::demo(a).await,
+        Command::Drill(a) => crate::demo::drill(a).await,
         Command::Journal(JournalCommand::Show(a)) => {
             tokio::task::spawn_blocking(move || crate::activity::run_show(a)).await??;
             Ok(ExitCode::SUCCESS)

@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mirrordb_replication::endpoint::{NodeEndpoint, PeerConnection, Service};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -53,6 +53,16 @@ pub const MAX_CONCURRENT_RPCS: usize = 64;
 pub const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stream reset code: the receiver refused the request.
 pub const STREAM_REFUSED: u32 = 1;
+/// A cached connection on which calls time out and nothing has answered
+/// for this long is closed, and the next call dials again. A peer that was
+/// killed and restarted on the same address never answers on the old
+/// connection (its stateless resets carry another key), and QUIC would
+/// notice only at the idle timeout (10 s): until then the leader's
+/// heartbeats to the restarted node were lost and it disrupted the cluster
+/// with elections of ever higher terms.
+pub const STALE_AFTER: Duration = Duration::from_secs(1);
+/// Close code of a connection given up as stale.
+const CLOSE_STALE: u32 = 2;
 
 /// Whether a peer (authenticated by its certificate) may send requests.
 pub type Admission = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
@@ -83,6 +93,8 @@ enum Slot {
     Ready {
         addr: String,
         connection: quinn::Connection,
+        /// When a reply last arrived on it (or it was dialed).
+        answered: Arc<Mutex<Instant>>,
     },
     Dialing(watch::Receiver<Option<Result<quinn::Connection, TransportError>>>),
 }
@@ -131,9 +143,9 @@ impl QuicTransport {
     {
         let mut peers = Self::lock(&self.peers);
         match peers.get(&target.name) {
-            Some(Slot::Ready { addr, connection })
-                if *addr == target.raft_addr && connection.close_reason().is_none() =>
-            {
+            Some(Slot::Ready {
+                addr, connection, ..
+            }) if *addr == target.raft_addr && connection.close_reason().is_none() => {
                 return Ok(connection.clone());
             }
             Some(Slot::Dialing(rx)) => return Err(rx.clone()),
@@ -156,6 +168,7 @@ impl QuicTransport {
                             Slot::Ready {
                                 addr: target.raft_addr.clone(),
                                 connection: connection.clone(),
+                                answered: Arc::new(Mutex::new(Instant::now())),
                             },
                         );
                     }
@@ -193,12 +206,43 @@ impl QuicTransport {
         }
     }
 
-    async fn exchange(&self, target: &RaftNode, request: &[u8]) -> Result<Vec<u8>, TransportError> {
-        let connection = self.connection(target).await?;
+    /// Notes a reply on `connection` (when it is the cached one), or, after
+    /// a timeout, closes and forgets it once it has been silent for
+    /// [`STALE_AFTER`].
+    fn after_call(&self, target: &RaftNode, connection: &quinn::Connection, replied: bool) {
+        let mut peers = Self::lock(&self.peers);
+        let Some(Slot::Ready {
+            connection: c,
+            answered,
+            ..
+        }) = peers.get(&target.name)
+        else {
+            return;
+        };
+        if c.stable_id() != connection.stable_id() {
+            return;
+        }
+        let mut answered = answered.lock().unwrap_or_else(|p| p.into_inner());
+        if replied {
+            *answered = Instant::now();
+        } else if answered.elapsed() >= STALE_AFTER {
+            debug!(peer = %target, silent_ms = answered.elapsed().as_millis(), "raft connection silent; redialing");
+            drop(answered);
+            connection.close(CLOSE_STALE.into(), b"no answer");
+            peers.remove(&target.name);
+        }
+    }
+
+    async fn exchange(
+        &self,
+        target: &RaftNode,
+        connection: &quinn::Connection,
+        request: &[u8],
+    ) -> Result<Vec<u8>, TransportError> {
         let (mut send, mut recv) = match connection.open_bi().await {
             Ok(s) => s,
             Err(e) => {
-                self.forget(target, &connection);
+                self.forget(target, connection);
                 return Err(unreachable(target, e));
             }
         };
@@ -211,7 +255,7 @@ impl QuicTransport {
         let _ = send.finish();
         let reply = read_frame(&mut recv).await.map_err(name);
         if reply.is_err() && connection.close_reason().is_some() {
-            self.forget(target, &connection);
+            self.forget(target, connection);
         }
         reply
     }
@@ -243,9 +287,23 @@ impl RaftTransport for QuicTransport {
         request: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
-        tokio::time::timeout(timeout, self.exchange(target, &request))
+        let deadline = tokio::time::Instant::now() + timeout;
+        let connection = tokio::time::timeout_at(deadline, self.connection(target))
             .await
-            .map_err(|_| TransportError::Timeout(target.to_string(), timeout))?
+            .map_err(|_| TransportError::Timeout(target.to_string(), timeout))??;
+        match tokio::time::timeout_at(deadline, self.exchange(target, &connection, &request)).await
+        {
+            Ok(reply) => {
+                if reply.is_ok() {
+                    self.after_call(target, &connection, true);
+                }
+                reply
+            }
+            Err(_) => {
+                self.after_call(target, &connection, false);
+                Err(TransportError::Timeout(target.to_string(), timeout))
+            }
+        }
     }
 }
 

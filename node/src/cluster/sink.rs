@@ -131,6 +131,10 @@ struct Staging {
     file: tokio::fs::File,
 }
 
+/// Epoch of a data directory rewound to empty: the one a new database
+/// starts in (`engine::recovery`), at or below every entry's.
+const REWOUND_EPOCH: u64 = 1;
+
 /// `JournalSink` over a mirror's engine.
 pub struct EngineSink {
     engine: SharedEngine,
@@ -258,7 +262,11 @@ impl JournalSink for EngineSink {
             // An empty mirror has not adopted a database yet.
             db_id: if lsn == 0 { [0; 16] } else { db_id_bytes(&e) },
             last_lsn: Lsn(lsn),
-            last_epoch: Epoch(epoch),
+            // An empty journal holds no entry, hence no epoch. The engine's
+            // epoch survives a rewind to empty (truncate_after) and a
+            // restart; reporting it here made the session refuse the
+            // primary's first entries, of older epochs, for ever.
+            last_epoch: Epoch(if lsn == 0 { 0 } else { epoch }),
             applied_lsn: Lsn(status.applied_lsn.min(lsn)),
         }
     }
@@ -293,7 +301,7 @@ impl JournalSink for EngineSink {
 
     async fn truncate_after(&mut self, keep_lsn: Lsn) -> Result<SinkPosition, StorageError> {
         let e = self.engine.get();
-        let (last, epoch) = e.position();
+        let last = e.position().0;
         if last > keep_lsn.0 {
             let journal = e.journal_dir();
             let dir = self.cfg.data_dir.join(ROLLBACK_DIR);
@@ -313,7 +321,12 @@ impl JournalSink for EngineSink {
         let db_id = db_id_bytes(&e);
         drop(e);
         // Rewind by reseed: an empty data directory of the same database
-        // (the swap carries rollback/ over).
+        // (the swap carries rollback/ over), at the epoch every database
+        // starts in. It replays the primary's journal from LSN 1, through
+        // every epoch: created at the current epoch, it refused entry 1 as
+        // stale (`stale_epoch`) for ever. Fencing a deposed primary is the
+        // session's job (its fence epoch comes from the control plane).
+        let epoch = REWOUND_EPOCH;
         let new_dir = sibling(&self.cfg.data_dir, NEW_SUFFIX);
         let nd = new_dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
@@ -555,6 +568,74 @@ mod tests {
         // A second run finds nothing to do.
         recover_swap(&d).unwrap();
         assert_eq!(std::fs::read(d.join(RAFT_DIR).join("f")).unwrap(), b"raft");
+    }
+
+    /// Regression: a mirror rewound to empty after a failover (its tail
+    /// diverged) kept the newer epoch as the epoch of "its last entry", so
+    /// it refused entry 1 (epoch 1) from the new primary and never caught
+    /// up ("entry 1 has epoch 1, allowed 3..=4").
+    #[test]
+    fn an_empty_mirror_reports_no_epoch_even_after_a_rewind_in_a_newer_epoch() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("data");
+        DataFileBuilder::create(&d, [7; 16], 3, 0)
+            .unwrap()
+            .finish(None)
+            .unwrap();
+        let mut cfg = EngineConfig::new(&d);
+        cfg.role = crate::engine::Role::Mirror { primary_http: None };
+        let engine = Engine::open(cfg).unwrap();
+        assert_eq!(engine.position(), (0, 3));
+        let sink = EngineSink::new(SharedEngine::new(engine));
+        let pos = sink.position();
+        assert_eq!((pos.last_lsn, pos.last_epoch), (Lsn(0), Epoch(0)));
+    }
+
+    /// Regression: a mirror in epoch 2 whose tail diverged was rewound to an
+    /// empty directory created at epoch 2, and then refused the primary's
+    /// entry 1 (epoch 1) as stale for ever (found by `mirrordb drill`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mirror_rewound_to_empty_replays_the_primary_through_every_epoch() {
+        use crate::model::{SessionId, WriteOp};
+        let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let put = |k: &str| WriteOp::Put {
+            table: "t".into(),
+            key: k.into(),
+            value: b"1".to_vec(),
+            if_version: None,
+        };
+        let p = Engine::open(EngineConfig::new(pd.path())).unwrap();
+        p.write(SessionId::SYSTEM, vec![put("a")]).await.unwrap();
+        p.promote(2).await.unwrap();
+        p.write(SessionId::SYSTEM, vec![put("b")]).await.unwrap();
+        let frames = |from: u64| -> Vec<FramedEntry> {
+            p.read_frames(from, 1000, 1 << 20)
+                .unwrap()
+                .into_iter()
+                .map(|f| FramedEntry {
+                    lsn: Lsn(f.header.lsn),
+                    epoch: Epoch(f.header.epoch),
+                    bytes: f.bytes,
+                })
+                .collect()
+        };
+        let d = md.path().join("data");
+        DataFileBuilder::create(&d, db_id_bytes(&p), 1, 0)
+            .unwrap()
+            .finish(None)
+            .unwrap();
+        let mut cfg = EngineConfig::new(&d);
+        cfg.role = crate::engine::Role::Mirror { primary_http: None };
+        let mut sink = EngineSink::new(SharedEngine::new(Engine::open(cfg).unwrap()));
+        let end = sink.append(frames(1)).await.unwrap();
+        assert_eq!(sink.engine().get().position(), (end.0, 2));
+
+        let pos = sink.truncate_after(Lsn(0)).await.unwrap();
+        assert_eq!((pos.last_lsn, pos.last_epoch), (Lsn(0), Epoch(0)));
+        let again = sink.append(frames(1)).await.unwrap();
+        assert_eq!(again, end, "the rewound mirror replays every epoch");
+        assert_eq!(sink.engine().get().position(), (end.0, 2));
+        assert!(d.join(ROLLBACK_DIR).read_dir().unwrap().next().is_some());
     }
 
     #[test]
