@@ -14,8 +14,16 @@
 //! `failover_margin_ms` must exceed the worst clock difference between nodes
 //! (`max_clock_skew_ms`) plus the interval of the driver's self-fencing check
 //! (at most `heartbeat_ms`); the node must also check its lease before
-//! acknowledging any write. A freshly elected Raft leader additionally waits one full
-//! `lease_ttl_ms` before it promotes anyone (see the controller).
+//! acknowledging any write. A freshly elected Raft leader acts only once it
+//! applied an entry of its own term, and waits one full `lease_ttl_ms` for a
+//! primary that still answers it (see the controller).
+//!
+//! The Raft defaults (heartbeat 50 ms, elections 250–500 ms) are half of
+//! DESIGN §8's: openraft 0.9's followers honour a leader lease of
+//! `election_max_ms` before they even start an election, so a primary that
+//! was also the Raft leader took `election_max + election timeout` (1.5–2 s)
+//! to be noticed, and failover missed its 2 s median. With these values
+//! that is 0.75–1 s, within the primary's own 1 s lease.
 //!
 //! openraft 0.9 has no pre-vote (it arrives in 0.10); a partitioned node that
 //! rejoins may force one needless election. The randomized election timeout
@@ -49,9 +57,9 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            heartbeat_ms: 100,
-            election_min_ms: 500,
-            election_max_ms: 1000,
+            heartbeat_ms: 50,
+            election_min_ms: 250,
+            election_max_ms: 500,
             lease_renew_ms: 250,
             lease_ttl_ms: 1000,
             failover_margin_ms: 250,
