@@ -229,9 +229,9 @@ mod tests {
         let t = Timing::default();
         t.validate().unwrap();
         let c = t.raft_config().unwrap();
-        assert_eq!(c.heartbeat_interval, 100);
-        assert_eq!(c.election_timeout_min, 500);
-        assert_eq!(c.election_timeout_max, 1000);
+        assert_eq!(c.heartbeat_interval, 50);
+        assert_eq!(c.election_timeout_min, 250);
+        assert_eq!(c.election_timeout_max, 500);
     }
 
     #[test]
@@ -261,7 +261,7 @@ mod tests {
             ),
             (
                 Timing {
-                    lease_ttl_ms: 900,
+                    lease_ttl_ms: 400,
                     lease_renew_ms: 100,
                     ..d
                 },
@@ -269,7 +269,7 @@ mod tests {
             ),
             (
                 Timing {
-                    failover_margin_ms: 200,
+                    failover_margin_ms: 150,
                     ..d
                 },
                 "max_clock_skew_ms + heartbeat_ms",
@@ -300,6 +300,6 @@ mod tests {
     fn timing_deserializes_with_defaults() {
         let t: Timing = serde_json::from_str(r#"{"lease_ttl_ms": 2000}"#).unwrap();
         assert_eq!(t.lease_ttl_ms, 2000);
-        assert_eq!(t.heartbeat_ms, 100);
+        assert_eq!(t.heartbeat_ms, 50);
     }
 }
