@@ -328,16 +328,6 @@ def cluster_network(cid):
     raise DrillError(f"container {cid[:12]} is on no *_cluster network: {list(nets)}")
 
 
-def network_name():
-    """The compose project's cluster network (from any running node)."""
-    _, out, _ = docker("network", "ls", "--format", "{{.Name}}", quiet=True)
-    project = project_name()
-    for name in out.split():
-        if name == f"{project}_cluster":
-            return name
-    raise DrillError(f"no network {project}_cluster")
-
-
 def project_name():
     for n in NODES:
         try:
@@ -485,10 +475,6 @@ class Load:
                 if at >= t and n != not_node:
                     return at, n
         return None
-
-    def acks_since(self, t):
-        with self.lock:
-            return sum(1 for at, _ in self.acks if at >= t)
 
     def longest_pause(self, t_from=None, t_to=None):
         """(seconds, start) of the longest gap between two acknowledged
