@@ -234,9 +234,10 @@ def find_primary(timeout=60, exclude=()):
 
 def mirror_caught_up(node, primary):
     """The node is a streaming mirror of `primary` that applied the
-    primary's last LSN."""
-    v = cluster_view(node, timeout=PROBE_TIMEOUT_S * 2)
+    primary's last LSN. The primary is asked first: under load its end
+    moves on, and a mirror asked before it would always look behind."""
     p = cluster_view(primary, timeout=PROBE_TIMEOUT_S * 2)
+    v = cluster_view(node, timeout=PROBE_TIMEOUT_S * 2)
     if not v or not p:
         return False
     f = v.get("following") or {}
