@@ -646,6 +646,8 @@ impl Harness {
             name: "mirrordb-drill".into(),
             out: dir.join("certs"),
             json: false,
+            if_missing: false,
+            tokens: Vec::new(),
         };
         let report = cluster_init(&init).context("cluster init")?;
         let mut nodes = Vec::new();

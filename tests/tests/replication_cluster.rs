@@ -76,6 +76,8 @@ fn init_cluster(
         name: "test".into(),
         out: out.join("certs"),
         json: false,
+        if_missing: false,
+        tokens: Vec::new(),
         witness: String::new(),
         no_failover: true,
     };
@@ -669,6 +671,8 @@ async fn a_mirror_with_a_certificate_from_a_foreign_ca_is_refused() {
         name: "intruder".into(),
         out: foreign_dir.join("certs"),
         json: false,
+        if_missing: false,
+        tokens: Vec::new(),
         witness: String::new(),
         no_failover: true,
     };

@@ -275,18 +275,40 @@ fn probe(ok: bool, body: &Probe) -> Response {
     r
 }
 
+/// Why `GET /primary` answers 503, or `None` when the node takes writes:
+/// the primary role, a writable journal, and a lease (when failover sets
+/// one) that has not lapsed. A primary cut off from the cluster keeps its
+/// role until Raft demotes it, but refuses writes once its lease lapsed;
+/// the probe must say so, or a load balancer keeps sending it writes.
+fn primary_refusal(
+    is_primary: bool,
+    journal_available: bool,
+    lease_until_ms: Option<u64>,
+    now_ms: u64,
+) -> Option<String> {
+    if !is_primary {
+        Some("this node is a mirror".to_owned())
+    } else if !journal_available {
+        Some("the journal cannot be written".to_owned())
+    } else if lease_until_ms.is_some_and(|until| now_ms >= until) {
+        Some("this node's primary lease lapsed (it cannot reach the cluster): it refuses writes until the cluster confirms it as primary or names another".to_owned())
+    } else {
+        None
+    }
+}
+
 /// `GET /primary`.
 pub async fn primary(State(node): State<ClusterNode>) -> Response {
     let engine = node.engine().get();
     let st = engine.status();
     let is_primary = matches!(engine.role(), Role::Primary);
-    let reason = if !is_primary {
-        Some("this node is a mirror".to_owned())
-    } else if !st.journal_available {
-        Some("the journal cannot be written".to_owned())
-    } else {
-        None
-    };
+    let now_ms = crate::journal::writer::now_us() / 1000;
+    let reason = primary_refusal(
+        is_primary,
+        st.journal_available,
+        engine.lease_until(),
+        now_ms,
+    );
     let ok = reason.is_none();
     probe(
         ok,
@@ -668,6 +690,29 @@ const FORWARDED_HEADER: &str = "x-mirrordb-forwarded";
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn primary_probe_refuses_a_primary_whose_lease_lapsed() {
+        // A primary cut off from the cluster: role still primary, lease over.
+        let r = primary_refusal(true, true, Some(1_000), 1_000).unwrap();
+        assert!(r.contains("lease lapsed"), "{r}");
+        assert_eq!(primary_refusal(true, true, Some(1_001), 1_000), None);
+        assert_eq!(
+            primary_refusal(true, true, None, 1_000),
+            None,
+            "no failover: no lease"
+        );
+        assert!(
+            primary_refusal(false, true, None, 0)
+                .unwrap()
+                .contains("mirror")
+        );
+        assert!(
+            primary_refusal(true, false, None, 0)
+                .unwrap()
+                .contains("journal")
+        );
+    }
 
     #[test]
     fn read_params_are_split_off_the_query() {

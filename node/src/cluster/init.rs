@@ -60,6 +60,22 @@ pub struct InitArgs {
     /// Print what was written as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Succeed without writing anything when every file this would write
+    /// already exists (an init container run on every `docker compose up`);
+    /// a partial set is still refused.
+    #[arg(long)]
+    pub if_missing: bool,
+    /// API tokens to write into every node file instead of generated ones:
+    /// `NAME:ROLE:SECRET` (ROLE `read`, `write` or `admin`), repeatable or
+    /// comma-separated in the environment variable.
+    #[arg(
+        long = "token",
+        value_name = "NAME:ROLE:SECRET",
+        env = "MIRRORDB_INIT_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub tokens: Vec<String>,
 }
 
 /// Why `cluster init` failed.
@@ -88,6 +104,8 @@ pub struct InitReport {
     /// Generated API tokens (only when some HTTP address is beyond
     /// loopback): `(name, role)`; the secrets are in the node files.
     pub tokens: Vec<String>,
+    /// `--if-missing` found every file in place and wrote nothing.
+    pub already_initialised: bool,
 }
 
 /// One node's files.
@@ -160,6 +178,32 @@ pub(crate) fn write_new(path: &Path, text: &str) -> Result<(), InitError> {
     f.sync_all().map_err(io(path))
 }
 
+/// Parses `--token NAME:ROLE:SECRET` (the name and secret are checked with
+/// the rest of the generated configuration).
+fn parse_token(s: &str) -> Result<TokenConfig, InitError> {
+    let mut parts = s.trim().splitn(3, ':');
+    let (Some(name), Some(role), Some(token)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(InitError::Args(
+            "--token must be NAME:ROLE:SECRET (ROLE read, write or admin)".into(),
+        ));
+    };
+    let role = match role {
+        "read" => Role::Read,
+        "write" => Role::Write,
+        "admin" => Role::Admin,
+        other => {
+            return Err(InitError::Args(format!(
+                "--token {name}: role {other:?} must be read, write or admin"
+            )));
+        }
+    };
+    Ok(TokenConfig {
+        name: name.to_owned(),
+        token: token.to_owned(),
+        role,
+    })
+}
+
 fn random_token() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -220,7 +264,15 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
             nofailover: false,
         })
         .collect();
-    let tokens = if need_tokens {
+    let given: Vec<TokenConfig> = a
+        .tokens
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| parse_token(t))
+        .collect::<Result<_, _>>()?;
+    let tokens = if !given.is_empty() {
+        given
+    } else if need_tokens {
         vec![
             TokenConfig {
                 name: "app".into(),
@@ -245,6 +297,17 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
         for ext in ["pem", "key", "toml"] {
             planned.push(out.join(format!("{id}.{ext}")));
         }
+    }
+    if a.if_missing && planned.iter().all(|p| p.exists()) {
+        return Ok(InitReport {
+            ca_cert: out.join(CA_CERT_FILE),
+            ca_key: out
+                .join(CA_PRIVATE_DIR)
+                .join(mirrordb_replication::certs::CA_KEY_FILE),
+            nodes: Vec::new(),
+            tokens: Vec::new(),
+            already_initialised: true,
+        });
     }
     if let Some(p) = planned.iter().find(|p| p.exists()) {
         return Err(CertError::Exists { path: p.clone() }.into());
@@ -333,6 +396,7 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
             .iter()
             .map(|t| format!("{} ({})", t.name, t.role))
             .collect(),
+        already_initialised: false,
     };
     for (((id, addr), (_, _, url)), (_, text)) in nodes.iter().zip(&listens).zip(&configs) {
         let host = host_of(addr)?;
@@ -372,6 +436,13 @@ pub fn print(r: &InitReport, json: bool) {
         println!("{}", serde_json::to_string(r).unwrap_or_default());
         return;
     }
+    if r.already_initialised {
+        println!(
+            "already initialised: every file is in place beside {}; nothing written (--if-missing)",
+            r.ca_cert.display()
+        );
+        return;
+    }
     println!("cluster CA certificate: {}", r.ca_cert.display());
     println!(
         "cluster CA key:         {} (keep it offline; no node needs it)",
@@ -397,7 +468,7 @@ pub fn print(r: &InitReport, json: bool) {
     }
     if !r.tokens.is_empty() {
         println!(
-            "API tokens generated (HTTP is reachable beyond loopback): {}; the secrets are in the .toml files",
+            "API tokens in every node file: {}; the secrets are in the .toml files",
             r.tokens.join(", ")
         );
     }
@@ -571,6 +642,8 @@ mod tests {
             name: "test".into(),
             out: out.to_owned(),
             json: false,
+            if_missing: false,
+            tokens: Vec::new(),
         }
     }
 
@@ -641,6 +714,60 @@ mod tests {
         a.witness = "n3".into();
         a.commit_policy = CommitPolicy::Quorum(2);
         assert!(run(&a).unwrap_err().to_string().contains("mirrors"));
+    }
+
+    #[test]
+    fn if_missing_makes_a_second_init_a_no_op_but_refuses_a_partial_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cluster");
+        let mut a = args(&out);
+        a.if_missing = true;
+        let first = run(&a).unwrap();
+        assert!(!first.already_initialised);
+        let ca = std::fs::read(out.join("ca.pem")).unwrap();
+        let second = run(&a).unwrap();
+        assert!(
+            second.already_initialised,
+            "every file exists: nothing to do"
+        );
+        assert_eq!(
+            std::fs::read(out.join("ca.pem")).unwrap(),
+            ca,
+            "not rewritten"
+        );
+        // Without the flag a second init is still an error.
+        a.if_missing = false;
+        assert!(run(&a).unwrap_err().to_string().contains("already exists"));
+        // A partial set (a node file lost) is never papered over.
+        std::fs::remove_file(out.join("n2.toml")).unwrap();
+        a.if_missing = true;
+        assert!(run(&a).unwrap_err().to_string().contains("already exists"));
+    }
+
+    #[test]
+    fn given_tokens_replace_the_generated_ones_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(&dir.path().join("a"));
+        a.http = "n1=10.0.0.1:7070,n2=10.0.0.2:7070,n3=10.0.0.3:7070".into();
+        a.tokens = vec![
+            "app:write:app-secret-0123456789abcdef".into(),
+            "ops:admin:ops-secret-0123456789abcdef".into(),
+        ];
+        let r = run(&a).unwrap();
+        assert_eq!(r.tokens, vec!["app (write)", "ops (admin)"]);
+        let cfg = Config::load(&r.nodes[1].config).unwrap();
+        assert_eq!(cfg.api.tokens.len(), 2);
+        assert_eq!(cfg.api.tokens[1].token, "ops-secret-0123456789abcdef");
+        assert_eq!(cfg.api.tokens[1].role, Role::Admin);
+        for bad in [
+            "app:write",
+            "app:root:app-secret-0123456789abcdef",
+            "app:write:short",
+        ] {
+            let mut a = args(&dir.path().join("b"));
+            a.tokens = vec![bad.into()];
+            assert!(run(&a).is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

@@ -255,6 +255,8 @@ mod tests {
             name: "t".into(),
             out: out.clone(),
             json: false,
+            if_missing: false,
+            tokens: Vec::new(),
             witness: String::new(),
             no_failover: false,
         })

@@ -467,3 +467,30 @@ fn held_writes_answer_not_primary_with_the_new_primary_after_a_demotion() {
         p.shutdown().await.unwrap();
     });
 }
+
+/// Regression: the durable-LSN watch had no receiver until a primary's
+/// replication source subscribed, and `watch::Sender::send` drops the value
+/// when nobody listens. A mirror promoted on an idle cluster then served
+/// its journal as ending at 0 (the value at open) and refused every
+/// mirror's subscription with `MirrorAhead` until its first client write.
+#[test]
+fn the_durable_lsn_watch_is_current_for_a_late_subscriber_after_promotion() {
+    let (pd, md) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = rt();
+    let p = Engine::open(cfg(pd.path())).unwrap();
+    let m = seed_mirror(&p, &rt, md.path());
+    rt.block_on(async {
+        for i in 0..3 {
+            p.write(SessionId::SYSTEM, vec![tput(&format!("k{i}"), "1")])
+                .await
+                .unwrap();
+        }
+    });
+    assert_eq!(*p.durable_lsn_watch().borrow(), p.position().0);
+    ship(&p, &m, &rt, 100);
+    let shipped = m.position().0;
+    assert!(shipped > 0);
+    rt.block_on(m.promote(2)).unwrap();
+    // The replication source subscribes only now, with no write since.
+    assert_eq!(*m.durable_lsn_watch().borrow(), shipped);
+}

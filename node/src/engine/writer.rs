@@ -591,7 +591,7 @@ impl Writer {
         }
         let last = self.journal.last_lsn();
         self.shared.durable_lsn.store(last, Ordering::Release);
-        let _ = self.shared.durable_tx.send(last);
+        let _ = self.shared.durable_tx.send_replace(last);
         if let Err(e) = self.apply(entries, unjournaled) {
             self.fail_store(&e);
             for p in pending {
@@ -912,7 +912,7 @@ impl Writer {
             } else {
                 metrics::histogram!("mirrordb_fsync_seconds").record(t.elapsed().as_secs_f64());
                 self.shared.durable_lsn.store(lsn, Ordering::Release);
-                let _ = self.shared.durable_tx.send(lsn);
+                let _ = self.shared.durable_tx.send_replace(lsn);
                 let replayer = &mut self.replayer;
                 match self
                     .store
@@ -1063,7 +1063,7 @@ impl Writer {
             })?;
         let last = self.journal.last_lsn();
         self.shared.durable_lsn.store(last, Ordering::Release);
-        let _ = self.shared.durable_tx.send(last);
+        let _ = self.shared.durable_tx.send_replace(last);
         self.apply(entries, Vec::new())
             .map_err(|e| WriteError::Storage(e.to_string()))
     }
@@ -1179,7 +1179,7 @@ impl Writer {
             metrics::histogram!("mirrordb_fsync_seconds").record(t.elapsed().as_secs_f64());
             let last = self.journal.last_lsn();
             self.shared.durable_lsn.store(last, Ordering::Release);
-            let _ = self.shared.durable_tx.send(last);
+            let _ = self.shared.durable_tx.send_replace(last);
             self.apply(entries, Vec::new()).map_err(|e| {
                 self.fail_store(&e);
                 WriteError::Storage(e.to_string())
@@ -1431,7 +1431,7 @@ impl Writer {
                 return Err(WriteError::JournalUnavailable(e.to_string()));
             }
             self.shared.durable_lsn.store(last, Ordering::Release);
-            let _ = self.shared.durable_tx.send(last);
+            let _ = self.shared.durable_tx.send_replace(last);
         }
         Ok(last)
     }
