@@ -18,7 +18,7 @@ use mirrordb_failover::raft::network::{MemNetwork, RpcHandler};
 use mirrordb_failover::raft::{Raft, RaftNode, store};
 use mirrordb_failover::role::{Position, RoleControl, RoleError};
 use mirrordb_failover::state::{ClusterCommand, ClusterState, Member, Role, raft_id};
-use mirrordb_failover::{Epoch, Lsn, NodeId, Status};
+use mirrordb_failover::{Epoch, Lsn, NodeId, Status, Timing};
 use tokio::sync::watch;
 
 mod fixtures;
@@ -150,6 +150,7 @@ async fn start(
     net: &MemNetwork,
     name: &str,
     clock: Clock,
+    timing: Timing,
     shutdown: &watch::Receiver<bool>,
 ) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
@@ -157,7 +158,6 @@ async fn start(
     let state = sm.subscribe();
     let node = NodeId::from(name);
     let id = raft_id(&node);
-    let timing = fast_timing();
     let config = Arc::new(timing.raft_config().unwrap());
     let transport = Arc::new(net.transport(id));
     let factory = mirrordb_failover::raft::network::NetworkFactory::new(transport.clone());
@@ -200,6 +200,17 @@ async fn cluster(
     n1_behind_ms: u64,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<TestNode> {
+    cluster_timed(net, names, n1_behind_ms, fast_timing(), shutdown).await
+}
+
+/// [`cluster`] with other timings.
+async fn cluster_timed(
+    net: &MemNetwork,
+    names: &[&str],
+    n1_behind_ms: u64,
+    timing: Timing,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for &name in names {
         let clock = if name == "n1" {
@@ -207,7 +218,7 @@ async fn cluster(
         } else {
             system_clock()
         };
-        nodes.push(start(net, name, clock, shutdown).await);
+        nodes.push(start(net, name, clock, timing, shutdown).await);
     }
     let members: BTreeMap<u64, RaftNode> = nodes
         .iter()
@@ -512,7 +523,16 @@ async fn witness_as_raft_leader_promotes_a_data_node() {
 async fn switchover_survives_a_change_of_raft_leader() {
     let net = MemNetwork::new(seed());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    // A lease long enough to outlive a forced change of Raft leader, so
+    // the new leader finds the switchover (not a lapsed primary) and must
+    // finish it.
+    let timing = Timing {
+        lease_renew_ms: 250,
+        lease_ttl_ms: 2500,
+        switchover_timeout_ms: 8000,
+        ..fast_timing()
+    };
+    let nodes = cluster_timed(&net, &["n1", "n2", "n3"], 0, timing, &stop_rx).await;
     let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
     wait_state(by("n2"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
@@ -538,19 +558,24 @@ async fn switchover_survives_a_change_of_raft_leader() {
     wait_told(by("n1"), Told::Fence).await;
 
     eprintln!("--- another node takes Raft leadership; it finds the switchover in the state");
+    // Cut the leader off until the others elect one of themselves (their
+    // logs are equal, and nothing of the old leader's can outvote them),
+    // then heal: the primary renews with the new leader within its lease.
     let others: Vec<&TestNode> = nodes.iter().filter(|n| n.id != leader_id).collect();
+    let other_ids: Vec<u64> = others.iter().map(|n| n.id).collect();
+    net.partition(&[leader_id], &other_ids);
     let deadline = Instant::now() + WAIT;
-    let mut i = 0;
     loop {
         let current = others[0].raft.metrics().borrow().current_leader;
-        if current.is_some_and(|l| l != leader_id) {
+        if current.is_some_and(|l| l != leader_id)
+            && others[1].raft.metrics().borrow().current_leader == current
+        {
             break;
         }
         assert!(Instant::now() < deadline, "leadership never moved");
-        let _ = others[i % 2].raft.trigger().elect().await;
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    net.heal();
     by("n2").role.set_position(1, 30);
 
     eprintln!("--- n2 catches up: the new leader hands over to it, n1 never wrote again");
