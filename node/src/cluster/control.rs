@@ -738,7 +738,13 @@ async fn ask_to_join(
         .iter()
         .find(|t| t.role == crate::config::Role::Admin)
         .map(|t| t.token.clone());
-    let client = reqwest::Client::new();
+    let client = match super::http_client() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(node = %me, error = %e, "cannot ask to join: add this node with POST /v1/cluster/members");
+            return;
+        }
+    };
     let peers: Vec<String> = node
         .section()
         .members

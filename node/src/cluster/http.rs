@@ -455,7 +455,10 @@ async fn forward_to_leader(
     body: bytes::Bytes,
 ) -> Response {
     let url = format!("{}{path}", leader_http.trim_end_matches('/'));
-    let client = reqwest::Client::new();
+    let client = match super::http_client() {
+        Ok(c) => c,
+        Err(e) => return unavailable("unavailable", e),
+    };
     // Adding a member waits for it to catch up with the control-plane log.
     let timeout = if path.starts_with("/v1/cluster/members") {
         super::control::MEMBERSHIP_TIMEOUT + FORWARD_TIMEOUT

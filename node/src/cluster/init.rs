@@ -492,7 +492,13 @@ pub struct StatusArgs {
 pub async fn status(a: StatusArgs) -> std::process::ExitCode {
     use std::process::ExitCode;
     let url = format!("{}/v1/cluster", a.url.trim_end_matches('/'));
-    let client = reqwest::Client::new();
+    let client = match super::http_client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrordb cluster status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut req = client.get(&url);
     if let Some(t) = &a.token {
         req = req.bearer_auth(t);
@@ -815,7 +821,13 @@ pub struct SwitchoverArgs {
 pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
     use std::process::ExitCode;
     let base = a.url.trim_end_matches('/').to_owned();
-    let client = reqwest::Client::new();
+    let client = match super::http_client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrordb switchover: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let with_token = |r: reqwest::RequestBuilder| match &a.token {
         Some(t) => r.bearer_auth(t),
         None => r,

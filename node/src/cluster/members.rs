@@ -212,7 +212,14 @@ pub struct RemoveArgs {
 /// Runs `mirrordb cluster remove`.
 pub async fn remove_cmd(a: RemoveArgs) -> ExitCode {
     let base = a.url.trim_end_matches('/');
-    let mut req = reqwest::Client::new()
+    let client = match super::http_client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrordb cluster remove: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut req = client
         .delete(format!("{base}/v1/cluster/members/{}", a.id))
         .timeout(std::time::Duration::from_secs(90));
     if let Some(t) = &a.token {

@@ -72,3 +72,13 @@ impl SharedEngine {
         std::mem::replace(&mut *g, engine)
     }
 }
+
+/// An HTTP client for the node's own calls to other nodes and for the CLI.
+/// `reqwest::Client::new()` panics when its TLS backend cannot start (for
+/// example no CA certificates in a `FROM scratch` image), even for
+/// `http://` URLs; this says why instead.
+pub(crate) fn http_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .build()
+        .map_err(|e| format!("cannot start an HTTP client (are CA certificates installed?): {e}"))
+}
