@@ -363,7 +363,7 @@ fn print_recovery(r: &RecoveryReport, json: bool) {
 }
 
 /// Percent-encodes a query value.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

@@ -1059,7 +1059,7 @@ async fn scan(
         let mut url = format!("{base}/v1/tables/{TABLE}/records?limit={SCAN_PAGE}");
         if let Some(a) = &after {
             url.push_str("&start_after=");
-            url.push_str(&percent_encode(a));
+            url.push_str(&crate::cli::percent_encode(a));
         }
         let r = client
             .get(&url)
@@ -1087,19 +1087,6 @@ async fn scan(
             None => return Ok(out),
         }
     }
-}
-
-/// Percent-encodes a query value.
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// Resolves on Ctrl-C or SIGTERM, naming which.
