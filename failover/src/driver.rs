@@ -38,6 +38,39 @@ use crate::state::{Applied, ClusterCommand, ClusterState, CommandResult, Member,
 use crate::timing::Timing;
 use crate::{Epoch, Lsn, NodeId};
 
+/// The voter a primary that leads Raft hands leadership to: one whose
+/// replicated log reaches the leader's last entry, preferring a witness (it is
+/// never promoted, so it keeps leading across failovers), then a data node
+/// outside the sync set (a failover in `quorum` mode promotes the sync set),
+/// then any; the lowest name among equals.
+fn handoff_target<'a>(
+    me: u64,
+    last_log_index: Option<u64>,
+    matched: &BTreeMap<u64, Option<openraft::LogId<u64>>>,
+    voters: impl Iterator<Item = (u64, &'a RaftNode)>,
+    state: &ClusterState,
+) -> Option<RaftNode> {
+    let last = last_log_index?;
+    voters
+        .filter(|(id, _)| *id != me)
+        .filter(|(id, _)| {
+            matched
+                .get(id)
+                .is_some_and(|m| m.is_some_and(|l| l.index >= last))
+        })
+        .filter_map(|(_, node)| {
+            let member = state.members.get(&node.name)?;
+            let rank = match member.role {
+                Role::Witness => 0,
+                Role::Data if !state.sync_set.contains(&node.name) => 1,
+                Role::Data => 2,
+            };
+            Some((rank, node))
+        })
+        .min_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)))
+        .map(|(_, node)| node.clone())
+}
+
 /// The time source: milliseconds since the Unix epoch. Tests inject skew.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -195,6 +228,10 @@ pub struct Driver<T, R> {
     last_switchover_proposal_ms: u64,
     reports_inflight: bool,
     last_reports_ms: u64,
+    /// The Raft term this node has led since, and since when (its clock).
+    leading_since: Option<(u64, u64)>,
+    /// When this node, as primary, last asked a voter to take Raft leadership.
+    last_handoff_ms: u64,
 }
 
 impl<T, R> std::fmt::Debug for Driver<T, R> {
@@ -251,6 +288,8 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             last_switchover_proposal_ms: 0,
             reports_inflight: false,
             last_reports_ms: 0,
+            leading_since: None,
+            last_handoff_ms: 0,
         };
         (
             driver,
@@ -355,6 +394,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         let state = self.state_rx.borrow().clone();
         self.follow_state(&state).await;
         self.lease_duties(now).await;
+        self.leadership_duties(&state, now);
 
         let (is_leader, term) = {
             let m = self.raft.metrics();
@@ -605,6 +645,86 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         }
     }
 
+    /// Keeps the Raft leader off the primary.
+    ///
+    /// A primary that also leads Raft takes both down when it dies, and
+    /// openraft 0.9's followers then wait out their leader lease
+    /// (`election_max_ms`) and an election timeout before a new leader's
+    /// controller can even start: that was the slow tail of failover
+    /// (2.2–3.4 s against 1.2–1.7 s with a surviving leader). openraft 0.9
+    /// has no leadership transfer, but a leader grants a newer candidate's
+    /// vote once `election_max_ms` have passed since its own election (its
+    /// lease check is on its own vote, which heartbeats do not refresh), and
+    /// a candidate with the leader's vote and its own holds a majority of
+    /// three (so this is done with at most three voters). So once it has led that long, the primary asks a voter whose
+    /// log matches its own to campaign — right after one of its lease
+    /// renewals committed, so no entry of its own races the vote request.
+    /// If the attempt fails (a write slipped in), the term still moves on,
+    /// Raft elects someone within an election timeout, and the lease
+    /// (`lease_ttl_ms ≥ election_max_ms`) rides that out; no attempt repeats
+    /// within a lease.
+    fn leadership_duties(&mut self, state: &ClusterState, now: u64) {
+        let (leader_term, target) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            if m.current_leader != Some(self.id) || m.state != openraft::ServerState::Leader {
+                self.leading_since = None;
+                return;
+            }
+            let membership = m.membership_config.membership();
+            // The candidate wins with its own vote and the leader's: a
+            // majority only among at most three voters. With more, the
+            // others still honour this leader's lease, the attempt fails
+            // and costs an election, so leadership stays where it is.
+            if membership.voter_ids().count() > 3 {
+                return;
+            }
+            let target = m.replication.as_ref().and_then(|matched| {
+                let voters = membership
+                    .voter_ids()
+                    .filter_map(|id| membership.get_node(&id).map(|n| (id, n)));
+                handoff_target(self.id, m.last_log_index, matched, voters, state)
+            });
+            (m.current_term, target)
+        };
+        let since = match self.leading_since {
+            Some((term, since)) if term == leader_term => since,
+            _ => {
+                self.leading_since = Some((leader_term, now));
+                return;
+            }
+        };
+        let ready = self.acting == Acting::Primary(state.epoch)
+            && state.primary.as_ref() == Some(&self.name)
+            && !self.self_fenced
+            && self.holding.is_none()
+            && self.stepped_down.is_none()
+            && state.switchover.is_none()
+            // The voters' view of this leader's own vote has aged past the
+            // lease, so this leader will grant the candidate its vote.
+            && now.saturating_sub(since) > self.timing.election_max_ms + self.timing.heartbeat_ms
+            && now.saturating_sub(self.last_handoff_ms) >= self.timing.lease_ttl_ms
+            // A renewal was proposed and committed moments ago: the next one
+            // is not due for a while.
+            && !self.renew_inflight
+            && now.saturating_sub(self.last_renew_ms) < self.timing.lease_renew_ms / 2;
+        let Some(target) = target.filter(|_| ready) else {
+            return;
+        };
+        self.last_handoff_ms = now;
+        tracing::info!(node = %self.name, to = %target.name, term = leader_term, "handing Raft leadership to a caught-up voter: the primary should not also lead Raft");
+        let transport = self.transport.clone();
+        let timeout = Duration::from_millis(self.timing.heartbeat_ms.saturating_mul(2));
+        tokio::spawn(async move {
+            match call_control(&*transport, &target, ControlRequest::Campaign, timeout).await {
+                Ok(ControlReply::Campaigning) => {}
+                other => {
+                    tracing::info!(to = %target.name, ?other, "leadership handoff not started")
+                }
+            }
+        });
+    }
+
     async fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Renewed {
@@ -734,5 +854,106 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> (u64, RaftNode) {
+        let name = NodeId::from(name);
+        (
+            raft_id(&name),
+            RaftNode {
+                raft_addr: format!("{name}:7000"),
+                name,
+            },
+        )
+    }
+
+    fn state(members: &[(&str, Role)], sync_set: &[&str]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for (name, role) in members {
+            s.members.insert(
+                NodeId::from(*name),
+                Member {
+                    role: *role,
+                    raft_addr: format!("{name}:7000"),
+                    http_addr: format!("{name}:7070"),
+                    nofailover: false,
+                },
+            );
+        }
+        s.sync_set = sync_set.iter().map(|n| NodeId::from(*n)).collect();
+        s
+    }
+
+    fn at(index: u64) -> Option<openraft::LogId<u64>> {
+        Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 0),
+            index,
+        ))
+    }
+
+    /// Runs `handoff_target` for leader `n1` at last index 10 with these
+    /// followers' matched indexes, returning the chosen name.
+    fn pick(followers: &[(&str, Option<u64>)], s: &ClusterState) -> Option<String> {
+        let voters: Vec<(u64, RaftNode)> = std::iter::once("n1")
+            .chain(followers.iter().map(|(n, _)| *n))
+            .map(node)
+            .collect();
+        let matched: BTreeMap<u64, Option<openraft::LogId<u64>>> = followers
+            .iter()
+            .map(|(n, m)| (node(n).0, m.and_then(at)))
+            .collect();
+        handoff_target(
+            node("n1").0,
+            Some(10),
+            &matched,
+            voters.iter().map(|(id, n)| (*id, n)),
+            s,
+        )
+        .map(|n| n.name.to_string())
+    }
+
+    #[test]
+    fn handoff_goes_only_to_a_caught_up_voter() {
+        let s = state(
+            &[("n1", Role::Data), ("n2", Role::Data), ("n3", Role::Data)],
+            &[],
+        );
+        assert_eq!(pick(&[("n2", Some(9)), ("n3", None)], &s), None);
+        assert_eq!(
+            pick(&[("n2", Some(9)), ("n3", Some(10))], &s).as_deref(),
+            Some("n3")
+        );
+        assert_eq!(
+            pick(&[("n2", Some(10)), ("n3", Some(10))], &s).as_deref(),
+            Some("n2")
+        );
+    }
+
+    #[test]
+    fn handoff_prefers_a_witness_then_a_node_outside_the_sync_set() {
+        let s = state(
+            &[
+                ("n1", Role::Data),
+                ("n2", Role::Data),
+                ("n3", Role::Data),
+                ("w1", Role::Witness),
+            ],
+            &["n2"],
+        );
+        let all = [("n2", Some(10)), ("n3", Some(10)), ("w1", Some(10))];
+        assert_eq!(pick(&all, &s).as_deref(), Some("w1"));
+        assert_eq!(pick(&all[..2], &s).as_deref(), Some("n3"));
+        assert_eq!(pick(&all[..1], &s).as_deref(), Some("n2"));
+    }
+
+    #[test]
+    fn handoff_skips_voters_the_state_does_not_know() {
+        let s = state(&[("n1", Role::Data)], &[]);
+        assert_eq!(pick(&[("n2", Some(10))], &s), None);
     }
 }

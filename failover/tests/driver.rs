@@ -826,3 +826,75 @@ async fn step_down_releases_the_lease_and_a_successor_takes_over() {
         n.raft.shutdown().await.unwrap();
     }
 }
+
+/// The primary hands Raft leadership to another voter (a witness first), so
+/// that its death never also costs an election, and the hand-off never
+/// costs it its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_leadership_moves_off_the_primary() {
+    for (names, expect) in [
+        (&["n1", "n2", "n3"][..], None),
+        (&["n1", "n2", "w1"][..], Some("w1")),
+    ] {
+        let net = MemNetwork::new(seed());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let nodes = cluster(&net, names, 0, &stop_rx).await;
+        let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+        wait_state(by("n1"), "n1 primary", |s| {
+            s.primary == Some(NodeId::from("n1"))
+        })
+        .await;
+        wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
+
+        let first = by("n1").raft.metrics().borrow().current_leader;
+        eprintln!(
+            "--- {names:?}: the Raft leader ({}) moves off the primary n1",
+            if first == Some(by("n1").id) {
+                "n1"
+            } else {
+                "another node"
+            }
+        );
+        let started = Instant::now();
+        let deadline = started + WAIT;
+        let leader = loop {
+            let m = by("n1").raft.metrics().borrow().clone();
+            if let Some(l) = m.current_leader.filter(|l| *l != by("n1").id) {
+                break nodes.iter().find(|n| n.id == l).unwrap().name.clone();
+            }
+            assert!(Instant::now() < deadline, "n1 still leads Raft: {m:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        eprintln!("--- {leader} leads Raft after {:?}", started.elapsed());
+        if let Some(expect) = expect {
+            assert_eq!(leader.as_str(), expect, "a witness is the preferred leader");
+        }
+
+        eprintln!("--- and stays off it, while n1 keeps its lease");
+        let renewed = by("n2").state.borrow().lease.clone().unwrap().expires_at_ms;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let m = by("n1").raft.metrics().borrow().clone();
+        assert_ne!(
+            m.current_leader,
+            Some(by("n1").id),
+            "leadership came back to the primary"
+        );
+        let s = wait_state(by("n2"), "lease renewed", |s| {
+            s.lease
+                .as_ref()
+                .is_some_and(|l| l.expires_at_ms > renewed + 500)
+        })
+        .await;
+        assert_eq!(s.primary, Some(NodeId::from("n1")));
+        assert_eq!(s.epoch, Epoch(1), "no failover");
+        assert!(
+            by("n1").role.first_time(&Told::Fence).is_none(),
+            "the hand-off never fenced the primary: {:?}",
+            by("n1").role.told()
+        );
+        stop_tx.send(true).unwrap();
+        for n in &nodes {
+            n.raft.shutdown().await.unwrap();
+        }
+    }
+}

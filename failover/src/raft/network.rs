@@ -103,6 +103,10 @@ pub enum ControlRequest {
     Propose(ClusterCommand),
     /// Report your journal position.
     Position,
+    /// Start a Raft election now: the primary hands Raft leadership to a
+    /// caught-up voter so that losing the primary never also costs an
+    /// election (see the driver's leadership duties).
+    Campaign,
 }
 
 /// Answers to [`ControlRequest`].
@@ -117,6 +121,8 @@ pub enum ControlReply {
     },
     /// The node's position.
     Position(Position),
+    /// The node started an election (or already leads).
+    Campaigning,
     /// The node could not do it.
     Failed(RoleError),
 }
@@ -224,6 +230,10 @@ impl<R: RoleControl> RpcHandler<R> {
             ControlRequest::Position => match self.role.position().await {
                 Ok(p) => ControlReply::Position(p),
                 Err(e) => ControlReply::Failed(e),
+            },
+            ControlRequest::Campaign => match self.raft.trigger().elect().await {
+                Ok(()) => ControlReply::Campaigning,
+                Err(e) => ControlReply::Failed(RoleError::Failed(e.to_string())),
             },
         }
     }
