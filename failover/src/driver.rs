@@ -111,6 +111,12 @@ enum Event {
     },
     Report(Report),
     ReportsDone,
+    /// A pre-vote round ended: `granted` of the `others` other voters would
+    /// vote for this node.
+    PreVoted {
+        granted: usize,
+        others: usize,
+    },
 }
 
 /// What this node currently does, as far as the driver has told it.
@@ -232,6 +238,12 @@ pub struct Driver<T, R> {
     leading_since: Option<(u64, u64)>,
     /// When this node, as primary, last asked a voter to take Raft leadership.
     last_handoff_ms: u64,
+    /// The vote's (committed, last modified) as last seen: when it changes,
+    /// a leader was heard from (or a vote cast) and the timer restarts.
+    seen_vote: Option<(bool, Option<tokio::time::Instant>)>,
+    /// When to ask the other voters for a pre-vote, if no leader is heard.
+    next_election: Option<tokio::time::Instant>,
+    prevote_inflight: bool,
 }
 
 impl<T, R> std::fmt::Debug for Driver<T, R> {
@@ -290,6 +302,9 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             last_reports_ms: 0,
             leading_since: None,
             last_handoff_ms: 0,
+            seen_vote: None,
+            next_election: None,
+            prevote_inflight: false,
         };
         (
             driver,
@@ -303,6 +318,8 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
 
     /// Runs until `shutdown` becomes true (or its sender is dropped).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        // Elections are started here, after a pre-vote (election_duties).
+        self.raft.runtime_config().elect(false);
         let (proposals_tx, mut proposals_rx) = mpsc::channel::<ClusterCommand>(CHANNEL_DEPTH);
         self.proposals_tx = Some(proposals_tx);
         let (raft, transport, id) = (self.raft.clone(), self.transport.clone(), self.id);
@@ -395,6 +412,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         self.follow_state(&state).await;
         self.lease_duties(now).await;
         self.leadership_duties(&state, now);
+        self.election_duties().await;
 
         let (is_leader, term) = {
             let m = self.raft.metrics();
@@ -725,6 +743,98 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         });
     }
 
+    /// Starts Raft elections, after a pre-vote, in place of openraft's own
+    /// timer (disabled in [`Driver::run`]).
+    ///
+    /// openraft 0.9 has no pre-vote: a node that was cut off or restarted
+    /// and missed the leader's heartbeats for its election timeout raised
+    /// its term, and the higher term deposed a healthy leader when the node
+    /// came back. The cluster then had no leader for an election or two,
+    /// long enough that the primary could not renew its lease and fenced
+    /// itself: the failover drill saw a healthy primary stop writing in about
+    /// one restart of two. Now the node first asks the other voters whether
+    /// they would vote ([`ControlRequest::PreVote`], refused by a leader and
+    /// by anyone who heard a leader within the lease) and elects only with a
+    /// majority. The timer is openraft's: from the last change of this node's
+    /// vote (every heartbeat refreshes it), the leader lease if that vote is
+    /// committed, plus a random election timeout.
+    async fn election_duties(&mut self) {
+        if self.prevote_inflight {
+            return;
+        }
+        let others: Vec<RaftNode> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voter = membership.voter_ids().any(|id| id == self.id);
+            if m.state == openraft::ServerState::Leader || !voter {
+                self.next_election = None;
+                self.seen_vote = None;
+                return;
+            }
+            membership
+                .voter_ids()
+                .filter(|id| *id != self.id)
+                .filter_map(|id| membership.get_node(&id).cloned())
+                .collect()
+        };
+        let Ok(vote) = self
+            .raft
+            .with_raft_state(|st| (st.vote_ref().is_committed(), st.vote_last_modified()))
+            .await
+        else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        if self.seen_vote != Some(vote) || self.next_election.is_none() {
+            self.seen_vote = Some(vote);
+            let (committed, modified) = vote;
+            let lease = if committed {
+                self.timing.election_max_ms
+            } else {
+                0
+            };
+            self.next_election = Some(
+                modified.unwrap_or(now) + Duration::from_millis(lease + self.election_timeout_ms()),
+            );
+        }
+        if self.next_election.is_some_and(|at| now < at) {
+            return;
+        }
+        self.next_election = Some(now + Duration::from_millis(self.election_timeout_ms()));
+        self.prevote_inflight = true;
+        let (transport, tx) = (self.transport.clone(), self.events_tx.clone());
+        let timeout = Duration::from_millis(self.timing.heartbeat_ms.saturating_mul(2));
+        tokio::spawn(async move {
+            let asks = others.iter().map(|node| {
+                let transport = transport.clone();
+                async move {
+                    matches!(
+                        call_control(&*transport, node, ControlRequest::PreVote, timeout).await,
+                        Ok(ControlReply::PreVote { granted: true })
+                    )
+                }
+            });
+            let granted = futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter(|g| *g)
+                .count();
+            let _ = tx
+                .send(Event::PreVoted {
+                    granted,
+                    others: others.len(),
+                })
+                .await;
+        });
+    }
+
+    /// A random election timeout in `[election_min_ms, election_max_ms]`.
+    fn election_timeout_ms(&self) -> u64 {
+        let (min, max) = (self.timing.election_min_ms, self.timing.election_max_ms);
+        rand::random_range(min..=max.max(min))
+    }
+
     async fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Renewed {
@@ -755,6 +865,24 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                     other => {
                         tracing::debug!(node = %self.name, ?other, "lease renewal not applied")
                     }
+                }
+            }
+            Event::PreVoted { granted, others } => {
+                self.prevote_inflight = false;
+                // With its own vote, a majority of all voters.
+                // Not if a leader was heard from while the round ran.
+                let unchanged = self
+                    .raft
+                    .with_raft_state(|st| (st.vote_ref().is_committed(), st.vote_last_modified()))
+                    .await
+                    .is_ok_and(|vote| self.seen_vote == Some(vote));
+                if unchanged && (granted + 1) * 2 > others + 1 {
+                    tracing::info!(node = %self.name, granted, voters = others + 1, "no Raft leader heard and a majority would vote: starting an election");
+                    if let Err(e) = self.raft.trigger().elect().await {
+                        tracing::warn!(node = %self.name, %e, "cannot start an election");
+                    }
+                } else {
+                    tracing::debug!(node = %self.name, granted, voters = others + 1, "no Raft leader heard, but no majority would vote: not starting an election");
                 }
             }
             Event::Report(r) => self.controller.handle_report(r),

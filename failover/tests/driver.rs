@@ -898,3 +898,68 @@ async fn raft_leadership_moves_off_the_primary() {
         }
     }
 }
+
+/// A voter cut off for many election timeouts comes back without deposing
+/// the Raft leader: it asked for pre-votes, nobody granted one (they all
+/// heard the leader), so its term never rose. Without the pre-vote its
+/// higher term ended the leader's term on return, and the primary, unable
+/// to renew its lease meanwhile, fenced itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_voter_does_not_depose_the_leader() {
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    wait_state(by("n1"), "n1 primary", |s| {
+        s.primary == Some(NodeId::from("n1"))
+    })
+    .await;
+    wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
+
+    eprintln!("--- wait for a settled leader that is not n3");
+    let deadline = Instant::now() + WAIT;
+    let (leader, term) = loop {
+        let m = by("n1").raft.metrics().borrow().clone();
+        let settled = nodes
+            .iter()
+            .all(|n| n.raft.metrics().borrow().current_term == m.current_term);
+        match m.current_leader {
+            Some(l) if settled && l != by("n3").id => break (l, m.current_term),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no settled leader: {m:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Let any hand-off of leadership away from the primary happen first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = by("n1").raft.metrics().borrow().clone();
+    let (leader, term) = match m.current_leader {
+        Some(l) if l != by("n3").id => (l, m.current_term),
+        _ => (leader, term),
+    };
+
+    eprintln!("--- cut n3 off for ten election timeouts, then heal");
+    net.partition(&[by("n3").id], &[by("n1").id, by("n2").id]);
+    tokio::time::sleep(Duration::from_millis(10 * fast_timing().election_max_ms)).await;
+    assert_eq!(
+        by("n3").raft.metrics().borrow().current_term,
+        term,
+        "the cut-off voter raised its term"
+    );
+    net.heal();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    for n in &nodes {
+        let m = n.raft.metrics().borrow().clone();
+        assert_eq!(m.current_term, term, "{}: the term moved on: {m:?}", n.name);
+        assert_eq!(m.current_leader, Some(leader), "{}: another leader", n.name);
+    }
+    assert!(
+        by("n1").role.first_time(&Told::Fence).is_none(),
+        "the primary fenced itself: {:?}",
+        by("n1").role.told()
+    );
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}

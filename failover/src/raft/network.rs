@@ -107,6 +107,9 @@ pub enum ControlRequest {
     /// caught-up voter so that losing the primary never also costs an
     /// election (see the driver's leadership duties).
     Campaign,
+    /// Would you vote in an election now? Asked before a node starts one
+    /// (openraft 0.9 has no pre-vote; see the driver's election duties).
+    PreVote,
 }
 
 /// Answers to [`ControlRequest`].
@@ -123,6 +126,12 @@ pub enum ControlReply {
     Position(Position),
     /// The node started an election (or already leads).
     Campaigning,
+    /// Answer to [`ControlRequest::PreVote`]: `false` when this node leads
+    /// or heard from a leader within the leader lease.
+    PreVote {
+        /// Whether a real vote request now could be granted.
+        granted: bool,
+    },
     /// The node could not do it.
     Failed(RoleError),
 }
@@ -231,6 +240,7 @@ impl<R: RoleControl> RpcHandler<R> {
                 Ok(p) => ControlReply::Position(p),
                 Err(e) => ControlReply::Failed(e),
             },
+            ControlRequest::PreVote => pre_vote(&self.raft, self.local_id).await,
             ControlRequest::Campaign => match self.raft.trigger().elect().await {
                 Ok(()) => ControlReply::Campaigning,
                 Err(e) => ControlReply::Failed(RoleError::Failed(e.to_string())),
@@ -245,6 +255,36 @@ impl<R: RoleControl> RpcService for RpcHandler<R> {
         request: &'a [u8],
     ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, TransportError>> + Send + 'a>> {
         Box::pin(self.handle(request))
+    }
+}
+
+/// Answers a pre-vote: granted unless this node leads Raft or heard from a
+/// leader within the leader lease (`election_timeout_max`), the test
+/// openraft itself applies before it grants a real vote, but asked without
+/// anyone raising their term. So a node that was cut off or restarted, and
+/// whose election timer ran out meanwhile, cannot depose a healthy leader
+/// (which would stall lease renewals and fence a healthy primary).
+pub async fn pre_vote(raft: &Raft, local_id: u64) -> ControlReply {
+    let leads = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(local_id) && m.state == openraft::ServerState::Leader
+    };
+    if leads {
+        return ControlReply::PreVote { granted: false };
+    }
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    let heard = raft
+        .with_raft_state(move |st| {
+            st.vote_ref().is_committed()
+                && st
+                    .vote_last_modified()
+                    .is_some_and(|t| t.elapsed() <= lease)
+        })
+        .await;
+    match heard {
+        Ok(heard) => ControlReply::PreVote { granted: !heard },
+        Err(e) => ControlReply::Failed(RoleError::Failed(e.to_string())),
     }
 }
 
