@@ -25,10 +25,10 @@
 //! to be noticed, and failover missed its 2 s median. With these values
 //! that is 0.75–1 s, within the primary's own 1 s lease.
 //!
-//! openraft 0.9 has no pre-vote (it arrives in 0.10); a partitioned node that
-//! rejoins may force one needless election. The randomized election timeout
-//! and `election_min_ms > 3 × heartbeat_ms` keep that rare, and the lease
-//! (`lease_ttl_ms ≥ election_max_ms`) rides out a single election.
+//! openraft 0.9 has no pre-vote (it arrives in 0.10); the driver runs the
+//! election timer itself and asks for pre-votes first, so a node that was
+//! cut off or restarted cannot force a needless election. The lease
+//! (`lease_ttl_ms ≥ election_max_ms`) still rides out a single election.
 
 use serde::{Deserialize, Serialize};
 

@@ -6,6 +6,8 @@
 //! partition the primary ─► it fences itself, a mirror is promoted, the two
 //!   never acknowledge in overlapping time ─► heal ─► it rejoins as a mirror;
 //!   async: its divergent tail is saved under rollback/; quorum: nothing lost
+//! partition the mirror that leads Raft ─► Raft elects another leader, the
+//!   primary writes on in the same epoch ─► heal ─► the mirror catches up
 //! switchover ─► target promoted, old primary a mirror, nothing lost
 //!   ─► kill the Raft leader (not the primary) ─► writes go on, nothing lost
 //! cluster add n4 ─► started, it joins and follows as a mirror ─► cluster
@@ -156,6 +158,86 @@ async fn quorum_partitioned_primary_loses_no_acknowledged_write() {
 }
 
 /// The longest time between two acknowledgements in `acks` (any node).
+/// A cut-off mirror costs no failover. The mirror cut off here is the one
+/// that leads Raft (a primary hands Raft leadership to another voter), so
+/// the other two elect a new leader while the primary keeps its lease or
+/// renews it again right after; writes go on in the same epoch, and after
+/// the heal the mirror catches up without forcing an election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_mirror_costs_no_failover() {
+    let mut c = ChildCluster::start(ClusterOptions {
+        relay: true,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let (p, epoch) = c.wait_primary(None, 1, LONG).await.expect("a primary");
+    let writers = Writers::start(&c.http, 3);
+    writers.wait_more(50, None, LONG).await.expect("writes");
+
+    phase("wait until a mirror leads Raft");
+    let deadline = Instant::now() + LONG;
+    let m = loop {
+        match c.raft_leader().await {
+            Some(l) if l != p => break l,
+            other => assert!(
+                Instant::now() < deadline,
+                "the primary {} kept leading Raft ({other:?})",
+                c.ids[p]
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    phase(&format!(
+        "cut off the mirror {} (Raft leader); primary {} writes on",
+        c.ids[m], c.ids[p]
+    ));
+    c.relay().isolate(m);
+    writers
+        .wait_more(100, None, LONG)
+        .await
+        .expect("writes go on");
+    let before_heal = c.status(p).await.expect("primary status");
+    assert_eq!(before_heal["role"], "primary", "{before_heal}");
+    assert_eq!(
+        before_heal["epoch"].as_u64(),
+        Some(epoch),
+        "a failover happened"
+    );
+
+    phase("heal: the mirror catches up; still no failover");
+    c.relay().heal();
+    writers.wait_more(50, None, LONG).await.expect("writes");
+    let latest = writers.acks().iter().map(|a| a.lsn).max().unwrap_or(0);
+    c.wait_mirror_at(m, latest, LONG)
+        .await
+        .expect("the cut-off mirror catches up");
+    let acks = writers.stop().await;
+    let after = c.status(p).await.expect("primary status");
+    assert_eq!(after["role"], "primary", "{after}");
+    assert_eq!(after["epoch"].as_u64(), Some(epoch), "a failover happened");
+    let missing = c.missing_on(p, &acks).await.expect("scan");
+    assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
+    let deadline = Instant::now() + LONG;
+    loop {
+        let lacking = c.missing_on(m, &acks).await.unwrap_or_default();
+        if lacking.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mirror lacks {} writes, e.g. {:?}",
+            lacking.len(),
+            lacking.first()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 0..c.ids.len() {
+        c.stop(i).expect("clean stop");
+    }
+}
+
 fn longest_pause(acks: &[Ack]) -> Duration {
     let mut at: Vec<Instant> = acks.iter().map(|a| a.at).collect();
     at.sort();
