@@ -182,6 +182,15 @@ fn parse_clients(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 10_000_000.0 => Ok(r),
+        _ => Err(format!(
+            "`{s}`: expected operations per second, > 0 and ≤ 10000000"
+        )),
+    }
+}
+
 fn parse_value_bytes(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (2..=MAX_BENCH_VALUE_BYTES).contains(&n) => Ok(n),
@@ -224,6 +233,10 @@ pub struct BenchArgs {
     /// Table to write.
     #[arg(long, default_value = "bench")]
     pub table: String,
+    /// Pace the run at this many operations per second in all (open loop:
+    /// each operation has its due time; default: as fast as the clients go).
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
     /// Seed of the access pattern (default: random, printed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -335,6 +348,106 @@ pub struct BenchReport {
     /// With --in-process: what recovery did when the engine opened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery: Option<serde_json::Value>,
+    /// Against a cluster's primary: each mirror's acknowledgement lag
+    /// during the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replication: Vec<AckLagReport>,
+}
+
+/// One mirror's acknowledgement lag during a run: from a group commit's
+/// fsync on the primary to the mirror's report that it fsynced it, read from
+/// the primary's `mirrordb_replication_ack_lag_seconds` histogram before and
+/// after the run. Percentiles are bucket upper bounds: "at most".
+#[derive(Clone, Debug, Serialize)]
+pub struct AckLagReport {
+    pub mirror: String,
+    pub samples: u64,
+    pub p50_ms_at_most: f64,
+    pub p99_ms_at_most: f64,
+    pub p999_ms_at_most: f64,
+}
+
+/// Cumulative bucket counts of the Prometheus histogram `name` in the text
+/// exposition `text`, by the value of `label`: value → `[(le, count)]`
+/// sorted by `le` (`+Inf` last). Lines that do not parse are skipped.
+fn histogram_buckets(text: &str, name: &str, label: &str) -> BTreeMap<String, Vec<(f64, u64)>> {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
+    for line in text.lines() {
+        let Some((labels, value)) = line
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.rsplit_once("} "))
+        else {
+            continue;
+        };
+        let Ok(count) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let (mut key, mut le) = (None, None);
+        for pair in labels.split(',') {
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
+            let v = v.trim_matches('"');
+            if k == label {
+                key = Some(v.to_owned());
+            } else if k == "le" {
+                le = if v == "+Inf" {
+                    Some(f64::INFINITY)
+                } else {
+                    v.parse::<f64>().ok()
+                };
+            }
+        }
+        if let (Some(key), Some(le)) = (key, le) {
+            out.entry(key).or_default().push((le, count as u64));
+        }
+    }
+    for buckets in out.values_mut() {
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+/// The upper bound of the bucket holding percentile `p` of cumulative
+/// `buckets` (the last bucket's count is the total).
+fn bucket_percentile(buckets: &[(f64, u64)], p: f64) -> f64 {
+    let total = buckets.last().map_or(0, |b| b.1);
+    let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= rank)
+        .map_or(f64::INFINITY, |(le, _)| *le)
+}
+
+/// Per mirror, the samples recorded between two scrapes and their
+/// percentiles.
+fn ack_lag_between(before: &str, after: &str) -> Vec<AckLagReport> {
+    let name = crate::metrics::REPLICATION_ACK_LAG_SECONDS;
+    let old = histogram_buckets(before, name, "mirror");
+    histogram_buckets(after, name, "mirror")
+        .into_iter()
+        .filter_map(|(mirror, now)| {
+            let was = old.get(&mirror);
+            let diff: Vec<(f64, u64)> = now
+                .iter()
+                .map(|&(le, c)| {
+                    let prev = was
+                        .and_then(|w| w.iter().find(|(l, _)| *l == le))
+                        .map_or(0, |x| x.1);
+                    (le, c.saturating_sub(prev))
+                })
+                .collect();
+            let samples = diff.last().map_or(0, |b| b.1);
+            (samples > 0).then(|| AckLagReport {
+                mirror,
+                samples,
+                p50_ms_at_most: bucket_percentile(&diff, 50.0) * 1000.0,
+                p99_ms_at_most: bucket_percentile(&diff, 99.0) * 1000.0,
+                p999_ms_at_most: bucket_percentile(&diff, 99.9) * 1000.0,
+            })
+        })
+        .collect()
 }
 
 /// The result of an fdatasync probe.
@@ -580,22 +693,31 @@ struct ClientStats {
 /// The shared stop condition.
 struct Budget {
     count: Option<u64>,
+    start: Instant,
     deadline: Instant,
+    /// Operations per second in all, if paced.
+    rate: Option<f64>,
     issued: AtomicU64,
     stop: AtomicBool,
 }
 
 impl Budget {
-    /// Claims one more operation, or answers that the run is over.
-    fn claim(&self) -> bool {
+    /// Claims one more operation: `None` when the run is over, else when it
+    /// is due (`None` inside: at once).
+    fn claim(&self) -> Option<Option<Instant>> {
         if self.stop.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
-        if let Some(c) = self.count {
-            self.issued.fetch_add(1, Ordering::Relaxed) < c
-        } else {
-            self.issued.fetch_add(1, Ordering::Relaxed);
-            Instant::now() < self.deadline
+        let n = self.issued.fetch_add(1, Ordering::Relaxed);
+        let due = self
+            .rate
+            .map(|r| self.start + Duration::from_secs_f64(n as f64 / r));
+        match self.count {
+            Some(c) if n >= c => None,
+            Some(_) => Some(due),
+            None if Instant::now() >= self.deadline => None,
+            None if due.is_some_and(|d| d >= self.deadline) => None,
+            None => Some(due),
         }
     }
 }
@@ -612,7 +734,10 @@ async fn client_loop(
         StdRng::seed_from_u64(seed ^ (client_no as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut stats = ClientStats::default();
     let mut seq = 0u64;
-    while budget.claim() {
+    while let Some(due) = budget.claim() {
+        if let Some(due) = due {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let kind = args.mix.pick(&mut rng);
         let mut key = || key_name(rng.random_range(0..args.keys));
         let op = match kind {
@@ -691,7 +816,9 @@ async fn drive(
     let start = Instant::now();
     let budget = Arc::new(Budget {
         count: args.count,
+        start,
         deadline: start + duration,
+        rate: args.rate,
         issued: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
@@ -763,6 +890,7 @@ async fn drive(
         kinds,
         first_error,
         recovery: None,
+        replication: Vec::new(),
     })
 }
 
@@ -781,7 +909,20 @@ async fn run_http(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         base: base.clone(),
         token: args.token.clone(),
     };
-    drive(target, args, "http", base).await
+    let scrape = || async {
+        let mut req = probe.get(format!("{base}/metrics"));
+        if let Some(t) = &args.token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            _ => String::new(),
+        }
+    };
+    let before = scrape().await;
+    let mut report = drive(target.clone(), args, "http", base.clone()).await?;
+    report.replication = ack_lag_between(&before, &scrape().await);
+    Ok(report)
 }
 
 async fn run_in_process(args: &BenchArgs) -> anyhow::Result<BenchReport> {
@@ -875,6 +1016,7 @@ async fn run_in_process(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             kinds: BTreeMap::new(),
             first_error: None,
             recovery: Some(recovery),
+            replication: Vec::new(),
         }),
     }
 }
@@ -974,6 +1116,23 @@ fn print_report(r: &BenchReport) {
             ms(l.p99_us),
             ms(l.p999_us),
             ms(l.max_us)
+        );
+    }
+    for m in &r.replication {
+        let at_most = |v: f64| {
+            if v.is_finite() {
+                format!("≤ {v} ms")
+            } else {
+                "> 10 s".to_owned()
+            }
+        };
+        println!(
+            "replication to {}: {} group commits acknowledged; primary fsync → mirror fsync acknowledged: p50 {}, p99 {}, p99.9 {}",
+            m.mirror,
+            m.samples,
+            at_most(m.p50_ms_at_most),
+            at_most(m.p99_ms_at_most),
+            at_most(m.p999_ms_at_most)
         );
     }
     if let Some(e) = &r.first_error {
@@ -1124,11 +1283,35 @@ mod tests {
     fn budget_by_count_hands_out_exactly_count() {
         let b = Budget {
             count: Some(5),
+            start: Instant::now(),
             deadline: Instant::now(),
+            rate: None,
             issued: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         };
-        assert_eq!((0..10).filter(|_| b.claim()).count(), 5);
+        assert_eq!((0..10).filter(|_| b.claim().is_some()).count(), 5);
+    }
+
+    #[test]
+    fn a_paced_budget_spaces_due_times_by_the_rate() {
+        let start = Instant::now();
+        let b = Budget {
+            count: None,
+            start,
+            deadline: start + Duration::from_secs(1),
+            rate: Some(4.0),
+            issued: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        };
+        let dues: Vec<Duration> = std::iter::from_fn(|| b.claim())
+            .map(|d| d.expect("paced") - start)
+            .collect();
+        let ms: Vec<u128> = dues.iter().map(Duration::as_millis).collect();
+        assert_eq!(
+            ms,
+            vec![0, 250, 500, 750],
+            "one second at 4/s, none due past the deadline"
+        );
     }
 
     #[test]
@@ -1172,5 +1355,33 @@ mod tests {
         let r = run_in_process(&again).await.expect("reopen");
         assert_eq!(r.ops, 0);
         assert!(r.recovery.is_some());
+    }
+
+    #[test]
+    fn ack_lag_percentiles_come_from_the_histogram_difference() {
+        let scrape = |n1: [u64; 4], n3: [u64; 4]| {
+            let mut t = String::from("# HELP x\nmirrordb_fsync_seconds_bucket{le=\"0.001\"} 7\n");
+            for (m, c) in [("n1", n1), ("n3", n3)] {
+                for (le, v) in ["0.001", "0.005", "0.01", "+Inf"].iter().zip(c) {
+                    t.push_str(&format!(
+                        "mirrordb_replication_ack_lag_seconds_bucket{{mirror=\"{m}\",le=\"{le}\"}} {v}\n"
+                    ));
+                }
+            }
+            t
+        };
+        let before = scrape([10, 10, 10, 10], [0, 0, 0, 0]);
+        // n1: 100 new samples, 90 ≤ 1 ms, 99 ≤ 5 ms, all ≤ 10 ms.
+        // n3: 1 sample above 10 ms. n1's old samples do not count.
+        let after = scrape([100, 109, 110, 110], [0, 0, 0, 1]);
+        let r = ack_lag_between(&before, &after);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].mirror.as_str(), r[0].samples), ("n1", 100));
+        assert_eq!(r[0].p50_ms_at_most, 1.0);
+        assert_eq!(r[0].p99_ms_at_most, 5.0);
+        assert_eq!(r[0].p999_ms_at_most, 10.0);
+        assert_eq!((r[1].mirror.as_str(), r[1].samples), ("n3", 1));
+        assert!(r[1].p99_ms_at_most.is_infinite());
+        assert!(ack_lag_between("", "garbage{le=\"x\"} y\n").is_empty());
     }
 }

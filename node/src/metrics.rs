@@ -24,6 +24,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub const HTTP_REQUESTS_TOTAL: &str = "mirrordb_http_requests_total";
 /// HTTP request latency, by method and route.
 pub const HTTP_REQUEST_SECONDS: &str = "mirrordb_http_request_seconds";
+/// On a primary, per mirror: from a group commit's fsync on the primary to
+/// the arrival of the mirror's report that it fsynced it too.
+pub const REPLICATION_ACK_LAG_SECONDS: &str = "mirrordb_replication_ack_lag_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -96,6 +99,11 @@ fn describe() {
         "mirrordb_flush_seconds",
         Unit::Seconds,
         "Duration of cache flushes to the data file."
+    );
+    describe_histogram!(
+        REPLICATION_ACK_LAG_SECONDS,
+        Unit::Seconds,
+        "Primary only, per mirror: from a group commit's fsync on the primary to the mirror's acknowledgement that it fsynced it."
     );
     describe_gauge!("mirrordb_last_lsn", "Last durable LSN of the journal.");
     describe_gauge!(

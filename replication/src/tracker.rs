@@ -8,6 +8,12 @@
 //! durable ([`AckTracker::note_durable`], kept for the last
 //! [`MAX_DURABLE_SAMPLES`] advances), and a mirror at `flushed` lags by
 //! `now - (when the first LSN > flushed became durable)`, or 0 when caught up.
+//!
+//! Each acknowledgement that raises a mirror's flushed LSN also yields the
+//! *acknowledgement lag* of the group commits it covers: from the moment the
+//! primary made them durable to the moment the mirror's report that it made
+//! them durable arrived ([`AckTracker::on_ack_lag`]; the node turns these into
+//! the `mirrordb_replication_ack_lag_seconds` histogram).
 
 use crate::types::{Lsn, NodeId};
 use std::collections::{BTreeMap, VecDeque};
@@ -78,12 +84,23 @@ struct Inner {
     last_durable: Lsn,
 }
 
+/// Receives `(mirror, acknowledgement lag)` samples.
+pub type AckLagObserver = Box<dyn Fn(&NodeId, Duration) + Send + Sync>;
+
 /// Per-mirror progress, shared by the replication sessions and the commit
 /// path.
-#[derive(Debug)]
 pub struct AckTracker {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    ack_lag: std::sync::OnceLock<AckLagObserver>,
+}
+
+impl std::fmt::Debug for AckTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckTracker")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for AckTracker {
@@ -91,6 +108,7 @@ impl Default for AckTracker {
         AckTracker {
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
+            ack_lag: std::sync::OnceLock::new(),
         }
     }
 }
@@ -107,6 +125,13 @@ impl AckTracker {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the receiver of acknowledgement-lag samples (once; later calls
+    /// are ignored): for every group commit a raised flushed LSN covers,
+    /// `at - (when the primary made it durable)`.
+    pub fn on_ack_lag(&self, observer: AckLagObserver) {
+        let _ = self.ack_lag.set(observer);
     }
 
     /// A mirror reported `(flushed, applied)` at `at`. Values never go
@@ -128,6 +153,7 @@ impl AckTracker {
                     applied_at: at,
                     connected: true,
                 });
+            let raised_from = (flushed > p.flushed_lsn).then_some(p.flushed_lsn);
             if flushed > p.flushed_lsn {
                 p.flushed_lsn = flushed;
                 p.flushed_at = at;
@@ -137,6 +163,11 @@ impl AckTracker {
                 p.applied_at = at;
             }
             p.connected = true;
+            if let (Some(from), Some(observe)) = (raised_from, self.ack_lag.get()) {
+                for lag in ack_lags(&inner.durable, from, flushed, at) {
+                    observe(node, lag);
+                }
+            }
         }
         self.changed.send_modify(|v| *v += 1);
     }
@@ -294,6 +325,23 @@ impl AckTracker {
     }
 }
 
+/// The lags of the group commits that overlap `(from, to]`: a commit
+/// recorded as `(lsn, t)` covers the LSNs after the previous one up to
+/// `lsn`, all durable on the primary at `t`.
+fn ack_lags(
+    durable: &VecDeque<(Lsn, Instant)>,
+    from: Lsn,
+    to: Lsn,
+    at: Instant,
+) -> impl Iterator<Item = Duration> + '_ {
+    let mut previous = Lsn::ZERO;
+    durable.iter().filter_map(move |&(lsn, t)| {
+        let covers = lsn > from && previous < to;
+        previous = lsn;
+        covers.then(|| at.saturating_duration_since(t))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +400,34 @@ mod tests {
         assert!(tr.wait_for_applied(2, Lsn(5), soon).await.is_err());
         tr.record(&NodeId::from("b"), Lsn(7), Lsn(6), Instant::now());
         assert_eq!(tr.wait_for_applied(2, Lsn(5), Instant::now()).await, Ok(()));
+    }
+
+    #[test]
+    fn each_acknowledgement_reports_the_lag_of_the_commits_it_covers() {
+        let tr = AckTracker::new();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        tr.on_ack_lag(Box::new(move |n, d| {
+            sink.lock().unwrap().push((n.to_string(), d.as_millis()))
+        }));
+        let t0 = Instant::now();
+        let ms = |m| t0 + Duration::from_millis(m);
+        // Group commits: 1..=3 durable at 0 ms, 4..=9 at 10 ms, 10 at 30 ms.
+        tr.note_durable(Lsn(3), ms(0));
+        tr.note_durable(Lsn(9), ms(10));
+        tr.note_durable(Lsn(10), ms(30));
+        let a = NodeId::from("a");
+        // First report: from 0 to 5 covers the first two commits.
+        tr.record(&a, Lsn(5), Lsn(5), ms(12));
+        // Then 5 to 10: the rest of the second commit and the third.
+        tr.record(&a, Lsn(10), Lsn(10), ms(35));
+        // No raise, no sample.
+        tr.record(&a, Lsn(10), Lsn(10), ms(40));
+        let got = seen.lock().unwrap().clone();
+        let want: Vec<(String, u128)> = [12, 2, 25, 5]
+            .iter()
+            .map(|&m| ("a".to_owned(), m))
+            .collect();
+        assert_eq!(got, want);
     }
 }

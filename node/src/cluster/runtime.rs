@@ -339,6 +339,10 @@ impl ClusterNode {
         let section = &self.inner.section;
         let engine = self.inner.engine.get();
         let tracker = Arc::new(AckTracker::new());
+        tracker.on_ack_lag(Box::new(|mirror, lag| {
+            metrics::histogram!(crate::metrics::REPLICATION_ACK_LAG_SECONDS, "mirror" => mirror.0.clone())
+                .record(lag.as_secs_f64());
+        }));
         let mirrors: Vec<NodeId> = section.data_peers().map(|m| NodeId(m.id.clone())).collect();
         let mut gate = CommitGate::new(
             tracker.clone(),
