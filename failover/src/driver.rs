@@ -42,7 +42,8 @@ use crate::{Epoch, Lsn, NodeId};
 /// replicated log reaches the leader's last entry, preferring a witness (it is
 /// never promoted, so it keeps leading across failovers), then a data node
 /// outside the sync set (a failover in `quorum` mode promotes the sync set),
-/// then any; the lowest name among equals.
+/// then the sync set, the primary last (when a leader that is not the
+/// primary yields on shutdown); the lowest name among equals.
 fn handoff_target<'a>(
     me: u64,
     last_log_index: Option<u64>,
@@ -62,6 +63,7 @@ fn handoff_target<'a>(
             let member = state.members.get(&node.name)?;
             let rank = match member.role {
                 Role::Witness => 0,
+                Role::Data if state.primary.as_ref() == Some(&node.name) => 3,
                 Role::Data if !state.sync_set.contains(&node.name) => 1,
                 Role::Data => 2,
             };
@@ -70,6 +72,61 @@ fn handoff_target<'a>(
         .min_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)))
         .map(|(_, node)| node.clone())
 }
+
+/// See [`DriverHandle::yield_leadership`].
+async fn yield_leadership<T: RaftTransport>(
+    raft: &Raft,
+    id: u64,
+    transport: &T,
+    state_rx: &watch::Receiver<ClusterState>,
+    timing: &Timing,
+) -> bool {
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(2 * timing.election_max_ms + timing.lease_ttl_ms);
+    let mut asked: Option<tokio::time::Instant> = None;
+    loop {
+        let target = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            // Done once another node is known to lead (not merely once this
+            // one stopped: a failed attempt also ends its term).
+            if m.current_leader.is_some_and(|l| l != id) && m.state != openraft::ServerState::Leader
+            {
+                return true;
+            }
+            let membership = m.membership_config.membership();
+            if membership.voter_ids().count() > 3 {
+                return false;
+            }
+            if m.state != openraft::ServerState::Leader {
+                None
+            } else {
+                let state = state_rx.borrow().clone();
+                m.replication.as_ref().and_then(|matched| {
+                    let voters = membership
+                        .voter_ids()
+                        .filter_map(|v| membership.get_node(&v).map(|n| (v, n)));
+                    handoff_target(id, m.last_log_index, matched, voters, &state)
+                })
+            }
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let due = asked.is_none_or(|t| now - t >= Duration::from_millis(timing.election_min_ms));
+        if let (true, Some(target)) = (due, target) {
+            asked = Some(now);
+            tracing::info!(to = %target.name, "stopping: handing Raft leadership over first");
+            let timeout = Duration::from_millis(timing.heartbeat_ms.saturating_mul(2));
+            let _ = call_control(transport, &target, ControlRequest::Campaign, timeout).await;
+        }
+        tokio::time::sleep(Duration::from_millis(timing.heartbeat_ms.max(1))).await;
+    }
+}
+
+/// Most lease renewals in flight at once (see `lease_duties`).
+const MAX_RENEWALS_INFLIGHT: usize = 4;
 
 /// The time source: milliseconds since the Unix epoch. Tests inject skew.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -99,6 +156,7 @@ enum Command {
         oneshot::Sender<Result<CommandResult, DriverError>>,
     ),
     StepDown(oneshot::Sender<Result<(), DriverError>>),
+    YieldLeadership(oneshot::Sender<bool>),
 }
 
 /// Results of spawned work, back into the driver loop.
@@ -187,6 +245,25 @@ impl DriverHandle {
         rx.await.map_err(|_| DriverError::Stopped)?
     }
 
+    /// Before a graceful stop: if this node leads Raft, asks a caught-up
+    /// voter (not the primary, if another will do) to take over, and waits
+    /// until it has, so the stop costs the cluster no election (during which
+    /// the primary could not renew its lease). `true` when this node no
+    /// longer leads; `false` when no voter took over in time (or with more
+    /// than three voters, where the hand-off cannot win).
+    pub async fn yield_leadership(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::YieldLeadership(tx))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
     /// The controller's status on this node.
     #[must_use]
     pub fn status(&self) -> watch::Receiver<Status> {
@@ -223,7 +300,8 @@ pub struct Driver<T, R> {
     proposals_tx: Option<mpsc::Sender<ClusterCommand>>,
     acting: Acting,
     lease_until_ms: u64,
-    renew_inflight: bool,
+    /// Lease renewals proposed and not answered yet.
+    renewals_inflight: usize,
     last_renew_ms: u64,
     self_fenced: bool,
     /// Writes held for a switchover, with the last LSN written.
@@ -292,7 +370,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             proposals_tx: None,
             acting: Acting::Idle,
             lease_until_ms: 0,
-            renew_inflight: false,
+            renewals_inflight: 0,
             last_renew_ms: 0,
             self_fenced: false,
             holding: None,
@@ -398,6 +476,19 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 self.spawn_reply(cmd, reply, |r| match r {
                     Ok(_) => Ok(()),
                     Err(e) => Err(DriverError::Proposal(e.to_string())),
+                });
+            }
+            Command::YieldLeadership(reply) => {
+                let (raft, transport, state_rx, timing, id) = (
+                    self.raft.clone(),
+                    self.transport.clone(),
+                    self.state_rx.clone(),
+                    self.timing,
+                    self.id,
+                );
+                tokio::spawn(async move {
+                    let moved = yield_leadership(&raft, id, &*transport, &state_rx, &timing).await;
+                    let _ = reply.send(moved);
                 });
             }
             Command::Propose(cmd, reply) => {
@@ -620,11 +711,19 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         let Acting::Primary(epoch) = self.acting else {
             return;
         };
-        if !self.renew_inflight
-            && self.stepped_down.is_none()
-            && now.saturating_sub(self.last_renew_ms) >= self.timing.lease_renew_ms
-        {
-            self.renew_inflight = true;
+        // One renewal every lease_renew_ms; but one that hangs (sent to a
+        // Raft leader that just died) must not hold the next back until it
+        // times out: past two heartbeats another goes, to whoever leads now.
+        let since = now.saturating_sub(self.last_renew_ms);
+        let due = match self.renewals_inflight {
+            0 => since >= self.timing.lease_renew_ms,
+            n if n < MAX_RENEWALS_INFLIGHT => {
+                since >= self.timing.lease_renew_ms.min(2 * self.timing.heartbeat_ms)
+            }
+            _ => false,
+        };
+        if due && self.stepped_down.is_none() {
+            self.renewals_inflight += 1;
             self.last_renew_ms = now;
             let cmd = ClusterCommand::RenewLease {
                 node: self.name.clone(),
@@ -724,7 +823,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             && now.saturating_sub(self.last_handoff_ms) >= self.timing.lease_ttl_ms
             // A renewal was proposed and committed moments ago: the next one
             // is not due for a while.
-            && !self.renew_inflight
+            && self.renewals_inflight == 0
             && now.saturating_sub(self.last_renew_ms) < self.timing.lease_renew_ms / 2;
         let Some(target) = target.filter(|_| ready) else {
             return;
@@ -755,9 +854,9 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
     /// one restart of two. Now the node first asks the other voters whether
     /// they would vote ([`ControlRequest::PreVote`], refused by a leader and
     /// by anyone who heard a leader within the lease) and elects only with a
-    /// majority. The timer is openraft's: from the last change of this node's
-    /// vote (every heartbeat refreshes it), the leader lease if that vote is
-    /// committed, plus a random election timeout.
+    /// majority. The timer runs from the last change of this node's vote
+    /// (every heartbeat refreshes it): the leader lease plus a random spread
+    /// when that vote is a leader's, else a random election timeout.
     async fn election_duties(&mut self) {
         if self.prevote_inflight {
             return;
@@ -788,15 +887,19 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         let now = tokio::time::Instant::now();
         if self.seen_vote != Some(vote) || self.next_election.is_none() {
             self.seen_vote = Some(vote);
+            // After a leader's last word: its lease (the others refuse to
+            // vote before it ends), then a random spread of
+            // `election_max - election_min` so two followers rarely run at
+            // once. After a vote of this node's own (or an election that
+            // failed): a whole random election timeout, as Raft says.
             let (committed, modified) = vote;
-            let lease = if committed {
-                self.timing.election_max_ms
+            let (min, max) = (self.timing.election_min_ms, self.timing.election_max_ms);
+            let wait = if committed {
+                max + rand::random_range(0..=max.saturating_sub(min))
             } else {
-                0
+                self.election_timeout_ms()
             };
-            self.next_election = Some(
-                modified.unwrap_or(now) + Duration::from_millis(lease + self.election_timeout_ms()),
-            );
+            self.next_election = Some(modified.unwrap_or(now) + Duration::from_millis(wait));
         }
         if self.next_election.is_some_and(|at| now < at) {
             return;
@@ -842,7 +945,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 proposed_at_ms,
                 reply,
             } => {
-                self.renew_inflight = false;
+                self.renewals_inflight = self.renewals_inflight.saturating_sub(1);
                 match reply {
                     Ok(ControlReply::Proposed(Ok(Applied::LeaseUntil { .. })))
                         if self.acting == Acting::Primary(epoch) =>
@@ -1076,6 +1179,18 @@ mod tests {
         let all = [("n2", Some(10)), ("n3", Some(10)), ("w1", Some(10))];
         assert_eq!(pick(&all, &s).as_deref(), Some("w1"));
         assert_eq!(pick(&all[..2], &s).as_deref(), Some("n3"));
+        assert_eq!(pick(&all[..1], &s).as_deref(), Some("n2"));
+    }
+
+    #[test]
+    fn a_yielding_leader_hands_over_to_the_primary_only_as_a_last_resort() {
+        let mut s = state(
+            &[("n1", Role::Data), ("n2", Role::Data), ("n3", Role::Data)],
+            &["n3"],
+        );
+        s.primary = Some(NodeId::from("n2"));
+        let all = [("n2", Some(10)), ("n3", Some(10))];
+        assert_eq!(pick(&all, &s).as_deref(), Some("n3"));
         assert_eq!(pick(&all[..1], &s).as_deref(), Some("n2"));
     }
 

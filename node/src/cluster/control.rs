@@ -692,9 +692,11 @@ impl Failover {
     }
 
     /// Graceful stop: a primary gives its lease up first, so a successor is
-    /// promoted at once; then the driver and Raft stop.
+    /// promoted at once; a Raft leader hands leadership over, so the others
+    /// need no election; then the driver and Raft stop.
     pub async fn stop(&self) {
         let _ = tokio::time::timeout(STEP_DOWN_WAIT, self.inner.handle.step_down()).await;
+        let _ = tokio::time::timeout(STEP_DOWN_WAIT, self.inner.handle.yield_leadership()).await;
         self.inner.shutdown.send_replace(true);
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
