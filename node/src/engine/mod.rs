@@ -150,9 +150,6 @@ struct Inner {
     db_id: String,
     /// Held while a new session is opened (see [`Engine::session`]).
     session_opening: tokio::sync::Mutex<()>,
-    /// Where recent journal reads for mirrors stopped (see
-    /// [`Engine::read_frames`]).
-    read_resume: Mutex<Vec<crate::journal::scan::ResumePoint>>,
     // Declared after `tx`: fields drop in order, so the channel is closed
     // first and the writer can finish before it is joined.
     writer: WriterThread,
@@ -288,7 +285,6 @@ impl Engine {
                 db_id,
                 cfg,
                 session_opening: tokio::sync::Mutex::new(()),
-                read_resume: Mutex::new(Vec::new()),
                 writer: WriterThread(Mutex::new(Some(handle))),
                 _lock: lock,
             }),

@@ -17,7 +17,7 @@
 use super::error::WriteError;
 use super::{Engine, writer::Request};
 use crate::journal::format::decode_frame;
-use crate::journal::scan::{self, EntryIter, OwnedFrame, ResumePoint};
+use crate::journal::scan::{self, EntryIter, OwnedFrame};
 use serde::Serialize;
 
 /// What this node is in its cluster.
@@ -174,78 +174,16 @@ impl Engine {
                 first_available,
             });
         }
-        // Where an earlier read stopped, so a mirror streaming the live
-        // journal does not rescan its segment from the start for every
-        // batch (that cost grew with the segment and was most of the
-        // replication lag and of the catch-up time). Any doubt about the
-        // resumed position (segment gone, wrong LSN there, bad frame)
-        // falls back to the scan from the segment's start.
-        let resumed = self.take_resume_point(from).and_then(|rp| {
-            let index = segs
-                .iter()
-                .position(|s| s.path == rp.path && s.header.first_lsn == rp.segment_first_lsn)?;
-            let iter = EntryIter::resume(segs.clone(), index, rp.offset, from, durable).ok()?;
-            collect_frames(iter, max_entries, max_bytes).ok()
-        });
-        let (out, resume) = match resumed {
-            Some(r) => r,
-            None => collect_frames(EntryIter::new(segs, from, durable), max_entries, max_bytes)
-                .map_err(|e| ReadFramesError::Journal(e.to_string()))?,
-        };
-        if let Some(rp) = resume {
-            self.keep_resume_point(rp);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for f in EntryIter::new(segs, from, durable) {
+            let f = f.map_err(|e| ReadFramesError::Journal(e.to_string()))?;
+            bytes += f.bytes.len();
+            out.push(f);
+            if out.len() >= max_entries || bytes >= max_bytes {
+                break;
+            }
         }
         Ok(out)
     }
-
-    fn take_resume_point(&self, next_lsn: u64) -> Option<ResumePoint> {
-        let mut points = self
-            .inner
-            .read_resume
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let i = points.iter().position(|p| p.next_lsn == next_lsn)?;
-        Some(points.swap_remove(i))
-    }
-
-    fn keep_resume_point(&self, rp: ResumePoint) {
-        let mut points = self
-            .inner
-            .read_resume
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if points.len() >= MAX_RESUME_POINTS {
-            points.remove(0);
-        }
-        points.push(rp);
-    }
-}
-
-/// How many readers' positions [`Engine::read_frames`] remembers (one per
-/// mirror session is enough; a few more cost nothing).
-const MAX_RESUME_POINTS: usize = 16;
-
-/// Up to `max_entries` frames (and about `max_bytes`) from `iter`, with
-/// where the next one starts. The first error ends the read.
-fn collect_frames(
-    mut iter: EntryIter,
-    max_entries: usize,
-    max_bytes: usize,
-) -> Result<(Vec<OwnedFrame>, Option<ResumePoint>), scan::ScanError> {
-    let mut out = Vec::new();
-    let mut bytes = 0usize;
-    for f in iter.by_ref() {
-        let f = f?;
-        bytes += f.bytes.len();
-        out.push(f);
-        if out.len() >= max_entries || bytes >= max_bytes {
-            break;
-        }
-    }
-    let resume = if out.is_empty() {
-        None
-    } else {
-        iter.resume_point()
-    };
-    Ok((out, resume))
 }

@@ -391,30 +391,6 @@ impl SegmentReader {
         })
     }
 
-    /// Opens a segment positioned at byte `offset`, which must be where a
-    /// frame starts (a position an earlier reader reported with
-    /// [`Self::offset`]); the frame read there is verified as usual.
-    pub fn open_at(seg: &SegmentFile, offset: u64) -> Result<SegmentReader, ScanError> {
-        let f = File::open(&seg.path).map_err(io_err(&seg.path))?;
-        let file_len = f.metadata().map_err(io_err(&seg.path))?.len();
-        if offset < HEADER_LEN as u64 || offset > file_len {
-            return Err(ScanError::Corrupt {
-                path: seg.path.clone(),
-                offset,
-                reason: format!("no frame can start at offset {offset} of {file_len} bytes"),
-            });
-        }
-        let mut reader = BufReader::with_capacity(1 << 20, f);
-        reader
-            .seek(SeekFrom::Start(offset))
-            .map_err(io_err(&seg.path))?;
-        Ok(SegmentReader {
-            reader,
-            offset,
-            file_len,
-        })
-    }
-
     /// Byte offset of the next frame.
     pub fn offset(&self) -> u64 {
         self.offset
@@ -453,16 +429,6 @@ impl SegmentReader {
     }
 }
 
-/// Where an [`EntryIter`] stopped: the frame of `next_lsn` starts at byte
-/// `offset` of the segment `path` (whose first LSN is `segment_first_lsn`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResumePoint {
-    pub segment_first_lsn: u64,
-    pub path: PathBuf,
-    pub offset: u64,
-    pub next_lsn: u64,
-}
-
 /// Iterates verified frames across segments, starting at a given LSN. Used by
 /// replay, activity analysis and replication. It expects a journal that
 /// [`verify`] accepted; anything unexpected is an error, never a panic.
@@ -492,51 +458,6 @@ impl EntryIter {
             to_lsn,
             expected: None,
         }
-    }
-
-    /// Entries with `from_lsn <= lsn <= to_lsn`, reading from byte `offset`
-    /// of `segments[index]`, where the frame of `from_lsn` starts (a
-    /// [`ResumePoint`] of an earlier iterator). The first frame must carry
-    /// `from_lsn`, or the iterator yields an error.
-    pub fn resume(
-        segments: Vec<SegmentFile>,
-        index: usize,
-        offset: u64,
-        from_lsn: u64,
-        to_lsn: u64,
-    ) -> Result<EntryIter, ScanError> {
-        let seg = segments.get(index).ok_or_else(|| ScanError::Corrupt {
-            path: PathBuf::new(),
-            offset,
-            reason: format!("no segment number {index} to resume in"),
-        })?;
-        let reader = SegmentReader::open_at(seg, offset)?;
-        Ok(EntryIter {
-            segments,
-            next_segment: index + 1,
-            current: Some(reader),
-            from_lsn,
-            to_lsn,
-            expected: Some(from_lsn),
-        })
-    }
-
-    /// Where the next entry starts, if this iterator stands at a frame
-    /// boundary inside a segment (it does after returning a frame, unless it
-    /// ended).
-    pub fn resume_point(&self) -> Option<ResumePoint> {
-        let reader = self.current.as_ref()?;
-        let next_lsn = self.expected?;
-        let seg = self
-            .next_segment
-            .checked_sub(1)
-            .and_then(|i| self.segments.get(i))?;
-        Some(ResumePoint {
-            segment_first_lsn: seg.header.first_lsn,
-            path: seg.path.clone(),
-            offset: reader.offset(),
-            next_lsn,
-        })
     }
 
     fn current_path(&self) -> PathBuf {
