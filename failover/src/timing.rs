@@ -32,9 +32,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Control-plane timings, all in milliseconds.
+/// Control-plane timings, all in milliseconds. Deserialized from the node's
+/// `[cluster.timing]`: missing keys take their defaults, unknown keys are
+/// refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Timing {
     /// Raft leader heartbeat interval.
     pub heartbeat_ms: u64,
@@ -301,5 +303,9 @@ mod tests {
         let t: Timing = serde_json::from_str(r#"{"lease_ttl_ms": 2000}"#).unwrap();
         assert_eq!(t.lease_ttl_ms, 2000);
         assert_eq!(t.heartbeat_ms, 50);
+        let e = serde_json::from_str::<Timing>(r#"{"heartbeat": 20}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heartbeat"), "an unknown key is named: {e}");
     }
 }

@@ -178,58 +178,6 @@ impl MemberRole {
     }
 }
 
-/// `[cluster.timing]`: the control plane's timings in milliseconds (see
-/// `failover::Timing`); every key optional.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TimingConfig {
-    pub heartbeat_ms: u64,
-    pub election_min_ms: u64,
-    pub election_max_ms: u64,
-    pub lease_renew_ms: u64,
-    pub lease_ttl_ms: u64,
-    pub failover_margin_ms: u64,
-    pub max_clock_skew_ms: u64,
-    pub switchover_timeout_ms: u64,
-}
-
-impl Default for TimingConfig {
-    fn default() -> Self {
-        TimingConfig::from(mirrordb_failover::Timing::default())
-    }
-}
-
-impl From<mirrordb_failover::Timing> for TimingConfig {
-    fn from(t: mirrordb_failover::Timing) -> Self {
-        TimingConfig {
-            heartbeat_ms: t.heartbeat_ms,
-            election_min_ms: t.election_min_ms,
-            election_max_ms: t.election_max_ms,
-            lease_renew_ms: t.lease_renew_ms,
-            lease_ttl_ms: t.lease_ttl_ms,
-            failover_margin_ms: t.failover_margin_ms,
-            max_clock_skew_ms: t.max_clock_skew_ms,
-            switchover_timeout_ms: t.switchover_timeout_ms,
-        }
-    }
-}
-
-impl TimingConfig {
-    /// The failover crate's timings.
-    pub fn timing(&self) -> mirrordb_failover::Timing {
-        mirrordb_failover::Timing {
-            heartbeat_ms: self.heartbeat_ms,
-            election_min_ms: self.election_min_ms,
-            election_max_ms: self.election_max_ms,
-            lease_renew_ms: self.lease_renew_ms,
-            lease_ttl_ms: self.lease_ttl_ms,
-            failover_margin_ms: self.failover_margin_ms,
-            max_clock_skew_ms: self.max_clock_skew_ms,
-            switchover_timeout_ms: self.switchover_timeout_ms,
-        }
-    }
-}
-
 /// `[cluster]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,9 +197,10 @@ pub struct ClusterSection {
     /// still be promoted automatically (what async may lose, at most).
     #[serde(default = "default_max_lag")]
     pub max_lag_on_failover: u64,
-    /// Control-plane timings.
+    /// Control-plane timings, `[cluster.timing]` (milliseconds; every key
+    /// optional, an unknown one refused).
     #[serde(default)]
-    pub timing: TimingConfig,
+    pub timing: mirrordb_failover::Timing,
     /// This node joins a running cluster (`mirrordb cluster add`) instead
     /// of forming one with the other members on first start.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -412,7 +361,7 @@ impl ClusterSection {
         if !self.failover && self.members.iter().any(|m| m.role == MemberRole::Witness) {
             return bad("cluster.members: a witness needs cluster.failover = true".into());
         }
-        if let Err(e) = self.timing.timing().validate() {
+        if let Err(e) = self.timing.validate() {
             return bad(format!("cluster.timing: {e}"));
         }
         let mirrors = self
@@ -481,7 +430,7 @@ mod tests {
             failover: true,
             primary: Some("n1".into()),
             max_lag_on_failover: default_max_lag(),
-            timing: TimingConfig::default(),
+            timing: mirrordb_failover::Timing::default(),
             join: true,
             listen: Some("127.0.0.1:1".into()),
             commit_policy: default_policy(),

@@ -375,7 +375,7 @@ impl Failover {
         let section = node.section().clone();
         let me = NodeId(section.node_id.clone());
         let id = raft_id(&me);
-        let timing = section.timing.timing();
+        let timing = section.timing;
         let dir = node
             .engine()
             .get()

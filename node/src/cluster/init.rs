@@ -364,7 +364,7 @@ pub fn run(a: &InitArgs) -> Result<InitReport, InitError> {
             failover: !a.no_failover,
             primary: a.no_failover.then(|| primary.clone()),
             max_lag_on_failover: mirrordb_failover::state::DEFAULT_MAX_LAG_ON_FAILOVER,
-            timing: super::config::TimingConfig::default(),
+            timing: mirrordb_failover::Timing::default(),
             join: false,
             listen: None,
             commit_policy: a.commit_policy,
