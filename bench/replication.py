@@ -131,6 +131,49 @@ class Cluster:
         raise SystemExit(f"fewer than {count} mirrors caught up within {timeout} s")
 
 
+def histogram(text, name):
+    """Cumulative buckets [(le, count)] of an unlabelled Prometheus histogram."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(name + "_bucket{"):
+            continue
+        try:
+            labels, value = line[len(name) + 8:].rsplit("} ", 1)
+            le = labels.split('le="', 1)[1].split('"', 1)[0]
+            out.append((float("inf") if le == "+Inf" else float(le), int(float(value))))
+        except (IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
+def bucket_at(buckets, p):
+    total = buckets[-1][1] if buckets else 0
+    if total == 0:
+        return None
+    rank = max(1, -(-total * p // 100))
+    return next(le for le, c in buckets if c >= rank)
+
+
+def node_timings(c, node):
+    """A node's fsync and cache-flush histograms, as 'count, p50, p99, max bucket'."""
+    req = urllib.request.Request(f"{c.http[node]}/metrics")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    out = {}
+    for name in ["mirrordb_fsync_seconds", "mirrordb_flush_seconds"]:
+        b = histogram(text, name)
+        if b and b[-1][1]:
+            nonempty = [le for (le, cnt), (_, prev) in zip(b, [(0, 0)] + b) if cnt > prev]
+            out[name] = {"count": b[-1][1], "p50_ms_at_most": bucket_at(b, 50) * 1000,
+                         "p99_ms_at_most": bucket_at(b, 99) * 1000,
+                         "max_ms_at_most": nonempty[-1] * 1000 if nonempty else None}
+    return out
+
+
 def bench(binary, url, *args):
     cmd = [binary, "bench", "--url", url, "--token", TOKEN, "--json", *args]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -181,6 +224,11 @@ def main():
             worst = max(worst, p99)
             print(f"   {m['mirror']}: {m['samples']} group commits; p50 <= {m['p50_ms_at_most']} ms, "
                   f"p99 <= {m['p99_ms_at_most']} ms, p99.9 <= {m['p999_ms_at_most']} ms")
+        summary["node_timings"] = {n: node_timings(c, n) for n in NODES}
+        for n, t in summary["node_timings"].items():
+            parts = [f"{k.split('_')[1]}: {v['count']}, p99 <= {v['p99_ms_at_most']:g} ms, "
+                     f"max <= {v['max_ms_at_most']:g} ms" for k, v in t.items()]
+            print(f"   {n}{' (primary)' if n == p else ''} since start: " + "; ".join(parts))
         lag_ok = bool(r.get("replication")) and worst <= 10.0 and r["ops_per_s"] >= 9500
         print(f"   target p99 <= 10 ms at 10,000 writes/s: {verdict(lag_ok)}")
 
