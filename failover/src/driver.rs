@@ -73,6 +73,28 @@ fn handoff_target<'a>(
         .map(|(_, node)| node.clone())
 }
 
+/// On the Raft leader `id`: `None` when a hand-off of leadership cannot
+/// work here (more than three voters: the candidate wins with its own vote
+/// and the leader's, a majority only among at most three; with more, the
+/// others still honour this leader's lease, the attempt fails and costs an
+/// election), else the voter to hand it to, if one is caught up.
+fn leader_handoff(
+    m: &openraft::RaftMetrics<u64, RaftNode>,
+    id: u64,
+    state: &ClusterState,
+) -> Option<Option<RaftNode>> {
+    let membership = m.membership_config.membership();
+    if membership.voter_ids().count() > 3 {
+        return None;
+    }
+    Some(m.replication.as_ref().and_then(|matched| {
+        let voters = membership
+            .voter_ids()
+            .filter_map(|v| membership.get_node(&v).map(|n| (v, n)));
+        handoff_target(id, m.last_log_index, matched, voters, state)
+    }))
+}
+
 /// See [`DriverHandle::yield_leadership`].
 async fn yield_leadership<T: RaftTransport>(
     raft: &Raft,
@@ -94,20 +116,14 @@ async fn yield_leadership<T: RaftTransport>(
             {
                 return true;
             }
-            let membership = m.membership_config.membership();
-            if membership.voter_ids().count() > 3 {
-                return false;
-            }
             if m.state != openraft::ServerState::Leader {
                 None
             } else {
                 let state = state_rx.borrow().clone();
-                m.replication.as_ref().and_then(|matched| {
-                    let voters = membership
-                        .voter_ids()
-                        .filter_map(|v| membership.get_node(&v).map(|n| (v, n)));
-                    handoff_target(id, m.last_log_index, matched, voters, &state)
-                })
+                match leader_handoff(&m, id, &state) {
+                    Some(target) => target,
+                    None => return false,
+                }
             }
         };
         let now = tokio::time::Instant::now();
@@ -788,20 +804,9 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 self.leading_since = None;
                 return;
             }
-            let membership = m.membership_config.membership();
-            // The candidate wins with its own vote and the leader's: a
-            // majority only among at most three voters. With more, the
-            // others still honour this leader's lease, the attempt fails
-            // and costs an election, so leadership stays where it is.
-            if membership.voter_ids().count() > 3 {
+            let Some(target) = leader_handoff(&m, self.id, state) else {
                 return;
-            }
-            let target = m.replication.as_ref().and_then(|matched| {
-                let voters = membership
-                    .voter_ids()
-                    .filter_map(|id| membership.get_node(&id).map(|n| (id, n)));
-                handoff_target(self.id, m.last_log_index, matched, voters, state)
-            });
+            };
             (m.current_term, target)
         };
         let since = match self.leading_since {
