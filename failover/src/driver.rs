@@ -338,6 +338,10 @@ pub struct Driver<T, R> {
     /// When to ask the other voters for a pre-vote, if no leader is heard.
     next_election: Option<tokio::time::Instant>,
     prevote_inflight: bool,
+    /// When this driver started, and whether its applied state has since
+    /// been confirmed current (see `state_is_current`).
+    started: tokio::time::Instant,
+    state_confirmed: bool,
 }
 
 impl<T, R> std::fmt::Debug for Driver<T, R> {
@@ -399,6 +403,8 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
             seen_vote: None,
             next_election: None,
             prevote_inflight: false,
+            started: tokio::time::Instant::now(),
+            state_confirmed: false,
         };
         (
             driver,
@@ -570,6 +576,9 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                     self.switchover_duties(state).await;
                     return;
                 }
+                if !self.state_is_current().await {
+                    return;
+                }
                 let first_lsn = state.first_lsn_of(state.epoch).unwrap_or(Lsn(1));
                 match self.role.become_primary(state.epoch, first_lsn).await {
                     Ok(()) => {
@@ -617,6 +626,43 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 self.stop_writing_if_primary().await;
             }
         }
+    }
+
+    /// Whether the applied state can be trusted to name this node primary.
+    /// A node that restarts reads its state from disk, and a deposed primary
+    /// would find itself named there (and take the primary side, fenced,
+    /// until the leader's newer entries arrived). So after a start the state
+    /// counts once this node leads Raft, or has heard from a leader since
+    /// the start and applied everything that leader said was committed; or,
+    /// failing both, after two leases (a node that cannot reach a leader
+    /// cannot renew a lease either, so it would stay fenced anyway).
+    async fn state_is_current(&mut self) -> bool {
+        if self.state_confirmed {
+            return true;
+        }
+        let (leads, applied) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (
+                m.current_leader == Some(self.id) && m.state == openraft::ServerState::Leader,
+                m.last_applied.map(|l| l.index),
+            )
+        };
+        let started = self.started;
+        let heard = self
+            .raft
+            .with_raft_state(move |st| {
+                let heard = st.vote_ref().is_committed()
+                    && st.vote_last_modified().is_some_and(|t| t > started);
+                (heard, st.committed.map(|c| c.index))
+            })
+            .await;
+        let caught_up = matches!(heard, Ok((true, committed)) if applied >= committed);
+        let waited = started.elapsed() >= Duration::from_millis(2 * self.timing.lease_ttl_ms);
+        if leads || caught_up || waited || heard.is_err() {
+            self.state_confirmed = true;
+        }
+        self.state_confirmed
     }
 
     async fn stop_writing_if_primary(&mut self) {
