@@ -928,11 +928,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 .filter_map(|id| membership.get_node(&id).cloned())
                 .collect()
         };
-        let Ok(vote) = self
-            .raft
-            .with_raft_state(|st| (st.vote_ref().is_committed(), st.vote_last_modified()))
-            .await
-        else {
+        let Ok(vote) = self.vote_seen().await else {
             return;
         };
         let now = tokio::time::Instant::now();
@@ -983,6 +979,16 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         });
     }
 
+    /// This node's vote: whether it is committed (a leader's) and when it
+    /// last changed (every heartbeat from that leader refreshes it).
+    async fn vote_seen(
+        &self,
+    ) -> Result<(bool, Option<tokio::time::Instant>), openraft::error::Fatal<u64>> {
+        self.raft
+            .with_raft_state(|st| (st.vote_ref().is_committed(), st.vote_last_modified()))
+            .await
+    }
+
     /// A random election timeout in `[election_min_ms, election_max_ms]`.
     fn election_timeout_ms(&self) -> u64 {
         let (min, max) = (self.timing.election_min_ms, self.timing.election_max_ms);
@@ -1026,8 +1032,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
                 // With its own vote, a majority of all voters.
                 // Not if a leader was heard from while the round ran.
                 let unchanged = self
-                    .raft
-                    .with_raft_state(|st| (st.vote_ref().is_committed(), st.vote_last_modified()))
+                    .vote_seen()
                     .await
                     .is_ok_and(|vote| self.seen_vote == Some(vote));
                 if unchanged && (granted + 1) * 2 > others + 1 {

@@ -327,6 +327,29 @@ async fn wait_told(node: &TestNode, what: Told) -> Instant {
     }
 }
 
+/// Waits until every node is in the same Raft term and its leader is not
+/// `primary` (which has handed leadership over); returns the leader.
+async fn handed_off<'a>(nodes: &'a [TestNode], primary: &str) -> &'a TestNode {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = nodes[0].raft.metrics().borrow().clone();
+        let settled = nodes
+            .iter()
+            .all(|n| n.raft.metrics().borrow().current_term == m.current_term);
+        let leader = m
+            .current_leader
+            .and_then(|l| nodes.iter().find(|n| n.id == l));
+        if let Some(l) = leader.filter(|l| settled && l.name.as_str() != primary) {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{primary} kept leading Raft: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_primary_fences_itself_before_its_successor_is_promoted() {
     partition_the_primary(0).await;
@@ -856,15 +879,7 @@ async fn raft_leadership_moves_off_the_primary() {
             }
         );
         let started = Instant::now();
-        let deadline = started + WAIT;
-        let leader = loop {
-            let m = by("n1").raft.metrics().borrow().clone();
-            if let Some(l) = m.current_leader.filter(|l| *l != by("n1").id) {
-                break nodes.iter().find(|n| n.id == l).unwrap().name.clone();
-            }
-            assert!(Instant::now() < deadline, "n1 still leads Raft: {m:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let leader = handed_off(&nodes, "n1").await.name.clone();
         eprintln!("--- {leader} leads Raft after {:?}", started.elapsed());
         if let Some(expect) = expect {
             assert_eq!(leader.as_str(), expect, "a witness is the preferred leader");
@@ -917,19 +932,11 @@ async fn a_returning_voter_does_not_depose_the_leader() {
     wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
 
     eprintln!("--- wait until the primary n1 has handed Raft leadership over");
-    let deadline = Instant::now() + WAIT;
-    let (leader, term) = loop {
-        let m = by("n1").raft.metrics().borrow().clone();
-        let settled = nodes
-            .iter()
-            .all(|n| n.raft.metrics().borrow().current_term == m.current_term);
-        match m.current_leader {
-            Some(l) if settled && l != by("n1").id => break (l, m.current_term),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "n1 kept leading Raft: {m:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let leader_node = handed_off(&nodes, "n1").await;
+    let (leader, term) = (
+        leader_node.id,
+        leader_node.raft.metrics().borrow().current_term,
+    );
     let cut = nodes
         .iter()
         .find(|n| n.id != leader && n.name.as_str() != "n1")
@@ -984,15 +991,7 @@ async fn a_stopping_leader_yields_to_a_mirror_not_the_primary() {
     })
     .await;
     wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
-    let deadline = Instant::now() + WAIT;
-    let leader = loop {
-        let l = by("n1").raft.metrics().borrow().current_leader;
-        if let Some(l) = l.filter(|l| *l != by("n1").id) {
-            break nodes.iter().find(|n| n.id == l).unwrap();
-        }
-        assert!(Instant::now() < deadline, "n1 kept leading Raft");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let leader = handed_off(&nodes, "n1").await;
     let other = nodes
         .iter()
         .find(|n| n.id != leader.id && n.name.as_str() != "n1")

@@ -539,27 +539,22 @@ async fn mirror_session<K: JournalSink>(
             let mut merged: Vec<FramedEntry> = Vec::new();
             let mut merged_bytes = 0usize;
             while let Some(action) = session.poll_action() {
-                match action {
-                    MirrorAction::Append(entries)
-                        if merged.len() + entries.len() <= MAX_MERGED_ENTRIES
-                            && merged_bytes < MAX_MERGED_BYTES =>
-                    {
-                        merged_bytes += entries.iter().map(|e| e.bytes.len()).sum::<usize>();
-                        merged.extend(entries);
-                    }
-                    other => {
-                        append_merged(&mut session, sink, &mut merged, &mut merged_bytes).await?;
-                        match other {
-                            MirrorAction::Append(entries) => {
-                                merged_bytes = entries.iter().map(|e| e.bytes.len()).sum::<usize>();
-                                merged = entries;
-                            }
-                            other => run_action(&mut session, sink, other).await?,
-                        }
-                    }
+                let MirrorAction::Append(entries) = action else {
+                    append_merged(&mut session, sink, &mut merged).await?;
+                    merged_bytes = 0;
+                    run_action(&mut session, sink, action).await?;
+                    continue;
+                };
+                if merged.len() + entries.len() > MAX_MERGED_ENTRIES
+                    || merged_bytes >= MAX_MERGED_BYTES
+                {
+                    append_merged(&mut session, sink, &mut merged).await?;
+                    merged_bytes = 0;
                 }
+                merged_bytes += entries.iter().map(|e| e.bytes.len()).sum::<usize>();
+                merged.extend(entries);
             }
-            append_merged(&mut session, sink, &mut merged, &mut merged_bytes).await?;
+            append_merged(&mut session, sink, &mut merged).await?;
             while let Some(msg) = session.poll_transmit(Instant::now()) {
                 send(&mut out, &msg).await?;
             }
@@ -611,12 +606,10 @@ async fn append_merged<K: JournalSink>(
     session: &mut MirrorSession,
     sink: &mut K,
     merged: &mut Vec<FramedEntry>,
-    merged_bytes: &mut usize,
 ) -> Result<(), DriverError> {
     if merged.is_empty() {
         return Ok(());
     }
-    *merged_bytes = 0;
     let flushed = sink.append(std::mem::take(merged)).await?;
     session.handle_flushed(flushed);
     Ok(())

@@ -359,6 +359,33 @@ impl ChildCluster {
             .collect())
     }
 
+    /// Waits until member `i` holds every write of `acks` (by content, not
+    /// position: a rejoined node's own old LSNs may be higher than the new
+    /// epoch's).
+    pub async fn wait_holds(
+        &self,
+        i: usize,
+        acks: &[Ack],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lacking = self.missing_on(i, acks).await.unwrap_or_default();
+            if lacking.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} lacks {} writes, e.g. {:?}",
+                    self.ids[i],
+                    lacking.len(),
+                    lacking.first()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The member ids of `GET /v1/cluster`'s `failover.raft_leader`, asked
     /// of every running member until one knows.
     pub async fn raft_leader(&self) -> Option<usize> {

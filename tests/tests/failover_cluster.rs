@@ -128,20 +128,9 @@ async fn partition_the_primary(policy: &str) {
     // Its own old LSNs may be higher than the new epoch's: wait for the
     // content, not a position.
     let new_writes: Vec<Ack> = acked_by(&acks, q).into_iter().cloned().collect();
-    let deadline = Instant::now() + LONG;
-    loop {
-        let lacking = c.missing_on(p, &new_writes).await.unwrap_or_default();
-        if lacking.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rejoined node lacks {} new writes, e.g. {:?}",
-            lacking.len(),
-            lacking.first()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    c.wait_holds(p, &new_writes, LONG)
+        .await
+        .expect("the rejoined node holds the new writes");
     for i in 0..c.ids.len() {
         c.stop(i).expect("clean stop");
     }
@@ -219,20 +208,9 @@ async fn a_partitioned_mirror_costs_no_failover() {
     assert_eq!(after["epoch"].as_u64(), Some(epoch), "a failover happened");
     let missing = c.missing_on(p, &acks).await.expect("scan");
     assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
-    let deadline = Instant::now() + LONG;
-    loop {
-        let lacking = c.missing_on(m, &acks).await.unwrap_or_default();
-        if lacking.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the mirror lacks {} writes, e.g. {:?}",
-            lacking.len(),
-            lacking.first()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    c.wait_holds(m, &acks, LONG)
+        .await
+        .expect("the mirror holds every write");
     for i in 0..c.ids.len() {
         c.stop(i).expect("clean stop");
     }
