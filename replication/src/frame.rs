@@ -73,6 +73,9 @@ impl std::fmt::Debug for FramedEntry {
 }
 
 impl FramedEntry {
+    /// What a frame costs on the wire beyond its bytes (its message framing).
+    pub const WIRE_OVERHEAD: usize = 20;
+
     /// Builds an entry by encoding a journal frame around `payload`. The node
     /// has its own encoder; this one serves tests and the in-memory fakes.
     pub fn encode(lsn: Lsn, epoch: Epoch, time_us: u64, payload: &[u8]) -> FramedEntry {
@@ -91,7 +94,7 @@ impl FramedEntry {
 
     /// Size counted against batch and in-flight limits.
     pub fn wire_len(&self) -> usize {
-        self.bytes.len() + 20
+        self.bytes.len() + Self::WIRE_OVERHEAD
     }
 
     /// Checks the journal frame's fixed header against the tags and its

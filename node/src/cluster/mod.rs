@@ -17,7 +17,6 @@
 //! | [`control`] | the failover control plane: Raft, the driver, the node's `RoleControl` |
 //! | [`init`] | `mirrordb cluster init`: CA, node certificates, node configs |
 //! | [`source`] | [`EngineSource`]: `JournalSource` over an engine |
-//! | [`reader`] | sequential journal reads from remembered positions |
 //! | [`sink`] | [`EngineSink`]: `JournalSink` over a swappable engine; reseed by directory swap |
 //! | [`policy`] | commit policies, the quorum wait, the durable degrade record |
 //! | [`runtime`] | [`ClusterNode`]: endpoint, replication tasks, status, metrics |
@@ -29,7 +28,6 @@ pub mod http;
 pub mod init;
 pub mod members;
 pub mod policy;
-pub mod reader;
 pub mod runtime;
 pub mod sink;
 pub mod source;

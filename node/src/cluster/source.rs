@@ -4,7 +4,7 @@
 //! epoch_history  ◄── Engine::epoch_history (durable), else segment headers; cached briefly
 //! oldest_lsn     ◄── first LSN of the oldest live segment
 //! durable_lsn    ◄── Engine::durable_lsn_watch (u64) forwarded as Lsn
-//! read           ◄── reader::read on a blocking thread: sequential, from a remembered
+//! read           ◄── journal::cursor::read on a blocking thread: sequential, from a remembered
 //!                    cursor (segment, offset) instead of a scan from the segment start
 //! open_snapshot  ◄── backup barrier at S ─► MVCC snapshot ─► temp file of
 //!                    [header][u32 len | postcard SnapshotItem]* ─► streamed
@@ -19,6 +19,7 @@
 
 use super::SharedEngine;
 use crate::engine::Engine;
+use crate::journal::cursor;
 use mirrordb_replication::protocol::EpochHistory;
 use mirrordb_replication::{Epoch, FramedEntry, JournalSource, Lsn, Snapshot, StorageError};
 use std::io::Write;
@@ -62,7 +63,7 @@ pub struct EngineSource {
     durable: watch::Receiver<Lsn>,
     view: Mutex<Option<View>>,
     prepared: tokio::sync::Mutex<Option<Prepared>>,
-    cursors: Mutex<Vec<super::reader::Cursor>>,
+    cursors: Mutex<Vec<cursor::Cursor>>,
 }
 
 /// Read positions remembered (one per streaming mirror, roughly).
@@ -203,7 +204,29 @@ impl JournalSource for EngineSource {
                 .map(|i| cs.swap_remove(i))
         };
         let (entries, cursor) = tokio::task::spawn_blocking(move || {
-            super::reader::read(&journal, cursor, from.0, durable, max_entries, max_bytes)
+            let limits = cursor::Limits {
+                entries: max_entries,
+                bytes: max_bytes,
+                overhead: FramedEntry::WIRE_OVERHEAD,
+            };
+            cursor::read(&journal, cursor, from.0, durable, limits)
+                .map(|(frames, c)| {
+                    let entries = frames
+                        .into_iter()
+                        .map(|f| FramedEntry {
+                            lsn: Lsn(f.header.lsn),
+                            epoch: Epoch(f.header.epoch),
+                            bytes: f.bytes,
+                        })
+                        .collect::<Vec<_>>();
+                    (entries, c)
+                })
+                .map_err(|e| match e {
+                    cursor::CursorError::Unavailable { oldest } => StorageError::Unavailable {
+                        oldest: Lsn(oldest),
+                    },
+                    cursor::CursorError::Io(m) => StorageError::Io(m),
+                })
         })
         .await
         .map_err(|e| StorageError::Io(format!("journal read task: {e}")))?

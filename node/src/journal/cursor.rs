@@ -1,11 +1,12 @@
-//! Sequential journal reads for shipping, with remembered positions.
+//! Sequential journal reads with remembered positions.
 //!
-//! A replication session reads the journal in order, batch after batch.
-//! Scanning each segment from its start for every batch costs O(segment)
-//! per read; instead each read ends with a [`Cursor`] (next LSN, segment
-//! file, byte offset), and the next read from that LSN seeks straight
-//! there. Without a cursor (a new session) the read finds the segment and
-//! skips frames by their headers only.
+//! Two readers follow the live journal batch after batch: a replication
+//! session shipping it (`cluster::source`) and, on a mirror, the engine's
+//! applier (`engine::apply`). Scanning each segment from its start for every
+//! batch costs O(segment) per read; instead each read ends with a [`Cursor`]
+//! (next LSN, segment file, byte offset), and the next read from that LSN
+//! seeks straight there. Without a cursor (a new session) the read finds the
+//! segment and skips frames by their headers only.
 //!
 //! ```text
 //! read(from) ─► cursor for `from`? ─yes─► open its segment, seek to its offset
@@ -19,12 +20,22 @@
 //! Only frames `<= durable` are read: they are complete and fsynced, while a
 //! frame beyond may be half written. Bytes from disk never cause a panic.
 
-use crate::journal::format::{FRAME_HEADER_LEN, HEADER_LEN, decode_frame, decode_frame_header};
-use crate::journal::scan::list_segments;
-use mirrordb_replication::{Epoch, FramedEntry, Lsn, StorageError};
+use super::format::{FRAME_HEADER_LEN, HEADER_LEN, decode_frame, decode_frame_header};
+use super::scan::{OwnedFrame, list_segments};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+/// Why a cursor read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CursorError {
+    /// `from` is older than the oldest live segment.
+    #[error("entries before LSN {oldest} are no longer in the live journal")]
+    Unavailable { oldest: u64 },
+    /// Reading a segment failed, or it does not hold what it must.
+    #[error("{0}")]
+    Io(String),
+}
 
 /// Where the next read from `next_lsn` starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,37 +45,37 @@ pub struct Cursor {
     pub offset: u64,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
-    move |e| StorageError::Io(format!("{}: {e}", path.display()))
+fn io(path: &Path) -> impl Fn(std::io::Error) -> CursorError + '_ {
+    move |e| CursorError::Io(format!("{}: {e}", path.display()))
 }
 
-fn corrupt(path: &Path, offset: u64, what: String) -> StorageError {
-    StorageError::Io(format!(
+fn corrupt(path: &Path, offset: u64, what: String) -> CursorError {
+    CursorError::Io(format!(
         "journal {} at offset {offset}: {what}",
         path.display()
     ))
 }
 
 /// Opens the segment holding `lsn` (the last one starting at or before it).
-fn locate(journal: &Path, lsn: u64, durable: u64) -> Result<(PathBuf, u64), StorageError> {
-    let (segs, _) = list_segments(journal).map_err(|e| StorageError::Io(e.to_string()))?;
+fn locate(journal: &Path, lsn: u64, durable: u64) -> Result<(PathBuf, u64), CursorError> {
+    let (segs, _) = list_segments(journal).map_err(|e| CursorError::Io(e.to_string()))?;
     let first = segs
         .first()
         .map_or(durable.saturating_add(1), |s| s.header.first_lsn);
     if lsn < first {
-        return Err(StorageError::Unavailable { oldest: Lsn(first) });
+        return Err(CursorError::Unavailable { oldest: first });
     }
     let seg = segs
         .iter()
         .rev()
         .find(|s| s.header.first_lsn <= lsn)
-        .ok_or(StorageError::Unavailable { oldest: Lsn(first) })?;
+        .ok_or(CursorError::Unavailable { oldest: first })?;
     Ok((seg.path.clone(), seg.header.first_lsn))
 }
 
 /// The segment that starts exactly at `lsn`, if any.
-fn next_segment(journal: &Path, lsn: u64) -> Result<Option<PathBuf>, StorageError> {
-    let (segs, _) = list_segments(journal).map_err(|e| StorageError::Io(e.to_string()))?;
+fn next_segment(journal: &Path, lsn: u64) -> Result<Option<PathBuf>, CursorError> {
+    let (segs, _) = list_segments(journal).map_err(|e| CursorError::Io(e.to_string()))?;
     Ok(segs
         .into_iter()
         .find(|s| s.header.first_lsn == lsn)
@@ -77,11 +88,11 @@ struct Open {
     offset: u64,
 }
 
-fn open_at(path: &Path, offset: u64) -> Result<Open, StorageError> {
+fn open_at(path: &Path, offset: u64) -> Result<Open, CursorError> {
     let mut f = File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             // Dropped since it was listed: treat as a cursor miss upstream.
-            StorageError::Io(format!("{} is gone", path.display()))
+            CursorError::Io(format!("{} is gone", path.display()))
         } else {
             io(path)(e)
         }
@@ -94,16 +105,30 @@ fn open_at(path: &Path, offset: u64) -> Result<Open, StorageError> {
     })
 }
 
-/// Reads up to `max_entries` frames from `from` (at most `max_bytes` of
-/// wire size, but at least one), never past `durable`.
+/// How much a read may return: at most `entries` frames and about `bytes`
+/// bytes, each frame counted as its length plus `overhead` (what it costs
+/// beyond its bytes where it goes, e.g. a network message's framing). At
+/// least one frame is returned when one is due.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub entries: usize,
+    pub bytes: usize,
+    pub overhead: usize,
+}
+
+/// Reads frames from `from` within `limits`, never past `durable`.
 pub fn read(
     journal: &Path,
     cursor: Option<Cursor>,
     from: u64,
     durable: u64,
-    max_entries: usize,
-    max_bytes: usize,
-) -> Result<(Vec<FramedEntry>, Option<Cursor>), StorageError> {
+    limits: Limits,
+) -> Result<(Vec<OwnedFrame>, Option<Cursor>), CursorError> {
+    let Limits {
+        entries: max_entries,
+        bytes: max_bytes,
+        overhead,
+    } = limits;
     if from > durable || max_entries == 0 || from == 0 {
         return Ok((Vec::new(), cursor));
     }
@@ -114,7 +139,7 @@ pub fn read(
             open_at(&path, HEADER_LEN as u64)?
         }
     };
-    let mut out: Vec<FramedEntry> = Vec::new();
+    let mut out: Vec<OwnedFrame> = Vec::new();
     let mut bytes = 0usize;
     let mut expected: Option<u64> = None;
     let mut head = [0u8; FRAME_HEADER_LEN];
@@ -161,7 +186,7 @@ pub fn read(
                 format!("expected entry {next}, found {}", h.lsn),
             ));
         }
-        let wire = total + 20;
+        let wire = total + overhead;
         if !out.is_empty() && bytes + wire > max_bytes {
             // Leave it for the next read: the cursor points at it.
             seg.offset = at;
@@ -173,13 +198,14 @@ pub fn read(
         seg.reader
             .read_exact(&mut frame[FRAME_HEADER_LEN..])
             .map_err(|e| corrupt(&seg.path, at, format!("short frame: {e}")))?;
-        decode_frame(&frame).map_err(|e| corrupt(&seg.path, at, e.to_string()))?;
+        let header = decode_frame(&frame)
+            .map_err(|e| corrupt(&seg.path, at, e.to_string()))?
+            .header;
         seg.offset += total as u64;
         bytes += wire;
         expected = Some(h.lsn + 1);
-        out.push(FramedEntry {
-            lsn: Lsn(h.lsn),
-            epoch: Epoch(h.epoch),
+        out.push(OwnedFrame {
+            header,
             bytes: frame,
         });
     }
@@ -197,6 +223,15 @@ mod tests {
     use super::*;
     use crate::engine::{Engine, EngineConfig};
     use crate::model::{SessionId, WriteOp};
+
+    /// Frames counted as on the replication wire (20 bytes of framing).
+    fn lim(entries: usize, bytes: usize) -> Limits {
+        Limits {
+            entries,
+            bytes,
+            overhead: 20,
+        }
+    }
 
     fn put(key: String, n: usize) -> WriteOp {
         WriteOp::Put {
@@ -238,11 +273,11 @@ mod tests {
             let mut from = 1;
             while from <= durable {
                 let (batch, c) =
-                    read(&journal, cursor, from, durable, max_entries, max_bytes).unwrap();
+                    read(&journal, cursor, from, durable, lim(max_entries, max_bytes)).unwrap();
                 assert!(!batch.is_empty() && batch.len() <= max_entries);
-                let wire: usize = batch.iter().map(|f| f.wire_len()).sum();
+                let wire: usize = batch.iter().map(|f| f.bytes.len() + 20).sum();
                 assert!(batch.len() == 1 || wire <= max_bytes);
-                from = batch.last().unwrap().lsn.0 + 1;
+                from = batch.last().unwrap().header.lsn + 1;
                 assert_eq!(c.as_ref().unwrap().next_lsn, from);
                 got.extend(batch.into_iter().map(|f| f.bytes));
                 cursor = c;
@@ -251,12 +286,12 @@ mod tests {
         }
         // A cold start anywhere; past the end nothing.
         for from in [1, 2, 71, 72, 150, durable] {
-            let (batch, _) = read(&journal, None, from, durable, 3, 1 << 20).unwrap();
-            assert_eq!(batch[0].lsn.0, from);
+            let (batch, _) = read(&journal, None, from, durable, lim(3, 1 << 20)).unwrap();
+            assert_eq!(batch[0].header.lsn, from);
             assert_eq!(batch[0].bytes, expected[(from - 1) as usize]);
         }
         assert!(
-            read(&journal, None, durable + 1, durable, 3, 1 << 20)
+            read(&journal, None, durable + 1, durable, lim(3, 1 << 20))
                 .unwrap()
                 .0
                 .is_empty()
@@ -266,8 +301,8 @@ mod tests {
         let dropped = e.drop_segments_upto(100).unwrap();
         assert!(!dropped.is_empty());
         assert!(matches!(
-            read(&journal, None, 1, durable, 3, 1 << 20),
-            Err(StorageError::Unavailable { .. })
+            read(&journal, None, 1, durable, lim(3, 1 << 20)),
+            Err(CursorError::Unavailable { .. })
         ));
     }
 
@@ -291,13 +326,13 @@ mod tests {
         let n = bytes.len();
         bytes[n - 3] ^= 0xff;
         std::fs::write(path, &bytes).unwrap();
-        assert!(read(&journal, None, 1, durable, 100, 1 << 20).is_err());
+        assert!(read(&journal, None, 1, durable, lim(100, 1 << 20)).is_err());
         // Garbage lengths too.
         bytes[HEADER_LEN] = 0xff;
         bytes[HEADER_LEN + 1] = 0xff;
         bytes[HEADER_LEN + 2] = 0xff;
         bytes[HEADER_LEN + 3] = 0x7f;
         std::fs::write(path, &bytes).unwrap();
-        assert!(read(&journal, None, 1, durable, 100, 1 << 20).is_err());
+        assert!(read(&journal, None, 1, durable, lim(100, 1 << 20)).is_err());
     }
 }
