@@ -13,7 +13,9 @@ run on this machine:
    of async;
 3. catch-up: one mirror is stopped, 1,000,000 entries are written, the mirror
    is started again and the primary's view of it is polled until it has
-   flushed everything; target >= 200,000 entries/s.
+   flushed everything (durable in its journal: what the target counts) and
+   then until it has applied everything (visible to reads on the mirror);
+   target >= 200,000 entries/s.
 
 Only the Python standard library. Usage:
 
@@ -259,6 +261,7 @@ def main():
         c.start(m)
         t0 = time.time()
         start_flushed = None
+        flushed_at = None
         deadline = t0 + 600
         while time.time() < deadline:
             s = c.status(p) or {}
@@ -266,19 +269,27 @@ def main():
             if mv and mv.get("connected"):
                 if start_flushed is None:
                     start_flushed = mv.get("flushed_lsn", 0)
-                if mv.get("flushed_lsn", 0) >= after:
+                if flushed_at is None and mv.get("flushed_lsn", 0) >= after:
+                    flushed_at = time.time()
+                if flushed_at is not None and mv.get("applied_lsn", 0) >= after:
                     break
             time.sleep(0.05)
         else:
             raise SystemExit(f"{m} did not catch up within 600 s")
-        took = time.time() - t0
+        applied_at = time.time()
+        took = flushed_at - t0
         rate = behind / took if took > 0 else 0.0
+        took_applied = applied_at - t0
+        rate_applied = behind / took_applied if took_applied > 0 else 0.0
         ms = c.status(m) or {}
         summary["catch_up"] = {"entries": behind, "seconds": took, "entries_per_s": rate,
+                               "applied_seconds": took_applied,
+                               "applied_entries_per_s": rate_applied,
                                "mirror_flushed_at_connect": start_flushed}
-        print(f"   {m} was {behind} entries behind; restart to caught up in {took:.2f} s = "
+        print(f"   {m} was {behind} entries behind; restart to flushed (durable) in {took:.2f} s = "
               f"{rate:.0f} entries/s (incl. process start; role now {ms.get('role')})")
-        print(f"   target >= 200,000 entries/s: {verdict(rate >= 200_000)}")
+        print(f"   restart to applied (visible to reads) in {took_applied:.2f} s = {rate_applied:.0f} entries/s")
+        print(f"   target >= 200,000 entries/s (flushed): {verdict(rate >= 200_000)}")
         summary["load_after"] = os.getloadavg()[0]
         print("\n" + json.dumps(summary, indent=2))
     finally:

@@ -440,7 +440,12 @@ async fn every_ack_is_on_both_mirrors(policy: CommitPolicy) {
                     .send()
                     .await
                     .expect("put");
-                assert!(resp.status().is_success(), "{}", resp.status());
+                assert!(
+                    resp.status().is_success(),
+                    "{} {}",
+                    resp.status(),
+                    resp.text().await.unwrap_or_default()
+                );
                 let v: serde_json::Value = resp.json().await.expect("json");
                 let lsn = v["lsn"].as_u64().expect("lsn");
                 for (n, m) in mirrors.iter().enumerate() {

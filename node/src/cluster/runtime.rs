@@ -577,17 +577,12 @@ impl ClusterNode {
         loop {
             // Re-read the engine each round: a reseed may replace it.
             let engine = self.inner.engine.get();
-            let mut rx = engine.durable_lsn_watch();
-            let applied = engine.status().applied_lsn;
-            if applied >= lsn {
-                return Ok(applied);
+            let step = deadline.min(Instant::now() + Duration::from_millis(50));
+            match engine.wait_applied(lsn, step).await {
+                Ok(applied) => return Ok(applied),
+                Err(applied) if Instant::now() >= deadline => return Err(applied),
+                Err(_) => {}
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(applied);
-            }
-            let step = (deadline - now).min(Duration::from_millis(50));
-            let _ = tokio::time::timeout(step, rx.changed()).await;
         }
     }
 

@@ -30,6 +30,7 @@ use crate::journal::scan::{EntryIter, list_segments};
 use mirrordb_replication::{Epoch, FramedEntry, JournalSink, Lsn, SinkPosition, StorageError};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
@@ -139,7 +140,9 @@ const REWOUND_EPOCH: u64 = 1;
 pub struct EngineSink {
     engine: SharedEngine,
     cfg: EngineConfig,
-    applied: watch::Sender<Lsn>,
+    applied: Arc<watch::Sender<Lsn>>,
+    /// The task passing the current engine's applied LSN on.
+    forwarder: Option<tokio::task::AbortHandle>,
     staging: Option<Staging>,
 }
 
@@ -162,10 +165,13 @@ impl EngineSink {
         let e = engine.get();
         let cfg = e.config().clone();
         let (applied, _) = watch::channel(Lsn(e.status().applied_lsn));
+        let applied = Arc::new(applied);
+        let forwarder = forward_applied(&e, &applied);
         EngineSink {
             engine,
             cfg,
             applied,
+            forwarder,
             staging: None,
         }
     }
@@ -183,6 +189,10 @@ impl EngineSink {
     /// Shuts the current engine down, swaps `new_dir` in for the data
     /// directory, and opens it as the current engine.
     async fn swap_in(&mut self, new_dir: PathBuf, keep_journal: bool) -> Result<(), StorageError> {
+        // The old engine's applied LSN says nothing about the new one.
+        if let Some(f) = self.forwarder.take() {
+            f.abort();
+        }
         let old_engine = self.engine.get();
         if let Err(e) = old_engine.shutdown().await {
             tracing::warn!(error = %e, "closing the replaced engine");
@@ -220,6 +230,7 @@ impl EngineSink {
         })
         .await
         .map_err(|e| StorageError::Fatal(format!("swap task: {e}")))??;
+        self.forwarder = forward_applied(&opened, &self.applied);
         self.engine.replace(opened);
         self.publish_applied();
         Ok(())
@@ -244,6 +255,44 @@ impl EngineSink {
         .map_err(|e| StorageError::Io(format!("build task: {e}")))??;
         self.swap_in(new_dir, false).await
     }
+}
+
+/// Raises the published applied LSN to `lsn`; never lowers it (a reading
+/// taken earlier must not overwrite a later one before the session saw it).
+fn raise(tx: &watch::Sender<Lsn>, lsn: Lsn) {
+    tx.send_if_modified(|v| {
+        let raised = lsn > *v;
+        if raised {
+            *v = lsn;
+        }
+        raised
+    });
+}
+
+/// Passes the engine's applied LSN on to the replication session (which
+/// reports it to the primary): a mirror applies after it acknowledges
+/// `flushed_lsn`, so `applied_lsn` moves on its own. Ends with the engine
+/// or the sink, or when aborted (the sink swaps engines).
+fn forward_applied(
+    engine: &Engine,
+    to: &Arc<watch::Sender<Lsn>>,
+) -> Option<tokio::task::AbortHandle> {
+    let rt = tokio::runtime::Handle::try_current().ok()?;
+    let mut rx = engine.applied_lsn_watch();
+    let to = Arc::downgrade(to);
+    let task = rt.spawn(async move {
+        loop {
+            let lsn = Lsn(*rx.borrow_and_update());
+            match to.upgrade() {
+                Some(tx) => raise(&tx, lsn),
+                None => return,
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Some(task.abort_handle())
 }
 
 fn map_write(e: WriteError) -> StorageError {
@@ -291,7 +340,7 @@ impl JournalSink for EngineSink {
         let e = self.engine.get();
         let frames = entries.into_iter().map(|f| f.bytes).collect();
         let pos = e.append_frames(frames).await.map_err(map_write)?;
-        self.applied.send_replace(Lsn(pos.applied_lsn));
+        raise(&self.applied, Lsn(pos.applied_lsn));
         Ok(Lsn(pos.flushed_lsn))
     }
 

@@ -10,6 +10,7 @@
 //! An `Engine` is a cheap handle (`Clone`); the writer thread stops when
 //! `shutdown` is called or when the last handle is dropped.
 
+mod apply;
 pub mod backup;
 pub mod error;
 pub mod recovery;
@@ -38,7 +39,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::Store;
@@ -112,6 +113,12 @@ impl EngineConfig {
 pub(crate) struct Shared {
     pub durable_lsn: AtomicU64,
     pub applied_lsn: AtomicU64,
+    /// `applied_lsn`, for those who wait for it.
+    pub applied_tx: watch::Sender<u64>,
+    /// Applying stopped (the message is in `journal_error`).
+    pub apply_failed: AtomicBool,
+    /// The epoch history changed since the last flush.
+    pub epoch_history_dirty: AtomicBool,
     pub checkpoint_lsn: AtomicU64,
     pub dirty_bytes: AtomicU64,
     pub journal_error: Mutex<Option<String>>,
@@ -150,6 +157,9 @@ struct Inner {
     db_id: String,
     /// Held while a new session is opened (see [`Engine::session`]).
     session_opening: tokio::sync::Mutex<()>,
+    /// The data file's write side, for tests that hold it.
+    #[cfg(test)]
+    lane: Arc<Mutex<apply::Lane>>,
     // Declared after `tx`: fields drop in order, so the channel is closed
     // first and the writer can finish before it is joined.
     writer: WriterThread,
@@ -225,9 +235,13 @@ impl Engine {
         tracing::info!(report = ?rec.report, "recovery finished");
         let last = rec.journal.last_lsn();
         let (durable_tx, _) = watch::channel(last);
+        let (applied_tx, _) = watch::channel(rec.replayer.complete_lsn());
         let shared = Arc::new(Shared {
             durable_lsn: AtomicU64::new(last),
             applied_lsn: AtomicU64::new(rec.replayer.complete_lsn()),
+            applied_tx,
+            apply_failed: AtomicBool::new(false),
+            epoch_history_dirty: AtomicBool::new(false),
             checkpoint_lsn: AtomicU64::new(rec.checkpoint_lsn),
             dirty_bytes: AtomicU64::new(0),
             journal_error: Mutex::new(None),
@@ -242,25 +256,38 @@ impl Engine {
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);
         let db_id = rec.report.db_id.clone();
+        let mut lane = apply::Lane::new(
+            rec.store.clone(),
+            rec.replayer,
+            cfg.data_dir.join("journal"),
+            shared.clone(),
+            cfg.flush_interval,
+            cfg.dirty_bytes_max,
+        );
+        lane.follow = matches!(cfg.role, replica::Role::Mirror { .. });
+        let lane = Arc::new(Mutex::new(lane));
+        let applier = apply::Applier::start(lane.clone()).map_err(|source| OpenError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        #[cfg(test)]
+        let test_lane = lane.clone();
         let writer = Writer {
             journal: rec.journal,
             store: rec.store.clone(),
-            replayer: rec.replayer,
+            lane,
+            applier,
             tables: rec.tables,
             shared: shared.clone(),
-            flush_interval: cfg.flush_interval,
             dirty_bytes_max: cfg.dirty_bytes_max,
             session_idle: cfg.session_idle,
             sessions: HashMap::new(),
-            last_flush: Instant::now(),
-            dirty_bytes: 0,
             unavailable: None,
             lock: None,
             hold: false,
             held: Vec::new(),
             role: cfg.role.clone(),
             waiting_barriers: Vec::new(),
-            epoch_history_dirty: false,
             unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
         };
         let handle = std::thread::Builder::new()
@@ -285,6 +312,8 @@ impl Engine {
                 db_id,
                 cfg,
                 session_opening: tokio::sync::Mutex::new(()),
+                #[cfg(test)]
+                lane: test_lane,
                 writer: WriterThread(Mutex::new(Some(handle))),
                 _lock: lock,
             }),
@@ -309,6 +338,27 @@ impl Engine {
     /// A receiver of the durable LSN, updated after every fdatasync.
     pub fn durable_lsn_watch(&self) -> watch::Receiver<u64> {
         self.inner.shared.durable_tx.subscribe()
+    }
+
+    /// A receiver of the applied LSN (`EngineStatus::applied_lsn`). On a
+    /// mirror it trails the durable LSN: entries are applied after they are
+    /// acknowledged as flushed.
+    pub fn applied_lsn_watch(&self) -> watch::Receiver<u64> {
+        self.inner.shared.applied_tx.subscribe()
+    }
+
+    /// Waits until everything up to `lsn` is applied (visible to reads), or
+    /// `deadline`. Answers the applied LSN: `Ok` once it reached `lsn`,
+    /// `Err` at the deadline.
+    pub async fn wait_applied(&self, lsn: u64, deadline: Instant) -> Result<u64, u64> {
+        let mut rx = self.applied_lsn_watch();
+        let reached = tokio::time::timeout_at(deadline.into(), rx.wait_for(|a| *a >= lsn)).await;
+        let applied = self.inner.shared.applied_lsn.load(Ordering::Acquire);
+        match reached {
+            Ok(Ok(_)) => Ok(applied),
+            _ if applied >= lsn => Ok(applied),
+            _ => Err(applied),
+        }
     }
 
     async fn call<T>(

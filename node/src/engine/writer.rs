@@ -13,11 +13,13 @@
 //! acknowledged write sees it). If a journal write or fdatasync fails the
 //! journal becomes unavailable: the failed batch and every later write are
 //! refused with `journal_unavailable`, and the error is never retried
-//! (DESIGN §3). Reads go on. Flushes of the data file (one durable redb
-//! commit recording `checkpoint_lsn`) happen between batches.
+//! (DESIGN §3). Reads go on. The data file's write side (applying, the
+//! cache flush) is the [`Lane`] of `engine::apply`: this thread applies the
+//! primary's batches itself; on a mirror it only appends and fsyncs, and the
+//! applier thread applies and flushes.
 
+use super::apply::{self, Applier, Lane, Unjournaled};
 use super::backup::{BackupPoint, LockStatus, RotatedSegment, Snapshot};
-use super::replay::Replayer;
 use super::store::{Store, StoreError};
 use super::{Shared, WriteError};
 use crate::journal::writer::{JournalWriter, now_us};
@@ -25,8 +27,8 @@ use crate::model::{BLOB_CHUNK_BYTES, ClientIdentity, Op, SessionId, WriteAck, Wr
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -197,27 +199,18 @@ impl Pending {
     }
 }
 
-/// A write to an unjournaled table, applied without a journal entry.
-struct Unjournaled {
-    table: String,
-    key: String,
-    value: Option<Vec<u8>>,
-    version: u64,
-}
-
 pub(crate) struct Writer {
     pub journal: JournalWriter,
+    /// For reads (preconditions); changes go through the lane.
     pub store: Store,
-    pub replayer: Replayer,
+    pub lane: Arc<Mutex<Lane>>,
+    pub applier: Applier,
     /// Known tables and whether they are journaled.
     pub tables: HashMap<String, bool>,
     pub shared: Arc<Shared>,
-    pub flush_interval: Duration,
     pub dirty_bytes_max: u64,
     pub session_idle: Duration,
     pub sessions: HashMap<SessionId, Instant>,
-    pub last_flush: Instant,
-    pub dirty_bytes: u64,
     pub unavailable: Option<String>,
     pub unjournaled_blob_seq: u64,
     pub lock: Option<LockState>,
@@ -226,8 +219,6 @@ pub(crate) struct Writer {
     /// Writes waiting for the lock (or the hold) to be released.
     pub held: Vec<Envelope>,
     pub role: super::replica::Role,
-    /// The epoch history changed since the last flush.
-    pub epoch_history_dirty: bool,
     /// Backup barriers on a mirror waiting for a transaction boundary.
     pub waiting_barriers: Vec<(u32, Reply<BackupPoint>)>,
 }
@@ -245,13 +236,17 @@ impl Writer {
                 }
             }
             let stop = self.process(&mut batch);
-            self.maybe_flush(false);
+            if self.shared.dirty_bytes.load(Ordering::Relaxed) >= self.dirty_bytes_max {
+                self.applier.wake();
+            }
             if stop {
                 return;
             }
         }
         // Every handle dropped without a shutdown: flush what we have.
-        self.maybe_flush(true);
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "data file flush failed");
+        }
     }
 
     /// Handles a batch; returns true on shutdown.
@@ -331,7 +326,7 @@ impl Writer {
                             stop = true;
                         }
                         Request::Barrier { number, reply } => {
-                            if self.is_mirror() && self.replayer.in_txn() {
+                            if self.is_mirror() && self.in_txn() {
                                 // The journal ends inside a replicated
                                 // transaction: snapshot at its end.
                                 self.waiting_barriers.push((number, reply));
@@ -358,6 +353,10 @@ impl Writer {
                         }
                         Request::SetRole { role, reply } => {
                             tracing::info!(?role, "role changed");
+                            let follow = matches!(role, super::replica::Role::Mirror { .. });
+                            if let Ok(lane) = self.settled() {
+                                apply::lock(&lane).follow = follow;
+                            }
                             *self.shared.role.lock().unwrap_or_else(|p| p.into_inner()) =
                                 role.clone();
                             self.role = role;
@@ -381,7 +380,7 @@ impl Writer {
                         Request::AppendFrames { frames, reply } => {
                             let r = self.append_frames(frames);
                             let _ = reply.send(r);
-                            if !self.replayer.in_txn() {
+                            if !self.waiting_barriers.is_empty() && !self.in_txn() {
                                 for (number, reply) in std::mem::take(&mut self.waiting_barriers) {
                                     let r = self.barrier(number);
                                     let _ = reply.send(r);
@@ -397,10 +396,43 @@ impl Writer {
         stop
     }
 
-    fn journal_error(&self) -> Option<WriteError> {
+    fn journal_error(&mut self) -> Option<WriteError> {
+        if self.unavailable.is_none() && self.shared.apply_failed.load(Ordering::Acquire) {
+            // The applier stopped: this node's data file falls behind its
+            // journal for good, so it takes nothing more.
+            let msg = self
+                .shared
+                .journal_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "applying the journal failed".into());
+            self.unavailable = Some(msg);
+        }
         self.unavailable
             .as_ref()
             .map(|e| WriteError::JournalUnavailable(e.clone()))
+    }
+
+    /// The lane with everything durable applied: the applied state is
+    /// current while the guard is held.
+    fn settled(&mut self) -> Result<Arc<Mutex<Lane>>, WriteError> {
+        let lane = self.lane.clone();
+        let r = apply::lock(&lane).catch_up();
+        if let Err(e) = r {
+            self.fail_store(&e);
+            return Err(WriteError::Storage(e.to_string()));
+        }
+        Ok(lane)
+    }
+
+    /// Whether the applied journal ends inside a transaction.
+    fn in_txn(&mut self) -> bool {
+        match self.settled() {
+            Ok(lane) => apply::lock(&lane).replayer.in_txn(),
+            // Nothing more is applied: no transaction will close.
+            Err(_) => false,
+        }
     }
 
     fn mark_unavailable(&mut self, what: &str, e: &std::io::Error) {
@@ -753,34 +785,7 @@ impl Writer {
         entries: Vec<(u64, Op)>,
         unjournaled: Vec<Unjournaled>,
     ) -> Result<(), StoreError> {
-        if entries.is_empty() && unjournaled.is_empty() {
-            return Ok(());
-        }
-        let replayer = &mut self.replayer;
-        let ((), bytes) = self.store.apply(false, |w| -> Result<(), StoreError> {
-            for (lsn, op) in entries {
-                replayer.apply(w, lsn, op)?;
-            }
-            for u in unjournaled {
-                match u.value {
-                    Some(v) => w.put(&u.table, &u.key, &v, u.version)?,
-                    None => w.delete(&u.table, &u.key)?,
-                }
-            }
-            Ok(())
-        })?;
-        self.applied(bytes);
-        Ok(())
-    }
-
-    /// Publishes what a committed batch applied.
-    fn applied(&mut self, bytes: u64) {
-        self.dirty_bytes += bytes;
-        let applied = self.replayer.complete_lsn();
-        self.shared.applied_lsn.store(applied, Ordering::Release);
-        self.shared
-            .dirty_bytes
-            .store(self.dirty_bytes, Ordering::Relaxed);
+        apply::lock(&self.lane).apply(entries, unjournaled)
     }
 
     fn fail_store(&mut self, e: &StoreError) {
@@ -842,13 +847,17 @@ impl Writer {
         let mut begun = false;
         let mut finished = false;
         let mut outcome: Result<(), WriteError> = Ok(());
+        let lane = self.lane.clone();
+        let mut l = apply::lock(&lane);
         while !finished && outcome.is_ok() {
             let journal = &mut self.journal;
-            let replayer = &mut self.replayer;
+            let Lane {
+                store, replayer, ..
+            } = &mut *l;
             let tables = &mut self.tables;
             let io_failure = &mut io_failure;
             let file = &mut file;
-            let step = self.store.apply(false, |w| -> Result<(), WriteError> {
+            let step = store.apply(false, |w| -> Result<(), WriteError> {
                 if !begun {
                     begun = true;
                     if !tables.contains_key(table) {
@@ -898,7 +907,7 @@ impl Writer {
                 Ok(())
             });
             match step {
-                Ok(((), bytes)) => self.dirty_bytes += bytes,
+                Ok(((), bytes)) => l.dirty_bytes += bytes,
                 Err(e) => outcome = Err(e),
             }
         }
@@ -913,13 +922,13 @@ impl Writer {
                 metrics::histogram!("mirrordb_fsync_seconds").record(t.elapsed().as_secs_f64());
                 self.shared.durable_lsn.store(lsn, Ordering::Release);
                 let _ = self.shared.durable_tx.send_replace(lsn);
-                let replayer = &mut self.replayer;
-                match self
-                    .store
-                    .apply(false, |w| replayer.apply(w, lsn, Op::TxnCommit))
-                {
+                let Lane {
+                    store, replayer, ..
+                } = &mut *l;
+                match store.apply(false, |w| replayer.apply(w, lsn, Op::TxnCommit)) {
                     Ok(((), bytes)) => {
-                        self.applied(bytes);
+                        l.applied(bytes);
+                        drop(l);
                         self.touch(session);
                         metrics::counter!("mirrordb_writes_total").increment(1);
                         self.after_batch();
@@ -929,12 +938,14 @@ impl Writer {
                         });
                     }
                     Err(e) => {
+                        drop(l);
                         self.fail_store(&e);
                         return Err(WriteError::Storage(e.to_string()));
                     }
                 }
             }
         }
+        drop(l);
         if let Some((what, e)) = io_failure {
             // The journal is unavailable; restart recovery aborts the open
             // transaction.
@@ -967,7 +978,8 @@ impl Writer {
         self.unjournaled_blob_seq += 1;
         let blob_id = self.unjournaled_blob_seq;
         let version = self.journal.last_lsn();
-        let ((), bytes) = self.store.apply(false, |w| -> Result<(), WriteError> {
+        let mut l = apply::lock(&self.lane);
+        let ((), bytes) = l.store.apply(false, |w| -> Result<(), WriteError> {
             let mut index = 0u32;
             loop {
                 let mut chunk = vec![0u8; BLOB_CHUNK_BYTES];
@@ -989,58 +1001,19 @@ impl Writer {
             )?;
             Ok(())
         })?;
-        self.applied(bytes);
+        l.applied(bytes);
         Ok(WriteAck {
             lsn: version,
             versions: vec![version],
         })
     }
 
-    /// Durable commit of the data file recording `checkpoint_lsn`.
+    /// Applies what is left, then makes the data file durable recording
+    /// `checkpoint_lsn`.
     fn flush(&mut self) -> Result<u64, WriteError> {
-        let checkpoint = self.replayer.complete_lsn();
-        let t = Instant::now();
-        let history = self.epoch_history_dirty.then(|| {
-            self.shared
-                .epoch_history
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        });
-        let epoch = self.journal.epoch();
-        self.store
-            .apply(true, |w| -> Result<(), StoreError> {
-                if let Some(h) = &history {
-                    w.set_epoch(epoch)?;
-                    w.set_epoch_history(h)?;
-                }
-                w.set_checkpoint(checkpoint)
-            })
-            .map_err(|e| WriteError::Storage(e.to_string()))?;
-        self.epoch_history_dirty = false;
-        metrics::histogram!("mirrordb_flush_seconds").record(t.elapsed().as_secs_f64());
-        metrics::gauge!("mirrordb_checkpoint_lsn").set(checkpoint as f64);
-        self.shared
-            .checkpoint_lsn
-            .store(checkpoint, Ordering::Release);
-        self.dirty_bytes = 0;
-        self.shared.dirty_bytes.store(0, Ordering::Relaxed);
-        self.last_flush = Instant::now();
-        Ok(checkpoint)
-    }
-
-    fn maybe_flush(&mut self, force: bool) {
-        let behind =
-            self.replayer.complete_lsn() > self.shared.checkpoint_lsn.load(Ordering::Relaxed);
-        if !(behind || self.dirty_bytes > 0) {
-            return;
-        }
-        let due = force
-            || self.dirty_bytes >= self.dirty_bytes_max
-            || self.last_flush.elapsed() >= self.flush_interval;
-        if due && let Err(e) = self.flush() {
-            tracing::error!(error = %e, "data file flush failed");
-        }
+        let lane = self.settled()?;
+        let r = apply::lock(&lane).flush();
+        r.map_err(|e| WriteError::Storage(e.to_string()))
     }
 
     /// Appends and syncs system entries outside a client batch.
@@ -1137,13 +1110,14 @@ impl Writer {
                     seen: epoch,
                 });
             }
-            let op = decode_op(f.payload).map_err(|e| WriteError::Replication(e.to_string()))?;
+            // Checked here, applied later (from the journal, by the applier).
+            decode_op(f.payload).map_err(|e| WriteError::Replication(e.to_string()))?;
             epoch = h.epoch;
             next += 1;
-            accepted.push((h, bytes, op));
+            accepted.push((h, bytes));
         }
-        let mut entries = Vec::with_capacity(accepted.len());
-        for (h, bytes, op) in accepted {
+        let appended = accepted.len();
+        for (h, bytes) in accepted {
             if h.epoch > self.journal.epoch() {
                 // A new epoch starts a new segment, so its header says so.
                 self.journal.write_out().map_err(|e| {
@@ -1164,9 +1138,8 @@ impl Writer {
                 self.note_epoch(h.epoch, h.lsn);
             }
             self.journal.append_frame(h.lsn, &bytes);
-            entries.push((h.lsn, op));
         }
-        if !entries.is_empty() {
+        if appended > 0 {
             self.journal.write_out().map_err(|e| {
                 self.mark_unavailable("journal write", &e);
                 WriteError::JournalUnavailable(e.to_string())
@@ -1180,15 +1153,14 @@ impl Writer {
             let last = self.journal.last_lsn();
             self.shared.durable_lsn.store(last, Ordering::Release);
             let _ = self.shared.durable_tx.send_replace(last);
-            self.apply(entries, Vec::new()).map_err(|e| {
-                self.fail_store(&e);
-                WriteError::Storage(e.to_string())
-            })?;
+            // Applied by the applier thread, which reads them back from
+            // the journal: this answer does not wait for the data file.
+            self.applier.wake();
             self.after_batch();
         }
         Ok(super::replica::ReplicaPosition {
             flushed_lsn: self.journal.last_lsn(),
-            applied_lsn: self.replayer.complete_lsn(),
+            applied_lsn: self.shared.applied_lsn.load(Ordering::Acquire),
             epoch: self.journal.epoch(),
         })
     }
@@ -1206,7 +1178,9 @@ impl Writer {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         super::recovery::merge_epochs(&mut h, &[(epoch, first_lsn)]);
-        self.epoch_history_dirty = true;
+        self.shared
+            .epoch_history_dirty
+            .store(true, Ordering::Release);
     }
 
     fn promote(&mut self, epoch: u64) -> Result<(u64, u64), WriteError> {
@@ -1219,6 +1193,10 @@ impl Writer {
                 seen: self.journal.epoch(),
             });
         }
+        // Everything replicated is applied, and from here this thread
+        // applies what it journals itself.
+        let lane = self.settled()?;
+        apply::lock(&lane).follow = false;
         let io = |what: &'static str| move |e: std::io::Error| (what, e);
         let rotated = if self.journal.segment_is_empty() {
             Ok(())
@@ -1243,7 +1221,7 @@ impl Writer {
         self.note_epoch(epoch, first_lsn);
         let old = std::mem::replace(&mut self.role, super::replica::Role::Primary);
         *self.shared.role.lock().unwrap_or_else(|p| p.into_inner()) = super::replica::Role::Primary;
-        if self.replayer.in_txn() {
+        if self.in_txn() {
             // The old primary died inside a transaction: it was never
             // acknowledged, and this node now says so in the journal.
             self.journal_system(vec![Op::TxnAbort])?;

@@ -1,0 +1,337 @@
+//! The data-file side of the engine: applying journal entries, and the
+//! cache flush.
+//!
+//! ```text
+//! primary: writer thread ── fsync ──► Lane::apply(entries) ──► ack
+//!
+//! mirror:  writer thread ── append + fsync ──► ack flushed_lsn (at journal speed)
+//!                                │ wake
+//!                                ▼
+//!          applier thread ── Lane::catch_up: read the durable journal from
+//!                            the last applied LSN (journal::cursor) ──► apply
+//!                            ──► publish applied_lsn
+//!
+//! both:    applier thread ── every tick: Lane::maybe_flush (one durable
+//!                            redb commit recording checkpoint_lsn)
+//! ```
+//!
+//! [`Lane`] holds the data file's write side: the store, the [`Replayer`]
+//! and the flush state. Whoever changes the data file holds the lane's
+//! mutex. On the primary the writer thread applies each batch itself right
+//! after its fsync, so an acknowledged write is visible to the next read. On
+//! a mirror the writer only appends and fsyncs replicated entries; the
+//! applier thread follows the durable journal and applies it, so neither a
+//! slow apply nor a 50–100 ms flush delays the mirror's acknowledgement.
+//! Before anything that needs the applied state to be current (a promotion,
+//! a backup barrier, a flush, a lock) the writer applies what is left itself
+//! ([`Lane::catch_up`] under the same mutex).
+//!
+//! The periodic flush also runs on the applier thread on both roles: the
+//! primary's writer keeps writing and fsyncing the journal while the data
+//! file is flushed, and waits only when it next applies.
+
+use super::Shared;
+use super::replay::Replayer;
+use super::store::{Store, StoreError};
+use crate::journal::cursor::{self, Cursor, Limits};
+use crate::journal::format::decode_op;
+use crate::model::Op;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Most entries applied in one data-file transaction while following the
+/// journal (the lane is released between them).
+const CATCH_UP_ENTRIES: usize = 16 * 1024;
+/// About the most journal bytes read for one such transaction.
+const CATCH_UP_BYTES: usize = 16 << 20;
+/// How often the applier looks whether a flush is due.
+const TICK: Duration = Duration::from_millis(50);
+
+/// A write to an unjournaled table, applied without a journal entry.
+pub(crate) struct Unjournaled {
+    pub table: String,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub version: u64,
+}
+
+/// The data file's write side.
+pub(crate) struct Lane {
+    pub store: Store,
+    pub replayer: Replayer,
+    /// Apply what the journal holds beyond the replayer (a mirror). Off on
+    /// the primary, whose writer applies every batch itself.
+    pub follow: bool,
+    pub dirty_bytes: u64,
+    pub last_flush: Instant,
+    pub flush_interval: Duration,
+    pub dirty_bytes_max: u64,
+    /// Why applying stopped, once it has: nothing is applied after.
+    pub failed: Option<String>,
+    cursor: Option<Cursor>,
+    journal_dir: PathBuf,
+    shared: Arc<Shared>,
+}
+
+/// Locks a lane; a panic elsewhere never makes it unusable.
+pub(crate) fn lock(lane: &Mutex<Lane>) -> MutexGuard<'_, Lane> {
+    lane.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Lane {
+    pub fn new(
+        store: Store,
+        replayer: Replayer,
+        journal_dir: PathBuf,
+        shared: Arc<Shared>,
+        flush_interval: Duration,
+        dirty_bytes_max: u64,
+    ) -> Lane {
+        Lane {
+            store,
+            replayer,
+            follow: false,
+            dirty_bytes: 0,
+            last_flush: Instant::now(),
+            flush_interval,
+            dirty_bytes_max,
+            failed: None,
+            cursor: None,
+            journal_dir,
+            shared,
+        }
+    }
+
+    /// Applies entries the caller has made durable, and unjournaled writes,
+    /// in one data-file transaction.
+    pub fn apply(
+        &mut self,
+        entries: Vec<(u64, Op)>,
+        unjournaled: Vec<Unjournaled>,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() && unjournaled.is_empty() {
+            return Ok(());
+        }
+        let replayer = &mut self.replayer;
+        let ((), bytes) = self.store.apply(false, |w| -> Result<(), StoreError> {
+            for (lsn, op) in entries {
+                replayer.apply(w, lsn, op)?;
+            }
+            for u in unjournaled {
+                match u.value {
+                    Some(v) => w.put(&u.table, &u.key, &v, u.version)?,
+                    None => w.delete(&u.table, &u.key)?,
+                }
+            }
+            Ok(())
+        })?;
+        self.applied(bytes);
+        Ok(())
+    }
+
+    /// Publishes what a committed data-file transaction applied.
+    pub fn applied(&mut self, bytes: u64) {
+        self.dirty_bytes += bytes;
+        let applied = self.replayer.complete_lsn();
+        self.shared.applied_lsn.store(applied, Ordering::Release);
+        self.shared.applied_tx.send_if_modified(|v| {
+            let changed = *v != applied;
+            *v = applied;
+            changed
+        });
+        self.shared
+            .dirty_bytes
+            .store(self.dirty_bytes, Ordering::Relaxed);
+    }
+
+    /// Applies the durable journal beyond the replayer, at most `max`
+    /// entries in one data-file transaction. Returns whether more is left.
+    fn catch_up_step(&mut self, max: usize) -> Result<bool, StoreError> {
+        if let Some(e) = &self.failed {
+            return Err(StoreError(e.clone()));
+        }
+        let durable = self.shared.durable_lsn.load(Ordering::Acquire);
+        let from = self.replayer.last_lsn() + 1;
+        if from > durable {
+            return Ok(false);
+        }
+        let limits = Limits {
+            entries: max,
+            bytes: CATCH_UP_BYTES,
+            overhead: 0,
+        };
+        let (frames, cursor) =
+            cursor::read(&self.journal_dir, self.cursor.take(), from, durable, limits)
+                .map_err(|e| StoreError(format!("reading the journal to apply it: {e}")))?;
+        self.cursor = cursor;
+        let Some(last) = frames.last().map(|f| f.header.lsn) else {
+            return Err(StoreError(format!(
+                "the journal holds no entry {from} although {durable} is durable"
+            )));
+        };
+        let mut entries = Vec::with_capacity(frames.len());
+        for f in &frames {
+            let op = decode_op(f.payload())
+                .map_err(|e| StoreError(format!("journal entry {}: {e}", f.header.lsn)))?;
+            entries.push((f.header.lsn, op));
+        }
+        drop(frames);
+        self.apply(entries, Vec::new())?;
+        Ok(last < durable)
+    }
+
+    /// Applies everything durable in the journal that is not applied yet.
+    /// A failure stops applying for good (the node needs a restart, whose
+    /// recovery replays from the checkpoint).
+    pub fn catch_up(&mut self) -> Result<(), StoreError> {
+        loop {
+            match self.catch_up_step(CATCH_UP_ENTRIES) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: StoreError) -> StoreError {
+        if self.failed.is_none() {
+            let msg = format!("applying the journal to the data file failed: {e}");
+            tracing::error!(error = %msg, "data file no longer updated; refusing writes");
+            *self
+                .shared
+                .journal_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+            self.failed = Some(msg);
+            self.shared.apply_failed.store(true, Ordering::Release);
+        }
+        e
+    }
+
+    /// Durable commit of the data file recording `checkpoint_lsn` (and the
+    /// epoch history when it changed). Answers the checkpoint.
+    pub fn flush(&mut self) -> Result<u64, StoreError> {
+        let checkpoint = self.replayer.complete_lsn();
+        let t = Instant::now();
+        let dirty_history = self
+            .shared
+            .epoch_history_dirty
+            .swap(false, Ordering::AcqRel);
+        let history = dirty_history.then(|| {
+            self.shared
+                .epoch_history
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let done = self.store.apply(true, |w| -> Result<(), StoreError> {
+            if let Some(h) = &history {
+                w.set_epoch(epoch)?;
+                w.set_epoch_history(h)?;
+            }
+            w.set_checkpoint(checkpoint)
+        });
+        if let Err(e) = done {
+            if dirty_history {
+                self.shared
+                    .epoch_history_dirty
+                    .store(true, Ordering::Release);
+            }
+            return Err(e);
+        }
+        metrics::histogram!("mirrordb_flush_seconds").record(t.elapsed().as_secs_f64());
+        metrics::gauge!("mirrordb_checkpoint_lsn").set(checkpoint as f64);
+        self.shared
+            .checkpoint_lsn
+            .store(checkpoint, Ordering::Release);
+        self.dirty_bytes = 0;
+        self.shared.dirty_bytes.store(0, Ordering::Relaxed);
+        self.last_flush = Instant::now();
+        Ok(checkpoint)
+    }
+
+    /// Flushes when something is unflushed and the interval has passed, the
+    /// dirty bytes reached their bound, or `force`.
+    pub fn maybe_flush(&mut self, force: bool) {
+        let behind =
+            self.replayer.complete_lsn() > self.shared.checkpoint_lsn.load(Ordering::Relaxed);
+        let history = self.shared.epoch_history_dirty.load(Ordering::Acquire);
+        if !(behind || history || self.dirty_bytes > 0) {
+            return;
+        }
+        let due = force
+            || self.dirty_bytes >= self.dirty_bytes_max
+            || self.last_flush.elapsed() >= self.flush_interval;
+        if due && let Err(e) = self.flush() {
+            tracing::error!(error = %e, "data file flush failed");
+        }
+    }
+}
+
+/// The applier thread's handle, owned by the writer: dropping it stops the
+/// thread and waits for it (the data file is closed once both are gone).
+pub(crate) struct Applier {
+    wake: Option<SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Applier {
+    /// Starts the applier thread over `lane`.
+    pub fn start(lane: Arc<Mutex<Lane>>) -> std::io::Result<Applier> {
+        let (wake, rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("mirrordb-applier".into())
+            .spawn(move || run(&lane, &rx))?;
+        Ok(Applier {
+            wake: Some(wake),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks the applier to look for work now (wake-ups coalesce).
+    pub fn wake(&self) {
+        if let Some(w) = &self.wake {
+            match w.try_send(()) {
+                Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.wake.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(lane: &Mutex<Lane>, wake: &Receiver<()>) {
+    let mut more = false;
+    loop {
+        if !more {
+            match wake.recv_timeout(TICK) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        let mut l = lock(lane);
+        more = false;
+        if l.follow && l.failed.is_none() {
+            match l.catch_up_step(CATCH_UP_ENTRIES) {
+                Ok(m) => more = m,
+                Err(e) => {
+                    l.fail(e);
+                }
+            }
+        }
+        if l.failed.is_none() {
+            l.maybe_flush(false);
+        }
+    }
+}
