@@ -744,7 +744,11 @@ impl BackupService {
             Err(e) => Err(BackupError::Internal(e.to_string())),
         };
         let (set_dir, archive, manifest) = written?;
-        // Archived durably: the live segments ≤ S can go.
+        // Archived durably: the live segments ≤ S can go, once the data
+        // file's checkpoint has passed S (it never needs them then).
+        if let Err(e) = self.engine().flush().await {
+            tracing::warn!(error = %e, "flush before dropping archived segments");
+        }
         match self.engine().drop_segments_upto(lsn) {
             Ok(dropped) => {
                 for d in dropped {

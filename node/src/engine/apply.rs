@@ -153,6 +153,11 @@ impl Lane {
         if let Some(e) = &self.failed {
             return Err(StoreError(e.clone()));
         }
+        if !self.follow {
+            // The primary's writer applies each batch itself, after its
+            // fsync: reading the journal here could apply one twice.
+            return Ok(false);
+        }
         let durable = self.shared.durable_lsn.load(Ordering::Acquire);
         let from = self.replayer.last_lsn() + 1;
         if from > durable {
@@ -183,7 +188,8 @@ impl Lane {
         Ok(last < durable)
     }
 
-    /// Applies everything durable in the journal that is not applied yet.
+    /// On a mirror, applies everything durable in the journal that is not
+    /// applied yet (on the primary everything durable is applied already).
     /// A failure stops applying for good (the node needs a restart, whose
     /// recovery replays from the checkpoint).
     pub fn catch_up(&mut self) -> Result<(), StoreError> {

@@ -283,6 +283,7 @@ fn read_frames_reports_compacted_history() {
             .unwrap();
         p.backup_barrier(1).await.unwrap()
     });
+    rt.block_on(p.flush()).unwrap();
     p.drop_segments_upto(point.lsn).unwrap();
     assert!(matches!(
         p.read_frames(1, 10, 1 << 20),

@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Backup benchmarks of issue 3 on one node, against `cp` in the same run.
+
+Starts one `mirrordb serve` (default config; data and backups on the same
+disk, in a scratch directory) and measures, in one run on this machine:
+
+1. backup of a ~1 GiB dataset: records of 4,000-byte values are written
+   until the data file holds about --dataset-mib MiB; then `cp` of the data
+   file (plus `sync` of the copy) is timed, then `mirrordb backup --wait`
+   (zstd at the default level). Target: backup throughput >= 70 % of cp's,
+   both counted in bytes of the data file;
+2. writes during a backup: `mirrordb bench --clients 32` (256-byte values)
+   for --write-seconds without a backup, then again while a backup of the
+   same dataset runs. Target: >= 80 % of the throughput without one. Also
+   printed: the barrier's duration (`mirrordb_backup_barrier_seconds`, the
+   only moment writers wait; target for the write p99 during it: <= 10 ms)
+   and the p99 of all writes in the run with the backup;
+3. restore: --journal-entries more writes after the last set, the node is
+   stopped, and `mirrordb restore --from BACKUPS --to NEW --journal-dir
+   DATA/journal` is timed (the set plus the integration of its archive and
+   the live journal). Target: <= 30 s; the integration rate is printed.
+
+Only the Python standard library. Usage:
+
+    cargo build --release -p mirrordb
+    bench/backup.py [--bin target/release/mirrordb] [--keep]
+        [--dataset-mib 1024] [--write-seconds 10] [--journal-entries 1000000]
+
+Prints each figure with its target and verdict, and a JSON summary last.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench(bin_, url, *extra):
+    return run_json([bin_, "bench", "--url", url, "--json", *extra])
+
+
+def histogram_max_le(metrics_text, name):
+    """Upper bound (seconds) of the smallest bucket holding every sample."""
+    buckets = []
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "_bucket{") and 'le="' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            count = float(line.rsplit(" ", 1)[1])
+            buckets.append((float("inf") if le == "+Inf" else float(le), count))
+    if not buckets:
+        return None, 0
+    buckets.sort()
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= total:
+            return le, int(total)
+    return None, int(total)
+
+
+def verdict(ok):
+    return "met" if ok else "MISSED"
+
+
+class Node:
+    def __init__(self, bin_, work):
+        self.bin = bin_
+        self.data = os.path.join(work, "data")
+        self.backups = os.path.join(work, "backups")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(work, "node.log"), "w")
+        self.proc = subprocess.Popen(
+            [bin_, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{self.port}",
+             "--backup-dir", self.backups],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if get(self.url + "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit("the node did not answer /health within 60 s")
+
+    def data_file(self):
+        return os.path.join(self.data, "mirrordb.redb")
+
+    def metrics(self):
+        return get(self.url + "/metrics")[1]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def backup(bin_, url):
+    t = time.time()
+    r = run_json([bin_, "backup", "--url", url, "--wait", "--json"])
+    return r, time.time() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", default="target/release/mirrordb")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--dataset-mib", type=int, default=1024)
+    ap.add_argument("--write-seconds", type=int, default=10)
+    ap.add_argument("--journal-entries", type=int, default=1_000_000)
+    args = ap.parse_args()
+    if not os.access(args.bin, os.X_OK):
+        raise SystemExit(f"{args.bin} not found: cargo build --release -p mirrordb")
+
+    work = tempfile.mkdtemp(prefix="mirrordb-backup-bench-")
+    summary = {"dir": work, "nproc": os.cpu_count(), "load_before": os.getloadavg()[0]}
+    node = Node(args.bin, work)
+    try:
+        # 1. The dataset, then cp against mirrordb backup.
+        target = args.dataset_mib << 20
+        written = 0
+        while os.path.getsize(node.data_file()) < target:
+            n = max(20_000, (target - os.path.getsize(node.data_file())) // 4200)
+            bench(args.bin, node.url, "--clients", "16", "--count", str(n), "--value-bytes", "4000",
+                  "--keys", "1000000000", "--table", "big")
+            written += n
+            # The data file grows at the cache flush (every second).
+            time.sleep(1.5)
+        size = os.path.getsize(node.data_file())
+        print(f"dataset: {written} records of 4,000 bytes; data file {size / 2**20:.0f} MiB", flush=True)
+        copy = os.path.join(work, "cp-copy.redb")
+        t = time.time()
+        subprocess.run(["cp", node.data_file(), copy], check=True)
+        subprocess.run(["sync", copy], check=True)
+        cp_s = time.time() - t
+        os.remove(copy)
+        rep, backup_s = backup(args.bin, node.url)
+        if rep.get("status") != "ok":
+            raise SystemExit(f"backup failed: {rep}")
+        cp_rate = size / cp_s
+        backup_rate = size / backup_s
+        ratio = backup_rate / cp_rate
+        set_bytes = sum(f.get("bytes", 0) for f in rep.get("files", []) if isinstance(f, dict))
+        summary["backup"] = {"data_file_bytes": size, "cp_seconds": cp_s, "backup_seconds": backup_s,
+                             "ratio": ratio, "set_bytes": set_bytes, "history": rep}
+        print(f"\n1. cp of the data file (+ sync): {cp_s:.2f} s = {cp_rate / 2**20:.0f} MiB/s")
+        print(f"   mirrordb backup --wait:      {backup_s:.2f} s = {backup_rate / 2**20:.0f} MiB/s "
+              f"(set number {rep.get('number')}, {set_bytes / 2**20:.0f} MiB written)")
+        print(f"   backup / cp = {ratio:.2f}; target >= 0.70: {verdict(ratio >= 0.7)}", flush=True)
+
+        # 2. Writes without and with a backup.
+        load = ["--clients", "32", "--value-bytes", "256", "--keys", "1000000",
+                "--duration", f"{args.write_seconds}s"]
+        quiet = bench(args.bin, node.url, *load)
+        before_barriers = node.metrics()
+        t = time.time()
+        with subprocess.Popen([args.bin, "bench", "--url", node.url, "--json", *load],
+                              stdout=subprocess.PIPE, text=True) as p:
+            time.sleep(0.5)
+            rep2, b2_s = backup(args.bin, node.url)
+            out, _ = p.communicate()
+        busy = json.loads(out.strip().splitlines()[-1])
+        overlap = min(b2_s, args.write_seconds - 0.5)
+        barrier_le, barriers = histogram_max_le(node.metrics(), "mirrordb_backup_barrier_seconds")
+        w_ratio = busy["ops_per_s"] / quiet["ops_per_s"] if quiet["ops_per_s"] else 0.0
+        p99_busy = busy["kinds"]["write"]["latency"]["p99_us"] / 1000
+        p99_quiet = quiet["kinds"]["write"]["latency"]["p99_us"] / 1000
+        summary["writes"] = {"without": quiet["ops_per_s"], "with": busy["ops_per_s"], "ratio": w_ratio,
+                             "backup_seconds": b2_s, "backup_status": rep2.get("status"),
+                             "p99_ms_without": p99_quiet, "p99_ms_with": p99_busy,
+                             "barrier_max_s_at_most": barrier_le, "barriers": barriers}
+        print(f"\n2. writes, 32 clients: {quiet['ops_per_s']:.0f}/s without a backup (p99 {p99_quiet:.1f} ms), "
+              f"{busy['ops_per_s']:.0f}/s with one (p99 {p99_busy:.1f} ms; the backup took "
+              f"{b2_s:.1f} s of the {args.write_seconds} s run, {rep2.get('status')})")
+        if overlap < args.write_seconds * 0.5:
+            print("   note: the backup covered less than half of the run")
+        print(f"   with / without = {w_ratio:.2f}; target >= 0.80: {verdict(w_ratio >= 0.8)}")
+        if barrier_le is not None:
+            ms = barrier_le * 1000
+            print(f"   barrier (writers wait only here): every one of {barriers} took <= {ms:g} ms; "
+                  f"target write p99 during it <= 10 ms: {verdict(ms <= 10)}")
+
+        # 3. Restore: the last set plus its archive plus the live journal.
+        print(f"\n3. writing {args.journal_entries} more entries", flush=True)
+        bench(args.bin, node.url, "--clients", "32", "--count", str(args.journal_entries),
+              "--value-bytes", "256", "--keys", "1000000")
+        node.stop()
+        restored = os.path.join(work, "restored")
+        t = time.time()
+        rr = run_json([args.bin, "restore", "--from", node.backups, "--to", restored,
+                       "--journal-dir", os.path.join(node.data, "journal"), "--json"])
+        restore_s = time.time() - t
+        entries = rr.get("entries_integrated", 0)
+        summary["restore"] = {"seconds": restore_s, "entries_integrated": entries,
+                              "entries_per_sec": rr.get("entries_per_sec"), "records": rr.get("records"),
+                              "last_lsn": rr.get("last_lsn")}
+        print(f"   restore of set {(rr.get('plan', {}).get('base') or {}).get('number', '?')} + {entries} journal entries: "
+              f"{restore_s:.2f} s ({rr.get('records')} records; integration "
+              f"{rr.get('entries_per_sec')} entries/s)")
+        print(f"   target <= 30 s: {verdict(restore_s <= 30)}")
+        summary["load_after"] = os.getloadavg()[0]
+        print("\n" + json.dumps(summary, indent=2, default=str))
+    finally:
+        node.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
