@@ -736,12 +736,26 @@ impl BackupService {
         let this = self.clone();
         let dest2 = dest.to_owned();
         let cancel2 = cancel.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            this.write_set(number, &dest2, point, &cfg, &cancel2)
-        });
-        let written = match task.await {
-            Ok(r) => r,
-            Err(e) => Err(BackupError::Internal(e.to_string())),
+        // A thread of its own (not the blocking pool, whose threads are
+        // reused): its lowered priority must end with it.
+        let (done, result) = tokio::sync::oneshot::channel();
+        let nice = cfg.nice;
+        let spawned = std::thread::Builder::new()
+            .name("mirrordb-backup".into())
+            .spawn(move || {
+                lower_priority(nice);
+                let _ = done.send(this.write_set(number, &dest2, point, &cfg, &cancel2));
+            });
+        let written = match spawned {
+            Ok(_) => match result.await {
+                Ok(r) => r,
+                Err(_) => Err(BackupError::Internal(
+                    "the backup thread ended without a result".into(),
+                )),
+            },
+            Err(e) => Err(BackupError::Internal(format!(
+                "cannot start the backup thread: {e}"
+            ))),
         };
         let (set_dir, archive, manifest) = written?;
         // Archived durably: the live segments ≤ S can go, once the data
@@ -1228,6 +1242,21 @@ impl Drop for TempCleanup {
         }
         if let Some(parent) = self.0.first().and_then(|p| p.parent()) {
             let _ = format::sync_dir(parent);
+        }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to `nice` (Linux: a
+/// thread's nice value is its own). Best effort: a failure is logged.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let tid = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+            tracing::warn!(nice, error = %e, "cannot lower the backup thread's priority");
         }
     }
 }
