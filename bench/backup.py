@@ -29,6 +29,7 @@ Only the Python standard library. Usage:
     cargo build --release -p mirrordb
     bench/backup.py [--bin target/release/mirrordb] [--keep]
         [--dataset-mib 1024] [--write-seconds 10] [--journal-entries 1000000]
+        [--nice N]
 
 Prints each figure with its target and verdict, and a JSON summary last.
 """
@@ -100,16 +101,22 @@ def verdict(ok):
 
 
 class Node:
-    def __init__(self, bin_, work):
+    def __init__(self, bin_, work, nice=None):
         self.bin = bin_
         self.data = os.path.join(work, "data")
         self.backups = os.path.join(work, "backups")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(work, "node.log"), "w")
+        cmd = [bin_, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{self.port}",
+               "--backup-dir", self.backups]
+        if nice is not None:
+            cfg = os.path.join(work, "node.toml")
+            with open(cfg, "w") as f:
+                f.write(f"[backup]\nnice = {nice}\n")
+            cmd += ["--config", cfg]
         self.proc = subprocess.Popen(
-            [bin_, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{self.port}",
-             "--backup-dir", self.backups],
+            cmd,
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -151,13 +158,14 @@ def main():
     ap.add_argument("--dataset-mib", type=int, default=1024)
     ap.add_argument("--write-seconds", type=int, default=10)
     ap.add_argument("--journal-entries", type=int, default=1_000_000)
+    ap.add_argument("--nice", type=int, help="backup.nice for the node (default: the node's default)")
     args = ap.parse_args()
     if not os.access(args.bin, os.X_OK):
         raise SystemExit(f"{args.bin} not found: cargo build --release -p mirrordb")
 
     work = tempfile.mkdtemp(prefix="mirrordb-backup-bench-")
     summary = {"dir": work, "nproc": os.cpu_count(), "load_before": os.getloadavg()[0]}
-    node = Node(args.bin, work)
+    node = Node(args.bin, work, args.nice)
     try:
         # 1. The dataset, then cp against mirrordb backup.
         target = args.dataset_mib << 20

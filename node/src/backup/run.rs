@@ -1416,6 +1416,31 @@ pub fn plan_retention(sets: &[u32], archives: &[u32], keep_last: u32) -> Retenti
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_backup_thread_runs_at_the_configured_priority_and_others_do_not() {
+        let before = rustix::process::getpriority_process(None).unwrap();
+        let (inside, other) = std::thread::spawn(move || {
+            lower_priority(before + 5);
+            let inside =
+                rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+            let other = std::thread::spawn(|| {
+                rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+            })
+            .join()
+            .unwrap();
+            (inside, other)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inside, before + 5, "the backup thread is lowered");
+        // Threads it starts (the compressor) inherit it; the rest of the
+        // process keeps its priority.
+        assert_eq!(other, before + 5);
+        let here = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        assert_eq!(here, before);
+    }
+
     #[test]
     fn retention_keeps_last_sets_and_their_archives() {
         // Fewer sets than keep_last: nothing goes.
