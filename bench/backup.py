@@ -29,7 +29,7 @@ Only the Python standard library. Usage:
     cargo build --release -p mirrordb
     bench/backup.py [--bin target/release/mirrordb] [--keep]
         [--dataset-mib 1024] [--write-seconds 10] [--journal-entries 1000000]
-        [--nice N]
+        [--nice N] [--cache-mib N] [--flush-interval 1s]
 
 Prints each figure with its target and verdict, and a JSON summary last.
 """
@@ -101,7 +101,7 @@ def verdict(ok):
 
 
 class Node:
-    def __init__(self, bin_, work, nice=None):
+    def __init__(self, bin_, work, nice=None, cache_mib=None, flush_interval=None):
         self.bin = bin_
         self.data = os.path.join(work, "data")
         self.backups = os.path.join(work, "backups")
@@ -110,10 +110,19 @@ class Node:
         self.log = open(os.path.join(work, "node.log"), "w")
         cmd = [bin_, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{self.port}",
                "--backup-dir", self.backups]
+        toml = ""
         if nice is not None:
+            toml += f"[backup]\nnice = {nice}\n"
+        if cache_mib is not None or flush_interval is not None:
+            toml += "[cache]\n"
+        if cache_mib is not None:
+            toml += f"cache_bytes = \"{cache_mib}MiB\"\n"
+        if flush_interval is not None:
+            toml += f"flush_interval = \"{flush_interval}\"\n"
+        if toml:
             cfg = os.path.join(work, "node.toml")
             with open(cfg, "w") as f:
-                f.write(f"[backup]\nnice = {nice}\n")
+                f.write(toml)
             cmd += ["--config", cfg]
         self.proc = subprocess.Popen(
             cmd,
@@ -159,13 +168,15 @@ def main():
     ap.add_argument("--write-seconds", type=int, default=10)
     ap.add_argument("--journal-entries", type=int, default=1_000_000)
     ap.add_argument("--nice", type=int, help="backup.nice for the node (default: the node's default)")
+    ap.add_argument("--cache-mib", type=int, help="cache.cache_bytes for the node, in MiB (default: the node's default)")
+    ap.add_argument("--flush-interval", help="cache.flush_interval for the node, e.g. 5s (default: the node's default)")
     args = ap.parse_args()
     if not os.access(args.bin, os.X_OK):
         raise SystemExit(f"{args.bin} not found: cargo build --release -p mirrordb")
 
     work = tempfile.mkdtemp(prefix="mirrordb-backup-bench-")
     summary = {"dir": work, "nproc": os.cpu_count(), "load_before": os.getloadavg()[0]}
-    node = Node(args.bin, work, args.nice)
+    node = Node(args.bin, work, args.nice, args.cache_mib, args.flush_interval)
     try:
         # 1. The dataset, then cp against mirrordb backup.
         target = args.dataset_mib << 20
