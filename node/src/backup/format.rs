@@ -26,7 +26,7 @@ use crate::journal::format::{
 use crate::journal::scan::OwnedFrame;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -122,6 +122,123 @@ pub fn parse_numbered(file: &str, name: &str, suffix: &str) -> Option<u32> {
 // ------------------------------------------------------- hashing writers
 
 /// A writer that counts and SHA-256-hashes what passes through it.
+/// Bytes a [`SetFile`] gathers before one direct write.
+const DIRECT_BLOCK: usize = 1 << 20;
+/// Alignment of direct writes (buffer address, length and file offset).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A file of a backup set (snapshot, journal archive), written with
+/// `O_DIRECT` where the system allows it: the set's bytes go to the disk
+/// without being copied into the page cache first. Measured under load,
+/// that copy was half the compressor's CPU, taken from writers on a small
+/// machine; the set is not read again soon, so caching it helps nobody.
+/// Whole 1 MiB blocks are written directly; the last, partial block
+/// through an ordinary descriptor at [`SetFile::finish`]. Where `O_DIRECT`
+/// is refused (tmpfs, other systems) it is an ordinary buffered file.
+pub struct SetFile {
+    file: File,
+    path: PathBuf,
+    direct: bool,
+    buf: Vec<u8>,
+    /// Start of the aligned window in `buf`.
+    start: usize,
+    /// Bytes in the window.
+    len: usize,
+}
+
+impl SetFile {
+    /// Creates (truncates) `path`.
+    pub fn create(path: &Path) -> io::Result<SetFile> {
+        if let Some(f) = open_direct(path) {
+            let buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            if start < DIRECT_ALIGN {
+                return Ok(SetFile {
+                    file: f,
+                    path: path.to_owned(),
+                    direct: true,
+                    buf,
+                    start,
+                    len: 0,
+                });
+            }
+        }
+        Ok(SetFile {
+            file: File::create(path)?,
+            path: path.to_owned(),
+            direct: false,
+            buf: Vec::new(),
+            start: 0,
+            len: 0,
+        })
+    }
+
+    /// Whether writes bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn write_block(&mut self) -> io::Result<()> {
+        let window = &self.buf[self.start..self.start + self.len];
+        self.file.write_all(window)?;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Writes what is left and answers the file, ready to be fsynced.
+    pub fn finish(mut self) -> io::Result<File> {
+        if !self.direct || self.len == 0 {
+            return Ok(self.file);
+        }
+        // The tail is shorter than a block: an ordinary descriptor at the
+        // end of what the direct writes left.
+        let mut f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        f.seek(io::SeekFrom::End(0))?;
+        f.write_all(&self.buf[self.start..self.start + self.len])?;
+        self.len = 0;
+        Ok(f)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
+}
+
+impl Write for SetFile {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if !self.direct {
+            return self.file.write(data);
+        }
+        let room = DIRECT_BLOCK - self.len;
+        let n = data.len().min(room);
+        let at = self.start + self.len;
+        self.buf[at..at + n].copy_from_slice(&data[..n]);
+        self.len += n;
+        if self.len == DIRECT_BLOCK {
+            self.write_block()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Direct writes go in whole blocks; the tail waits for `finish`.
+        self.file.flush()
+    }
+}
+
 pub struct HashingWriter<W: Write> {
     inner: W,
     hasher: Sha256,
@@ -344,7 +461,7 @@ pub struct SnapshotSummary {
 /// Chunks queued between the encoding thread and the compressing thread.
 const COMPRESS_QUEUE_CHUNKS: usize = 4;
 
-type SnapshotEncoder = zstd::Encoder<'static, HashingWriter<BufWriter<File>>>;
+type SnapshotEncoder = zstd::Encoder<'static, HashingWriter<SetFile>>;
 
 /// Writes a snapshot stream, compressed, into a file. Items are encoded
 /// into chunks by the caller's thread; compression and writing run on a
@@ -368,8 +485,8 @@ impl SnapshotWriter {
         header: SnapshotHeader,
         level: i32,
     ) -> Result<SnapshotWriter, FormatError> {
-        let f = File::create(path).map_err(io_at(path))?;
-        let hw = HashingWriter::new(BufWriter::with_capacity(1 << 20, f));
+        let f = SetFile::create(path).map_err(io_at(path))?;
+        let hw = HashingWriter::new(f);
         let mut enc = zstd::Encoder::new(hw, level).map_err(io_at(path))?;
         enc.write_all(&header.encode()).map_err(io_at(path))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, [u8; 12])>(COMPRESS_QUEUE_CHUNKS);
@@ -496,10 +613,7 @@ impl SnapshotWriter {
         enc.write_all(&trailer).map_err(io_at(&path))?;
         let hw = enc.finish().map_err(io_at(&path))?;
         let (buf, file_bytes, sha256) = hw.finish();
-        let f = buf.into_inner().map_err(|e| FormatError::Io {
-            path: path.clone(),
-            source: e.into_error(),
-        })?;
+        let f = buf.finish().map_err(io_at(&path))?;
         f.sync_all().map_err(io_at(&path))?;
         Ok(SnapshotSummary {
             items: self.items,
@@ -774,7 +888,7 @@ pub struct ArchiveSummary {
 /// Writes closed journal segments, verified frame by frame, into one
 /// compressed archive file.
 pub struct ArchiveWriter {
-    enc: zstd::Encoder<'static, HashingWriter<BufWriter<File>>>,
+    enc: zstd::Encoder<'static, HashingWriter<SetFile>>,
     path: PathBuf,
     db_id: [u8; 16],
     first_lsn: u64,
@@ -786,8 +900,8 @@ pub struct ArchiveWriter {
 
 impl ArchiveWriter {
     pub fn create(path: &Path, db_id: [u8; 16], level: i32) -> Result<ArchiveWriter, FormatError> {
-        let f = File::create(path).map_err(io_at(path))?;
-        let hw = HashingWriter::new(BufWriter::with_capacity(1 << 20, f));
+        let f = SetFile::create(path).map_err(io_at(path))?;
+        let hw = HashingWriter::new(f);
         let enc = zstd::Encoder::new(hw, level).map_err(io_at(path))?;
         Ok(ArchiveWriter {
             enc,
@@ -892,10 +1006,7 @@ impl ArchiveWriter {
         let path = self.path.clone();
         let hw = self.enc.finish().map_err(io_at(&path))?;
         let (buf, file_bytes, sha256) = hw.finish();
-        let f = buf.into_inner().map_err(|e| FormatError::Io {
-            path: path.clone(),
-            source: e.into_error(),
-        })?;
+        let f = buf.finish().map_err(io_at(&path))?;
         f.sync_all().map_err(io_at(&path))?;
         Ok(ArchiveSummary {
             first_lsn: self.first_lsn,
@@ -1076,6 +1187,35 @@ impl<R: Read> Iterator for ArchiveReader<R> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_set_file_holds_exactly_what_was_written_direct_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        // Whole blocks, a block and a bit, less than a block, nothing.
+        for (n, total) in [
+            (0usize, 2 * DIRECT_BLOCK),
+            (1, DIRECT_BLOCK + 12_345),
+            (2, 4_000),
+            (3, 0),
+        ] {
+            let path = dir.path().join(format!("f{n}"));
+            let data: Vec<u8> = (0..total).map(|i| (i * 7 + n) as u8).collect();
+            let mut f = SetFile::create(&path).unwrap();
+            // Written in uneven pieces, as zstd does.
+            let mut at = 0;
+            let mut step = 1;
+            while at < data.len() {
+                let end = (at + step).min(data.len());
+                f.write_all(&data[at..end]).unwrap();
+                at = end;
+                step = step * 3 % 700_001 + 1;
+            }
+            f.flush().unwrap();
+            let file = f.finish().unwrap();
+            file.sync_all().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data, "file {n}");
+        }
+    }
 
     fn items() -> Vec<SnapshotItem> {
         let mut v = vec![SnapshotItem::Table {
