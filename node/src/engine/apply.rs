@@ -206,11 +206,7 @@ impl Lane {
         if self.failed.is_none() {
             let msg = format!("applying the journal to the data file failed: {e}");
             tracing::error!(error = %msg, "data file no longer updated; refusing writes");
-            *self
-                .shared
-                .journal_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+            self.shared.record_error(msg.clone());
             self.failed = Some(msg);
             self.shared.apply_failed.store(true, Ordering::Release);
         }
@@ -258,6 +254,12 @@ impl Lane {
         self.shared.dirty_bytes.store(0, Ordering::Relaxed);
         self.last_flush = Instant::now();
         Ok(checkpoint)
+    }
+
+    /// Applies what is left ([`Lane::catch_up`]), then flushes.
+    pub fn flush_current(&mut self) -> Result<u64, StoreError> {
+        self.catch_up()?;
+        self.flush()
     }
 
     /// Flushes when something is unflushed and the interval has passed, the

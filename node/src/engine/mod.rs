@@ -134,6 +134,13 @@ pub(crate) struct Shared {
     pub sessions: Mutex<HashMap<ClientIdentity, SessionId>>,
 }
 
+impl Shared {
+    /// Records why the node refuses writes (shown by `status()`).
+    pub fn record_error(&self, msg: String) {
+        *self.journal_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+    }
+}
+
 /// A snapshot of the engine's positions and health.
 #[derive(Clone, Debug, Serialize)]
 pub struct EngineStatus {
@@ -683,14 +690,10 @@ impl Engine {
         // Not through the writer thread: it goes on journaling meanwhile
         // and waits only when it next applies.
         let lane = self.inner.lane.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut l = apply::lock(&lane);
-            l.catch_up()?;
-            l.flush()
-        })
-        .await
-        .map_err(|e| WriteError::Storage(format!("flush task: {e}")))?
-        .map_err(|e| WriteError::Storage(e.to_string()))
+        tokio::task::spawn_blocking(move || apply::lock(&lane).flush_current())
+            .await
+            .map_err(|e| WriteError::Storage(format!("flush task: {e}")))?
+            .map_err(|e| WriteError::Storage(e.to_string()))
     }
 
     /// Closes cleanly: closes sessions, journals `DataFileClose`, flushes,

@@ -407,15 +407,12 @@ impl Writer {
             .map(|e| WriteError::JournalUnavailable(e.clone()))
     }
 
-    /// The lane with everything durable applied: the applied state is
-    /// current while the guard is held.
+    /// The lane with everything durable applied. A failure is recorded by
+    /// the lane ([`Writer::journal_error`] then refuses writes).
     fn settled(&mut self) -> Result<Arc<Mutex<Lane>>, WriteError> {
         let lane = self.lane.clone();
         let r = apply::lock(&lane).catch_up();
-        if let Err(e) = r {
-            self.fail_store(&e);
-            return Err(WriteError::Storage(e.to_string()));
-        }
+        r.map_err(|e| WriteError::Storage(e.to_string()))?;
         Ok(lane)
     }
 
@@ -435,11 +432,7 @@ impl Writer {
         );
         tracing::error!(error = %msg, "journal unavailable; refusing writes");
         metrics::gauge!("mirrordb_journal_available").set(0.0);
-        *self
-            .shared
-            .journal_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+        self.shared.record_error(msg.clone());
         self.unavailable = Some(msg);
     }
 
@@ -784,11 +777,7 @@ impl Writer {
     fn fail_store(&mut self, e: &StoreError) {
         let msg = format!("data file update failed: {e}");
         tracing::error!(error = %msg, "refusing writes");
-        *self
-            .shared
-            .journal_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+        self.shared.record_error(msg.clone());
         self.unavailable = Some(msg);
     }
 
@@ -1004,8 +993,7 @@ impl Writer {
     /// Applies what is left, then makes the data file durable recording
     /// `checkpoint_lsn`.
     fn flush(&mut self) -> Result<u64, WriteError> {
-        let lane = self.settled()?;
-        let r = apply::lock(&lane).flush();
+        let r = apply::lock(&self.lane).flush_current();
         r.map_err(|e| WriteError::Storage(e.to_string()))
     }
 
