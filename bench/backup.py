@@ -45,6 +45,8 @@ import tempfile
 import time
 import urllib.request
 
+from prom import bucket_at, histogram
+
 
 def free_port():
     with socket.socket() as s:
@@ -76,24 +78,6 @@ def run_json(cmd):
 
 def bench(bin_, url, *extra):
     return run_json([bin_, "bench", "--url", url, "--json", *extra])
-
-
-def histogram_max_le(metrics_text, name):
-    """Upper bound (seconds) of the smallest bucket holding every sample."""
-    buckets = []
-    for line in metrics_text.splitlines():
-        if line.startswith(name + "_bucket{") and 'le="' in line:
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            count = float(line.rsplit(" ", 1)[1])
-            buckets.append((float("inf") if le == "+Inf" else float(le), count))
-    if not buckets:
-        return None, 0
-    buckets.sort()
-    total = buckets[-1][1]
-    for le, count in buckets:
-        if count >= total:
-            return le, int(total)
-    return None, int(total)
 
 
 def verdict(ok):
@@ -228,7 +212,8 @@ def main():
             out, _ = p.communicate()
         busy = parse_json(out)
         overlap = min(b2_s, args.write_seconds - 0.5)
-        barrier_le, barriers = histogram_max_le(node.metrics(), "mirrordb_backup_barrier_seconds")
+        b = histogram(node.metrics(), "mirrordb_backup_barrier_seconds")
+        barrier_le, barriers = bucket_at(b, 100), (b[-1][1] if b else 0)
         w_ratio = busy["ops_per_s"] / quiet["ops_per_s"] if quiet["ops_per_s"] else 0.0
         p99_busy = busy["kinds"]["write"]["latency"]["p99_us"] / 1000
         p99_quiet = quiet["kinds"]["write"]["latency"]["p99_us"] / 1000
