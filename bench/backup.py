@@ -45,7 +45,7 @@ import tempfile
 import time
 import urllib.request
 
-from prom import bucket_at, histogram
+from prom import bucket_at, histogram, total
 
 
 def free_port():
@@ -202,8 +202,9 @@ def main():
         # 2. Writes without and with a backup.
         load = ["--clients", "32", "--value-bytes", "256", "--keys", "1000000",
                 "--duration", f"{args.write_seconds}s"]
+        m0 = node.metrics()
         quiet = bench(args.bin, node.url, *load)
-        before_barriers = node.metrics()
+        m1 = node.metrics()
         t = time.time()
         with subprocess.Popen([args.bin, "bench", "--url", node.url, "--json", *load],
                               stdout=subprocess.PIPE, text=True) as p:
@@ -211,6 +212,14 @@ def main():
             rep2, b2_s = backup(args.bin, node.url)
             out, _ = p.communicate()
         busy = parse_json(out)
+        m2 = node.metrics()
+        # Time spent in cache flushes (the primary's writer waits for a
+        # flush in progress before it applies its next batch).
+        def spent(name):
+            return [tuple(b - a for a, b in zip(total(x, name), total(y, name)))
+                    for x, y in ((m0, m1), (m1, m2))]
+        flush = spent("mirrordb_flush_seconds")
+        fsync = spent("mirrordb_fsync_seconds")
         overlap = min(b2_s, args.write_seconds - 0.5)
         b = histogram(node.metrics(), "mirrordb_backup_barrier_seconds")
         barrier_le, barriers = bucket_at(b, 100), (b[-1][1] if b else 0)
@@ -224,6 +233,13 @@ def main():
         print(f"\n2. writes, 32 clients: {quiet['ops_per_s']:.0f}/s without a backup (p99 {p99_quiet:.1f} ms), "
               f"{busy['ops_per_s']:.0f}/s with one (p99 {p99_busy:.1f} ms; the backup took "
               f"{b2_s:.1f} s of the {args.write_seconds} s run, {rep2.get('status')})")
+        print(f"   cache flushes: {flush[0][1]} taking {flush[0][0]:.2f} s without a backup, "
+              f"{flush[1][1]} taking {flush[1][0]:.2f} s with one")
+        print(f"   journal fsyncs: {fsync[0][1]}, mean {fsync[0][0] / max(1, fsync[0][1]) * 1e3:.2f} ms without; "
+              f"{fsync[1][1]}, mean {fsync[1][0] / max(1, fsync[1][1]) * 1e3:.2f} ms with")
+        summary["writes"]["flush_seconds"] = [flush[0][0], flush[1][0]]
+        summary["writes"]["fsyncs"] = [fsync[0][1], fsync[1][1]]
+        summary["writes"]["fsync_mean_ms"] = [fsync[i][0] / max(1, fsync[i][1]) * 1e3 for i in (0, 1)]
         if overlap < args.write_seconds * 0.5:
             print("   note: the backup covered less than half of the run")
         print(f"   with / without = {w_ratio:.2f}; target >= 0.80: {verdict(w_ratio >= 0.8)}")

@@ -16,6 +16,19 @@ def histogram(text, name):
     return sorted(out)
 
 
+def total(text, name):
+    """(sum, count) of an unlabelled Prometheus histogram; (0.0, 0) if absent."""
+    found = {}
+    for line in text.splitlines():
+        for part in ("_sum ", "_count "):
+            if line.startswith(name + part):
+                try:
+                    found[part] = float(line[len(name + part):])
+                except ValueError:
+                    pass
+    return found.get("_sum ", 0.0), int(found.get("_count ", 0))
+
+
 def bucket_at(buckets, p):
     total = buckets[-1][1] if buckets else 0
     if total == 0:
