@@ -9,6 +9,7 @@
 //!   ├─ only_if_changed: no data entry after the last set's S → skipped
 //!   ├─ on_start hook (non-zero exit cancels)
 //!   ├─ Engine::backup_barrier(number) → S, closed segments ≤ S, snapshot (writes go on)
+//!   ├─ Engine::flush beside the writer: the snapshot then pins no newer page; checkpoint ≥ S
 //!   ├─ archive segments ≤ S → .tmp file → fsync → ‹name›[number-1].journal
 //!   ├─ stream snapshot → .tmp dir/snapshot.zst, attached files, manifest.json,
 //!   │  fsync every file and the dir → rename to ‹name›[number].backup → fsync destination
@@ -713,6 +714,18 @@ impl BackupService {
         self.update(|p| p.phase = "barrier");
         let point = self.engine().backup_barrier(number).await?;
         let lsn = point.lsn;
+        // A durable commit right behind the snapshot, beside the writer
+        // (which waits only if it applies meanwhile, as at any periodic
+        // flush). Until then the snapshot reads a non-durable commit, and
+        // while a reader holds one of those, redb reuses no page that a
+        // later commit frees: every write pays for it as long as the backup
+        // runs (a snapshot held 6-10 s under 32 writers, nothing read:
+        // 0.69 of the write rate without one; 0.83-0.87 with this flush).
+        // It also puts the checkpoint past S, so the archived segments can
+        // be dropped at the end.
+        if let Err(e) = self.engine().flush().await {
+            tracing::warn!(error = %e, "flush after the backup barrier");
+        }
         // Progress totals from cheap estimates: the tables' counters and the
         // data file's size (an exact count would walk the whole file once more).
         let engine = self.engine();
@@ -758,11 +771,8 @@ impl BackupService {
             ))),
         };
         let (set_dir, archive, manifest) = written?;
-        // Archived durably: the live segments ≤ S can go, once the data
-        // file's checkpoint has passed S (it never needs them then).
-        if let Err(e) = self.engine().flush().await {
-            tracing::warn!(error = %e, "flush before dropping archived segments");
-        }
+        // Archived durably: the live segments ≤ S can go (the flush after
+        // the barrier put the data file's checkpoint past S).
         match self.engine().drop_segments_upto(lsn) {
             Ok(dropped) => {
                 for d in dropped {

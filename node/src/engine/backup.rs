@@ -4,10 +4,11 @@
 //! online rollback.
 //!
 //! ```text
-//! backup_barrier(n):  writer journals BackupMarker{n} at LSN S ─► fsync ─► flush
-//!                     (checkpoint = S) ─► rotate (open segment starts at S+1)
-//!                     ─► MVCC snapshot = exactly the operations <= S
-//!                     (writers wait only for these steps: a few ms)
+//! backup_barrier(n):  writer journals BackupMarker{n} at LSN S ─► fsync ─► apply
+//!                     ─► rotate (open segment starts at S+1) ─► MVCC snapshot =
+//!                     exactly the operations <= S (writers wait only for these
+//!                     steps: a few ms; no flush, the pipeline flushes right
+//!                     after, beside the writer)
 //! restore:            DataFileBuilder: snapshot items ─► journal frames S+1.. ─► finish
 //! rollback(L):        keys touched after L ─► their values at L (restore to L in
 //!                     a scratch dir) ─► one journaled compensating transaction
