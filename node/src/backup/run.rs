@@ -32,7 +32,7 @@ use super::manifest::{
     ArchiveEntry, AttachedEntry, BackupStatus, Catalog, FileEntry, History, HistoryEntry, Manifest,
 };
 use super::schedule::{Action, Scheduler};
-use super::settings::BackupSection;
+use super::settings::{BackupPriority, BackupSection};
 use crate::engine::{Engine, WriteError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -752,11 +752,11 @@ impl BackupService {
         // A thread of its own (not the blocking pool, whose threads are
         // reused): its lowered priority must end with it.
         let (done, result) = tokio::sync::oneshot::channel();
-        let nice = cfg.nice;
+        let priority = cfg.priority;
         let spawned = std::thread::Builder::new()
             .name("mirrordb-backup".into())
             .spawn(move || {
-                lower_priority(nice);
+                lower_priority(priority);
                 let _ = done.send(this.write_set(number, &dest2, point, &cfg, &cancel2));
             });
         let written = match spawned {
@@ -1256,19 +1256,36 @@ impl Drop for TempCleanup {
     }
 }
 
-/// Lowers the calling thread's scheduling priority to `nice` (Linux: a
-/// thread's nice value is its own). Best effort: a failure is logged.
-fn lower_priority(nice: i32) {
-    if nice <= 0 {
-        return;
-    }
+/// Lowers the calling thread's scheduling priority (`backup.priority`;
+/// Linux: a thread's policy and nice value are its own, and threads it
+/// starts, the compressor among them, inherit them). Best effort: a
+/// failure is logged.
+fn lower_priority(priority: BackupPriority) {
     #[cfg(target_os = "linux")]
-    {
-        let tid = rustix::thread::gettid();
-        if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
-            tracing::warn!(nice, error = %e, "cannot lower the backup thread's priority");
+    match priority {
+        BackupPriority::Idle => {
+            use thread_priority::{
+                NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+                set_thread_priority_and_policy, thread_native_id,
+            };
+            if let Err(e) = set_thread_priority_and_policy(
+                thread_native_id(),
+                ThreadPriority::Min,
+                ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+            ) {
+                tracing::warn!(error = %e, "cannot run the backup thread at SCHED_IDLE");
+            }
         }
+        BackupPriority::Nice(n) if n > 0 => {
+            let tid = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(tid), n) {
+                tracing::warn!(nice = n, error = %e, "cannot lower the backup thread's priority");
+            }
+        }
+        BackupPriority::Nice(_) => {}
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = priority;
 }
 
 fn is_dest_error(e: &io::Error) -> bool {
@@ -1431,7 +1448,7 @@ mod tests {
     fn the_backup_thread_runs_at_the_configured_priority_and_others_do_not() {
         let before = rustix::process::getpriority_process(None).unwrap();
         let (inside, other) = std::thread::spawn(move || {
-            lower_priority(before + 5);
+            lower_priority(BackupPriority::Nice(before + 5));
             let inside =
                 rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
             let other = std::thread::spawn(|| {
@@ -1449,6 +1466,28 @@ mod tests {
         assert_eq!(other, before + 5);
         let here = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
         assert_eq!(here, before);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_idle_backup_thread_and_its_compressor_run_at_sched_idle_and_others_do_not() {
+        use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
+        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+        let before = thread_priority::thread_schedule_policy().unwrap();
+        assert_ne!(before, idle, "the test runs at an ordinary policy");
+        let (inside, child) = std::thread::spawn(move || {
+            lower_priority(BackupPriority::Idle);
+            let inside = thread_priority::thread_schedule_policy().unwrap();
+            let child = std::thread::spawn(|| thread_priority::thread_schedule_policy().unwrap())
+                .join()
+                .unwrap();
+            (inside, child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inside, idle, "the backup thread runs at SCHED_IDLE");
+        assert_eq!(child, idle, "threads it starts inherit it");
+        assert_eq!(thread_priority::thread_schedule_policy().unwrap(), before);
     }
 
     #[test]

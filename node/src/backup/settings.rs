@@ -19,6 +19,51 @@ pub const MAX_SCHEDULES: usize = 32;
 /// Most attempts of one scheduled backup.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 
+/// `backup.priority`: the scheduling class of the backup's threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PriorityValue", into = "PriorityValue")]
+pub enum BackupPriority {
+    /// Linux `SCHED_IDLE`: CPU time nothing else wants. On a machine whose
+    /// cores are busy around the clock a backup then crawls; a nice value
+    /// guarantees it a share.
+    Idle,
+    /// A nice value, 0..=19 (checked by [`BackupSection::validate`]).
+    Nice(i32),
+}
+
+/// How `backup.priority` is written in TOML: `"idle"` or an integer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PriorityValue {
+    Nice(i64),
+    Word(String),
+}
+
+impl TryFrom<PriorityValue> for BackupPriority {
+    type Error = String;
+    fn try_from(v: PriorityValue) -> Result<Self, String> {
+        let bad = |what: String| {
+            format!("backup.priority must be \"idle\" or a nice value 0..=19, got {what}")
+        };
+        match v {
+            PriorityValue::Word(w) if w == "idle" => Ok(BackupPriority::Idle),
+            PriorityValue::Word(w) => Err(bad(format!("{w:?}"))),
+            PriorityValue::Nice(n) => i32::try_from(n)
+                .map(BackupPriority::Nice)
+                .map_err(|_| bad(n.to_string())),
+        }
+    }
+}
+
+impl From<BackupPriority> for PriorityValue {
+    fn from(p: BackupPriority) -> Self {
+        match p {
+            BackupPriority::Idle => PriorityValue::Word("idle".into()),
+            BackupPriority::Nice(n) => PriorityValue::Nice(n.into()),
+        }
+    }
+}
+
 /// `[backup]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -41,11 +86,11 @@ pub struct BackupSection {
     /// measured here about 4× faster than 3 for a similar size on record
     /// data, so backups take less CPU from writers on small machines.
     pub compression_level: i32,
-    /// Scheduling priority (nice, 0..=19) of the thread that reads the
-    /// snapshot, compresses and writes the set: 10 by default, so writers
-    /// get the CPU first on a busy machine and the backup takes what is
-    /// left; 0 runs it like every other thread (Linux; ignored elsewhere).
-    pub nice: i32,
+    /// CPU priority of the threads that read the snapshot, compress it and
+    /// write the set: `"idle"` (the default; Linux `SCHED_IDLE`: they run
+    /// only on CPU time no other thread of the machine wants) or a nice
+    /// value 0..=19 (0: like every other thread). Ignored off Linux.
+    pub priority: BackupPriority,
     /// Files copied into every set (`attached/`); a missing one makes the
     /// backup `partial`, with an error.
     pub attached_files: Vec<PathBuf>,
@@ -77,7 +122,7 @@ impl Default for BackupSection {
             keep_last: 3,
             only_if_changed: false,
             compression_level: 1,
-            nice: 10,
+            priority: BackupPriority::Idle,
             attached_files: Vec::new(),
             retry_after: ConfigDuration(Duration::from_secs(300)),
             max_attempts: 3,
@@ -130,8 +175,12 @@ impl BackupSection {
                 self.compression_level
             ));
         }
-        if !(0..=19).contains(&self.nice) {
-            return bad(format!("backup.nice must be 0..=19, got {}", self.nice));
+        if let BackupPriority::Nice(n) = self.priority
+            && !(0..=19).contains(&n)
+        {
+            return bad(format!(
+                "backup.priority must be \"idle\" or a nice value 0..=19, got {n}"
+            ));
         }
         if self.attached_files.len() > MAX_ATTACHED {
             return bad(format!(
@@ -196,12 +245,45 @@ mod tests {
         );
         b.name = "mirrordb".into();
         for (nice, ok) in [(0, true), (19, true), (20, false), (-1, false)] {
-            b.nice = nice;
+            b.priority = BackupPriority::Nice(nice);
             let r = b.validate();
             assert_eq!(r.is_ok(), ok, "nice {nice}: {r:?}");
             if let Err(e) = r {
-                assert!(e.to_string().contains("backup.nice"), "{e}");
+                assert!(e.to_string().contains("backup.priority"), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn priority_is_idle_or_a_nice_value() {
+        let parse = |t: &str| toml::from_str::<BackupSection>(t);
+        assert_eq!(
+            parse("").unwrap().priority,
+            BackupPriority::Idle,
+            "the default"
+        );
+        assert_eq!(
+            parse("priority = \"idle\"").unwrap().priority,
+            BackupPriority::Idle
+        );
+        assert_eq!(
+            parse("priority = 7").unwrap().priority,
+            BackupPriority::Nice(7)
+        );
+        for bad in [
+            "priority = \"fast\"",
+            "priority = 99999999999",
+            "priority = 1.5",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("priority"), "{bad}: {e}");
+        }
+        // Written back the way it is read.
+        let b = BackupSection {
+            priority: BackupPriority::Nice(3),
+            ..Default::default()
+        };
+        let text = toml::to_string(&b).unwrap();
+        assert_eq!(parse(&text).unwrap().priority, BackupPriority::Nice(3));
     }
 }
