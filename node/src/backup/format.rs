@@ -28,6 +28,8 @@ use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::JoinHandle;
 use thiserror::Error;
 
 /// Magic bytes at the start of a decompressed snapshot stream.
@@ -121,7 +123,6 @@ pub fn parse_numbered(file: &str, name: &str, suffix: &str) -> Option<u32> {
 
 // ------------------------------------------------------- hashing writers
 
-/// A writer that counts and SHA-256-hashes what passes through it.
 /// Bytes a [`SetFile`] gathers before one direct write.
 const DIRECT_BLOCK: usize = 1 << 20;
 /// Alignment of direct writes (buffer address, length and file offset).
@@ -239,41 +240,114 @@ impl Write for SetFile {
     }
 }
 
-pub struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
+/// Bytes a [`SetPipe`] gathers before handing them to its thread.
+const PIPE_BLOCK: usize = 1 << 20;
+/// Blocks queued for a [`SetPipe`]'s thread.
+const PIPE_QUEUE: usize = 4;
+
+/// The compressed bytes of a set file, handed to a thread of its own that
+/// SHA-256-hashes them and writes them (a [`SetFile`]). Hashing on the
+/// compressing thread was a quarter of its time, and that thread bounds
+/// how fast a backup of an idle node goes (measured: 2.2 s for a 1 GiB
+/// data file, the compressor busy throughout, the reader waiting on it).
+pub struct SetPipe {
+    tx: Option<SyncSender<Vec<u8>>>,
+    buf: Vec<u8>,
     bytes: u64,
+    thread: Option<JoinHandle<io::Result<(File, String)>>>,
 }
 
-impl<W: Write> HashingWriter<W> {
-    pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
+impl SetPipe {
+    /// Creates (truncates) `path` and starts the writing thread.
+    pub fn create(path: &Path) -> io::Result<SetPipe> {
+        let mut file = SetFile::create(path)?;
+        let (tx, rx) = sync_channel::<Vec<u8>>(PIPE_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("mirrordb-backup-write".into())
+            .spawn(move || -> io::Result<(File, String)> {
+                let mut hasher = Sha256::new();
+                for block in rx {
+                    hasher.update(&block);
+                    file.write_all(&block)?;
+                }
+                Ok((file.finish()?, hex(&hasher.finalize())))
+            })?;
+        Ok(SetPipe {
+            tx: Some(tx),
+            buf: Vec::with_capacity(PIPE_BLOCK),
             bytes: 0,
-        }
+            thread: Some(thread),
+        })
     }
 
-    /// Bytes written so far.
+    /// Bytes written into the pipe so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// The inner writer, the byte count and the hex SHA-256.
-    pub fn finish(self) -> (W, u64, String) {
-        (self.inner, self.bytes, hex(&self.hasher.finalize()))
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let block = std::mem::replace(&mut self.buf, Vec::with_capacity(PIPE_BLOCK));
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(block).is_ok());
+        if sent { Ok(()) } else { Err(self.join()) }
+    }
+
+    /// Ends the thread and answers why it stopped early.
+    fn join(&mut self) -> io::Error {
+        self.tx = None;
+        match self.thread.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => io::Error::other("the set's writing thread panicked"),
+            _ => io::Error::other("the set's writing thread stopped"),
+        }
+    }
+
+    /// Writes what is left; answers the file (ready to be fsynced), the
+    /// byte count and the hex SHA-256 of the bytes.
+    pub fn finish(mut self) -> io::Result<(File, u64, String)> {
+        self.send()?;
+        self.tx = None;
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| io::Error::other("the set's writing thread stopped"))?;
+        match thread.join() {
+            Ok(r) => r.map(|(f, sha)| (f, self.bytes, sha)),
+            Err(_) => Err(io::Error::other("the set's writing thread panicked")),
+        }
     }
 }
 
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
+impl Write for SetPipe {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = rest.len().min(PIPE_BLOCK - self.buf.len());
+            self.buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if self.buf.len() == PIPE_BLOCK {
+                self.send()?;
+            }
+        }
+        self.bytes += data.len() as u64;
+        Ok(data.len())
     }
+
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        // Blocks go whole; the rest waits for `finish`.
+        Ok(())
+    }
+}
+
+impl Drop for SetPipe {
+    fn drop(&mut self) {
+        // An abandoned pipe (error, stop) lets its thread end.
+        self.tx = None;
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -461,7 +535,7 @@ pub struct SnapshotSummary {
 /// Chunks queued between the encoding thread and the compressing thread.
 const COMPRESS_QUEUE_CHUNKS: usize = 4;
 
-type SnapshotEncoder = zstd::Encoder<'static, HashingWriter<SetFile>>;
+type SnapshotEncoder = zstd::Encoder<'static, SetPipe>;
 
 /// Writes a snapshot stream, compressed, into a file. Items are encoded
 /// into chunks by the caller's thread; compression and writing run on a
@@ -485,9 +559,8 @@ impl SnapshotWriter {
         header: SnapshotHeader,
         level: i32,
     ) -> Result<SnapshotWriter, FormatError> {
-        let f = SetFile::create(path).map_err(io_at(path))?;
-        let hw = HashingWriter::new(f);
-        let mut enc = zstd::Encoder::new(hw, level).map_err(io_at(path))?;
+        let pipe = SetPipe::create(path).map_err(io_at(path))?;
+        let mut enc = zstd::Encoder::new(pipe, level).map_err(io_at(path))?;
         enc.write_all(&header.encode()).map_err(io_at(path))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, [u8; 12])>(COMPRESS_QUEUE_CHUNKS);
         let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -611,9 +684,8 @@ impl SnapshotWriter {
         let crc = crc32c::crc32c(&trailer[0..16]);
         trailer[16..20].copy_from_slice(&crc.to_le_bytes());
         enc.write_all(&trailer).map_err(io_at(&path))?;
-        let hw = enc.finish().map_err(io_at(&path))?;
-        let (buf, file_bytes, sha256) = hw.finish();
-        let f = buf.finish().map_err(io_at(&path))?;
+        let pipe = enc.finish().map_err(io_at(&path))?;
+        let (f, file_bytes, sha256) = pipe.finish().map_err(io_at(&path))?;
         f.sync_all().map_err(io_at(&path))?;
         Ok(SnapshotSummary {
             items: self.items,
@@ -888,7 +960,7 @@ pub struct ArchiveSummary {
 /// Writes closed journal segments, verified frame by frame, into one
 /// compressed archive file.
 pub struct ArchiveWriter {
-    enc: zstd::Encoder<'static, HashingWriter<SetFile>>,
+    enc: zstd::Encoder<'static, SetPipe>,
     path: PathBuf,
     db_id: [u8; 16],
     first_lsn: u64,
@@ -900,9 +972,8 @@ pub struct ArchiveWriter {
 
 impl ArchiveWriter {
     pub fn create(path: &Path, db_id: [u8; 16], level: i32) -> Result<ArchiveWriter, FormatError> {
-        let f = SetFile::create(path).map_err(io_at(path))?;
-        let hw = HashingWriter::new(f);
-        let enc = zstd::Encoder::new(hw, level).map_err(io_at(path))?;
+        let pipe = SetPipe::create(path).map_err(io_at(path))?;
+        let enc = zstd::Encoder::new(pipe, level).map_err(io_at(path))?;
         Ok(ArchiveWriter {
             enc,
             path: path.to_owned(),
@@ -1004,9 +1075,8 @@ impl ArchiveWriter {
     /// Finishes compression and fsyncs the file.
     pub fn finish(self) -> Result<ArchiveSummary, FormatError> {
         let path = self.path.clone();
-        let hw = self.enc.finish().map_err(io_at(&path))?;
-        let (buf, file_bytes, sha256) = hw.finish();
-        let f = buf.finish().map_err(io_at(&path))?;
+        let pipe = self.enc.finish().map_err(io_at(&path))?;
+        let (f, file_bytes, sha256) = pipe.finish().map_err(io_at(&path))?;
         f.sync_all().map_err(io_at(&path))?;
         Ok(ArchiveSummary {
             first_lsn: self.first_lsn,
@@ -1215,6 +1285,37 @@ mod tests {
             file.sync_all().unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), data, "file {n}");
         }
+    }
+
+    #[test]
+    fn a_set_pipe_writes_and_hashes_exactly_what_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        for (n, total) in [
+            (0usize, 3 * PIPE_BLOCK + 1),
+            (1, PIPE_BLOCK),
+            (2, 10),
+            (3, 0),
+        ] {
+            let path = dir.path().join(format!("p{n}"));
+            let data: Vec<u8> = (0..total).map(|i| (i * 13 + n) as u8).collect();
+            let mut p = SetPipe::create(&path).unwrap();
+            let mut at = 0;
+            let mut step = 1;
+            while at < data.len() {
+                let end = (at + step).min(data.len());
+                p.write_all(&data[at..end]).unwrap();
+                at = end;
+                step = step * 5 % 1_500_007 + 1;
+            }
+            assert_eq!(p.bytes(), total as u64);
+            let (file, bytes, sha) = p.finish().unwrap();
+            file.sync_all().unwrap();
+            assert_eq!(bytes, total as u64);
+            assert_eq!(sha, hex(&Sha256::digest(&data)), "pipe {n}");
+            assert_eq!(std::fs::read(&path).unwrap(), data, "pipe {n}");
+        }
+        // A destination that cannot be created is an error at once.
+        assert!(SetPipe::create(&dir.path().join("missing/dir/f")).is_err());
     }
 
     fn items() -> Vec<SnapshotItem> {
