@@ -684,14 +684,11 @@ pub fn make_value_padded(client: usize, seq: u64, size: usize, random: bool) -> 
     let mut v = Vec::with_capacity(head.len() + pad + 2);
     v.extend_from_slice(head.as_bytes());
     if random {
-        // splitmix64: ten letters from each step.
-        let mut state = (client as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seq;
+        // Ten letters from each random u64.
+        let mut rng =
+            StdRng::seed_from_u64((client as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seq);
         while v.len() < head.len() + pad {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z: u64 = rng.random();
             for i in 0..10 {
                 if v.len() == head.len() + pad {
                     break;

@@ -174,11 +174,6 @@ impl SetFile {
         })
     }
 
-    /// Whether writes bypass the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
     fn write_block(&mut self) -> io::Result<()> {
         let window = &self.buf[self.start..self.start + self.len];
         self.file.write_all(window)?;
@@ -1258,6 +1253,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Writes `data` in pieces of uneven sizes, as zstd does: each piece
+    /// `(previous * factor) % modulus + 1` bytes.
+    fn write_unevenly(w: &mut impl Write, data: &[u8], factor: usize, modulus: usize) {
+        let mut at = 0;
+        let mut step = 1;
+        while at < data.len() {
+            let end = (at + step).min(data.len());
+            w.write_all(&data[at..end]).unwrap();
+            at = end;
+            step = step * factor % modulus + 1;
+        }
+    }
+
     #[test]
     fn a_set_file_holds_exactly_what_was_written_direct_or_not() {
         let dir = tempfile::tempdir().unwrap();
@@ -1271,15 +1279,7 @@ mod tests {
             let path = dir.path().join(format!("f{n}"));
             let data: Vec<u8> = (0..total).map(|i| (i * 7 + n) as u8).collect();
             let mut f = SetFile::create(&path).unwrap();
-            // Written in uneven pieces, as zstd does.
-            let mut at = 0;
-            let mut step = 1;
-            while at < data.len() {
-                let end = (at + step).min(data.len());
-                f.write_all(&data[at..end]).unwrap();
-                at = end;
-                step = step * 3 % 700_001 + 1;
-            }
+            write_unevenly(&mut f, &data, 3, 700_001);
             f.flush().unwrap();
             let file = f.finish().unwrap();
             file.sync_all().unwrap();
@@ -1299,14 +1299,7 @@ mod tests {
             let path = dir.path().join(format!("p{n}"));
             let data: Vec<u8> = (0..total).map(|i| (i * 13 + n) as u8).collect();
             let mut p = SetPipe::create(&path).unwrap();
-            let mut at = 0;
-            let mut step = 1;
-            while at < data.len() {
-                let end = (at + step).min(data.len());
-                p.write_all(&data[at..end]).unwrap();
-                at = end;
-                step = step * 5 % 1_500_007 + 1;
-            }
+            write_unevenly(&mut p, &data, 5, 1_500_007);
             assert_eq!(p.bytes(), total as u64);
             let (file, bytes, sha) = p.finish().unwrap();
             file.sync_all().unwrap();

@@ -34,7 +34,7 @@ pub enum BackupPriority {
 /// How `backup.priority` is written in TOML: `"idle"` or an integer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum PriorityValue {
+enum PriorityValue {
     Nice(i64),
     Word(String),
 }
