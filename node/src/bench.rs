@@ -260,6 +260,10 @@ pub struct BenchArgs {
     /// With --in-process: flush the cache past this many dirty bytes.
     #[arg(long, requires = "in_process")]
     pub dirty_bytes_max: Option<u64>,
+    /// With --in-process: append to the journal without zeroed blocks
+    /// ahead of the writer (`journal.preallocate = false`), to compare.
+    #[arg(long, requires = "in_process")]
+    pub no_preallocate: bool,
     /// With --in-process: end the process without a clean shutdown, as a
     /// crash would, so the next open replays the journal (for measuring
     /// recovery; the journal stays durable).
@@ -972,6 +976,7 @@ async fn run_in_process(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if let Some(d) = args.dirty_bytes_max {
         cfg.dirty_bytes_max = d;
     }
+    cfg.preallocate = !args.no_preallocate;
     let open_start = Instant::now();
     let engine = tokio::task::spawn_blocking(move || Engine::open(cfg))
         .await

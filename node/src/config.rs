@@ -288,12 +288,16 @@ impl Default for NodeSection {
 pub struct JournalSection {
     /// A segment is closed and a new one started past this size.
     pub segment_bytes: ByteSize,
+    /// Keep zeroed blocks ahead of the writer (up to the segment size), so
+    /// that a group commit's fdatasync writes no file metadata.
+    pub preallocate: bool,
 }
 
 impl Default for JournalSection {
     fn default() -> Self {
         JournalSection {
             segment_bytes: ByteSize(64 << 20),
+            preallocate: true,
         }
     }
 }
@@ -662,6 +666,7 @@ mod tests {
             listen = "0.0.0.0:7070"
             [journal]
             segment_bytes = "16MiB"
+            preallocate = false
             [cache]
             flush_interval = "250ms"
             dirty_bytes_max = 1048576
@@ -687,6 +692,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.node.name, "n1");
         assert_eq!(c.journal.segment_bytes.0, 16 << 20);
+        assert!(!c.journal.preallocate);
         assert_eq!(c.cache.flush_interval.0, Duration::from_millis(250));
         assert_eq!(c.cache.dirty_bytes_max.0, 1 << 20);
         assert!(c.recovery.auto_restore);

@@ -55,6 +55,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
     e.dirty_bytes_max = cfg.cache.dirty_bytes_max.0;
     e.cache_bytes = usize::try_from(cfg.cache.cache_bytes.0).unwrap_or(usize::MAX);
     e.segment_bytes = cfg.journal.segment_bytes.0;
+    e.preallocate = cfg.journal.preallocate;
     e.auto_restore = cfg.recovery.auto_restore;
     // Automatic restore at start finds the backups here.
     e.backup_dir = Some(cfg.backup.destination.clone());
@@ -270,6 +271,7 @@ mod tests {
         c.cache.dirty_bytes_max = ByteSize(3 << 20);
         c.cache.cache_bytes = ByteSize(5 << 20);
         c.journal.segment_bytes = ByteSize(7 << 20);
+        c.journal.preallocate = false;
         c.recovery.auto_restore = true;
         c.session.idle_timeout = ConfigDuration(Duration::from_secs(9));
         c.api.write_timeout = ConfigDuration(Duration::from_millis(1500));
@@ -280,6 +282,7 @@ mod tests {
         assert_eq!(e.dirty_bytes_max, 3 << 20);
         assert_eq!(e.cache_bytes, 5 << 20);
         assert_eq!(e.segment_bytes, 7 << 20);
+        assert!(!e.preallocate);
         assert!(e.auto_restore);
         assert_eq!(e.session_idle, Duration::from_secs(9));
         assert_eq!(e.write_timeout, Duration::from_millis(1500));

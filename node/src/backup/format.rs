@@ -1017,7 +1017,8 @@ impl ArchiveWriter {
         loop {
             let mut head = [0u8; FRAME_HEADER_LEN];
             let k = read_full(&mut r, &mut head).map_err(io_at(seg))?;
-            if k == 0 {
+            if k == 0 || jformat::is_zero_header(&head[..k]) {
+                // The end, or zeroed blocks the writer never reached.
                 break;
             }
             let fh = jformat::decode_frame_header(&head[..k])

@@ -61,6 +61,8 @@ pub struct EngineConfig {
     pub dirty_bytes_max: u64,
     pub cache_bytes: usize,
     pub segment_bytes: u64,
+    /// Keep zeroed blocks ahead of the journal writer (`journal.preallocate`).
+    pub preallocate: bool,
     pub auto_restore: bool,
     pub session_idle: Duration,
     pub write_timeout: Duration,
@@ -82,6 +84,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("dirty_bytes_max", &self.dirty_bytes_max)
             .field("cache_bytes", &self.cache_bytes)
             .field("segment_bytes", &self.segment_bytes)
+            .field("preallocate", &self.preallocate)
             .field("auto_restore", &self.auto_restore)
             .finish_non_exhaustive()
     }
@@ -89,7 +92,7 @@ impl std::fmt::Debug for EngineConfig {
 
 impl EngineConfig {
     /// Defaults: flush every 1 s or past 64 MiB dirty, 256 MiB cache,
-    /// 64 MiB segments, no auto-restore, sessions idle after 60 s, writes
+    /// 64 MiB preallocated segments, no auto-restore, sessions idle after 60 s, writes
     /// time out after 5 s, the real disk.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         EngineConfig {
@@ -99,6 +102,7 @@ impl EngineConfig {
             dirty_bytes_max: 64 << 20,
             cache_bytes: 256 << 20,
             segment_bytes: 64 << 20,
+            preallocate: true,
             auto_restore: false,
             session_idle: Duration::from_secs(60),
             write_timeout: Duration::from_secs(5),

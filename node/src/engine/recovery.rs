@@ -500,7 +500,7 @@ fn open_journal(
         let path = path.to_owned();
         move |source| OpenError::JournalIo { path, source }
     };
-    match state.segments.last() {
+    let mut w = match state.segments.last() {
         Some(last) => {
             let mut w = JournalWriter::resume(
                 cfg.disk.clone(),
@@ -516,7 +516,7 @@ fn open_journal(
             if w.wants_rotation() || last.header.epoch < epoch {
                 w.rotate().map_err(io(journal_dir))?;
             }
-            Ok(w)
+            w
         }
         None => JournalWriter::create(
             cfg.disk.clone(),
@@ -526,6 +526,10 @@ fn open_journal(
             checkpoint + 1,
             cfg.segment_bytes,
         )
-        .map_err(io(journal_dir)),
+        .map_err(io(journal_dir))?,
+    };
+    if cfg.preallocate {
+        w.preallocate().map_err(io(w.segment_path()))?;
     }
+    Ok(w)
 }

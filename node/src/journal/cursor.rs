@@ -20,7 +20,9 @@
 //! Only frames `<= durable` are read: they are complete and fsynced, while a
 //! frame beyond may be half written. Bytes from disk never cause a panic.
 
-use super::format::{FRAME_HEADER_LEN, HEADER_LEN, decode_frame, decode_frame_header};
+use super::format::{
+    FRAME_HEADER_LEN, HEADER_LEN, decode_frame, decode_frame_header, is_zero_header,
+};
 use super::scan::{OwnedFrame, list_segments};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -149,25 +151,28 @@ pub fn read(
             break;
         }
         let at = seg.offset;
-        match seg.reader.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                // This segment ends here; the next one starts at `next`.
-                match next_segment(journal, next)? {
-                    Some(p) if p != seg.path => {
-                        seg = open_at(&p, HEADER_LEN as u64)?;
-                        continue;
-                    }
-                    _ => {
-                        return Err(corrupt(
-                            &seg.path,
-                            at,
-                            format!("ends before durable entry {next} and no segment starts there"),
-                        ));
-                    }
+        let ended = match seg.reader.read_exact(&mut head) {
+            // Zeroed blocks ahead of the writer end a segment like its end
+            // of file does.
+            Ok(()) => is_zero_header(&head),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+            Err(e) => return Err(io(&seg.path)(e)),
+        };
+        if ended {
+            // This segment ends here; the next one starts at `next`.
+            match next_segment(journal, next)? {
+                Some(p) if p != seg.path => {
+                    seg = open_at(&p, HEADER_LEN as u64)?;
+                    continue;
+                }
+                _ => {
+                    return Err(corrupt(
+                        &seg.path,
+                        at,
+                        format!("ends before durable entry {next} and no segment starts there"),
+                    ));
                 }
             }
-            Err(e) => return Err(io(&seg.path)(e)),
         }
         let h = decode_frame_header(&head).map_err(|e| corrupt(&seg.path, at, e.to_string()))?;
         let total = FRAME_HEADER_LEN + h.len as usize;
@@ -323,7 +328,10 @@ mod tests {
         let (segs, _) = list_segments(&journal).unwrap();
         let path = &segs[0].path;
         let mut bytes = std::fs::read(path).unwrap();
-        let n = bytes.len();
+        // The last entry's end (zeroed blocks may follow).
+        let n = crate::journal::scan::verify(&journal, None, false)
+            .unwrap()
+            .last_segment_len as usize;
         bytes[n - 3] ^= 0xff;
         std::fs::write(path, &bytes).unwrap();
         assert!(read(&journal, None, 1, durable, lim(100, 1 << 20)).is_err());

@@ -8,24 +8,29 @@
 //! written since the last successful `sync_data`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// A journal file open for appending.
+/// A journal file open for writing at a position that each write advances
+/// (not `O_APPEND`: the segment may hold zeroed blocks past that position,
+/// see [`crate::journal::prealloc`]).
 pub trait JournalFile: Send {
-    /// Appends `buf` at the end of the file (written, not durable).
+    /// Writes `buf` at the current position (written, not durable).
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Makes everything written so far durable (fdatasync).
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Truncates or extends the file to `len` bytes (not durable until the
+    /// next `sync_data`).
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
 }
 
 /// Opens journal files and syncs directories.
 pub trait Disk: Send + Sync {
-    /// Creates a new file (fails if it exists) for appending.
+    /// Creates a new file (fails if it exists), positioned at its start.
     fn create(&self, path: &Path) -> io::Result<Box<dyn JournalFile>>;
-    /// Opens an existing file for appending at its end.
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn JournalFile>>;
+    /// Opens an existing file positioned at byte `offset`.
+    fn open_at(&self, path: &Path, offset: u64) -> io::Result<Box<dyn JournalFile>>;
     /// Makes a directory's entries (created or renamed files) durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
 }
@@ -43,19 +48,27 @@ impl JournalFile for RealFile {
     fn sync_data(&mut self) -> io::Result<()> {
         self.0.sync_data()
     }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create_new(true).write(true).open(path)
+}
+
+fn open_at(path: &Path, offset: u64) -> io::Result<File> {
+    let mut f = OpenOptions::new().write(true).open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    Ok(f)
 }
 
 impl Disk for RealDisk {
     fn create(&self, path: &Path) -> io::Result<Box<dyn JournalFile>> {
-        let f = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(path)?;
-        Ok(Box::new(RealFile(f)))
+        Ok(Box::new(RealFile(create_new(path)?)))
     }
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn JournalFile>> {
-        let f = OpenOptions::new().append(true).open(path)?;
-        Ok(Box::new(RealFile(f)))
+    fn open_at(&self, path: &Path, offset: u64) -> io::Result<Box<dyn JournalFile>> {
+        Ok(Box::new(RealFile(open_at(path, offset)?)))
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         File::open(path)?.sync_all()
@@ -125,23 +138,22 @@ impl JournalFile for FaultyFile {
         }
         self.inner.sync_data()
     }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
 }
 
 impl Disk for FaultyDisk {
     fn create(&self, path: &Path) -> io::Result<Box<dyn JournalFile>> {
-        let inner = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(path)?;
         Ok(Box::new(FaultyFile {
-            inner,
+            inner: create_new(path)?,
             plan: self.plan.clone(),
         }))
     }
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn JournalFile>> {
-        let inner = OpenOptions::new().append(true).open(path)?;
+    fn open_at(&self, path: &Path, offset: u64) -> io::Result<Box<dyn JournalFile>> {
         Ok(Box::new(FaultyFile {
-            inner,
+            inner: open_at(path, offset)?,
             plan: self.plan.clone(),
         }))
     }
@@ -171,5 +183,22 @@ mod tests {
         let err = f.write_all(b"12345").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(28));
         assert_eq!(std::fs::read(&path).unwrap(), b"hellowo123");
+    }
+
+    #[test]
+    fn open_at_writes_over_what_follows_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 16]).unwrap();
+        for disk in [&RealDisk as &dyn Disk, &FaultyDisk::new()] {
+            let mut f = disk.open_at(&path, 4).unwrap();
+            f.write_all(b"ab").unwrap();
+            f.write_all(b"cd").unwrap();
+            f.sync_data().unwrap();
+            assert_eq!(&std::fs::read(&path).unwrap()[..10], b"\0\0\0\0abcd\0\0");
+            f.set_len(6).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"\0\0\0\0ab");
+            std::fs::write(&path, [0u8; 16]).unwrap();
+        }
     }
 }

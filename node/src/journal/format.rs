@@ -158,6 +158,14 @@ pub fn decode_op(payload: &[u8]) -> Result<Op, FrameError> {
     postcard::from_bytes(payload).map_err(|e| FrameError::Payload(e.to_string()))
 }
 
+/// Whether `b` starts with an all-zero frame header: the end of a segment's
+/// entries, where zeroed blocks wait for the writer
+/// ([`crate::journal::prealloc`]). No real frame starts so: its checksum
+/// covers a non-zero LSN.
+pub fn is_zero_header(b: &[u8]) -> bool {
+    b.len() >= FRAME_HEADER_LEN && b[..FRAME_HEADER_LEN].iter().all(|x| *x == 0)
+}
+
 /// Reads the fixed part of a frame (no checksum check yet).
 pub fn decode_frame_header(b: &[u8]) -> Result<FrameHeader, FrameError> {
     if b.len() < FRAME_HEADER_LEN {

@@ -244,10 +244,13 @@ pub fn verify(
         let is_last = i + 1 == count;
         let mut reader = SegmentReader::open(seg)?;
         let mut expected = seg.header.first_lsn;
-        loop {
+        let bad = loop {
             let at = reader.offset;
             match reader.next_frame() {
-                Ok(None) => break,
+                Ok(None) if at < reader.file_len && !zeros_from(&seg.path, at)? => {
+                    break Some((at, "a zeroed entry header with data after it".to_string()));
+                }
+                Ok(None) => break None,
                 Ok(Some(frame)) => {
                     let h = frame.header;
                     if h.lsn != expected || h.epoch < state.last_epoch {
@@ -268,34 +271,34 @@ pub fn verify(
                     state.entries += 1;
                 }
                 Err(ReadFrameError::Io(e)) => return Err(io_err(&seg.path)(e)),
-                Err(ReadFrameError::Bad(e)) => {
-                    let file_len = reader.file_len;
-                    if !is_last || valid_frame_after(&seg.path, at, expected)? {
-                        return Err(ScanError::Corrupt {
-                            path: seg.path.clone(),
-                            offset: at,
-                            reason: format!("{e}, and valid entries follow it"),
-                        });
-                    }
-                    if repair {
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .open(&seg.path)
-                            .map_err(io_err(&seg.path))?;
-                        f.set_len(at).map_err(io_err(&seg.path))?;
-                        f.sync_all().map_err(io_err(&seg.path))?;
-                    }
-                    state.cut = Some(TailCut {
-                        path: seg.path.clone(),
-                        offset: at,
-                        bytes_removed: file_len - at,
-                        reason: e.to_string(),
-                    });
-                    reader.offset = at;
-                    break;
-                }
+                Err(ReadFrameError::Bad(e)) => break Some((reader.offset, e.to_string())),
             }
+        };
+        let file_len = reader.file_len;
+        if let Some((at, reason)) = bad {
+            if !is_last || valid_frame_after(&seg.path, at, expected)? {
+                return Err(ScanError::Corrupt {
+                    path: seg.path.clone(),
+                    offset: at,
+                    reason: format!("{reason}, and valid entries follow it"),
+                });
+            }
+            if repair {
+                truncate(&seg.path, at)?;
+            }
+            state.cut = Some(TailCut {
+                path: seg.path.clone(),
+                offset: at,
+                bytes_removed: file_len - at,
+                reason,
+            });
+        } else if !is_last && reader.offset < file_len && repair {
+            // Zeroed blocks after a closed segment's entries: a crash came
+            // before rotation trimmed them. Nothing is lost by trimming now.
+            truncate(&seg.path, reader.offset)?;
         }
+        // The last segment keeps its zeroed blocks: the writer resumes over
+        // them at `last_segment_len`.
         if state.first_lsn == 0 && state.entries > 0 {
             state.first_lsn = seg.header.first_lsn;
         }
@@ -315,6 +318,32 @@ pub fn verify(
         }
     }
     Ok(state)
+}
+
+/// Truncates a segment to `len` bytes, durably.
+fn truncate(path: &Path, len: u64) -> Result<(), ScanError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_len(len).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Whether everything from `at` to the end of the file is zero.
+fn zeros_from(path: &Path, at: u64) -> Result<bool, ScanError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(at)).map_err(io_err(path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = read_up_to(&mut f, &mut buf).map_err(io_err(path))?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+        if n < buf.len() {
+            return Ok(true);
+        }
+    }
 }
 
 /// Records that `epoch` starts at `lsn` if it is newer than the last one.
@@ -396,7 +425,13 @@ impl SegmentReader {
         self.offset
     }
 
-    /// The next verified frame, `None` at a clean end of file.
+    /// Length of the file when it was opened.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The next verified frame, `None` at a clean end of file or at an
+    /// all-zero frame header (zeroed blocks the writer has not reached).
     pub fn next_frame(&mut self) -> Result<Option<OwnedFrame>, ReadFrameError> {
         if self.offset >= self.file_len {
             return Ok(None);
@@ -408,6 +443,11 @@ impl SegmentReader {
                 need: FRAME_HEADER_LEN,
                 have: n,
             }));
+        }
+        if format::is_zero_header(&head) {
+            // Zeroed blocks ahead of the writer: the entries end here.
+            // (`verify` checks that nothing but zeros follows.)
+            return Ok(None);
         }
         let h = format::decode_frame_header(&head).map_err(ReadFrameError::Bad)?;
         let total = FRAME_HEADER_LEN + h.len as usize;
@@ -698,5 +738,92 @@ mod stream_tests {
                 let _ = item;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod zero_tail_tests {
+    use super::*;
+    use crate::journal::format::{SegmentHeader, encode_frame};
+
+    /// Writes a segment of `n` entries from `first`, then `tail`.
+    fn write_segment(dir: &Path, first: u64, n: u64, tail: &[u8]) -> (PathBuf, u64) {
+        let mut b = SegmentHeader {
+            db_id: [9; 16],
+            epoch: 1,
+            first_lsn: first,
+            created_us: 0,
+        }
+        .encode()
+        .to_vec();
+        for lsn in first..first + n {
+            encode_frame(&mut b, lsn, 1, 0, b"payload");
+        }
+        let end = b.len() as u64;
+        b.extend_from_slice(tail);
+        let path = dir.join(segment_name(first));
+        fs::write(&path, &b).unwrap();
+        (path, end)
+    }
+
+    fn len(p: &Path) -> u64 {
+        fs::metadata(p).unwrap().len()
+    }
+
+    #[test]
+    fn zeros_after_the_last_entry_are_kept_and_end_the_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, end) = write_segment(dir.path(), 1, 5, &[0; 10_000]);
+        let st = verify(dir.path(), None, true).unwrap();
+        assert_eq!((st.last_lsn, st.entries, st.cut), (5, 5, None));
+        assert_eq!(st.last_segment_len, end);
+        assert_eq!(len(&p), end + 10_000, "the writer resumes over them");
+        let lsns: Vec<u64> = EntryIter::new(st.segments, 1, u64::MAX)
+            .map(|f| f.unwrap().header.lsn)
+            .collect();
+        assert_eq!(lsns, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn zeros_with_anything_after_them_are_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tail = vec![0u8; 10_000];
+        tail[9_000] = 7;
+        let (p, end) = write_segment(dir.path(), 1, 5, &tail);
+        let st = verify(dir.path(), None, false).unwrap();
+        let cut = st.cut.expect("reported");
+        assert_eq!((cut.offset, cut.bytes_removed), (end, 10_000));
+        assert!(cut.reason.contains("zeroed entry header"), "{}", cut.reason);
+        assert_eq!(len(&p), end + 10_000, "only reported without repair");
+        let st = verify(dir.path(), None, true).unwrap();
+        assert_eq!((st.last_lsn, st.last_segment_len), (5, end));
+        assert_eq!(len(&p), end, "cut: nothing stale is left to resume over");
+    }
+
+    #[test]
+    fn a_valid_entry_after_zeros_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tail = vec![0u8; 4096];
+        encode_frame(&mut tail, 6, 1, 0, b"payload");
+        write_segment(dir.path(), 1, 5, &tail);
+        let err = verify(dir.path(), None, true).unwrap_err();
+        assert!(
+            matches!(&err, ScanError::Corrupt { reason, .. } if reason.contains("valid entries follow")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_closed_segment_ending_in_zeros_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, end) = write_segment(dir.path(), 1, 5, &[0; 3000]);
+        let (last, last_end) = write_segment(dir.path(), 6, 2, &[0; 3000]);
+        let st = verify(dir.path(), None, false).unwrap();
+        assert_eq!((st.last_lsn, st.cut.clone()), (7, None));
+        assert_eq!(len(&first), end + 3000, "untouched without repair");
+        let st = verify(dir.path(), None, true).unwrap();
+        assert_eq!((st.last_lsn, st.entries, st.cut), (7, 7, None));
+        assert_eq!(len(&first), end);
+        assert_eq!(len(&last), last_end + 3000);
     }
 }

@@ -1,6 +1,10 @@
 //! Appending to the journal: the open segment, a buffer of encoded frames,
 //! one write and one fdatasync per group-commit batch, and segment rotation.
 //!
+//! With [`JournalWriter::preallocate`], a background thread keeps zeroed
+//! blocks ahead of the writer ([`super::prealloc`]) and rotation trims the
+//! closed segment to its entries.
+//!
 //! Contract: `append_*` only buffers and assigns the next dense LSN;
 //! `write_out` hands the buffer to the OS (written); `sync` makes everything
 //! written durable. The caller acknowledges nothing before `sync` returns
@@ -9,6 +13,7 @@
 
 use super::disk::{Disk, JournalFile};
 use super::format::{self, HEADER_LEN, SegmentHeader};
+use super::prealloc::Preallocator;
 use super::scan::segment_name;
 use crate::model::Op;
 use std::io;
@@ -28,6 +33,7 @@ pub struct JournalWriter {
     buf: Vec<u8>,
     segment_bytes: u64,
     written_bytes: u64,
+    prealloc: Option<Preallocator>,
 }
 
 /// Microseconds since the Unix epoch.
@@ -62,6 +68,7 @@ impl JournalWriter {
             buf: Vec::with_capacity(1 << 20),
             segment_bytes,
             written_bytes: 0,
+            prealloc: None,
         })
     }
 
@@ -78,7 +85,7 @@ impl JournalWriter {
         last_lsn: u64,
         segment_bytes: u64,
     ) -> io::Result<JournalWriter> {
-        let file = disk.open_append(seg_path)?;
+        let file = disk.open_at(seg_path, seg_len)?;
         Ok(JournalWriter {
             disk,
             dir: dir.to_owned(),
@@ -91,7 +98,24 @@ impl JournalWriter {
             buf: Vec::with_capacity(1 << 20),
             segment_bytes,
             written_bytes: 0,
+            prealloc: None,
         })
+    }
+
+    /// From now on keeps zeroed blocks ahead of the writer, up to the
+    /// segment size, so that a group commit's fdatasync writes no metadata
+    /// ([`super::prealloc`]). Starts a thread; does nothing if running.
+    pub fn preallocate(&mut self) -> io::Result<()> {
+        if self.prealloc.is_none() {
+            let file_len = std::fs::metadata(&self.seg_path)?.len();
+            self.prealloc = Some(Preallocator::start(
+                &self.seg_path,
+                self.seg_len,
+                file_len,
+                self.segment_bytes,
+            )?);
+        }
+        Ok(())
     }
 
     /// The LSN the next entry gets.
@@ -161,8 +185,13 @@ impl JournalWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.buf)?;
-        self.seg_len += self.buf.len() as u64;
+        let end = self.seg_len + self.buf.len() as u64;
+        let (file, buf) = (&mut self.file, &self.buf);
+        match &self.prealloc {
+            Some(p) => p.write(end, || file.write_all(buf))?,
+            None => file.write_all(buf)?,
+        }
+        self.seg_len = end;
         self.written_bytes += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
@@ -187,6 +216,12 @@ impl JournalWriter {
     /// buffer must be empty (written and synced). Returns the closed path.
     pub fn rotate(&mut self) -> io::Result<PathBuf> {
         debug_assert!(self.buf.is_empty(), "rotate after write_out and sync");
+        if let Some(p) = &self.prealloc {
+            // Trim the zeroed blocks: a closed segment ends with its last
+            // entry (the sync below makes the new length durable).
+            let (file, len) = (&mut self.file, self.seg_len);
+            p.close_segment(|| file.set_len(len))?;
+        }
         self.file.sync_data()?;
         let (file, path) = create_segment(
             &*self.disk,
@@ -198,6 +233,9 @@ impl JournalWriter {
         let closed = std::mem::replace(&mut self.seg_path, path);
         self.file = file;
         self.seg_len = HEADER_LEN as u64;
+        if let Some(p) = &self.prealloc {
+            p.open_segment(&self.seg_path, self.seg_len, self.segment_bytes);
+        }
         Ok(closed)
     }
 
@@ -264,6 +302,81 @@ mod tests {
             .map(|f| f.unwrap().header.lsn)
             .collect();
         assert_eq!(lsns, vec![4, 5, 6, 7, 8]);
+    }
+
+    /// Waits until the open segment's file is longer than its entries.
+    fn wait_for_zeros(w: &JournalWriter) {
+        let start = std::time::Instant::now();
+        while std::fs::metadata(w.segment_path()).unwrap().len() <= w.seg_len {
+            assert!(start.elapsed() < std::time::Duration::from_secs(20));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn preallocated_segments_end_at_their_entries_when_closed_and_resume_over_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk: Arc<dyn Disk> = Arc::new(RealDisk);
+        let seg_bytes = 4096;
+        let mut w =
+            JournalWriter::create(disk.clone(), dir.path(), [3; 16], 1, 1, seg_bytes).unwrap();
+        w.preallocate().unwrap();
+        let mut lsn = 0;
+        let mut closed = Vec::new();
+        while closed.len() < 3 {
+            lsn += 1;
+            w.append(&op(lsn), lsn);
+            w.write_out().unwrap();
+            w.sync().unwrap();
+            if lsn % 7 == 0 {
+                wait_for_zeros(&w);
+            }
+            if w.wants_rotation() {
+                let len = w.seg_len;
+                let path = w.rotate().unwrap();
+                assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "trimmed");
+                closed.push(path);
+            }
+        }
+        lsn += 1;
+        w.append(&op(lsn), lsn);
+        w.write_out().unwrap();
+        w.sync().unwrap();
+        wait_for_zeros(&w);
+        let entries_end = w.seg_len;
+        drop(w);
+        let st = verify(dir.path(), Some([3; 16]), true).unwrap();
+        assert_eq!((st.last_lsn, st.entries, st.cut.clone()), (lsn, lsn, None));
+        assert_eq!(st.last_segment_len, entries_end);
+        let last = st.segments.last().unwrap().path.clone();
+        assert_eq!(
+            std::fs::metadata(&last).unwrap().len(),
+            seg_bytes,
+            "the open segment keeps its zeros up to the segment size"
+        );
+        // Resume over the zeros: the next entry lands right after the last.
+        let mut w = JournalWriter::resume(
+            disk,
+            dir.path(),
+            &last,
+            st.last_segment_len,
+            [3; 16],
+            1,
+            st.last_lsn,
+            seg_bytes,
+        )
+        .unwrap();
+        w.preallocate().unwrap();
+        w.append(&op(lsn + 1), lsn + 1);
+        w.write_out().unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let st = verify(dir.path(), Some([3; 16]), false).unwrap();
+        assert_eq!((st.last_lsn, st.cut), (lsn + 1, None));
+        let all: Vec<u64> = EntryIter::new(st.segments, 1, u64::MAX)
+            .map(|f| f.unwrap().header.lsn)
+            .collect();
+        assert_eq!(all, (1..=lsn + 1).collect::<Vec<_>>());
     }
 
     #[test]
