@@ -923,7 +923,16 @@ async fn raft_leadership_moves_off_the_primary() {
 async fn a_returning_voter_does_not_depose_the_leader() {
     let net = MemNetwork::new(seed());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    // The term checks below catch a deposed leader; the lease is long so
+    // that a renewal delayed by a loaded machine (one fenced the primary
+    // after 260 ms once, in a full test run on 2 cores) is not mistaken
+    // for one.
+    let timing = Timing {
+        lease_renew_ms: 250,
+        lease_ttl_ms: 2000,
+        ..fast_timing()
+    };
+    let nodes = cluster_timed(&net, &["n1", "n2", "n3"], 0, timing, &stop_rx).await;
     let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
     wait_state(by("n1"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
