@@ -681,25 +681,31 @@ impl<R: Read> Iterator for SegmentStreamReader<R> {
     }
 }
 
+/// A segment of database `[9; 16]`, epoch 1: `n` entries from `first`,
+/// each with `payload`.
+#[cfg(test)]
+fn segment_bytes(first: u64, n: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = format::SegmentHeader {
+        db_id: [9; 16],
+        epoch: 1,
+        first_lsn: first,
+        created_us: 0,
+    }
+    .encode()
+    .to_vec();
+    for lsn in first..first + n {
+        format::encode_frame(&mut b, lsn, 1, 0, payload);
+    }
+    b
+}
+
 #[cfg(test)]
 mod stream_tests {
     use super::*;
-    use crate::journal::format::{SegmentHeader, encode_frame};
     use proptest::prelude::*;
 
     fn segment(first: u64, n: u64) -> Vec<u8> {
-        let mut b = SegmentHeader {
-            db_id: [9; 16],
-            epoch: 1,
-            first_lsn: first,
-            created_us: 0,
-        }
-        .encode()
-        .to_vec();
-        for lsn in first..first + n {
-            encode_frame(&mut b, lsn, 1, 0, b"x");
-        }
-        b
+        segment_bytes(first, n, b"x")
     }
 
     #[test]
@@ -744,21 +750,11 @@ mod stream_tests {
 #[cfg(test)]
 mod zero_tail_tests {
     use super::*;
-    use crate::journal::format::{SegmentHeader, encode_frame};
+    use crate::journal::format::encode_frame;
 
     /// Writes a segment of `n` entries from `first`, then `tail`.
     fn write_segment(dir: &Path, first: u64, n: u64, tail: &[u8]) -> (PathBuf, u64) {
-        let mut b = SegmentHeader {
-            db_id: [9; 16],
-            epoch: 1,
-            first_lsn: first,
-            created_us: 0,
-        }
-        .encode()
-        .to_vec();
-        for lsn in first..first + n {
-            encode_frame(&mut b, lsn, 1, 0, b"payload");
-        }
+        let mut b = segment_bytes(first, n, b"payload");
         let end = b.len() as u64;
         b.extend_from_slice(tail);
         let path = dir.join(segment_name(first));

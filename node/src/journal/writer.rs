@@ -304,6 +304,23 @@ mod tests {
         assert_eq!(lsns, vec![4, 5, 6, 7, 8]);
     }
 
+    /// Resumes the last segment of `dir` where verification left it.
+    fn resume_last(disk: Arc<dyn Disk>, dir: &Path, epoch: u64, seg_bytes: u64) -> JournalWriter {
+        let st = verify(dir, None, false).unwrap();
+        let last = st.segments.last().unwrap().path.clone();
+        JournalWriter::resume(
+            disk,
+            dir,
+            &last,
+            st.last_segment_len,
+            [3; 16],
+            epoch,
+            st.last_lsn,
+            seg_bytes,
+        )
+        .unwrap()
+    }
+
     /// Waits until the open segment's file is longer than its entries.
     fn wait_for_zeros(w: &JournalWriter) {
         let start = std::time::Instant::now();
@@ -355,17 +372,7 @@ mod tests {
             "the open segment keeps its zeros up to the segment size"
         );
         // Resume over the zeros: the next entry lands right after the last.
-        let mut w = JournalWriter::resume(
-            disk,
-            dir.path(),
-            &last,
-            st.last_segment_len,
-            [3; 16],
-            1,
-            st.last_lsn,
-            seg_bytes,
-        )
-        .unwrap();
+        let mut w = resume_last(disk, dir.path(), 1, seg_bytes);
         w.preallocate().unwrap();
         w.append(&op(lsn + 1), lsn + 1);
         w.write_out().unwrap();
@@ -388,19 +395,7 @@ mod tests {
         w.append(&op(1), 1);
         w.write_out().unwrap();
         w.sync().unwrap();
-        let st = verify(dir.path(), None, false).unwrap();
-        let last = st.segments.last().unwrap().path.clone();
-        let mut w = JournalWriter::resume(
-            disk,
-            dir.path(),
-            &last,
-            st.last_segment_len,
-            [3; 16],
-            2,
-            st.last_lsn,
-            1 << 20,
-        )
-        .unwrap();
+        let mut w = resume_last(disk, dir.path(), 2, 1 << 20);
         assert_eq!(w.append(&op(2), 2), 2);
         w.write_out().unwrap();
         w.sync().unwrap();
