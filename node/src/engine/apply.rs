@@ -263,7 +263,9 @@ impl Lane {
     }
 
     /// Flushes when something is unflushed and the interval has passed, the
-    /// dirty bytes reached their bound, or `force`.
+    /// dirty bytes reached their bound, or `force`; while a backup snapshot
+    /// is open only when forced or far past the bound
+    /// ([`super::backup::FlushHold`]).
     pub fn maybe_flush(&mut self, force: bool) {
         let behind =
             self.replayer.complete_lsn() > self.shared.checkpoint_lsn.load(Ordering::Relaxed);
@@ -271,9 +273,13 @@ impl Lane {
         if !(behind || history || self.dirty_bytes > 0) {
             return;
         }
+        let held = self.shared.flush_holds.load(Ordering::Acquire) > 0
+            && self.dirty_bytes
+                < (self.dirty_bytes_max).saturating_mul(super::backup::FLUSH_HOLD_DIRTY_FACTOR);
         let due = force
-            || self.dirty_bytes >= self.dirty_bytes_max
-            || self.last_flush.elapsed() >= self.flush_interval;
+            || (!held
+                && (self.dirty_bytes >= self.dirty_bytes_max
+                    || self.last_flush.elapsed() >= self.flush_interval));
         if due && let Err(e) = self.flush() {
             tracing::error!(error = %e, "data file flush failed");
         }

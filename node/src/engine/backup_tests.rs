@@ -3,7 +3,7 @@
 //! the snapshot plus the journal matches the original, rotation, dropping
 //! archived segments, flush-and-lock, restore points and online rollback.
 
-use super::test_support::{cfg, rt, tput};
+use super::test_support::{cfg, rt, tput, value};
 use super::*;
 use crate::journal::scan::{self, EntryIter};
 use crate::model::{Op, WriteOp};
@@ -139,6 +139,89 @@ fn barrier_rotates_and_archived_segments_can_be_dropped() {
     let e = Engine::open(cfg(dir.path())).unwrap();
     assert_eq!(e.get("t", "k19").unwrap().unwrap().value, b"1");
     assert_eq!(e.get("t", "after").unwrap().unwrap().value, b"1");
+}
+
+/// Waits until the checkpoint reaches `lsn` (the applier flushes on its own).
+async fn checkpoint_reaches(e: &Engine, lsn: u64) {
+    let start = std::time::Instant::now();
+    while e.status().checkpoint_lsn < lsn {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no flush reached {lsn}: {:?}",
+            e.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn periodic_flushes_wait_while_a_backup_snapshot_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.flush_interval = Duration::from_millis(20);
+    let e = Engine::open(c).unwrap();
+    rt.block_on(async {
+        let first = e
+            .write(SessionId::SYSTEM, vec![tput("a", "1")])
+            .await
+            .unwrap();
+        checkpoint_reaches(&e, first.lsn).await;
+        let point = e.backup_barrier(1).await.unwrap();
+        // Forced flushes still run (the pipeline's, right after the barrier).
+        assert!(e.flush().await.unwrap() >= point.lsn);
+        let held_at = e.status().checkpoint_lsn;
+        let later = e
+            .write(SessionId::SYSTEM, vec![tput("b", "2")])
+            .await
+            .unwrap();
+        // Many flush intervals, and the applier's ticks, pass.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            e.status().checkpoint_lsn,
+            held_at,
+            "no periodic flush while the snapshot is open"
+        );
+        assert_eq!(value(&e, "t", "b").as_deref(), Some("2"), "writes go on");
+        drop(point);
+        checkpoint_reaches(&e, later.lsn).await;
+    });
+}
+
+#[test]
+fn a_held_flush_runs_once_the_cache_grows_far_past_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.flush_interval = Duration::from_millis(20);
+    c.dirty_bytes_max = 1024;
+    let e = Engine::open(c).unwrap();
+    rt.block_on(async {
+        let point = e.backup_barrier(1).await.unwrap();
+        e.flush().await.unwrap();
+        let held_at = e.status().checkpoint_lsn;
+        // 2 KiB of values: past the bound, not past 8 times it.
+        let mut last = 0;
+        for i in 0..4 {
+            let v = format!("\"{}\"", "x".repeat(500));
+            last = e
+                .write(SessionId::SYSTEM, vec![tput(&format!("k{i}"), &v)])
+                .await
+                .unwrap()
+                .lsn;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(e.status().checkpoint_lsn, held_at);
+        // Far past it: flushed although the snapshot is still open.
+        for i in 0..40 {
+            let v = format!("\"{}\"", "y".repeat(500));
+            e.write(SessionId::SYSTEM, vec![tput(&format!("m{i}"), &v)])
+                .await
+                .unwrap();
+        }
+        checkpoint_reaches(&e, last + 1).await;
+        drop(point);
+    });
 }
 
 #[test]

@@ -39,7 +39,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::Store;
@@ -136,6 +136,9 @@ pub(crate) struct Shared {
     pub lease_until_ms: AtomicU64,
     pub lock: Mutex<backup::LockStatus>,
     pub sessions: Mutex<HashMap<ClientIdentity, SessionId>>,
+    /// Backup snapshots open now: the periodic flush waits while there are
+    /// any ([`backup::FlushHold`]).
+    pub flush_holds: AtomicUsize,
 }
 
 impl Shared {
@@ -262,6 +265,7 @@ impl Engine {
             role: Mutex::new(cfg.role.clone()),
             epoch_history: Mutex::new(rec.epoch_history.clone()),
             epoch: AtomicU64::new(rec.journal.epoch()),
+            flush_holds: AtomicUsize::new(0),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);

@@ -1260,7 +1260,10 @@ impl Writer {
             db_id: self.journal.db_id(),
             time_us: now_us(),
             segments,
-            snapshot: Snapshot { view },
+            snapshot: Snapshot {
+                view,
+                _hold: super::backup::FlushHold::new(self.shared.clone()),
+            },
         })
     }
 
