@@ -285,17 +285,21 @@ impl SetPipe {
             return Ok(());
         }
         let block = std::mem::replace(&mut self.buf, Vec::with_capacity(PIPE_BLOCK));
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(block).is_ok());
-        if sent { Ok(()) } else { Err(self.join()) }
+        if self.tx.as_ref().is_some_and(|tx| tx.send(block).is_ok()) {
+            return Ok(());
+        }
+        // The thread stopped early: its error says why.
+        Err(self.end().err().unwrap_or_else(stopped))
     }
 
-    /// Ends the thread and answers why it stopped early.
-    fn join(&mut self) -> io::Error {
+    /// Closes the queue and waits for the thread: the file and its hash,
+    /// or why the thread stopped.
+    fn end(&mut self) -> io::Result<(File, String)> {
         self.tx = None;
         match self.thread.take().map(|h| h.join()) {
-            Some(Ok(Err(e))) => e,
-            Some(Err(_)) => io::Error::other("the set's writing thread panicked"),
-            _ => io::Error::other("the set's writing thread stopped"),
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(io::Error::other("the set's writing thread panicked")),
+            None => Err(stopped()),
         }
     }
 
@@ -303,15 +307,8 @@ impl SetPipe {
     /// byte count and the hex SHA-256 of the bytes.
     pub fn finish(mut self) -> io::Result<(File, u64, String)> {
         self.send()?;
-        self.tx = None;
-        let thread = self
-            .thread
-            .take()
-            .ok_or_else(|| io::Error::other("the set's writing thread stopped"))?;
-        match thread.join() {
-            Ok(r) => r.map(|(f, sha)| (f, self.bytes, sha)),
-            Err(_) => Err(io::Error::other("the set's writing thread panicked")),
-        }
+        let (f, sha) = self.end()?;
+        Ok((f, self.bytes, sha))
     }
 }
 
@@ -336,13 +333,14 @@ impl Write for SetPipe {
     }
 }
 
+fn stopped() -> io::Error {
+    io::Error::other("the set's writing thread stopped")
+}
+
 impl Drop for SetPipe {
     fn drop(&mut self) {
         // An abandoned pipe (error, stop) lets its thread end.
-        self.tx = None;
-        if let Some(h) = self.thread.take() {
-            let _ = h.join();
-        }
+        let _ = self.end();
     }
 }
 

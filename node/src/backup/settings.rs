@@ -39,18 +39,20 @@ enum PriorityValue {
     Word(String),
 }
 
+/// The error for a `backup.priority` that is neither.
+fn bad_priority(got: impl std::fmt::Display) -> String {
+    format!("backup.priority must be \"idle\" or a nice value 0..=19, got {got}")
+}
+
 impl TryFrom<PriorityValue> for BackupPriority {
     type Error = String;
     fn try_from(v: PriorityValue) -> Result<Self, String> {
-        let bad = |what: String| {
-            format!("backup.priority must be \"idle\" or a nice value 0..=19, got {what}")
-        };
         match v {
             PriorityValue::Word(w) if w == "idle" => Ok(BackupPriority::Idle),
-            PriorityValue::Word(w) => Err(bad(format!("{w:?}"))),
+            PriorityValue::Word(w) => Err(bad_priority(format!("{w:?}"))),
             PriorityValue::Nice(n) => i32::try_from(n)
                 .map(BackupPriority::Nice)
-                .map_err(|_| bad(n.to_string())),
+                .map_err(|_| bad_priority(n)),
         }
     }
 }
@@ -178,9 +180,7 @@ impl BackupSection {
         if let BackupPriority::Nice(n) = self.priority
             && !(0..=19).contains(&n)
         {
-            return bad(format!(
-                "backup.priority must be \"idle\" or a nice value 0..=19, got {n}"
-            ));
+            return bad(bad_priority(n));
         }
         if self.attached_files.len() > MAX_ATTACHED {
             return bad(format!(

@@ -275,7 +275,9 @@ impl Lane {
         }
         let held = self.shared.flush_holds.load(Ordering::Acquire) > 0
             && self.dirty_bytes
-                < (self.dirty_bytes_max).saturating_mul(super::backup::FLUSH_HOLD_DIRTY_FACTOR);
+                < self
+                    .dirty_bytes_max
+                    .saturating_mul(super::backup::FLUSH_HOLD_DIRTY_FACTOR);
         let due = force
             || (!held
                 && (self.dirty_bytes >= self.dirty_bytes_max

@@ -117,7 +117,6 @@ impl Preallocator {
         let thread = std::thread::Builder::new()
             .name("mirrordb-journal-prealloc".into())
             .spawn(move || run(&s))?;
-        shared.wake.notify_one();
         Ok(Preallocator {
             shared,
             thread: Some(thread),
@@ -153,14 +152,14 @@ impl Preallocator {
         f()
     }
 
-    /// Second half of a rotation: preallocates the new segment `path`.
-    pub fn open_segment(&self, path: &Path, written_end: u64, limit: u64) {
+    /// Second half of a rotation: preallocates the new segment `path`
+    /// (same size limit).
+    pub fn open_segment(&self, path: &Path, written_end: u64) {
         let mut st = self.shared.lock();
         st.path = path.to_owned();
         st.generation += 1;
         st.written_end = written_end;
         st.zeroed_end = written_end;
-        st.limit = limit;
         st.parked = false;
         drop(st);
         self.shared.wake.notify_one();
@@ -308,11 +307,11 @@ mod tests {
         wait_for(&p, |s| s.zeroed_end == 3 << 20);
         p.close_segment(|| OpenOptions::new().write(true).open(&a)?.set_len(4))
             .unwrap();
-        p.open_segment(&b, 4, 2 << 20);
-        wait_for(&p, |s| s.zeroed_end == 2 << 20);
+        p.open_segment(&b, 4);
+        wait_for(&p, |s| s.zeroed_end == 3 << 20);
         drop(p);
         assert_eq!(std::fs::read(&a).unwrap(), b"aaaa");
-        assert_eq!(std::fs::metadata(&b).unwrap().len(), 2 << 20);
+        assert_eq!(std::fs::metadata(&b).unwrap().len(), 3 << 20);
     }
 
     #[test]

@@ -425,11 +425,6 @@ impl SegmentReader {
         self.offset
     }
 
-    /// Length of the file when it was opened.
-    pub fn file_len(&self) -> u64 {
-        self.file_len
-    }
-
     /// The next verified frame, `None` at a clean end of file or at an
     /// all-zero frame header (zeroed blocks the writer has not reached).
     pub fn next_frame(&mut self) -> Result<Option<OwnedFrame>, ReadFrameError> {

@@ -234,7 +234,7 @@ impl JournalWriter {
         self.file = file;
         self.seg_len = HEADER_LEN as u64;
         if let Some(p) = &self.prealloc {
-            p.open_segment(&self.seg_path, self.seg_len, self.segment_bytes);
+            p.open_segment(&self.seg_path, self.seg_len);
         }
         Ok(closed)
     }
