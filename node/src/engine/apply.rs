@@ -2,7 +2,8 @@
 //! cache flush.
 //!
 //! ```text
-//! primary: writer thread ── fsync ──► Lane::apply(entries) ──► ack
+//! primary: writer thread ── fsync ──► apply stage (engine::stage):
+//!                                      Lane::apply(entries) ──► ack
 //!
 //! mirror:  writer thread ── append + fsync ──► ack flushed_lsn (at journal speed)
 //!                                │ wake
@@ -17,8 +18,9 @@
 //!
 //! [`Lane`] holds the data file's write side: the store, the [`Replayer`]
 //! and the flush state. Whoever changes the data file holds the lane's
-//! mutex. On the primary the writer thread applies each batch itself right
-//! after its fsync, so an acknowledged write is visible to the next read. On
+//! mutex. On the primary each batch is applied right after its fsync and
+//! before it is acknowledged (by the apply stage, or by the writer when
+//! nothing waits), so an acknowledged write is visible to the next read. On
 //! a mirror the writer only appends and fsyncs replicated entries; the
 //! applier thread follows the durable journal and applies it, so neither a
 //! slow apply nor a 50–100 ms flush delays the mirror's acknowledgement.
@@ -202,7 +204,7 @@ impl Lane {
         }
     }
 
-    fn fail(&mut self, e: StoreError) -> StoreError {
+    pub fn fail(&mut self, e: StoreError) -> StoreError {
         if self.failed.is_none() {
             let msg = format!("applying the journal to the data file failed: {e}");
             tracing::error!(error = %msg, "data file no longer updated; refusing writes");

@@ -16,6 +16,7 @@ pub mod error;
 pub mod recovery;
 pub mod replay;
 pub mod replica;
+mod stage;
 pub mod store;
 mod writer;
 
@@ -139,6 +140,9 @@ pub(crate) struct Shared {
     /// Backup snapshots open now: the periodic flush waits while there are
     /// any ([`backup::FlushHold`]).
     pub flush_holds: AtomicUsize,
+    /// Batches the apply stage applied while the writer went on with the
+    /// next ([`stage`]).
+    pub batches_handed_over: AtomicU64,
 }
 
 impl Shared {
@@ -266,6 +270,7 @@ impl Engine {
             epoch_history: Mutex::new(rec.epoch_history.clone()),
             epoch: AtomicU64::new(rec.journal.epoch()),
             flush_holds: AtomicUsize::new(0),
+            batches_handed_over: AtomicU64::new(0),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);
@@ -284,6 +289,12 @@ impl Engine {
             path: cfg.data_dir.clone(),
             source,
         })?;
+        let stage = stage::Stage::start(lane.clone(), shared.clone()).map_err(|source| {
+            OpenError::DataDir {
+                path: cfg.data_dir.clone(),
+                source,
+            }
+        })?;
         let engine_lane = lane.clone();
         let writer = Writer {
             journal: rec.journal,
@@ -301,6 +312,9 @@ impl Engine {
             held: Vec::new(),
             role: cfg.role.clone(),
             waiting_barriers: Vec::new(),
+            stage,
+            inflight: HashMap::new(),
+            inbox: None,
             unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
         };
         let handle = std::thread::Builder::new()

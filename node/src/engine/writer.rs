@@ -4,8 +4,11 @@
 //!  requests ──► drain a batch ──► check preconditions ──► encode entries
 //!        ▲                                                    │
 //!        │                                     one write + one fdatasync
-//!     acks ◄── publish LSNs ◄── apply to data file ◄──────────┘
+//!     acks ◄── apply to data file ◄── apply stage ◄── publish LSNs
 //! ```
+//!
+//! The apply stage ([`super::stage`]) applies and acknowledges a batch
+//! while this thread journals the next one.
 //!
 //! Every write goes through this thread, so LSNs are dense and a
 //! transaction's entries are contiguous. A request is acknowledged only
@@ -14,12 +17,14 @@
 //! journal becomes unavailable: the failed batch and every later write are
 //! refused with `journal_unavailable`, and the error is never retried
 //! (DESIGN §3). Reads go on. The data file's write side (applying, the
-//! cache flush) is the [`Lane`] of `engine::apply`: this thread applies the
-//! primary's batches itself; on a mirror it only appends and fsyncs, and the
-//! applier thread applies and flushes.
+//! cache flush) is the [`Lane`] of `engine::apply`: the apply stage (or this
+//! thread, when nothing waits) applies the primary's batches; on a mirror
+//! this thread only appends and fsyncs, and the applier thread applies and
+//! flushes.
 
 use super::apply::{self, Applier, Lane, Unjournaled};
 use super::backup::{BackupPoint, LockStatus, RotatedSegment, Snapshot};
+use super::stage::{Batch, Pending, Stage};
 use super::store::{Store, StoreError};
 use super::{Shared, WriteError};
 use crate::journal::writer::{JournalWriter, now_us};
@@ -167,35 +172,6 @@ pub(crate) struct LockState {
     expires: Instant,
 }
 
-/// A reply waiting for its batch to become durable.
-enum Pending {
-    Ack(Reply<WriteAck>, WriteAck),
-    Session(Reply<SessionId>, SessionId),
-}
-
-impl Pending {
-    fn send_ok(self) {
-        match self {
-            Pending::Ack(r, a) => {
-                let _ = r.send(Ok(a));
-            }
-            Pending::Session(r, s) => {
-                let _ = r.send(Ok(s));
-            }
-        }
-    }
-    fn send_err(self, e: WriteError) {
-        match self {
-            Pending::Ack(r, _) => {
-                let _ = r.send(Err(e));
-            }
-            Pending::Session(r, _) => {
-                let _ = r.send(Err(e));
-            }
-        }
-    }
-}
-
 pub(crate) struct Writer {
     pub journal: JournalWriter,
     /// For reads (preconditions); changes go through the lane.
@@ -218,18 +194,27 @@ pub(crate) struct Writer {
     pub role: super::replica::Role,
     /// Backup barriers on a mirror waiting for a transaction boundary.
     pub waiting_barriers: Vec<(u32, Reply<BackupPoint>)>,
+    /// Applies and acknowledges durable batches while the next is fsynced.
+    pub stage: Stage,
+    /// Versions written by batches the stage has not applied yet:
+    /// (table, key) → (version, 0 when deleted; batch number).
+    pub inflight: HashMap<(String, String), (u64, u64)>,
+    /// The request queue, kept here so a batch can see whether requests
+    /// wait behind it.
+    pub inbox: Option<mpsc::Receiver<Envelope>>,
 }
 
 impl Writer {
     /// Runs until shutdown or until every sender is gone.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Envelope>) {
+    pub fn run(mut self, rx: mpsc::Receiver<Envelope>) {
         let mut batch = Vec::with_capacity(256);
-        while let Some(first) = rx.blocking_recv() {
+        self.inbox = Some(rx);
+        while let Some(first) = self.inbox.as_mut().and_then(|rx| rx.blocking_recv()) {
             batch.push(first);
             while batch.len() < MAX_BATCH_REQUESTS {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+                match self.inbox.as_mut().map(|rx| rx.try_recv()) {
+                    Some(Ok(r)) => batch.push(r),
+                    _ => break,
                 }
             }
             let stop = self.process(&mut batch);
@@ -237,13 +222,20 @@ impl Writer {
                 self.applier.wake();
             }
             if stop {
+                self.stage.drain();
                 return;
             }
         }
         // Every handle dropped without a shutdown: flush what we have.
+        self.stage.drain();
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "data file flush failed");
         }
+    }
+
+    /// Whether requests wait in the queue.
+    fn more_waiting(&self) -> bool {
+        self.inbox.as_ref().is_some_and(|rx| !rx.is_empty())
     }
 
     /// Handles a batch; returns true on shutdown.
@@ -293,6 +285,9 @@ impl Writer {
                 | Request::Internal { .. } => group.push(env.req),
                 other => {
                     self.commit_group(std::mem::take(&mut group));
+                    // Everything below reads or changes the data file, or
+                    // needs it current: the batches handed over go first.
+                    self.stage.drain();
                     match other {
                         Request::Blob {
                             session,
@@ -447,6 +442,11 @@ impl Writer {
         if group.is_empty() {
             return;
         }
+        // The applied count is read before the view opens: a batch it
+        // counts is in the view, any later one is still in `inflight`.
+        let applied = self.stage.applied();
+        self.inflight.retain(|_, (_, seq)| *seq > applied);
+        let seq = self.stage.next_seq();
         let view = match self.store.read() {
             Ok(v) => v,
             Err(e) => {
@@ -457,7 +457,6 @@ impl Writer {
             }
         };
         let now = now_us();
-        let mut overlay: HashMap<(String, String), u64> = HashMap::new();
         let mut entries: Vec<(u64, Op)> = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut unjournaled: Vec<Unjournaled> = Vec::new();
@@ -482,7 +481,7 @@ impl Writer {
                         session,
                         ops,
                         &view,
-                        &mut overlay,
+                        seq,
                         &mut entries,
                         &mut unjournaled,
                         now,
@@ -610,29 +609,19 @@ impl Writer {
         let last = self.journal.last_lsn();
         self.shared.durable_lsn.store(last, Ordering::Release);
         let _ = self.shared.durable_tx.send_replace(last);
-        if let Err(e) = self.apply(entries, unjournaled) {
-            self.fail_store(&e);
-            for p in pending {
-                p.send_err(WriteError::Storage(format!(
-                    "the write is journaled but the data file could not be updated: {e}"
-                )));
-            }
-            return;
-        }
-        if self.lease_lapsed() {
-            // Durable here, but the lease ran out meanwhile: another node may
-            // be primary already, so this node does not acknowledge it.
-            for p in pending {
-                p.send_err(fenced("written locally but not acknowledged"));
-            }
-            self.after_batch();
-            return;
-        }
-        metrics::counter!("mirrordb_writes_total").increment(ops_acked);
-        metrics::counter!("mirrordb_write_batches_total").increment(1);
-        for p in pending {
-            p.send_ok();
-        }
+        // Nothing waits behind this batch: applying it here spares its
+        // clients a hand-over to the stage's thread.
+        let inline = !self.more_waiting();
+        self.stage.dispatch(
+            Batch {
+                seq,
+                entries,
+                unjournaled,
+                pending,
+                ops: ops_acked,
+            },
+            inline,
+        );
         self.after_batch();
     }
 
@@ -644,7 +633,7 @@ impl Writer {
         session: SessionId,
         ops: Vec<WriteOp>,
         view: &super::store::ReadView,
-        overlay: &mut HashMap<(String, String), u64>,
+        seq: u64,
         entries: &mut Vec<(u64, Op)>,
         unjournaled: &mut Vec<Unjournaled>,
         now: u64,
@@ -665,8 +654,8 @@ impl Writer {
         for op in &ops {
             if let Some(expected) = op.if_version() {
                 let k = (op.table().to_owned(), op.key().to_owned());
-                let actual = match overlay.get(&k) {
-                    Some(v) => *v,
+                let actual = match self.inflight.get(&k) {
+                    Some((v, _)) => *v,
                     None => view
                         .version(op.table(), op.key())
                         .map_err(|e| WriteError::Storage(e.to_string()))?,
@@ -691,9 +680,9 @@ impl Writer {
                     } => (table, key, Some(value)),
                     WriteOp::Delete { table, key, .. } => (table, key, None),
                 };
-                overlay.insert(
+                self.inflight.insert(
                     (table.clone(), key.clone()),
-                    if value.is_some() { version } else { 0 },
+                    (if value.is_some() { version } else { 0 }, seq),
                 );
                 versions.push(version);
                 unjournaled.push(Unjournaled {
@@ -753,7 +742,8 @@ impl Writer {
                 } else {
                     0
                 };
-                overlay.insert((table.to_owned(), key.to_owned()), v);
+                self.inflight
+                    .insert((table.to_owned(), key.to_owned()), (v, seq));
             }
             versions.push(lsn);
             entries.push((lsn, entry));
@@ -1381,8 +1371,7 @@ impl Writer {
 
     /// Whether this node's primary lease has run out.
     fn lease_lapsed(&self) -> bool {
-        let until = self.shared.lease_until_ms.load(Ordering::Acquire);
-        until != u64::MAX && crate::journal::writer::now_us() / 1000 >= until
+        super::stage::lease_lapsed(&self.shared)
     }
 
     /// The last LSN, made durable first if it is not yet.
@@ -1484,7 +1473,7 @@ fn reply_err(req: Request, e: WriteError) {
     }
 }
 
-fn fenced(what: &str) -> WriteError {
+pub(crate) fn fenced(what: &str) -> WriteError {
     WriteError::Fenced(format!(
         "this node's primary lease lapsed: the write was {what}; it takes no writes until the cluster confirms it as primary or names another"
     ))

@@ -1,0 +1,267 @@
+//! The primary's apply stage: the writer thread journals and fsyncs the
+//! next group-commit batch while this stage applies the previous one to the
+//! data file and acknowledges it.
+//!
+//! ```text
+//! writer thread:  plan N ─ write + fdatasync N ─ hand N over ─ plan N+1 ─ write + fdatasync N+1 ─ …
+//! apply stage:                                   apply N ─ ack N ─────────────── apply N+1 ─ ack N+1
+//! ```
+//!
+//! A write is acknowledged only once it is durable *and* applied, exactly as
+//! before: what changes is that the fdatasync of one batch (the disk's
+//! time) and the data-file transaction of the one before (the CPU's time)
+//! overlap instead of following each other. Batches are applied in the
+//! order they were journaled; at most [`QUEUE`] wait for the stage.
+//!
+//! Preconditions (`if_version`) of a batch are checked before the batches
+//! ahead of it are applied, so the writer keeps the versions its
+//! unapplied batches wrote (`Writer::inflight`) and drops them once
+//! [`Stage::applied`] passes their batch; it reads the applied count
+//! before it opens its read view, so a batch either shows in the view or
+//! is still in `inflight`.
+//!
+//! When the stage is idle and no request waits behind the batch (one
+//! client writing one write at a time), the writer applies the batch
+//! itself, as it did before the stage existed: handing it over would only
+//! add a thread wake-up to that client's latency. Anything that needs the
+//! data file current (a barrier, a BLOB, a flush, a lock, a promotion,
+//! shutdown) first waits for the stage to empty ([`Stage::drain`]).
+
+use super::Shared;
+use super::apply::{self, Lane, Unjournaled};
+use super::error::WriteError;
+use super::store::StoreError;
+use super::writer::Reply;
+use crate::model::{Op, SessionId, WriteAck};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// Batches handed over and not yet taken by the stage.
+const QUEUE: usize = 1;
+
+/// A reply waiting for its batch to become durable and applied.
+pub(crate) enum Pending {
+    Ack(Reply<WriteAck>, WriteAck),
+    Session(Reply<SessionId>, SessionId),
+}
+
+impl Pending {
+    fn send_ok(self) {
+        match self {
+            Pending::Ack(r, a) => {
+                let _ = r.send(Ok(a));
+            }
+            Pending::Session(r, s) => {
+                let _ = r.send(Ok(s));
+            }
+        }
+    }
+
+    pub fn send_err(self, e: WriteError) {
+        match self {
+            Pending::Ack(r, _) => {
+                let _ = r.send(Err(e));
+            }
+            Pending::Session(r, _) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+}
+
+/// A durable group-commit batch: what to apply and whom to answer.
+pub(crate) struct Batch {
+    /// Numbers batches in journal order, from 1.
+    pub seq: u64,
+    pub entries: Vec<(u64, Op)>,
+    pub unjournaled: Vec<Unjournaled>,
+    pub pending: Vec<Pending>,
+    /// Operations acknowledged by this batch (for the write counter).
+    pub ops: u64,
+}
+
+/// The last batch finished, and a condition to wait for the next.
+struct Progress {
+    done: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Progress {
+    fn get(&self) -> u64 {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, seq: u64) {
+        let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        *d = (*d).max(seq);
+        self.changed.notify_all();
+    }
+}
+
+/// The apply stage's thread and the writer's view of it.
+pub(crate) struct Stage {
+    tx: Option<SyncSender<Batch>>,
+    thread: Option<JoinHandle<()>>,
+    progress: Arc<Progress>,
+    lane: Arc<Mutex<Lane>>,
+    shared: Arc<Shared>,
+    /// The last batch numbered.
+    last: u64,
+}
+
+impl Stage {
+    /// Starts the stage's thread over `lane`.
+    pub fn start(lane: Arc<Mutex<Lane>>, shared: Arc<Shared>) -> std::io::Result<Stage> {
+        let progress = Arc::new(Progress {
+            done: Mutex::new(0),
+            changed: Condvar::new(),
+        });
+        let (tx, rx) = sync_channel::<Batch>(QUEUE);
+        let thread = {
+            let (lane, shared, progress) = (lane.clone(), shared.clone(), progress.clone());
+            std::thread::Builder::new()
+                .name("mirrordb-apply".into())
+                .spawn(move || {
+                    for batch in rx {
+                        let seq = batch.seq;
+                        finish(&lane, &shared, batch);
+                        progress.set(seq);
+                    }
+                })?
+        };
+        Ok(Stage {
+            tx: Some(tx),
+            thread: Some(thread),
+            progress,
+            lane,
+            shared,
+            last: 0,
+        })
+    }
+
+    /// Numbers a new batch.
+    pub fn next_seq(&mut self) -> u64 {
+        self.last += 1;
+        self.last
+    }
+
+    /// The last batch applied (or refused) and answered: every batch up to
+    /// it is in the data file, or will never be.
+    pub fn applied(&self) -> u64 {
+        self.progress.get()
+    }
+
+    /// Whether every batch handed over is finished.
+    pub fn idle(&self) -> bool {
+        self.progress.get() >= self.last
+    }
+
+    /// Applies and answers `batch`: on the calling thread when `inline`
+    /// and the stage is idle, else on the stage's thread.
+    pub fn dispatch(&mut self, batch: Batch, inline: bool) {
+        let seq = batch.seq;
+        if inline && self.idle() {
+            finish(&self.lane, &self.shared, batch);
+            self.progress.set(seq);
+            return;
+        }
+        self.shared
+            .batches_handed_over
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mirrordb_write_batches_handed_over_total").increment(1);
+        let Some(tx) = &self.tx else {
+            finish(&self.lane, &self.shared, batch);
+            self.progress.set(seq);
+            return;
+        };
+        if let Err(e) = tx.send(batch) {
+            // The thread is gone (it never stops before the writer does,
+            // unless it panicked): apply here, in order, after the rest.
+            self.tx = None;
+            self.drain();
+            finish(&self.lane, &self.shared, e.0);
+            self.progress.set(seq);
+        }
+    }
+
+    /// Waits until every batch handed over is finished.
+    pub fn drain(&self) {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) && self.tx.is_none() {
+            return;
+        }
+        let mut d = self.progress.done.lock().unwrap_or_else(|p| p.into_inner());
+        while *d < self.last {
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                // A panicked stage finishes nothing more.
+                return;
+            }
+            d = self
+                .progress
+                .changed
+                .wait_timeout(d, std::time::Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Applies a durable batch in one data-file transaction and answers its
+/// requests. Nothing is applied after a batch that failed to apply: the
+/// data file would miss that batch's entries, so later ones are refused
+/// too (the journal holds them; recovery applies them at the next start).
+fn finish(lane: &Mutex<Lane>, shared: &Shared, batch: Batch) {
+    let Batch {
+        entries,
+        unjournaled,
+        pending,
+        ops,
+        ..
+    } = batch;
+    let applied = {
+        let mut l = apply::lock(lane);
+        match &l.failed {
+            Some(e) => Err(StoreError(e.clone())),
+            None => l.apply(entries, unjournaled).map_err(|e| l.fail(e)),
+        }
+    };
+    if let Err(e) = applied {
+        for p in pending {
+            p.send_err(WriteError::Storage(format!(
+                "the write is journaled but the data file could not be updated: {e}"
+            )));
+        }
+        return;
+    }
+    if lease_lapsed(shared) {
+        // Durable here, but the lease ran out meanwhile: another node may
+        // be primary already, so this node does not acknowledge it.
+        for p in pending {
+            p.send_err(super::writer::fenced(
+                "written locally but not acknowledged",
+            ));
+        }
+        return;
+    }
+    metrics::counter!("mirrordb_writes_total").increment(ops);
+    metrics::counter!("mirrordb_write_batches_total").increment(1);
+    for p in pending {
+        p.send_ok();
+    }
+}
+
+/// Whether this node's primary lease has run out.
+pub(crate) fn lease_lapsed(shared: &Shared) -> bool {
+    let until = shared.lease_until_ms.load(Ordering::Acquire);
+    until != u64::MAX && crate::journal::writer::now_us() / 1000 >= until
+}
