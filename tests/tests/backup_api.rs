@@ -133,6 +133,22 @@ async fn backups_restore_points_and_rollback_over_http() {
     assert_eq!(r.status(), 202);
     let started: Value = r.json().await.unwrap();
     assert_eq!(started["number"], 2);
+    // A waiting request is answered when the backup ends: 404 and the
+    // history already holds the set (30 s is far longer than the backup).
+    let r = c
+        .get(url("/v1/backups/current?wait_ms=30000"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "still running after the wait?");
+    let r = c
+        .get(url("/v1/backups/current?wait=1"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "an unknown parameter is refused");
     loop {
         let r = c
             .get(url("/v1/backups/current"))

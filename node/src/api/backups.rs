@@ -5,7 +5,7 @@
 //! ```text
 //! POST   /v1/backups[?wait=true]   202 {"number"} | 200 outcome (wait) | 409 backup_in_progress
 //! GET    /v1/backups               destination, pause flag, running backup, sets, archives, history
-//! GET    /v1/backups/current       progress (bytes, items, ETA) | 404
+//! GET    /v1/backups/current       progress (bytes, items, ETA) | 404; ?wait_ms=N answers when it ends
 //! DELETE /v1/backups/current       stop it: the run ends with backup_interrupted, partial files removed
 //! POST   /v1/restore-points        {"name"} → {"lsn"}
 //! POST   /v1/rollback              {"to_lsn"} → one compensating transaction
@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest body of these paths.
 const MAX_BODY_BYTES: usize = 4096;
@@ -177,12 +178,34 @@ fn no_backup() -> ApiError {
     )
 }
 
-/// `GET /v1/backups/current`: the running backup's progress.
-pub async fn current(st: St) -> Result<Response, ApiError> {
-    st.backups()
-        .current()
-        .map(|p| json_ok(&p))
-        .ok_or_else(no_backup)
+/// Longest `GET /v1/backups/current?wait_ms=` may hold a request.
+pub const MAX_WAIT_MS: u64 = 30_000;
+
+/// `GET /v1/backups/current` query.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurrentQuery {
+    /// Wait up to this long for the running backup to end before answering.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// `GET /v1/backups/current[?wait_ms=N]`: the running backup's progress;
+/// with `wait_ms`, answered as soon as the backup ends (404) or after at
+/// most N ms (at most 30 s) with its progress then.
+pub async fn current(
+    st: St,
+    query: Result<Query<CurrentQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(super::records::query_error)?;
+    let svc = st.backups();
+    let progress = if q.wait_ms == 0 {
+        svc.current()
+    } else {
+        svc.wait_current(Duration::from_millis(q.wait_ms.min(MAX_WAIT_MS)))
+            .await
+    };
+    progress.map(|p| json_ok(&p)).ok_or_else(no_backup)
 }
 
 #[derive(Serialize)]

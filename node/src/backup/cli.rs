@@ -26,7 +26,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// How often `backup --wait` asks for progress.
+/// How long `backup --wait` lets the node hold each progress request
+/// (the node answers at once when the backup ends).
 const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Longest a single HTTP call may take (a waited-for backup polls instead).
 const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -234,23 +235,25 @@ pub async fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     // One listener for the whole wait, so a Ctrl-C between polls is not lost.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let progress_path = format!("/v1/backups/current?wait_ms={}", POLL_EVERY.as_millis());
     loop {
-        tokio::select! {
+        // The node answers as soon as the backup ends, or after POLL_EVERY
+        // with its progress: the bar moves and the command returns at once.
+        let (s, p) = tokio::select! {
             _ = &mut ctrl_c, if !interrupted => {
                 interrupted = true;
                 pb.set_message("stopping");
                 let _ = call(&c, &a.node, reqwest::Method::DELETE, "/v1/backups/current", None).await;
+                continue;
             }
-            _ = tokio::time::sleep(POLL_EVERY) => {}
-        }
-        let (s, p) = call(
-            &c,
-            &a.node,
-            reqwest::Method::GET,
-            "/v1/backups/current",
-            None,
-        )
-        .await?;
+            r = call(
+                &c,
+                &a.node,
+                reqwest::Method::GET,
+                &progress_path,
+                None,
+            ) => r?,
+        };
         if s == 404 {
             break;
         }
@@ -260,6 +263,9 @@ pub async fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
             if !interrupted {
                 pb.set_message(p["phase"].as_str().unwrap_or("").to_owned());
             }
+        } else {
+            // An error answer comes at once: do not ask again at once.
+            tokio::time::sleep(POLL_EVERY).await;
         }
     }
     pb.finish_and_clear();

@@ -200,6 +200,8 @@ struct Inner {
     running: Mutex<Option<Running>>,
     paused: Mutex<bool>,
     resume: Arc<tokio::sync::Notify>,
+    /// Woken when a backup gives up the slot ([`BackupService::wait_current`]).
+    ended: tokio::sync::Notify,
 }
 
 /// The backup pipeline of one node. Cheap to clone.
@@ -248,6 +250,8 @@ impl Drop for RunningGuard<'_> {
         if let Some(run) = r.take() {
             run.cancel.store(true, Ordering::Release);
         }
+        drop(r);
+        self.inner.ended.notify_waiters();
     }
 }
 
@@ -273,6 +277,7 @@ impl BackupService {
                 running: Mutex::new(None),
                 paused: Mutex::new(paused),
                 resume: Arc::new(tokio::sync::Notify::new()),
+                ended: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -310,6 +315,19 @@ impl BackupService {
             }
             p
         })
+    }
+
+    /// The backup in progress after waiting up to `max` for it to end:
+    /// `None` as soon as no backup runs, so a follower learns of the end at
+    /// once instead of at its next poll.
+    pub async fn wait_current(&self, max: Duration) -> Option<Progress> {
+        let ended = self.inner.ended.notified();
+        tokio::pin!(ended);
+        // Registered before the check: an end between the two still wakes it.
+        ended.as_mut().enable();
+        self.current()?;
+        let _ = tokio::time::timeout(max, ended).await;
+        self.current()
     }
 
     /// Asks the backup in progress to stop; answers its number.
