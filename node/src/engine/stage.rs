@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// Batches handed over and not yet taken by the stage.
-const QUEUE: usize = 1;
+const QUEUE: usize = 4;
 
 /// A reply waiting for its batch to become durable and applied.
 pub(crate) enum Pending {
@@ -80,6 +80,17 @@ pub(crate) struct Batch {
     pub pending: Vec<Pending>,
     /// Operations acknowledged by this batch (for the write counter).
     pub ops: u64,
+}
+
+impl Batch {
+    /// Appends a later batch: its entries, writes and replies follow ours.
+    fn merge(&mut self, later: Batch) {
+        self.seq = later.seq;
+        self.entries.extend(later.entries);
+        self.unjournaled.extend(later.unjournaled);
+        self.pending.extend(later.pending);
+        self.ops += later.ops;
+    }
 }
 
 /// The last batch finished, and a condition to wait for the next.
@@ -124,9 +135,16 @@ impl Stage {
             std::thread::Builder::new()
                 .name("mirrordb-apply".into())
                 .spawn(move || {
-                    for batch in rx {
-                        let seq = batch.seq;
-                        finish(&lane, &shared, batch);
+                    while let Ok(first) = rx.recv() {
+                        // Batches that queued up while the last was applied
+                        // go into one data-file transaction.
+                        let mut seq = first.seq;
+                        let mut group = first;
+                        while let Ok(next) = rx.try_recv() {
+                            seq = next.seq;
+                            group.merge(next);
+                        }
+                        finish(&lane, &shared, group);
                         progress.set(seq);
                     }
                 })?
@@ -254,7 +272,6 @@ fn finish(lane: &Mutex<Lane>, shared: &Shared, batch: Batch) {
         return;
     }
     metrics::counter!("mirrordb_writes_total").increment(ops);
-    metrics::counter!("mirrordb_write_batches_total").increment(1);
     for p in pending {
         p.send_ok();
     }

@@ -593,6 +593,7 @@ impl Writer {
                     Ok(()) => {
                         metrics::histogram!("mirrordb_fsync_seconds")
                             .record(t.elapsed().as_secs_f64());
+                        metrics::counter!("mirrordb_write_batches_total").increment(1);
                     }
                     Err(e) => self.mark_unavailable("journal fdatasync", &e),
                 }
