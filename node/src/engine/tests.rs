@@ -907,3 +907,50 @@ fn preconditions_see_batches_the_apply_stage_has_not_applied_yet() {
     let e = Engine::open(cfg(dir.path())).unwrap();
     assert_eq!(value(&e, "t", "counter"), Some(acked.to_string()));
 }
+
+/// A batch that fails to apply is refused, and so is every batch behind it:
+/// the data file would miss the failed batch's entries. The test holds the
+/// data file's lane while writes are journaled, fails it, and lets go.
+#[test]
+fn nothing_is_acknowledged_or_applied_after_a_batch_fails_to_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    rt.block_on(e.write(SessionId::SYSTEM, vec![put("t", "before", "1")]))
+        .unwrap();
+    let durable = e.inner.shared.durable_lsn.load(Ordering::Acquire);
+    let lane = e.inner.lane.clone();
+    let mut guard = apply::lock(&lane);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let e = e.clone();
+            rt.spawn(async move {
+                e.write(SessionId::SYSTEM, vec![put("t", &format!("k{i}"), "1")])
+                    .await
+            })
+        })
+        .collect();
+    // Wait until some of them are journaled and wait for the lane.
+    let t0 = Instant::now();
+    while e.inner.shared.durable_lsn.load(Ordering::Acquire) == durable {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no write was journaled"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    guard.fail(store::StoreError("injected apply failure".into()));
+    drop(guard);
+    for t in tasks {
+        let r = rt.block_on(t).unwrap();
+        let err = r.expect_err("no write may be acknowledged after the failure");
+        assert!(
+            matches!(err.code(), "storage_error" | "journal_unavailable"),
+            "{err}"
+        );
+    }
+    for i in 0..20 {
+        assert_eq!(value(&e, "t", &format!("k{i}")), None, "k{i} applied");
+    }
+    assert_eq!(value(&e, "t", "before").as_deref(), Some("1"));
+}
