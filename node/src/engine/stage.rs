@@ -11,7 +11,9 @@
 //! before: what changes is that the fdatasync of one batch (the disk's
 //! time) and the data-file transaction of the one before (the CPU's time)
 //! overlap instead of following each other. Batches are applied in the
-//! order they were journaled; at most [`QUEUE`] wait for the stage.
+//! order they were journaled; at most [`QUEUE`] wait for the stage, and
+//! those that queued up while it was busy go into one data-file
+//! transaction together.
 //!
 //! Preconditions (`if_version`) of a batch are checked before the batches
 //! ahead of it are applied, so the writer keeps the versions its
@@ -206,13 +208,11 @@ impl Stage {
 
     /// Waits until every batch handed over is finished.
     pub fn drain(&self) {
-        if self.thread.as_ref().is_some_and(|t| t.is_finished()) && self.tx.is_none() {
-            return;
-        }
         let mut d = self.progress.done.lock().unwrap_or_else(|p| p.into_inner());
         while *d < self.last {
-            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                // A panicked stage finishes nothing more.
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                // A stage that panicked finishes nothing more (its batches'
+                // clients see their replies dropped).
                 return;
             }
             d = self
