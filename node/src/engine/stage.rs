@@ -85,6 +85,19 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// A batch with nothing to apply or answer: keeps the numbering whole
+    /// when a numbered batch is refused before it reaches the stage
+    /// (otherwise [`Stage::drain`] would wait for it for ever).
+    pub fn empty(seq: u64) -> Batch {
+        Batch {
+            seq,
+            entries: Vec::new(),
+            unjournaled: Vec::new(),
+            pending: Vec::new(),
+            ops: 0,
+        }
+    }
+
     /// Appends a later batch: its entries, writes and replies follow ours.
     fn merge(&mut self, later: Batch) {
         self.seq = later.seq;

@@ -954,3 +954,33 @@ fn nothing_is_acknowledged_or_applied_after_a_batch_fails_to_apply() {
     }
     assert_eq!(value(&e, "t", "before").as_deref(), Some("1"));
 }
+
+/// A batch refused because the journal failed still counts for the apply
+/// stage: the next request that waits for the stage (here the shutdown,
+/// with no write in between) must not wait for that batch for ever.
+#[test]
+fn shutdown_right_after_a_failed_fsync_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (c, disk) = faulty(dir.path());
+    let e = Engine::open(c).unwrap();
+    let done = rt.block_on(async {
+        e.write(SessionId::SYSTEM, vec![put("t", "acked", "1")])
+            .await
+            .unwrap();
+        disk.plan(|p| p.fail_next_sync = true);
+        let err = e
+            .write(SessionId::SYSTEM, vec![put("t", "failed", "1")])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "journal_unavailable", "{err}");
+        tokio::time::timeout(Duration::from_secs(30), e.shutdown())
+            .await
+            .is_ok()
+    });
+    if !done {
+        // Dropping it would join the hung writer thread.
+        std::mem::forget(e);
+        panic!("shutdown hung after the failed batch");
+    }
+}

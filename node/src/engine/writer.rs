@@ -453,6 +453,7 @@ impl Writer {
                 for r in group {
                     reply_err(r, WriteError::Storage(e.to_string()));
                 }
+                self.stage.dispatch(Batch::empty(seq), true);
                 return;
             }
         };
@@ -605,6 +606,7 @@ impl Writer {
             for p in pending {
                 p.send_err(WriteError::JournalUnavailable(msg.clone()));
             }
+            self.stage.dispatch(Batch::empty(seq), true);
             return;
         }
         let last = self.journal.last_lsn();
