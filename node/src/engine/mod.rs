@@ -146,6 +146,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether this node's primary lease has run out.
+    pub fn lease_lapsed(&self) -> bool {
+        let until = self.lease_until_ms.load(Ordering::Acquire);
+        until != u64::MAX && crate::journal::writer::now_us() / 1000 >= until
+    }
+
     /// Records why the node refuses writes (shown by `status()`).
     pub fn record_error(&self, msg: String) {
         *self.journal_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);

@@ -150,15 +150,13 @@ impl Stage {
             std::thread::Builder::new()
                 .name("mirrordb-apply".into())
                 .spawn(move || {
-                    while let Ok(first) = rx.recv() {
+                    while let Ok(mut group) = rx.recv() {
                         // Batches that queued up while the last was applied
                         // go into one data-file transaction.
-                        let mut seq = first.seq;
-                        let mut group = first;
                         while let Ok(next) = rx.try_recv() {
-                            seq = next.seq;
                             group.merge(next);
                         }
+                        let seq = group.seq;
                         finish(&lane, &shared, group);
                         progress.set(seq);
                     }
@@ -274,7 +272,7 @@ fn finish(lane: &Mutex<Lane>, shared: &Shared, batch: Batch) {
         }
         return;
     }
-    if lease_lapsed(shared) {
+    if shared.lease_lapsed() {
         // Durable here, but the lease ran out meanwhile: another node may
         // be primary already, so this node does not acknowledge it.
         for p in pending {
@@ -288,10 +286,4 @@ fn finish(lane: &Mutex<Lane>, shared: &Shared, batch: Batch) {
     for p in pending {
         p.send_ok();
     }
-}
-
-/// Whether this node's primary lease has run out.
-pub(crate) fn lease_lapsed(shared: &Shared) -> bool {
-    let until = shared.lease_until_ms.load(Ordering::Acquire);
-    until != u64::MAX && crate::journal::writer::now_us() / 1000 >= until
 }

@@ -1374,7 +1374,7 @@ impl Writer {
 
     /// Whether this node's primary lease has run out.
     fn lease_lapsed(&self) -> bool {
-        super::stage::lease_lapsed(&self.shared)
+        self.shared.lease_lapsed()
     }
 
     /// The last LSN, made durable first if it is not yet.
