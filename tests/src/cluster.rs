@@ -78,6 +78,18 @@ pub struct ChildCluster {
     client: reqwest::Client,
 }
 
+impl Drop for ChildCluster {
+    /// Kills the members before `dir` is removed: a member outliving its
+    /// data directory logs errors about files that are gone (a journal
+    /// "no longer in the live journal"), which read like a bug of the node
+    /// in the output of a test that failed for another reason.
+    fn drop(&mut self) {
+        for n in self.nodes.iter_mut().filter_map(Option::take) {
+            let _ = n.kill();
+        }
+    }
+}
+
 /// A free UDP port on loopback (for a member's QUIC endpoint).
 pub fn free_udp() -> anyhow::Result<SocketAddr> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)

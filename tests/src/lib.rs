@@ -248,10 +248,38 @@ pub struct ChildNode {
     pub stdout: Arc<Mutex<Vec<String>>>,
 }
 
+/// How a child's log lines are labelled: the data directory's name and its
+/// parent's (`.tmpAbC123/data-n2`), which tells apart the nodes of two
+/// cluster tests running at once.
+fn log_label(data_dir: &Path) -> String {
+    let name = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+    };
+    match (name(data_dir.parent()), name(Some(data_dir))) {
+        (Some(parent), Some(dir)) => format!("{parent}/{dir}"),
+        (None, Some(dir)) => dir,
+        _ => "node".into(),
+    }
+}
+
+/// Copies a child's log lines to this process's stderr, each prefixed
+/// with `[label]` ([`log_label`]): the
+/// children of a cluster test, and of two tests running at once, write to
+/// the same terminal. Written straight to stderr, not through the test
+/// harness's capture, so the lines appear as they happen.
+fn forward_log(from: impl std::io::Read, label: &str) {
+    use std::io::Write;
+    for line in BufReader::new(from).lines().map_while(Result::ok) {
+        let _ = writeln!(std::io::stderr().lock(), "[{label}] {line}");
+    }
+}
+
 impl ChildNode {
     /// `mirrordb serve --data-dir <data_dir> --listen 127.0.0.1:0 --json`;
     /// waits until it prints its address. Logs go to this process's stderr
-    /// (`RUST_LOG`, default `warn`).
+    /// (`RUST_LOG`, default `warn`), each line prefixed with a label naming
+    /// the node (see `forward_log`).
     pub fn spawn(data_dir: &Path) -> anyhow::Result<ChildNode> {
         ChildNode::spawn_with(data_dir, &[])
     }
@@ -282,10 +310,13 @@ impl ChildNode {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
         let out = child.stdout.take().context("child stdout")?;
+        let err = child.stderr.take().context("child stderr")?;
+        let label = log_label(data_dir);
+        std::thread::spawn(move || forward_log(err, &label));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
         let seen = lines.clone();
