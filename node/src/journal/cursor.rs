@@ -61,6 +61,14 @@ fn corrupt(path: &Path, offset: u64, what: String) -> CursorError {
 /// Opens the segment holding `lsn` (the last one starting at or before it).
 fn locate(journal: &Path, lsn: u64, durable: u64) -> Result<(PathBuf, u64), CursorError> {
     let (segs, _) = list_segments(journal).map_err(|e| CursorError::Io(e.to_string()))?;
+    if segs.is_empty() && !journal.is_dir() {
+        // Not "entries are no longer here": the whole directory is gone
+        // (removed or moved under the running node).
+        return Err(CursorError::Io(format!(
+            "the journal directory {} is missing",
+            journal.display()
+        )));
+    }
     let first = segs
         .first()
         .map_or(durable.saturating_add(1), |s| s.header.first_lsn);
@@ -308,6 +316,22 @@ mod tests {
         assert!(matches!(
             read(&journal, None, 1, durable, lim(3, 1 << 20)),
             Err(CursorError::Unavailable { .. })
+        ));
+    }
+
+    #[test]
+    fn a_missing_journal_directory_is_not_reported_as_dropped_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("journal");
+        match read(&gone, None, 1, 10, lim(100, 1 << 20)) {
+            Err(CursorError::Io(m)) => assert!(m.contains("is missing"), "{m}"),
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        // An existing directory without segments: nothing there yet.
+        std::fs::create_dir(&gone).unwrap();
+        assert!(matches!(
+            read(&gone, None, 1, 10, lim(100, 1 << 20)),
+            Err(CursorError::Unavailable { oldest: 11 })
         ));
     }
 
