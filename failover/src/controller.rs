@@ -249,9 +249,33 @@ pub enum SwitchoverError {
         /// Why not.
         reason: &'static str,
     },
+    /// The target has not answered the leader's position requests lately
+    /// (it may be down, or busy for a moment).
+    #[error("{node} cannot become primary right now: it has not answered lately")]
+    TargetUnreachable {
+        /// The target.
+        node: NodeId,
+    },
     /// No target was given and no node qualifies.
     #[error("no reachable data node can take over")]
     NoCandidate,
+}
+
+impl SwitchoverError {
+    /// Whether the same request may succeed in a moment without anyone
+    /// changing anything: Raft leadership moved, a failover is under way,
+    /// or the target (or every candidate) missed its last reports. A
+    /// client retries these; the others need the request or the cluster
+    /// changed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            SwitchoverError::NotLeader
+                | SwitchoverError::NoPrimary
+                | SwitchoverError::TargetUnreachable { .. }
+                | SwitchoverError::NoCandidate
+        )
+    }
 }
 
 /// The failover controller state machine.
@@ -414,7 +438,7 @@ impl Controller {
                     return Err(bad("it is marked nofailover"));
                 }
                 if !self.is_fresh(&t, now_ms) {
-                    return Err(bad("it is not reachable"));
+                    return Err(SwitchoverError::TargetUnreachable { node: t });
                 }
                 t
             }
@@ -1245,19 +1269,21 @@ mod tests {
         let s = state();
         let mut c = leader(&s);
         c.handle_report(report("n2", 1, 90, 1500));
-        for (target, reason) in [
-            ("w", "it is a witness"),
-            ("n1", "it is already primary"),
-            ("n3", "it is not reachable"),
-        ] {
+        for (target, reason) in [("w", "it is a witness"), ("n1", "it is already primary")] {
+            let e = c.handle_switchover(Some(n(target)), 1500).unwrap_err();
             assert_eq!(
-                c.handle_switchover(Some(n(target)), 1500),
-                Err(SwitchoverError::BadTarget {
+                e,
+                SwitchoverError::BadTarget {
                     node: n(target),
                     reason
-                })
+                }
             );
+            assert!(!e.is_transient(), "{e}");
         }
+        // No report from n3: refused for now, and a client may retry.
+        let e = c.handle_switchover(Some(n("n3")), 1500).unwrap_err();
+        assert_eq!(e, SwitchoverError::TargetUnreachable { node: n("n3") });
+        assert!(e.is_transient());
         assert_eq!(c.handle_switchover(Some(n("n2")), 1500), Ok(n("n2")));
     }
 

@@ -33,6 +33,7 @@ use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use mirrordb_failover::driver::DriverError;
 use mirrordb_replication::Lsn;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -530,6 +531,14 @@ pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Respon
             target: t.0,
             leader: node.section().node_id.clone(),
         }),
+        // Leadership moved, a failover runs, or the target missed its last
+        // reports: the same request may succeed in a moment.
+        Err(DriverError::Switchover(e)) if e.is_transient() => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "switchover_unavailable",
+            format!("{e}; retry in a moment"),
+        )
+        .into_response(),
         Err(e) => {
             ApiError::new(StatusCode::CONFLICT, "switchover_refused", e.to_string()).into_response()
         }

@@ -811,15 +811,24 @@ pub struct SwitchoverArgs {
     /// Bearer token (role `admin`).
     #[arg(long, env = "MIRRORDB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// How long to wait for the new primary (seconds; 0: do not wait).
+    /// How long to keep asking while the switchover cannot start yet, and
+    /// then to wait for the new primary (seconds; 0: ask once, do not wait).
     #[arg(long, default_value_t = 30)]
     pub wait: u64,
 }
 
 /// Runs `mirrordb switchover`: starts a planned switchover and waits until
 /// the target is primary.
+///
+/// A refusal that may pass by itself (503: Raft leadership moved, a failover
+/// is under way, the target missed its last reports) is retried until
+/// `--wait` runs out, saying why; any other refusal ends the command at
+/// once. While it waits, a switchover the controller ended without
+/// promoting the target (past its deadline) ends the command with that
+/// news instead of a timeout.
 pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
     use std::process::ExitCode;
+    use std::time::{Duration, Instant};
     let base = a.url.trim_end_matches('/').to_owned();
     let client = match super::http_client() {
         Ok(c) => c,
@@ -833,27 +842,40 @@ pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
         None => r,
     };
     let body = serde_json::json!({ "to": a.to });
-    let started = std::time::Instant::now();
-    let resp = match with_token(client.post(format!("{base}/v1/cluster/switchover")))
-        .json(&body)
-        .send()
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mirrordb switchover: {base}: {e}");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(a.wait);
+    let mut said = String::new();
+    let v = loop {
+        let resp = match with_token(client.post(format!("{base}/v1/cluster/switchover")))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("mirrordb switchover: {base}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+        if status.is_success() {
+            break v;
+        }
+        let why = v["error"]["message"]
+            .as_str()
+            .unwrap_or("(no message)")
+            .to_owned();
+        if status != reqwest::StatusCode::SERVICE_UNAVAILABLE || Instant::now() >= deadline {
+            eprintln!("mirrordb switchover refused: {why}");
             return ExitCode::FAILURE;
         }
+        if why != said {
+            eprintln!("mirrordb switchover: not yet: {why}");
+            said = why;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let ok = resp.status().is_success();
-    let v: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !ok {
-        eprintln!(
-            "mirrordb switchover refused: {}",
-            v["error"]["message"].as_str().unwrap_or("(no message)")
-        );
-        return ExitCode::FAILURE;
-    }
     let target = v["target"].as_str().unwrap_or_default().to_owned();
     println!(
         "switchover to {target} started (run by the Raft leader {})",
@@ -862,22 +884,42 @@ pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
     if a.wait == 0 {
         return ExitCode::SUCCESS;
     }
-    let deadline = started + std::time::Duration::from_secs(a.wait);
-    while std::time::Instant::now() < deadline {
+    // When the node polled has seen the switchover under way and then
+    // ended without the target primary (allowing a moment for its own view
+    // of the primary to follow).
+    let mut seen_running = false;
+    let mut ended_at: Option<Instant> = None;
+    while Instant::now() < deadline {
         if let Ok(r) = with_token(client.get(format!("{base}/v1/cluster")))
             .send()
             .await
             && let Ok(v) = r.json::<serde_json::Value>().await
-            && v["primary"].as_str() == Some(target.as_str())
         {
-            println!(
-                "{target} is primary (epoch {}) after {} ms",
-                v["failover"]["epoch"],
-                started.elapsed().as_millis()
-            );
-            return ExitCode::SUCCESS;
+            if v["primary"].as_str() == Some(target.as_str()) {
+                println!(
+                    "{target} is primary (epoch {}) after {} ms",
+                    v["failover"]["epoch"],
+                    started.elapsed().as_millis()
+                );
+                return ExitCode::SUCCESS;
+            }
+            if v["failover"]["switchover"].is_null() {
+                if seen_running
+                    && ended_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(1)
+                {
+                    eprintln!(
+                        "mirrordb switchover: the switchover to {target} ended without promoting it; {} is primary (controller: {})",
+                        v["primary"].as_str().unwrap_or("no node"),
+                        v["failover"]["controller"].as_str().unwrap_or("?")
+                    );
+                    return ExitCode::FAILURE;
+                }
+            } else {
+                seen_running = true;
+                ended_at = None;
+            }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!(
         "mirrordb switchover: {target} is not primary after {} s",
