@@ -525,7 +525,7 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
         self.follow_state(&state).await;
         self.lease_duties(now).await;
         self.leadership_duties(&state, now);
-        self.election_duties().await;
+        self.election_duties(&state).await;
 
         let (is_leader, term) = {
             let m = self.raft.metrics();
@@ -908,16 +908,24 @@ impl<T: RaftTransport, R: RoleControl> Driver<T, R> {
     /// majority. The timer runs from the last change of this node's vote
     /// (every heartbeat refreshes it): the leader lease plus a random spread
     /// when that vote is a leader's, else a random election timeout.
-    async fn election_duties(&mut self) {
+    ///
+    /// A voter the member records do not name yet (a node half-way through
+    /// joining: a Raft voter before its `AddMember` is committed) never
+    /// campaigns. Once it won an election during a storm: the join's
+    /// membership change failed on the deposed leader, and the others could
+    /// not forward the join to a leader whose HTTP address no record held,
+    /// so the join stalled for as long as the new node led.
+    async fn election_duties(&mut self, state: &ClusterState) {
         if self.prevote_inflight {
             return;
         }
+        let recorded = state.members.is_empty() || state.members.contains_key(&self.name);
         let others: Vec<RaftNode> = {
             let m = self.raft.metrics();
             let m = m.borrow();
             let membership = m.membership_config.membership();
             let voter = membership.voter_ids().any(|id| id == self.id);
-            if m.state == openraft::ServerState::Leader || !voter {
+            if m.state == openraft::ServerState::Leader || !voter || !recorded {
                 self.next_election = None;
                 self.seen_vote = None;
                 return;

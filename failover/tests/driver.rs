@@ -1036,3 +1036,100 @@ async fn a_stopping_leader_yields_to_a_mirror_not_the_primary() {
         n.raft.shutdown().await.unwrap();
     }
 }
+
+/// A Raft voter the member records do not name yet (a node half-way
+/// through joining) never campaigns. Once such a node won an election in a
+/// storm and its join stalled: the others could not forward the join to a
+/// leader whose HTTP address no record held. Here n4 is made a voter
+/// without its `AddMember`; the Raft leader is cut off six times, and n4
+/// must never vote for itself, while the recorded voters elect a leader
+/// each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_not_yet_recorded_as_a_member_never_campaigns() {
+    use openraft::ChangeMembers;
+    use std::collections::BTreeSet;
+    let net = MemNetwork::new(seed());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
+    let n4 = start(&net, "n4", system_clock(), fast_timing(), &stop_rx).await;
+    let leader_of = |nodes: &[TestNode]| {
+        nodes
+            .iter()
+            .find_map(|n| n.raft.metrics().borrow().current_leader)
+    };
+    let first = leader_of(&nodes).expect("a leader");
+    let leader = nodes.iter().find(|n| n.id == first).expect("leader node");
+    leader
+        .raft
+        .add_learner(
+            n4.id,
+            RaftNode {
+                name: n4.name.clone(),
+                raft_addr: "n4:7000".into(),
+            },
+            true,
+        )
+        .await
+        .expect("n4 learns");
+    leader
+        .raft
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([n4.id])), false)
+        .await
+        .expect("n4 votes");
+    // Watch every vote n4 holds.
+    let mut votes = n4.raft.metrics();
+    let n4_id = n4.id;
+    let campaigned = Arc::new(Mutex::new(None));
+    let seen = campaigned.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let vote = votes.borrow_and_update().vote;
+            if vote.leader_id().voted_for() == Some(n4_id) {
+                *seen.lock().unwrap() = Some(vote);
+            }
+            if votes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    nodes.push(n4);
+
+    for round in 0..6 {
+        let old = leader_of(&nodes).expect("a leader");
+        let others: Vec<u64> = nodes.iter().map(|n| n.id).filter(|&i| i != old).collect();
+        eprintln!("--- round {round}: cut the Raft leader {old:x} off");
+        net.partition(&[old], &others);
+        let deadline = Instant::now() + WAIT;
+        let new = loop {
+            let seen_by_others: Vec<Option<u64>> = nodes
+                .iter()
+                .filter(|n| n.id != old)
+                .map(|n| n.raft.metrics().borrow().current_leader)
+                .collect();
+            if let Some(Some(l)) = seen_by_others.first()
+                && *l != old
+                && seen_by_others.iter().all(|x| *x == Some(*l))
+            {
+                break *l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new leader: {seen_by_others:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_ne!(new, n4_id, "round {round}: n4 leads before it is a member");
+        net.heal();
+        tokio::time::sleep(Duration::from_millis(3 * fast_timing().election_max_ms)).await;
+    }
+    watcher.abort();
+    assert_eq!(
+        *campaigned.lock().unwrap(),
+        None,
+        "n4 campaigned before it was a member"
+    );
+    stop_tx.send(true).unwrap();
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
