@@ -33,6 +33,7 @@ use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use mirrordb_failover::controller::SwitchoverError;
 use mirrordb_failover::driver::DriverError;
 use mirrordb_replication::Lsn;
 use serde::{Deserialize, Serialize};
@@ -537,6 +538,12 @@ pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Respon
             StatusCode::SERVICE_UNAVAILABLE,
             "switchover_unavailable",
             format!("{e}; retry in a moment"),
+        )
+        .into_response(),
+        Err(DriverError::Switchover(e @ SwitchoverError::InProgress)) => ApiError::new(
+            StatusCode::CONFLICT,
+            "switchover_in_progress",
+            e.to_string(),
         )
         .into_response(),
         Err(e) => {

@@ -817,15 +817,66 @@ pub struct SwitchoverArgs {
     pub wait: u64,
 }
 
+/// How long `mirrordb switchover` waits to see an accepted switchover in
+/// the cluster state before it asks again (the Raft leader that accepted it
+/// may have lost leadership before the request was committed).
+const SWITCHOVER_RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What one `POST /v1/cluster/switchover` came to.
+enum Asked {
+    /// Accepted: the target, and the Raft leader that took it.
+    Started(String, String),
+    /// One is under way already (a repeated request that did get through).
+    InProgress,
+    /// Refused for now (503): may pass by itself.
+    NotYet(String),
+    /// Refused, or no answer: the command ends.
+    Failed(String),
+}
+
+async fn ask_switchover(
+    client: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    body: &serde_json::Value,
+) -> Asked {
+    let mut req = client
+        .post(format!("{base}/v1/cluster/switchover"))
+        .json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return Asked::Failed(format!("{base}: {e}")),
+    };
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if status.is_success() {
+        let s = |k: &str| v[k].as_str().unwrap_or("?").to_owned();
+        return Asked::Started(s("target"), s("leader"));
+    }
+    let why = v["error"]["message"]
+        .as_str()
+        .unwrap_or("(no message)")
+        .to_owned();
+    match (status, v["error"]["code"].as_str()) {
+        (_, Some("switchover_in_progress")) => Asked::InProgress,
+        (reqwest::StatusCode::SERVICE_UNAVAILABLE, _) => Asked::NotYet(why),
+        _ => Asked::Failed(format!("refused: {why}")),
+    }
+}
+
 /// Runs `mirrordb switchover`: starts a planned switchover and waits until
 /// the target is primary.
 ///
 /// A refusal that may pass by itself (503: Raft leadership moved, a failover
-/// is under way, the target missed its last reports) is retried until
+/// is under way, the target missed its last reports) is asked again until
 /// `--wait` runs out, saying why; any other refusal ends the command at
-/// once. While it waits, a switchover the controller ended without
-/// promoting the target (past its deadline) ends the command with that
-/// news instead of a timeout.
+/// once. An accepted switchover that never shows in the cluster state (the
+/// leader that took it lost leadership before committing it) is asked for
+/// again. One the controller ended without promoting the target (past its
+/// deadline) ends the command with that news instead of a timeout.
 pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
     use std::process::ExitCode;
     use std::time::{Duration, Instant};
@@ -837,82 +888,104 @@ pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let with_token = |r: reqwest::RequestBuilder| match &a.token {
-        Some(t) => r.bearer_auth(t),
-        None => r,
-    };
+    let token = a.token.as_deref();
     let body = serde_json::json!({ "to": a.to });
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.wait);
     let mut said = String::new();
-    let v = loop {
-        let resp = match with_token(client.post(format!("{base}/v1/cluster/switchover")))
-            .json(&body)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("mirrordb switchover: {base}: {e}");
+    let mut target = a.to.clone();
+    loop {
+        match ask_switchover(&client, &base, token, &body).await {
+            Asked::Started(t, leader) => {
+                println!("switchover to {t} started (run by the Raft leader {leader})");
+                target = Some(t);
+            }
+            Asked::InProgress => {}
+            Asked::NotYet(why) => {
+                if Instant::now() >= deadline {
+                    eprintln!("mirrordb switchover refused: {why}");
+                    return ExitCode::FAILURE;
+                }
+                if why != said {
+                    eprintln!("mirrordb switchover: not yet: {why}");
+                    said = why;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Asked::Failed(why) => {
+                eprintln!("mirrordb switchover {why}");
                 return ExitCode::FAILURE;
             }
-        };
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.unwrap_or_default();
-        if status.is_success() {
-            break v;
         }
-        let why = v["error"]["message"]
-            .as_str()
-            .unwrap_or("(no message)")
-            .to_owned();
-        if status != reqwest::StatusCode::SERVICE_UNAVAILABLE || Instant::now() >= deadline {
-            eprintln!("mirrordb switchover refused: {why}");
-            return ExitCode::FAILURE;
+        if a.wait == 0 {
+            return ExitCode::SUCCESS;
         }
-        if why != said {
-            eprintln!("mirrordb switchover: not yet: {why}");
-            said = why;
+        match wait_switchover(&client, &base, token, target.as_deref(), started, deadline).await {
+            Waited::Done => return ExitCode::SUCCESS,
+            Waited::Failed => return ExitCode::FAILURE,
+            Waited::NotRecorded => {
+                eprintln!(
+                    "mirrordb switchover: the cluster did not record the switchover (Raft leadership moved?); asking again"
+                );
+            }
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let target = v["target"].as_str().unwrap_or_default().to_owned();
-    println!(
-        "switchover to {target} started (run by the Raft leader {})",
-        v["leader"].as_str().unwrap_or("?")
-    );
-    if a.wait == 0 {
-        return ExitCode::SUCCESS;
     }
-    // When the node polled has seen the switchover under way and then
-    // ended without the target primary (allowing a moment for its own view
-    // of the primary to follow).
+}
+
+enum Waited {
+    Done,
+    Failed,
+    /// Not seen under way within [`SWITCHOVER_RECORD_WAIT`], time left.
+    NotRecorded,
+}
+
+/// Polls `GET /v1/cluster` until `target` (any node, when not known) is
+/// primary, the switchover ended without it, or the deadline.
+async fn wait_switchover(
+    client: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    target: Option<&str>,
+    started: std::time::Instant,
+    deadline: std::time::Instant,
+) -> Waited {
+    use std::time::{Duration, Instant};
+    let asked = Instant::now();
     let mut seen_running = false;
+    // The switchover seen ended without the target primary: allow a
+    // moment for the polled node's own view of the primary to follow.
     let mut ended_at: Option<Instant> = None;
+    let name = target.unwrap_or("the target");
     while Instant::now() < deadline {
-        if let Ok(r) = with_token(client.get(format!("{base}/v1/cluster")))
-            .send()
-            .await
+        let mut req = client.get(format!("{base}/v1/cluster"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Ok(r) = req.send().await
             && let Ok(v) = r.json::<serde_json::Value>().await
         {
-            if v["primary"].as_str() == Some(target.as_str()) {
+            if target.is_some() && v["primary"].as_str() == target {
                 println!(
-                    "{target} is primary (epoch {}) after {} ms",
+                    "{name} is primary (epoch {}) after {} ms",
                     v["failover"]["epoch"],
                     started.elapsed().as_millis()
                 );
-                return ExitCode::SUCCESS;
+                return Waited::Done;
             }
             if v["failover"]["switchover"].is_null() {
                 if seen_running
                     && ended_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(1)
                 {
                     eprintln!(
-                        "mirrordb switchover: the switchover to {target} ended without promoting it; {} is primary (controller: {})",
+                        "mirrordb switchover: the switchover to {name} ended without promoting it; {} is primary (controller: {})",
                         v["primary"].as_str().unwrap_or("no node"),
                         v["failover"]["controller"].as_str().unwrap_or("?")
                     );
-                    return ExitCode::FAILURE;
+                    return Waited::Failed;
+                }
+                if !seen_running && asked.elapsed() > SWITCHOVER_RECORD_WAIT {
+                    return Waited::NotRecorded;
                 }
             } else {
                 seen_running = true;
@@ -921,9 +994,7 @@ pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!(
-        "mirrordb switchover: {target} is not primary after {} s",
-        a.wait
-    );
-    ExitCode::FAILURE
+    let wait = deadline.saturating_duration_since(started).as_secs();
+    eprintln!("mirrordb switchover: {name} is not primary after {wait} s");
+    Waited::Failed
 }
