@@ -241,7 +241,8 @@ async fn switchover(c: &ChildCluster, from: usize, to: usize) {
     .expect("join")
     .expect("mirrordb switchover runs");
     assert!(status.success(), "switchover failed: {out}{err}");
-    eprintln!("{out}");
+    // Also what it retried and why (stderr), when it did.
+    eprintln!("{err}{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
