@@ -826,11 +826,12 @@ const SWITCHOVER_RECORD_WAIT: std::time::Duration = std::time::Duration::from_se
 enum Asked {
     /// Accepted: the target, and the Raft leader that took it.
     Started(String, String),
-    /// One is under way already (a repeated request that did get through).
-    InProgress,
+    /// One is under way already: ours, when we asked before and that
+    /// request did get through after all.
+    InProgress(String),
     /// Refused for now (503): may pass by itself.
     NotYet(String),
-    /// Refused, or no answer: the command ends.
+    /// Refused (`refused: why`) or no answer (`: why`): the command ends.
     Failed(String),
 }
 
@@ -848,7 +849,7 @@ async fn ask_switchover(
     }
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(e) => return Asked::Failed(format!("{base}: {e}")),
+        Err(e) => return Asked::Failed(format!(": {base}: {e}")),
     };
     let status = resp.status();
     let v: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -861,7 +862,7 @@ async fn ask_switchover(
         .unwrap_or("(no message)")
         .to_owned();
     match (status, v["error"]["code"].as_str()) {
-        (_, Some("switchover_in_progress")) => Asked::InProgress,
+        (_, Some("switchover_in_progress")) => Asked::InProgress(why),
         (reqwest::StatusCode::SERVICE_UNAVAILABLE, _) => Asked::NotYet(why),
         _ => Asked::Failed(format!("refused: {why}")),
     }
@@ -894,13 +895,19 @@ pub async fn switchover(a: SwitchoverArgs) -> std::process::ExitCode {
     let deadline = started + Duration::from_secs(a.wait);
     let mut said = String::new();
     let mut target = a.to.clone();
+    let mut accepted = false;
     loop {
         match ask_switchover(&client, &base, token, &body).await {
             Asked::Started(t, leader) => {
                 println!("switchover to {t} started (run by the Raft leader {leader})");
                 target = Some(t);
+                accepted = true;
             }
-            Asked::InProgress => {}
+            Asked::InProgress(_) if accepted => {}
+            Asked::InProgress(why) => {
+                eprintln!("mirrordb switchover refused: {why}");
+                return ExitCode::FAILURE;
+            }
             Asked::NotYet(why) => {
                 if Instant::now() >= deadline {
                     eprintln!("mirrordb switchover refused: {why}");
@@ -997,4 +1004,163 @@ async fn wait_switchover(
     let wait = deadline.saturating_duration_since(started).as_secs();
     eprintln!("mirrordb switchover: {name} is not primary after {wait} s");
     Waited::Failed
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod switchover_tests {
+    //! `mirrordb switchover` against a scripted stand-in for the cluster's
+    //! HTTP API: what it retries, what ends it.
+    use super::*;
+    use axum::Json;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use axum::routing::{get, post};
+    use serde_json::{Value, json};
+    use std::process::ExitCode;
+    use std::sync::{Arc, Mutex};
+
+    /// What the stand-in answers: the n-th POST, and the n-th GET since the
+    /// last accepted POST.
+    type Script = dyn Fn(usize, usize) -> (StatusCode, Value) + Send + Sync;
+
+    #[derive(Default)]
+    struct Counts {
+        posts: usize,
+        gets_since_accept: usize,
+    }
+
+    async fn serve(
+        post_answer: Arc<Script>,
+        get_answer: Arc<Script>,
+    ) -> (String, Arc<Mutex<Counts>>) {
+        let counts = Arc::new(Mutex::new(Counts::default()));
+        let (c1, c2) = (counts.clone(), counts.clone());
+        let app = axum::Router::new()
+            .route(
+                "/v1/cluster/switchover",
+                post(move || {
+                    let (c, f) = (c1.clone(), post_answer.clone());
+                    async move {
+                        let mut c = c.lock().unwrap();
+                        c.posts += 1;
+                        let (status, body) = f(c.posts, 0);
+                        if status.is_success() {
+                            c.gets_since_accept = 0;
+                        }
+                        (status, Json(body)).into_response()
+                    }
+                }),
+            )
+            .route(
+                "/v1/cluster",
+                get(move || {
+                    let (c, f) = (c2.clone(), get_answer.clone());
+                    async move {
+                        let mut c = c.lock().unwrap();
+                        c.gets_since_accept += 1;
+                        let (status, body) = f(c.posts, c.gets_since_accept);
+                        (status, Json(body)).into_response()
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, counts)
+    }
+
+    fn args(url: &str) -> SwitchoverArgs {
+        SwitchoverArgs {
+            to: Some("n2".into()),
+            url: url.into(),
+            token: None,
+            wait: 20,
+        }
+    }
+
+    fn refusal(status: StatusCode, code: &str) -> (StatusCode, Value) {
+        (
+            status,
+            json!({"error": {"code": code, "message": format!("{code} (scripted)")}}),
+        )
+    }
+
+    fn accepted() -> (StatusCode, Value) {
+        (StatusCode::OK, json!({"target": "n2", "leader": "n1"}))
+    }
+
+    fn cluster(primary: &str, switchover: bool) -> (StatusCode, Value) {
+        let sw = switchover.then_some("n1 -> n2 (epoch 1)");
+        (
+            StatusCode::OK,
+            json!({"primary": primary, "failover": {"switchover": sw, "epoch": 2, "controller": "scripted"}}),
+        )
+    }
+
+    #[tokio::test]
+    async fn refusals_that_pass_by_themselves_are_asked_again() {
+        let (url, counts) = serve(
+            Arc::new(|n, _| {
+                if n <= 2 {
+                    refusal(StatusCode::SERVICE_UNAVAILABLE, "switchover_unavailable")
+                } else {
+                    accepted()
+                }
+            }),
+            Arc::new(|_, g| cluster(if g > 2 { "n2" } else { "n1" }, g <= 2)),
+        )
+        .await;
+        assert_eq!(switchover(args(&url)).await, ExitCode::SUCCESS);
+        assert_eq!(counts.lock().unwrap().posts, 3);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_will_not_pass_ends_it_at_once() {
+        let (url, counts) = serve(
+            Arc::new(|_, _| refusal(StatusCode::CONFLICT, "switchover_refused")),
+            Arc::new(|_, _| cluster("n1", false)),
+        )
+        .await;
+        assert_eq!(switchover(args(&url)).await, ExitCode::FAILURE);
+        assert_eq!(counts.lock().unwrap().posts, 1);
+        // Nor does it take over a switchover someone else runs.
+        let (url, counts) = serve(
+            Arc::new(|_, _| refusal(StatusCode::CONFLICT, "switchover_in_progress")),
+            Arc::new(|_, _| cluster("n1", true)),
+        )
+        .await;
+        assert_eq!(switchover(args(&url)).await, ExitCode::FAILURE);
+        assert_eq!(counts.lock().unwrap().posts, 1);
+    }
+
+    #[tokio::test]
+    async fn an_accepted_switchover_the_cluster_never_recorded_is_asked_again() {
+        // The first acceptance is lost (no switchover shows, n1 stays
+        // primary); the second goes through.
+        let (url, counts) = serve(
+            Arc::new(|_, _| accepted()),
+            Arc::new(|posts, g| match posts {
+                1 => cluster("n1", false),
+                _ => cluster(if g > 1 { "n2" } else { "n1" }, g <= 1),
+            }),
+        )
+        .await;
+        assert_eq!(switchover(args(&url)).await, ExitCode::SUCCESS);
+        assert_eq!(counts.lock().unwrap().posts, 2);
+    }
+
+    #[tokio::test]
+    async fn a_switchover_the_cluster_gave_up_ends_it_without_waiting_it_out() {
+        let (url, counts) = serve(
+            Arc::new(|_, _| accepted()),
+            // Under way for a while, then over with n1 still primary.
+            Arc::new(|_, g| cluster("n1", g <= 3)),
+        )
+        .await;
+        let t = std::time::Instant::now();
+        assert_eq!(switchover(args(&url)).await, ExitCode::FAILURE);
+        assert_eq!(counts.lock().unwrap().posts, 1);
+        assert!(t.elapsed() < std::time::Duration::from_secs(20));
+    }
 }
