@@ -464,6 +464,31 @@ impl Failover {
         self.inner.state.borrow().clone()
     }
 
+    /// Waits until the applied state shows a switchover to `target` (or
+    /// `target` already primary); false after `timeout`. The controller
+    /// accepts a switchover when it proposes it: a leader that loses
+    /// leadership before the proposal commits loses the switchover too.
+    pub async fn switchover_recorded(&self, target: &NodeId, timeout: Duration) -> bool {
+        let mut rx = self.inner.state.clone();
+        let seen = tokio::time::timeout(timeout, async {
+            loop {
+                {
+                    let st = rx.borrow_and_update();
+                    if st.primary.as_ref() == Some(target)
+                        || st.switchover.as_ref().is_some_and(|s| &s.to == target)
+                    {
+                        return true;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        seen.unwrap_or(false)
+    }
+
     /// The driver's handle (switchover, proposals).
     pub fn handle(&self) -> &DriverHandle {
         &self.inner.handle

@@ -495,6 +495,10 @@ async fn forward_to_leader(
     }
 }
 
+/// How long `POST /v1/cluster/switchover` waits for the switchover it
+/// started to be committed before it answers.
+const SWITCHOVER_RECORD_WAIT: Duration = Duration::from_secs(2);
+
 /// `POST /v1/cluster/switchover`.
 pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Response {
     let Some(f) = node.failover() else {
@@ -528,10 +532,23 @@ pub async fn switchover(State(node): State<ClusterNode>, req: Request) -> Respon
     }
     let target = body.to.map(mirrordb_failover::NodeId);
     match f.handle().switchover(target).await {
-        Ok(t) => json_ok(&SwitchoverAnswer {
-            target: t.0,
-            leader: node.section().node_id.clone(),
-        }),
+        // Answered once the switchover is in the replicated state, so that
+        // "started" means recorded.
+        Ok(t) if f.switchover_recorded(&t, SWITCHOVER_RECORD_WAIT).await => {
+            json_ok(&SwitchoverAnswer {
+                target: t.0,
+                leader: node.section().node_id.clone(),
+            })
+        }
+        Ok(t) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "switchover_unavailable",
+            format!(
+                "the switchover to {t} was accepted but not recorded within {} ms (Raft leadership moved?); retry in a moment",
+                SWITCHOVER_RECORD_WAIT.as_millis()
+            ),
+        )
+        .into_response(),
         // Leadership moved, a failover runs, or the target missed its last
         // reports: the same request may succeed in a moment.
         Err(DriverError::Switchover(e)) if e.is_transient() => ApiError::new(
