@@ -524,7 +524,7 @@ fn load_item(
             key,
             version,
             value,
-        } => a.put(&table, &key, &value, version)?,
+        } => a.put_owned(table, key, value, version)?,
         SnapshotItem::BlobStart {
             table,
             key,
@@ -617,15 +617,16 @@ impl DataFileBuilder {
         self.pending_bytes = 0;
         let (replayer, blob, next_blob_id) =
             (&mut self.replayer, &mut self.blob, &mut self.next_blob_id);
-        self.store.apply(false, |a| -> Result<(), OpenError> {
-            for w in work {
-                match w {
-                    Work::Item(item) => load_item(a, blob, next_blob_id, item)?,
-                    Work::Entry(lsn, op) => replayer.apply(a, lsn, op)?,
+        self.store
+            .apply_coalesced(false, |a| -> Result<(), OpenError> {
+                for w in work {
+                    match w {
+                        Work::Item(item) => load_item(a, blob, next_blob_id, item)?,
+                        Work::Entry(lsn, op) => replayer.apply(a, lsn, op)?,
+                    }
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })?;
         Ok(())
     }
 

@@ -179,8 +179,8 @@ fn apply_one(w: &mut Applier<'_>, lsn: u64, op: Op) -> Result<(), StoreError> {
     match op {
         Op::Put {
             table, key, value, ..
-        } => w.put(&table, &key, &value, lsn),
-        Op::Delete { table, key, .. } => w.delete(&table, &key),
+        } => w.put_owned(table, key, value, lsn),
+        Op::Delete { table, key, .. } => w.delete_owned(table, key),
         Op::TableCreate {
             table, journaled, ..
         }
