@@ -944,7 +944,10 @@ mod tests {
         result.unwrap();
     }
 
-    fn contents(s: &Store) -> (Vec<(String, String, u64, Vec<u8>)>, Vec<(String, u64)>) {
+    /// Every record (table, key, version, value) and every table's count.
+    type Contents = (Vec<(String, String, u64, Vec<u8>)>, Vec<(String, u64)>);
+
+    fn contents(s: &Store) -> Contents {
         let r = s.read().unwrap();
         let mut records = Vec::new();
         let mut counts = Vec::new();
