@@ -32,8 +32,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// Entries integrated per data-file transaction while building.
-const BUILD_TXN_ITEMS: u64 = 20_000;
+/// Entries integrated per data-file transaction while building. Each
+/// transaction rewrites every B-tree page it touches, so the byte bound
+/// below decides (as in recovery's replay): 20,000 entries of 256-byte
+/// values per transaction rewrote most of a large table's leaves each time.
+const BUILD_TXN_ITEMS: u64 = 1_000_000;
 /// Blob ids given to BLOBs loaded from a snapshot: above every LSN, below
 /// the ids of unjournaled BLOBs (`1 << 63 | …`).
 const RESTORED_BLOB_IDS: u64 = 1 << 62;
@@ -509,7 +512,7 @@ impl std::fmt::Debug for DataFileBuilder {
 }
 
 /// Bytes of buffered work that force a data-file transaction.
-const BUILD_TXN_BYTES: usize = 32 << 20;
+const BUILD_TXN_BYTES: usize = 64 << 20;
 
 fn load_item(
     a: &mut super::store::Applier<'_>,
