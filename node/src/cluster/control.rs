@@ -470,23 +470,11 @@ impl Failover {
     /// leadership before the proposal commits loses the switchover too.
     pub async fn switchover_recorded(&self, target: &NodeId, timeout: Duration) -> bool {
         let mut rx = self.inner.state.clone();
-        let seen = tokio::time::timeout(timeout, async {
-            loop {
-                {
-                    let st = rx.borrow_and_update();
-                    if st.primary.as_ref() == Some(target)
-                        || st.switchover.as_ref().is_some_and(|s| &s.to == target)
-                    {
-                        return true;
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    return false;
-                }
-            }
-        })
-        .await;
-        seen.unwrap_or(false)
+        let recorded = rx.wait_for(|st| {
+            st.primary.as_ref() == Some(target)
+                || st.switchover.as_ref().is_some_and(|s| &s.to == target)
+        });
+        matches!(tokio::time::timeout(timeout, recorded).await, Ok(Ok(_)))
     }
 
     /// The driver's handle (switchover, proposals).
