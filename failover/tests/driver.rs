@@ -504,6 +504,10 @@ async fn witness_as_raft_leader_promotes_a_data_node() {
         s.primary == Some(NodeId::from("n1"))
     })
     .await;
+    // The state names n1 before n1's driver acts on it; cut off before
+    // that, n1 was never primary and has nothing to fence (the CI failure
+    // "n1 was never told Fence: []").
+    wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
     by("n1").role.set_position(1, 10);
     by("n2").role.set_position(1, 9);
 
@@ -518,15 +522,14 @@ async fn witness_as_raft_leader_promotes_a_data_node() {
 
     eprintln!("--- cut n1 off: the witness's controller must promote n2");
     net.partition(&[by("n1").id], &[by("n2").id, w.id]);
-    wait_told(by("n2"), Told::Primary(Epoch(2), Lsn(10))).await;
+    let fenced_at = wait_told(by("n1"), Told::Fence).await;
+    let promoted_at = wait_told(by("n2"), Told::Primary(Epoch(2), Lsn(10))).await;
+    assert!(
+        fenced_at < promoted_at,
+        "old primary fenced at {fenced_at:?}, successor promoted at {promoted_at:?}"
+    );
     let s = wait_state(w, "n2 primary", |s| s.primary == Some(NodeId::from("n2"))).await;
     assert_eq!(s.epoch, Epoch(2));
-    // The cut-off primary fences itself on a timer of its own driver, which
-    // a loaded machine can run after n2's promotion (2 CI runs of 3 failed
-    // here when this asserted it already had); its lease, which the node
-    // checks before every acknowledgement, is what keeps it from accepting
-    // writes meanwhile.
-    wait_told(by("n1"), Told::Fence).await;
     // It was the witness's controller that acted.
     let mut status = w.handle.status();
     tokio::time::timeout(
