@@ -114,24 +114,56 @@ impl Lane {
         entries: Vec<(u64, Op)>,
         unjournaled: Vec<Unjournaled>,
     ) -> Result<(), StoreError> {
+        self.apply_gated(entries, unjournaled, || Ok(()))
+    }
+
+    /// [`Lane::apply`] of entries that may not be durable yet: the
+    /// transaction commits only once `gate` says they are. When `gate`
+    /// fails nothing is committed and the lane takes nothing more (its
+    /// replayer has moved past entries the data file does not hold).
+    pub fn apply_gated(
+        &mut self,
+        entries: Vec<(u64, Op)>,
+        unjournaled: Vec<Unjournaled>,
+        gate: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         if entries.is_empty() && unjournaled.is_empty() {
-            return Ok(());
+            return gate();
         }
         let replayer = &mut self.replayer;
-        let ((), bytes) = self.store.apply(false, |w| -> Result<(), StoreError> {
-            for (lsn, op) in entries {
-                replayer.apply(w, lsn, op)?;
-            }
-            for u in unjournaled {
-                match u.value {
-                    Some(v) => w.put(&u.table, &u.key, &v, u.version)?,
-                    None => w.delete(&u.table, &u.key)?,
+        let mut gate_failed = false;
+        let gate = || {
+            let r = gate();
+            gate_failed = r.is_err();
+            r
+        };
+        let applied = self.store.apply_gated(
+            |w| -> Result<(), StoreError> {
+                for (lsn, op) in entries {
+                    replayer.apply(w, lsn, op)?;
                 }
+                for u in unjournaled {
+                    match u.value {
+                        Some(v) => w.put(&u.table, &u.key, &v, u.version)?,
+                        None => w.delete(&u.table, &u.key)?,
+                    }
+                }
+                Ok(())
+            },
+            gate,
+        );
+        match applied {
+            Ok(((), bytes)) => {
+                self.applied(bytes);
+                Ok(())
             }
-            Ok(())
-        })?;
-        self.applied(bytes);
-        Ok(())
+            Err(e) => {
+                if gate_failed && self.failed.is_none() {
+                    self.failed = Some(format!("a batch was not applied: {e}"));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Publishes what a committed data-file transaction applied.

@@ -194,7 +194,20 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&mut Applier<'_>) -> Result<R, E>,
     ) -> Result<(R, u64), E> {
-        self.apply_with(durable, false, f)
+        self.apply_with(durable, false, f, || Ok(()))
+    }
+
+    /// [`Store::apply`] (not durable) whose commit waits for `gate`: the
+    /// batch is applied while, for example, its journal entries are still
+    /// being synced, and committed only once `gate` says they are durable.
+    /// An error from `gate` abandons the transaction: nothing of the batch
+    /// reaches the data file.
+    pub fn apply_gated<R, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut Applier<'_>) -> Result<R, E>,
+        gate: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(R, u64), E> {
+        self.apply_with(false, false, f, gate)
     }
 
     /// [`Store::apply`] for a large batch replayed from the journal or a
@@ -208,7 +221,7 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&mut Applier<'_>) -> Result<R, E>,
     ) -> Result<(R, u64), E> {
-        self.apply_with(durable, true, f)
+        self.apply_with(durable, true, f, || Ok(()))
     }
 
     fn apply_with<R, E: From<StoreError>>(
@@ -216,6 +229,7 @@ impl Store {
         durable: bool,
         coalesce: bool,
         f: impl FnOnce(&mut Applier<'_>) -> Result<R, E>,
+        gate: impl FnOnce() -> Result<(), E>,
     ) -> Result<(R, u64), E> {
         let mut txn = self.db.begin_write().map_err(StoreError::from)?;
         txn.set_durability(if durable {
@@ -240,6 +254,10 @@ impl Store {
             a.write_tables()?;
             (r, a.bytes)
         };
+        if let Err(e) = gate() {
+            txn.abort().map_err(StoreError::from)?;
+            return Err(e);
+        }
         txn.commit().map_err(StoreError::from)?;
         Ok((r, bytes))
     }

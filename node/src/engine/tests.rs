@@ -984,3 +984,87 @@ fn shutdown_right_after_a_failed_fsync_completes() {
         panic!("shutdown hung after the failed batch");
     }
 }
+
+/// The apply stage's side of a batch handed over before its fdatasync: it
+/// is applied at once but committed (visible to readers) and acknowledged
+/// only when the writer reports it durable; a reported sync failure
+/// abandons it, answers `journal_unavailable`, and the lane takes nothing
+/// more. Driven on a stage of its own over an idle engine's lane, so the
+/// order of events is the test's, not the scheduler's.
+#[test]
+fn a_batch_handed_over_before_its_fsync_shows_only_once_durable() {
+    use super::stage::{Batch, Pending, Stage};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let mut stage = Stage::start(e.inner.lane.clone(), e.inner.shared.clone()).unwrap();
+    let next = e.inner.shared.durable_lsn.load(Ordering::Acquire) + 1;
+    let batch = |stage: &mut Stage, lsn: u64, key: &str| {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let batch = Batch {
+            seq: stage.next_seq(),
+            entries: vec![(
+                lsn,
+                Op::Put {
+                    session: SessionId::SYSTEM,
+                    table: "t".into(),
+                    key: key.into(),
+                    value: b"\"v\"".to_vec(),
+                },
+            )],
+            unjournaled: Vec::new(),
+            pending: vec![Pending::Ack(
+                reply,
+                WriteAck {
+                    lsn,
+                    versions: vec![lsn],
+                },
+            )],
+            ops: 1,
+        };
+        (batch, rx)
+    };
+
+    let (b1, mut ack1) = batch(&mut stage, next, "synced");
+    let seq1 = b1.seq;
+    stage.hand_over(b1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        value(&e, "t", "synced"),
+        None,
+        "visible before it was durable"
+    );
+    assert!(
+        ack1.try_recv().is_err(),
+        "acknowledged before it was durable"
+    );
+    stage.synced(seq1);
+    rt.block_on(ack1).unwrap().unwrap();
+    assert_eq!(value(&e, "t", "synced").as_deref(), Some("\"v\""));
+
+    let (b2, ack2) = batch(&mut stage, next + 1, "lost");
+    let seq2 = b2.seq;
+    stage.hand_over(b2);
+    std::thread::sleep(Duration::from_millis(50));
+    stage.sync_failed(seq2, "injected fdatasync failure".into());
+    let err = rt.block_on(ack2).unwrap().unwrap_err();
+    assert_eq!(err.code(), "journal_unavailable", "{err}");
+    assert_eq!(
+        value(&e, "t", "lost"),
+        None,
+        "an abandoned batch was applied"
+    );
+
+    // Nothing after it is applied either, even once reported durable.
+    let (b3, ack3) = batch(&mut stage, next + 2, "after");
+    let seq3 = b3.seq;
+    stage.hand_over(b3);
+    stage.synced(seq3);
+    assert!(rt.block_on(ack3).unwrap().is_err());
+    assert_eq!(value(&e, "t", "after"), None);
+    stage.drain();
+    drop(stage);
+    // The data file now holds entries the journal does not: it is not
+    // opened again.
+    drop(e);
+}

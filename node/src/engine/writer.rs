@@ -3,12 +3,13 @@
 //! ```text
 //!  requests ──► drain a batch ──► check preconditions ──► encode entries
 //!        ▲                                                    │
-//!        │                                     one write + one fdatasync
-//!     acks ◄── apply to data file ◄── apply stage ◄── publish LSNs
+//!        │                        hand over ◄─────────────────┤
+//!        │                            │              one write + one fdatasync
+//!     acks ◄── commit ◄── apply stage (applies meanwhile) ◄── report synced
 //! ```
 //!
-//! The apply stage ([`super::stage`]) applies and acknowledges a batch
-//! while this thread journals the next one.
+//! The apply stage ([`super::stage`]) applies a batch while this thread
+//! syncs it, and commits and acknowledges it once it is durable.
 //!
 //! Every write goes through this thread, so LSNs are dense and a
 //! transaction's entries are contiguous. A request is acknowledged only
@@ -585,7 +586,25 @@ impl Writer {
             }
         }
         drop(view);
-        if !entries.is_empty() && self.unavailable.is_none() {
+        let journaled = !entries.is_empty();
+        let batch = Batch {
+            seq,
+            entries,
+            unjournaled,
+            pending,
+            ops: ops_acked,
+        };
+        // Nothing waits behind this batch and the stage is idle: applying
+        // it here after the fsync spares its clients a hand-over to the
+        // stage's thread. Otherwise the stage applies it during the fsync
+        // and commits once it is durable.
+        let batch = if !self.more_waiting() && self.stage.idle() {
+            Some(batch)
+        } else {
+            self.stage.hand_over(batch);
+            None
+        };
+        if journaled && self.unavailable.is_none() {
             if let Err(e) = self.journal.write_out() {
                 self.mark_unavailable("journal write", &e);
             } else {
@@ -600,31 +619,25 @@ impl Writer {
                 }
             }
         }
-        if !entries.is_empty()
-            && let Some(msg) = self.unavailable.clone()
-        {
-            for p in pending {
-                p.send_err(WriteError::JournalUnavailable(msg.clone()));
+        if journaled && let Some(msg) = self.unavailable.clone() {
+            match batch {
+                Some(batch) => {
+                    for p in batch.pending {
+                        p.send_err(WriteError::JournalUnavailable(msg.clone()));
+                    }
+                    self.stage.dispatch(Batch::empty(seq), true);
+                }
+                None => self.stage.sync_failed(seq, msg),
             }
-            self.stage.dispatch(Batch::empty(seq), true);
             return;
         }
         let last = self.journal.last_lsn();
         self.shared.durable_lsn.store(last, Ordering::Release);
         let _ = self.shared.durable_tx.send_replace(last);
-        // Nothing waits behind this batch: applying it here spares its
-        // clients a hand-over to the stage's thread.
-        let inline = !self.more_waiting();
-        self.stage.dispatch(
-            Batch {
-                seq,
-                entries,
-                unjournaled,
-                pending,
-                ops: ops_acked,
-            },
-            inline,
-        );
+        match batch {
+            Some(batch) => self.stage.dispatch(batch, true),
+            None => self.stage.synced(seq),
+        }
         self.after_batch();
     }
 
