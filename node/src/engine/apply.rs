@@ -119,8 +119,10 @@ impl Lane {
 
     /// [`Lane::apply`] of entries that may not be durable yet: the
     /// transaction commits only once `gate` says they are. When `gate`
-    /// fails nothing is committed and the lane takes nothing more (its
-    /// replayer has moved past entries the data file does not hold).
+    /// fails nothing is committed and the lane takes nothing more. Either
+    /// way a batch that is not committed leaves the replayer where it was,
+    /// so a later flush never records a checkpoint past what the data file
+    /// holds.
     pub fn apply_gated(
         &mut self,
         entries: Vec<(u64, Op)>,
@@ -130,6 +132,7 @@ impl Lane {
         if entries.is_empty() && unjournaled.is_empty() {
             return gate();
         }
+        let before = self.replayer.clone();
         let replayer = &mut self.replayer;
         let mut gate_failed = false;
         let gate = || {
@@ -158,6 +161,7 @@ impl Lane {
                 Ok(())
             }
             Err(e) => {
+                self.replayer = before;
                 if gate_failed && self.failed.is_none() {
                     self.failed = Some(format!("a batch was not applied: {e}"));
                 }

@@ -23,7 +23,7 @@ struct PendingBlob {
     received: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct PendingTxn {
     begin_lsn: u64,
     ops: Vec<(u64, Op)>,
@@ -31,7 +31,7 @@ struct PendingTxn {
 }
 
 /// Applies entries in LSN order, holding back open transactions.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Replayer {
     pending: Option<PendingTxn>,
     /// Last LSN whose effects are fully applied (no open transaction before it).

@@ -1054,6 +1054,8 @@ fn a_batch_handed_over_before_its_fsync_shows_only_once_durable() {
         None,
         "an abandoned batch was applied"
     );
+    // A flush would record this checkpoint: never past what is committed.
+    assert_eq!(apply::lock(&e.inner.lane).replayer.complete_lsn(), next);
 
     // Nothing after it is applied either, even once reported durable.
     let (b3, ack3) = batch(&mut stage, next + 2, "after");
