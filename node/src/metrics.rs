@@ -86,10 +86,6 @@ fn describe() {
         "Group commits (one fdatasync each)."
     );
     describe_counter!(
-        "mirrordb_write_batches_handed_over_total",
-        "Group commits applied by the apply stage while the writer fsynced the next."
-    );
-    describe_counter!(
         "mirrordb_journal_bytes_total",
         Unit::Bytes,
         "Bytes written to the journal."

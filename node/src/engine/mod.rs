@@ -140,9 +140,6 @@ pub(crate) struct Shared {
     /// Backup snapshots open now: the periodic flush waits while there are
     /// any ([`backup::FlushHold`]).
     pub flush_holds: AtomicUsize,
-    /// Batches the apply stage applied while the writer went on with the
-    /// next ([`stage`]).
-    pub batches_handed_over: AtomicU64,
 }
 
 impl Shared {
@@ -276,7 +273,6 @@ impl Engine {
             epoch_history: Mutex::new(rec.epoch_history.clone()),
             epoch: AtomicU64::new(rec.journal.epoch()),
             flush_holds: AtomicUsize::new(0),
-            batches_handed_over: AtomicU64::new(0),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);
@@ -320,7 +316,6 @@ impl Engine {
             waiting_barriers: Vec::new(),
             stage,
             inflight: HashMap::new(),
-            inbox: None,
             unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
         };
         let handle = std::thread::Builder::new()

@@ -200,22 +200,18 @@ pub(crate) struct Writer {
     /// Versions written by batches the stage has not applied yet:
     /// (table, key) → (version, 0 when deleted; batch number).
     pub inflight: HashMap<(String, String), (u64, u64)>,
-    /// The request queue, kept here so a batch can see whether requests
-    /// wait behind it.
-    pub inbox: Option<mpsc::Receiver<Envelope>>,
 }
 
 impl Writer {
     /// Runs until shutdown or until every sender is gone.
-    pub fn run(mut self, rx: mpsc::Receiver<Envelope>) {
+    pub fn run(mut self, mut rx: mpsc::Receiver<Envelope>) {
         let mut batch = Vec::with_capacity(256);
-        self.inbox = Some(rx);
-        while let Some(first) = self.inbox.as_mut().and_then(|rx| rx.blocking_recv()) {
+        while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             while batch.len() < MAX_BATCH_REQUESTS {
-                match self.inbox.as_mut().map(|rx| rx.try_recv()) {
-                    Some(Ok(r)) => batch.push(r),
-                    _ => break,
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
                 }
             }
             let stop = self.process(&mut batch);
@@ -232,11 +228,6 @@ impl Writer {
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "data file flush failed");
         }
-    }
-
-    /// Whether requests wait in the queue.
-    fn more_waiting(&self) -> bool {
-        self.inbox.as_ref().is_some_and(|rx| !rx.is_empty())
     }
 
     /// Handles a batch; returns true on shutdown.
@@ -454,7 +445,7 @@ impl Writer {
                 for r in group {
                     reply_err(r, WriteError::Storage(e.to_string()));
                 }
-                self.stage.dispatch(Batch::empty(seq), true);
+                self.stage.dispatch(Batch::empty(seq));
                 return;
             }
         };
@@ -587,23 +578,15 @@ impl Writer {
         }
         drop(view);
         let journaled = !entries.is_empty();
-        let batch = Batch {
+        // The stage applies the batch while it is written and synced, and
+        // commits it once it is reported durable.
+        self.stage.hand_over(Batch {
             seq,
             entries,
             unjournaled,
             pending,
             ops: ops_acked,
-        };
-        // Nothing waits behind this batch and the stage is idle: applying
-        // it here after the fsync spares its clients a hand-over to the
-        // stage's thread. Otherwise the stage applies it during the fsync
-        // and commits once it is durable.
-        let batch = if !self.more_waiting() && self.stage.idle() {
-            Some(batch)
-        } else {
-            self.stage.hand_over(batch);
-            None
-        };
+        });
         if journaled && self.unavailable.is_none() {
             if let Err(e) = self.journal.write_out() {
                 self.mark_unavailable("journal write", &e);
@@ -620,24 +603,13 @@ impl Writer {
             }
         }
         if journaled && let Some(msg) = self.unavailable.clone() {
-            match batch {
-                Some(batch) => {
-                    for p in batch.pending {
-                        p.send_err(WriteError::JournalUnavailable(msg.clone()));
-                    }
-                    self.stage.dispatch(Batch::empty(seq), true);
-                }
-                None => self.stage.sync_failed(seq, msg),
-            }
+            self.stage.sync_failed(seq, msg);
             return;
         }
         let last = self.journal.last_lsn();
         self.shared.durable_lsn.store(last, Ordering::Release);
         let _ = self.shared.durable_tx.send_replace(last);
-        match batch {
-            Some(batch) => self.stage.dispatch(batch, true),
-            None => self.stage.synced(seq),
-        }
+        self.stage.synced(seq);
         self.after_batch();
     }
 
