@@ -15,7 +15,8 @@
 //! ([`Stage::sync_failed`]): no reader sees a write the journal could
 //! lose. What overlaps is the disk's time (the fdatasync) with the CPU's
 //! (the B-tree changes), which took the apply off the clients' latency:
-//! in-process writes at 32 clients went from 64,000 to 70,000–86,000/s.
+//! in-process writes at 32 clients went from 56,000–65,000 to
+//! 61,000–86,000/s in interleaved pairs (BENCHMARKS.md).
 //! Batches are applied in the order they were journaled; at most [`QUEUE`]
 //! wait for the stage, and those that queued up while it was busy go into
 //! one data-file transaction together.
