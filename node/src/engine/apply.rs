@@ -117,6 +117,14 @@ impl Lane {
         self.apply_gated(entries, unjournaled, || Ok(()))
     }
 
+    /// [`Lane::apply`] of journal entries alone, their record writes
+    /// coalesced ([`Store::apply_coalesced`]: sorted by key, the last per
+    /// key): a mirror catching up, like recovery, applies only what the
+    /// journal holds, so no unjournaled write has to keep its place.
+    fn apply_journal(&mut self, entries: Vec<(u64, Op)>) -> Result<(), StoreError> {
+        self.apply_batch(entries, Vec::new(), true, || Ok(()))
+    }
+
     /// [`Lane::apply`] of entries that may not be durable yet: the
     /// transaction commits only once `gate` says they are. When `gate`
     /// fails nothing is committed and the lane takes nothing more. Either
@@ -127,6 +135,16 @@ impl Lane {
         &mut self,
         entries: Vec<(u64, Op)>,
         unjournaled: Vec<Unjournaled>,
+        gate: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.apply_batch(entries, unjournaled, false, gate)
+    }
+
+    fn apply_batch(
+        &mut self,
+        entries: Vec<(u64, Op)>,
+        unjournaled: Vec<Unjournaled>,
+        coalesce: bool,
         gate: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         if entries.is_empty() && unjournaled.is_empty() {
@@ -141,6 +159,7 @@ impl Lane {
             r
         };
         let applied = self.store.apply_gated(
+            coalesce,
             |w| -> Result<(), StoreError> {
                 for (lsn, op) in entries {
                     replayer.apply(w, lsn, op)?;
@@ -222,7 +241,7 @@ impl Lane {
             entries.push((f.header.lsn, op));
         }
         drop(frames);
-        self.apply(entries, Vec::new())?;
+        self.apply_journal(entries)?;
         Ok(last < durable)
     }
 

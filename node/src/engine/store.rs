@@ -201,13 +201,14 @@ impl Store {
     /// batch is applied while, for example, its journal entries are still
     /// being synced, and committed only once `gate` says they are durable.
     /// An error from `gate` abandons the transaction: nothing of the batch
-    /// reaches the data file.
+    /// reaches the data file. `coalesce` as in [`Store::apply_coalesced`].
     pub fn apply_gated<R, E: From<StoreError>>(
         &self,
+        coalesce: bool,
         f: impl FnOnce(&mut Applier<'_>) -> Result<R, E>,
         gate: impl FnOnce() -> Result<(), E>,
     ) -> Result<(R, u64), E> {
-        self.apply_with(false, false, f, gate)
+        self.apply_with(false, coalesce, f, gate)
     }
 
     /// [`Store::apply`] for a large batch replayed from the journal or a
