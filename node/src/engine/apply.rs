@@ -126,11 +126,10 @@ impl Lane {
     }
 
     /// [`Lane::apply`] of entries that may not be durable yet: the
-    /// transaction commits only once `gate` says they are. When `gate`
-    /// fails nothing is committed and the lane takes nothing more. Either
-    /// way a batch that is not committed leaves the replayer where it was,
-    /// so a later flush never records a checkpoint past what the data file
-    /// holds.
+    /// transaction commits only once `gate` says they are; when `gate`
+    /// fails nothing is committed. Either way a batch that is not committed
+    /// leaves the replayer where it was, so a later flush never records a
+    /// checkpoint past what the data file holds.
     pub fn apply_gated(
         &mut self,
         entries: Vec<(u64, Op)>,
@@ -152,12 +151,6 @@ impl Lane {
         }
         let before = self.replayer.clone();
         let replayer = &mut self.replayer;
-        let mut gate_failed = false;
-        let gate = || {
-            let r = gate();
-            gate_failed = r.is_err();
-            r
-        };
         let applied = self.store.apply_gated(
             coalesce,
             |w| -> Result<(), StoreError> {
@@ -181,9 +174,6 @@ impl Lane {
             }
             Err(e) => {
                 self.replayer = before;
-                if gate_failed && self.failed.is_none() {
-                    self.failed = Some(format!("a batch was not applied: {e}"));
-                }
                 Err(e)
             }
         }

@@ -259,7 +259,7 @@ impl Stage {
     /// handed over must get one of the two.
     pub fn hand_over(&mut self, batch: Batch) {
         let Some(tx) = &self.tx else {
-            self.apply_here(batch);
+            self.here.push(batch);
             return;
         };
         if let Err(e) = tx.send(batch) {
@@ -267,18 +267,12 @@ impl Stage {
             // unless it panicked): apply here, in order, after the rest.
             self.tx = None;
             self.drain();
-            self.apply_here(e.0);
+            self.here.push(e.0);
         }
     }
 
-    /// Applies a handed-over batch on the calling thread (the stage's is
-    /// gone), once its entries are reported durable.
-    fn apply_here(&mut self, batch: Batch) {
-        self.here.push(batch);
-    }
-
-    /// Applies the batches kept by [`Stage::apply_here`] whose sync is
-    /// reported.
+    /// Applies the batches handed over while the stage's thread was gone
+    /// (`here`), now that their sync is reported.
     fn finish_here(&mut self) {
         for batch in std::mem::take(&mut self.here) {
             let seq = batch.seq;
@@ -366,8 +360,13 @@ fn finish(lane: &Mutex<Lane>, shared: &Shared, batch: Batch, synced: &Synced) {
                 };
                 match l.apply_gated(entries, unjournaled, gate) {
                     Ok(()) => Ok(()),
-                    // Abandoned, not failed: the lane refuses more itself.
-                    Err(e) if lost.is_some() => Err(e),
+                    // Abandoned, not failed: the lane takes nothing more,
+                    // without recording a data-file failure.
+                    Err(e) if lost.is_some() => {
+                        l.failed
+                            .get_or_insert_with(|| format!("a batch was not applied: {e}"));
+                        Err(e)
+                    }
                     Err(e) => Err(l.fail(e)),
                 }
             }
