@@ -1,0 +1,267 @@
+//! The HTTP side of `mirrordb bench`: one keep-alive HTTP/1.1 connection per
+//! client, driven by hyper's connection API inside the client's own task.
+//!
+//! A load generator shares the machine with the node it measures, so every
+//! microsecond of CPU it spends per request is taken from the node. A
+//! general-purpose client (reqwest) parses the URL, consults its pool and
+//! hands each request to a separate connection task; this one keeps the
+//! parsed target, precomputed headers and its connection in the client task
+//! and polls the connection only while a request is in flight. `pgbench`, the
+//! PostgreSQL peer in `bench/run.sh`, is equally lean, so the comparison stays
+//! fair. A broken connection is dropped and reopened on the next request; the
+//! failed request counts as an error.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// Where a bench client sends its requests: parsed once, shared by value.
+#[derive(Clone, Debug)]
+pub struct HttpTarget {
+    /// `host:port` to connect to.
+    addr: String,
+    /// The `Host` header.
+    host: HeaderValue,
+    /// Path prefix of the base URL, without a trailing slash ("" for none).
+    prefix: String,
+    /// `Authorization: Bearer …`, when a token was given.
+    auth: Option<HeaderValue>,
+}
+
+impl HttpTarget {
+    /// Parses a base URL such as `http://127.0.0.1:7070`. Only plain
+    /// `http://` is accepted: the node's API does not serve TLS.
+    pub fn parse(base: &str, token: Option<&str>) -> Result<HttpTarget, String> {
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| format!("--url {base:?} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                return Err(format!(
+                    "--url {base:?}: scheme {other:?} is not supported; the node serves plain http://"
+                ));
+            }
+            None => return Err(format!("--url {base:?} needs a scheme, e.g. http://{base}")),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("--url {base:?} names no host"))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority.host();
+        let addr = format!("{host}:{port}");
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| format!("--url {base:?}: bad host: {e}"))?;
+        let auth = match token {
+            Some(t) => Some(
+                HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| "--token holds characters a header cannot carry".to_owned())?,
+            ),
+            None => None,
+        };
+        Ok(HttpTarget {
+            addr,
+            host,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+            auth,
+        })
+    }
+
+    /// The full path of `path` (which starts with `/`) under the base URL.
+    pub fn path(&self, path: &str) -> String {
+        format!("{}{path}", self.prefix)
+    }
+}
+
+/// One open HTTP/1.1 connection.
+struct Link {
+    sender: SendRequest<Full<Bytes>>,
+    conn: Connection<TokioIo<TcpStream>, Full<Bytes>>,
+}
+
+/// One client's connection to the node, reopened after a failure.
+pub struct HttpConn {
+    target: HttpTarget,
+    timeout: Duration,
+    link: Option<Link>,
+}
+
+impl HttpConn {
+    /// A client of `target`; connects on its first request.
+    pub fn new(target: HttpTarget, timeout: Duration) -> HttpConn {
+        HttpConn {
+            target,
+            timeout,
+            link: None,
+        }
+    }
+
+    /// The target this client talks to.
+    pub fn target(&self) -> &HttpTarget {
+        &self.target
+    }
+
+    /// Sends one request (`path` as from [`HttpTarget::path`]) and reads the
+    /// whole answer. `Err` is a transport failure or the timeout; any status
+    /// is `Ok`, for the caller to judge.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        json_body: Option<Bytes>,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, self.target.host.clone());
+        if let Some(a) = &self.target.auth {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        let body = match json_body {
+            Some(b) => {
+                req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                b
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| format!("building the request for {path}: {e}"))?;
+        let timeout = self.timeout;
+        let outcome = tokio::time::timeout(timeout, self.exchange(req)).await;
+        let outcome = match outcome {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        };
+        if outcome.is_err() {
+            // Whatever state the connection is in, it is not one to reuse.
+            self.link = None;
+        }
+        outcome
+    }
+
+    async fn exchange(&mut self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
+        if self.link.is_none() {
+            self.link = Some(connect(&self.target.addr).await?);
+        }
+        let Some(Link { sender, conn }) = self.link.as_mut() else {
+            return Err("no connection".to_owned());
+        };
+        let answer = async {
+            sender.ready().await?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        };
+        // The connection makes progress only while polled: poll it beside
+        // the exchange, in this task, instead of in a task of its own.
+        tokio::select! {
+            r = answer => r.map_err(|e| e.to_string()),
+            r = conn => Err(match r {
+                Ok(()) => "the server closed the connection".to_owned(),
+                Err(e) => e.to_string(),
+            }),
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<Link, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("setting TCP_NODELAY on {addr}: {e}"))?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
+    Ok(Link { sender, conn })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_base_urls_and_refuses_what_it_cannot_reach() {
+        let t = HttpTarget::parse("http://127.0.0.1:7070/", Some("s3cret")).expect("valid");
+        assert_eq!(t.addr, "127.0.0.1:7070");
+        assert_eq!(t.host, "127.0.0.1:7070");
+        assert_eq!(t.path("/health"), "/health");
+        assert_eq!(
+            t.auth.as_ref().map(|a| a.as_bytes()),
+            Some(&b"Bearer s3cret"[..])
+        );
+
+        let t = HttpTarget::parse("http://db.example/base", None).expect("valid");
+        assert_eq!(t.addr, "db.example:80");
+        assert_eq!(t.path("/v1/tables"), "/base/v1/tables");
+        assert!(t.auth.is_none());
+
+        for bad in [
+            "https://127.0.0.1:7070",
+            "127.0.0.1:7070",
+            "http://",
+            "not a url",
+        ] {
+            assert!(HttpTarget::parse(bad, None).is_err(), "{bad} was accepted");
+        }
+        assert!(HttpTarget::parse("http://h:1", Some("bad\ntoken")).is_err());
+    }
+
+    /// Against a real server: the first connection is dropped unanswered
+    /// (an error, not a panic or a hang), the client reconnects by itself,
+    /// and one keep-alive connection then serves whole answers in turn.
+    #[tokio::test]
+    async fn talks_to_a_server_and_reconnects_after_a_dropped_connection() {
+        use axum::routing::put;
+        let app = axum::Router::new().route(
+            "/p/echo",
+            put(|headers: axum::http::HeaderMap, body: Bytes| async move {
+                let auth = headers
+                    .get(AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap_or("?").to_owned())
+                    .unwrap_or_default();
+                (StatusCode::CREATED, format!("{auth}|{}", body.len()))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (first, _) = listener.accept().await?;
+            drop(first);
+            axum::serve(listener, app).await
+        });
+
+        let target = HttpTarget::parse(&format!("http://{addr}/p"), Some("t")).expect("target");
+        let mut c = HttpConn::new(target, Duration::from_secs(10));
+        let path = c.target().path("/echo");
+        let dropped = c.request(Method::PUT, &path, None).await;
+        assert!(
+            dropped.is_err(),
+            "a dropped connection answered {dropped:?}"
+        );
+        for n in [0usize, 3, 70_000] {
+            let (status, body) = c
+                .request(Method::PUT, &path, Some(Bytes::from(vec![b'x'; n])))
+                .await
+                .expect("answer");
+            assert_eq!(status, StatusCode::CREATED);
+            assert_eq!(body, format!("Bearer t|{n}"));
+        }
+        let (status, _) = c
+            .request(Method::GET, &c.target().path("/missing"), None)
+            .await
+            .expect("answer");
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        server.abort();
+    }
+}
