@@ -128,8 +128,10 @@ impl Lane {
     /// [`Lane::apply`] of entries that may not be durable yet: the
     /// transaction commits only once `gate` says they are; when `gate`
     /// fails nothing is committed. Either way a batch that is not committed
-    /// leaves the replayer where it was, so a later flush never records a
-    /// checkpoint past what the data file holds.
+    /// rewinds the replayer to its last complete point (an open transaction
+    /// is dropped, to be read again from its start), so a later flush never
+    /// records a checkpoint past what the data file holds and a later
+    /// catch-up re-reads what was lost.
     pub fn apply_gated(
         &mut self,
         entries: Vec<(u64, Op)>,
@@ -149,7 +151,11 @@ impl Lane {
         if entries.is_empty() && unjournaled.is_empty() {
             return gate();
         }
-        let before = self.replayer.clone();
+        // Where to rewind to if this batch is not committed: its last
+        // complete point, as a restart from a checkpoint there would. Cheap
+        // where a copy of the replayer is not: on a mirror a replicated
+        // transaction may be open across many batches, holding its ops.
+        let rewind_to = self.replayer.complete_lsn();
         let replayer = &mut self.replayer;
         let applied = self.store.apply_gated(
             coalesce,
@@ -173,7 +179,7 @@ impl Lane {
                 Ok(())
             }
             Err(e) => {
-                self.replayer = before;
+                self.replayer = Replayer::after(rewind_to);
                 Err(e)
             }
         }

@@ -13,7 +13,7 @@ use super::store::{Applier, BlobMeta, StoreError};
 use crate::model::Op;
 
 /// A BLOB whose chunks are being staged.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct PendingBlob {
     blob_id: u64,
     table: String,
@@ -23,7 +23,7 @@ struct PendingBlob {
     received: u64,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct PendingTxn {
     begin_lsn: u64,
     ops: Vec<(u64, Op)>,
@@ -31,7 +31,7 @@ struct PendingTxn {
 }
 
 /// Applies entries in LSN order, holding back open transactions.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Replayer {
     pending: Option<PendingTxn>,
     /// Last LSN whose effects are fully applied (no open transaction before it).

@@ -1066,3 +1066,60 @@ fn a_batch_handed_over_before_its_fsync_shows_only_once_durable() {
     // opened again.
     drop(e);
 }
+
+/// A batch that is not committed while a transaction is open across
+/// batches (a mirror's case) rewinds the replayer to before that
+/// transaction: nothing of it is visible, a checkpoint there is safe, and
+/// reading the journal again from the rewind point applies it whole.
+#[test]
+fn an_uncommitted_batch_rewinds_the_replayer_to_its_last_complete_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let n = e.inner.shared.durable_lsn.load(Ordering::Acquire) + 1;
+    let put = |key: &str| Op::Put {
+        session: SessionId::SYSTEM,
+        table: "t".into(),
+        key: key.into(),
+        value: b"\"v\"".to_vec(),
+    };
+    let begin = || Op::TxnBegin {
+        session: SessionId::SYSTEM,
+        ops: 2,
+    };
+    let mut lane = apply::lock(&e.inner.lane);
+    lane.apply(vec![(n, begin()), (n + 1, put("k1"))], Vec::new())
+        .unwrap();
+    assert!(lane.replayer.in_txn());
+    assert_eq!(lane.replayer.complete_lsn(), n - 1);
+
+    let failed = lane.apply_gated(
+        vec![(n + 2, put("k2")), (n + 3, Op::TxnCommit)],
+        Vec::new(),
+        || Err(store::StoreError("injected: not durable".into())),
+    );
+    assert!(failed.is_err());
+    assert!(!lane.replayer.in_txn(), "the open transaction was kept");
+    assert_eq!(lane.replayer.complete_lsn(), n - 1);
+    assert_eq!(lane.replayer.last_lsn(), n - 1, "not rewound to re-read");
+    drop(lane);
+    assert_eq!(value(&e, "t", "k1"), None);
+    assert_eq!(value(&e, "t", "k2"), None);
+
+    let mut lane = apply::lock(&e.inner.lane);
+    lane.apply(
+        vec![
+            (n, begin()),
+            (n + 1, put("k1")),
+            (n + 2, put("k2")),
+            (n + 3, Op::TxnCommit),
+        ],
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(lane.replayer.complete_lsn(), n + 3);
+    drop(lane);
+    assert_eq!(value(&e, "t", "k1").as_deref(), Some("\"v\""));
+    assert_eq!(value(&e, "t", "k2").as_deref(), Some("\"v\""));
+    // The data file holds entries the journal does not: not opened again.
+    drop(e);
+}
