@@ -13,6 +13,7 @@
 //! Tests use the same path: `open_engine` + `start` on `127.0.0.1:0`.
 
 use crate::api::{self, ApiState};
+use axum::serve::ListenerExt as _;
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, EngineConfig, OpenError, WriteError};
 use std::net::SocketAddr;
@@ -131,6 +132,14 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let task = tokio::spawn(async move {
+        // Answers are written whole and wait for nothing: no Nagle delay
+        // (a response or a streamed body split over segments would
+        // otherwise wait for the client's delayed ACK).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
+            }
+        });
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
