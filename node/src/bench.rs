@@ -206,7 +206,9 @@ fn parse_value_bytes(s: &str) -> Result<usize, String> {
 /// throughput and latency; or probe the disk's fdatasync latency.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
-    /// The node's HTTP address.
+    /// The node's HTTP address (plain `http://`; redirects are not
+    /// followed, so writes need the primary's address: a mirror's
+    /// `not_primary` answers count as failed operations).
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     pub url: String,
     /// Bearer token for the HTTP API.

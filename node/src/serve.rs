@@ -13,9 +13,9 @@
 //! Tests use the same path: `open_engine` + `start` on `127.0.0.1:0`.
 
 use crate::api::{self, ApiState};
-use axum::serve::ListenerExt as _;
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, EngineConfig, OpenError, WriteError};
+use axum::serve::ListenerExt as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 use thiserror::Error;
