@@ -15,12 +15,12 @@
 //! access pattern can be repeated. The figures are what the client saw:
 //! for HTTP they include the request round trip.
 
-mod http;
+mod client;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::model::{ClientIdentity, SessionId, WriteOp};
 use anyhow::{Context, anyhow, bail};
-use http::{HttpConn, HttpTarget};
+use client::{HttpConn, HttpTarget};
 use hyper::Method;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1357,26 +1357,30 @@ mod tests {
         assert_eq!(std::fs::read_dir(tmp.path()).expect("ls").count(), 0);
     }
 
+    /// 200 operations of every kind by 4 clients over 50 keys.
+    const MIXED_LOAD: &[&str] = &[
+        "--clients",
+        "4",
+        "--count",
+        "200",
+        "--mix",
+        "write=5,read=3,delete=1,txn=1",
+        "--keys",
+        "50",
+        "--json",
+    ];
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn in_process_run_writes_reads_and_transacts() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_str().expect("utf-8");
-        let a = parse(&[
-            "--in-process",
-            "--data-dir",
-            dir,
-            "--clients",
-            "4",
-            "--count",
-            "200",
-            "--mix",
-            "write=5,read=3,delete=1,txn=1",
-            "--keys",
-            "50",
-            "--seed",
-            "42",
-            "--json",
-        ])
+        let a = parse(
+            &[
+                &["--in-process", "--data-dir", dir, "--seed", "42"],
+                MIXED_LOAD,
+            ]
+            .concat(),
+        )
         .expect("parse");
         let r = run_in_process(&a).await.expect("bench run");
         assert_eq!(r.ops + r.errors, 200);
@@ -1415,23 +1419,13 @@ mod tests {
             .expect("server starts");
         let url = server.base_url();
         let bench = |token: &'static str| {
-            parse(&[
-                "--url",
-                &url,
-                "--token",
-                token,
-                "--clients",
-                "4",
-                "--count",
-                "200",
-                "--mix",
-                "write=5,read=3,delete=1,txn=1",
-                "--keys",
-                "50",
-                "--seed",
-                "7",
-                "--json",
-            ])
+            parse(
+                &[
+                    &["--url", &url, "--token", token, "--seed", "7"],
+                    MIXED_LOAD,
+                ]
+                .concat(),
+            )
             .expect("parse")
         };
         let r = run_http(&bench("bench-token-0123456789"))
