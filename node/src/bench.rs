@@ -206,9 +206,10 @@ fn parse_value_bytes(s: &str) -> Result<usize, String> {
 /// throughput and latency; or probe the disk's fdatasync latency.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
-    /// The node's HTTP address (plain `http://`; redirects are not
-    /// followed, so writes need the primary's address: a mirror's
-    /// `not_primary` answers count as failed operations).
+    /// The node's HTTP address (plain `http://`, or `unix:PATH` for the
+    /// node's `api.unix_socket`; redirects are not followed, so writes
+    /// need the primary's address: a mirror's `not_primary` answers count
+    /// as failed operations).
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     pub url: String,
     /// Bearer token for the HTTP API.
@@ -916,29 +917,22 @@ async fn drive(
 
 async fn run_http(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let base = args.url.trim_end_matches('/').to_string();
-    let target =
-        Target::Http(HttpTarget::parse(&base, args.token.as_deref()).map_err(|e| anyhow!(e))?);
+    let http = HttpTarget::parse(&base, args.token.as_deref()).map_err(|e| anyhow!(e))?;
     // Fail early and clearly when nothing listens.
-    let probe = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
+    let mut probe = HttpConn::new(http.clone(), Duration::from_secs(5));
     probe
-        .get(format!("{base}/health"))
-        .send()
+        .request(Method::GET, &http.path("/health"), None)
         .await
-        .with_context(|| format!("cannot reach {base}/health: is `mirrordb serve` running?"))?;
-    let scrape = || async {
-        let mut req = probe.get(format!("{base}/metrics"));
-        if let Some(t) = &args.token {
-            req = req.bearer_auth(t);
-        }
-        match req.send().await {
-            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
-            _ => String::new(),
-        }
+        .map_err(|e| anyhow!("cannot reach {base}/health: is `mirrordb serve` running? {e}"))?;
+    let mut scrape = async || match probe
+        .request(Method::GET, &http.path("/metrics"), None)
+        .await
+    {
+        Ok((status, body)) if status.is_success() => String::from_utf8_lossy(&body).into_owned(),
+        _ => String::new(),
     };
     let before = scrape().await;
-    let mut report = drive(target.clone(), args, "http", base.clone()).await?;
+    let mut report = drive(Target::Http(http.clone()), args, "http", base.clone()).await?;
     report.replication = ack_lag_between(&before, &scrape().await);
     Ok(report)
 }
@@ -1394,9 +1388,10 @@ mod tests {
         assert!(r.recovery.is_some());
     }
 
-    /// The HTTP client against a real node: every kind of operation
-    /// succeeds through the API with a bearer token, and the wrong token is
-    /// counted as failed operations, not a crash.
+    /// The HTTP client against a real node, over TCP and over the node's
+    /// Unix socket: every kind of operation succeeds through the API with a
+    /// bearer token, and the wrong token is counted as failed operations,
+    /// not a crash. The socket file goes away with the node.
     #[tokio::test]
     async fn http_run_writes_reads_and_transacts_against_a_node() {
         use crate::config::{Config, Role, TokenConfig};
@@ -1410,6 +1405,8 @@ mod tests {
             token: "bench-token-0123456789".into(),
             role: Role::Write,
         }];
+        let socket = tmp.path().join("api.sock");
+        config.api.unix_socket = Some(socket.clone());
         config.validate().expect("valid config");
         let engine = crate::serve::open_engine(crate::serve::engine_config(&config))
             .await
@@ -1417,23 +1414,34 @@ mod tests {
         let server = crate::serve::start(&config, engine)
             .await
             .expect("server starts");
-        let url = server.base_url();
-        let bench = |token: &'static str| {
-            parse(
-                &[
-                    &["--url", &url, "--token", token, "--seed", "7"],
-                    MIXED_LOAD,
-                ]
-                .concat(),
-            )
-            .expect("parse")
-        };
-        let r = run_http(&bench("bench-token-0123456789"))
-            .await
-            .expect("bench run");
-        assert_eq!(r.ops + r.errors, 200);
-        assert_eq!(r.errors, 0, "{:?}", r.first_error);
-        assert_eq!(r.kinds.len(), 4, "{:?}", r.kinds.keys().collect::<Vec<_>>());
+        let unix = format!("unix:{}", socket.display());
+        for url in [server.base_url(), unix] {
+            let bench = |token: &'static str| {
+                parse(
+                    &[
+                        &["--url", &url, "--token", token, "--seed", "7"],
+                        MIXED_LOAD,
+                    ]
+                    .concat(),
+                )
+                .expect("parse")
+            };
+            let r = run_http(&bench("bench-token-0123456789"))
+                .await
+                .expect("bench run");
+            assert_eq!(r.ops + r.errors, 200, "{url}");
+            assert_eq!(r.errors, 0, "{url}: {:?}", r.first_error);
+            assert_eq!(r.kinds.len(), 4, "{:?}", r.kinds.keys().collect::<Vec<_>>());
+            assert_eq!(r.target, url);
+
+            let r = run_http(&bench("wrong-token-0123456789"))
+                .await
+                .expect("bench run");
+            assert_eq!(r.ops, 0, "{url}");
+            assert_eq!(r.errors, 200, "{url}");
+            let e = r.first_error.unwrap_or_default();
+            assert!(e.contains("401"), "{url}: {e}");
+        }
         let written = server
             .engine()
             .scan("bench", "", None, 1_000)
@@ -1441,15 +1449,9 @@ mod tests {
             .records
             .len();
         assert!(written > 0, "the writes did not reach the node");
-
-        let r = run_http(&bench("wrong-token-0123456789"))
-            .await
-            .expect("bench run");
-        assert_eq!(r.ops, 0);
-        assert_eq!(r.errors, 200);
-        let e = r.first_error.unwrap_or_default();
-        assert!(e.contains("401"), "{e}");
+        assert!(socket.exists());
         server.shutdown().await.expect("clean shutdown");
+        assert!(!socket.exists(), "the Unix socket outlived the node");
     }
 
     #[test]

@@ -369,7 +369,15 @@ pub struct ApiSection {
     pub body_idle_timeout: ConfigDuration,
     /// Bearer tokens. Empty: no authentication, loopback only.
     pub tokens: Vec<TokenConfig>,
+    /// Also serve the API on this Unix-domain socket (a local client's
+    /// cheaper way in, as PostgreSQL offers). Unset: TCP only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<PathBuf>,
 }
+
+/// Longest path a Unix-domain socket address holds (`sun_path`, less the
+/// terminating NUL).
+pub const MAX_UNIX_SOCKET_PATH: usize = 107;
 
 impl Default for ApiSection {
     fn default() -> Self {
@@ -378,6 +386,7 @@ impl Default for ApiSection {
             max_body_bytes: ByteSize(crate::model::MAX_TXN_BYTES as u64),
             body_idle_timeout: ConfigDuration(Duration::from_secs(30)),
             tokens: Vec::new(),
+            unix_socket: None,
         }
     }
 }
@@ -519,6 +528,15 @@ impl Config {
                 "api.body_idle_timeout must be between 10ms and 1h, got {}",
                 format_duration(bi)
             ));
+        }
+        if let Some(p) = &self.api.unix_socket {
+            let len = p.as_os_str().len();
+            if len == 0 || len > MAX_UNIX_SOCKET_PATH {
+                return bad(format!(
+                    "api.unix_socket must be a path of 1..={MAX_UNIX_SOCKET_PATH} bytes, got {len}: {}",
+                    p.display()
+                ));
+            }
         }
         if self.session.idle_timeout.0 < Duration::from_secs(1) {
             return bad("session.idle_timeout must be at least 1s".into());

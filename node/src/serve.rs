@@ -16,6 +16,7 @@ use crate::api::{self, ApiState};
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, EngineConfig, OpenError, WriteError};
 use axum::serve::ListenerExt as _;
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 use thiserror::Error;
@@ -36,6 +37,11 @@ pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on the Unix socket {}: {source}", path.display())]
+    BindUnix {
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error("HTTP server failed: {0}")]
@@ -86,6 +92,7 @@ pub async fn open_engine(cfg: EngineConfig) -> Result<Engine, ServeError> {
 /// A node serving HTTP.
 pub struct Server {
     addr: SocketAddr,
+    unix_socket: Option<std::path::PathBuf>,
     engine: Engine,
     shared: crate::cluster::SharedEngine,
     cluster: Option<crate::cluster::ClusterNode>,
@@ -113,6 +120,10 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
+    let unix = match &cfg.api.unix_socket {
+        Some(path) => Some(bind_unix(path)?),
+        None => None,
+    };
     let (shared, cluster) = match &cfg.cluster {
         Some(_) => {
             let c = crate::cluster::ClusterNode::start(cfg, engine.clone()).await?;
@@ -140,22 +151,81 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
                 tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
             }
         });
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+        let tcp = {
+            let signal = signal.clone();
+            axum::serve(
+                listener,
+                app.clone()
+                    .into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { signal.cancelled().await })
+            .into_future()
+        };
+        let Some((unix, path)) = unix else {
+            return tcp.await;
+        };
+        let local = axum::serve(
+            unix,
+            app.layer(axum::Extension(api::UnixPeer))
+                .into_make_service(),
         )
         .with_graceful_shutdown(async move { signal.cancelled().await })
-        .await
+        .into_future();
+        // Either failing ends both (the node stops on it); both end
+        // together at a graceful shutdown.
+        let served = tokio::try_join!(tcp, local).map(|_| ());
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove the API's Unix socket");
+        }
+        served
     });
     tracing::info!(addr = %local, "HTTP API listening");
+    if let Some(p) = &cfg.api.unix_socket {
+        tracing::info!(path = %p.display(), "HTTP API listening on a Unix socket");
+    }
     Ok(Server {
         addr: local,
+        unix_socket: cfg.api.unix_socket.clone(),
         engine,
         shared,
         cluster,
         stop,
         task,
     })
+}
+
+/// Binds the API's Unix socket at `path`. A socket file left by a node
+/// that is gone is replaced; one a live server answers on, or a path that
+/// is not a socket, is refused (nothing is deleted but a dead socket).
+fn bind_unix(
+    path: &std::path::Path,
+) -> Result<(tokio::net::UnixListener, std::path::PathBuf), ServeError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let fail = |source| ServeError::BindUnix {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(fail(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "a running server answers on it",
+                )));
+            }
+            std::fs::remove_file(path).map_err(fail)?;
+        }
+        Ok(_) => {
+            return Err(fail(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(fail)?;
+    Ok((listener, path.to_owned()))
 }
 
 impl Server {
@@ -167,6 +237,11 @@ impl Server {
     /// `http://ip:port`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The Unix socket the API is also served on (`api.unix_socket`).
+    pub fn unix_socket(&self) -> Option<&std::path::Path> {
+        self.unix_socket.as_deref()
     }
 
     /// The engine this server started with (a mirror's reseed may replace
@@ -328,5 +403,42 @@ mod tests {
             crate::engine::RecoveryAction::Opened
         );
         again.shutdown().await.unwrap();
+    }
+
+    /// The socket path: a dead socket is replaced; a live one, a regular
+    /// file or a directory is refused and left alone.
+    #[tokio::test]
+    async fn the_unix_socket_replaces_only_a_dead_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+
+        let (live, _) = bind_unix(&path).unwrap();
+        let err = bind_unix(&path).unwrap_err().to_string();
+        assert!(err.contains("a running server answers on it"), "{err}");
+        drop(live);
+        // The listener is gone, its file is not: replaced.
+        assert!(path.exists());
+        let (again, _) = bind_unix(&path).unwrap();
+        drop(again);
+
+        let file = dir.path().join("notes.txt");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = bind_unix(&file).unwrap_err().to_string();
+        assert!(err.contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        assert!(bind_unix(dir.path()).is_err());
+        assert!(dir.path().is_dir());
+    }
+
+    #[test]
+    fn the_unix_socket_path_must_fit() {
+        let mut c = Config::default();
+        c.api.unix_socket = Some("/run/mirrordb/api.sock".into());
+        c.validate().unwrap();
+        c.api.unix_socket = Some("x".repeat(crate::config::MAX_UNIX_SOCKET_PATH + 1).into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api.unix_socket"), "{err}");
+        c.api.unix_socket = Some("".into());
+        assert!(c.validate().is_err());
     }
 }

@@ -291,6 +291,11 @@ async fn track(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Marks a request that came in on the API's Unix socket
+/// (`api.unix_socket`): its session's peer is `unix`.
+#[derive(Clone, Copy, Debug)]
+pub struct UnixPeer;
+
 /// Who sent a request, as the engine's session identity. Extracted from the
 /// authorisation result, the peer address and the session header.
 #[derive(Clone, Debug)]
@@ -311,6 +316,12 @@ impl FromRequestParts<ApiState> for Caller {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip().to_string())
+            .or_else(|| {
+                parts
+                    .extensions
+                    .get::<UnixPeer>()
+                    .map(|_| "unix".to_owned())
+            })
             .unwrap_or_else(|| "unknown".to_owned());
         let client_session = match parts.headers.get(SESSION_HEADER) {
             None => DEFAULT_SESSION_NAME.to_owned(),

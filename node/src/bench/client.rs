@@ -18,15 +18,25 @@ use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use std::path::PathBuf;
 use std::task::Poll;
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
+
+/// What a client connects to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Addr {
+    /// `host:port`.
+    Tcp(String),
+    /// The node's `api.unix_socket`.
+    Unix(PathBuf),
+}
 
 /// Where a bench client sends its requests: parsed once, shared by value.
 #[derive(Clone, Debug)]
 pub struct HttpTarget {
-    /// `host:port` to connect to.
-    addr: String,
+    addr: Addr,
     /// The `Host` header.
     host: HeaderValue,
     /// Path prefix of the base URL, without a trailing slash ("" for none).
@@ -36,9 +46,28 @@ pub struct HttpTarget {
 }
 
 impl HttpTarget {
-    /// Parses a base URL such as `http://127.0.0.1:7070`. Only plain
-    /// `http://` is accepted: the node's API does not serve TLS.
+    /// Parses a base URL such as `http://127.0.0.1:7070`, or `unix:PATH`
+    /// for a node's `api.unix_socket`. Only plain `http://` is accepted
+    /// over TCP: the node's API does not serve TLS.
     pub fn parse(base: &str, token: Option<&str>) -> Result<HttpTarget, String> {
+        let auth = match token {
+            Some(t) => Some(
+                HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| "--token holds characters a header cannot carry".to_owned())?,
+            ),
+            None => None,
+        };
+        if let Some(path) = base.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("--url {base:?} names no socket path"));
+            }
+            return Ok(HttpTarget {
+                addr: Addr::Unix(PathBuf::from(path)),
+                host: HeaderValue::from_static("localhost"),
+                prefix: String::new(),
+                auth,
+            });
+        }
         let uri: Uri = base
             .parse()
             .map_err(|e| format!("--url {base:?} is not a URL: {e}"))?;
@@ -56,16 +85,9 @@ impl HttpTarget {
             .ok_or_else(|| format!("--url {base:?} names no host"))?;
         let port = authority.port_u16().unwrap_or(80);
         let host = authority.host();
-        let addr = format!("{host}:{port}");
+        let addr = Addr::Tcp(format!("{host}:{port}"));
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|e| format!("--url {base:?}: bad host: {e}"))?;
-        let auth = match token {
-            Some(t) => Some(
-                HeaderValue::from_str(&format!("Bearer {t}"))
-                    .map_err(|_| "--token holds characters a header cannot carry".to_owned())?,
-            ),
-            None => None,
-        };
         Ok(HttpTarget {
             addr,
             host,
@@ -80,10 +102,13 @@ impl HttpTarget {
     }
 }
 
+/// A TCP or a Unix-domain stream.
+type Stream = Either<TcpStream, UnixStream>;
+
 /// One open HTTP/1.1 connection.
 struct Link {
     sender: SendRequest<Full<Bytes>>,
-    conn: Connection<TokioIo<TcpStream>, Full<Bytes>>,
+    conn: Connection<TokioIo<Stream>, Full<Bytes>>,
 }
 
 /// One client's connection to the node, reopened after a failure.
@@ -199,16 +224,26 @@ impl HttpConn {
     }
 }
 
-async fn connect(addr: &str) -> Result<Link, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("setting TCP_NODELAY on {addr}: {e}"))?;
+async fn connect(addr: &Addr) -> Result<Link, String> {
+    let stream = match addr {
+        Addr::Tcp(addr) => {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| format!("setting TCP_NODELAY on {addr}: {e}"))?;
+            Either::Left(stream)
+        }
+        Addr::Unix(path) => Either::Right(
+            UnixStream::connect(path)
+                .await
+                .map_err(|e| format!("connecting to {}: {e}", path.display()))?,
+        ),
+    };
     let (sender, conn) = http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
     Ok(Link { sender, conn })
 }
 
@@ -219,7 +254,7 @@ mod tests {
     #[test]
     fn parses_base_urls_and_refuses_what_it_cannot_reach() {
         let t = HttpTarget::parse("http://127.0.0.1:7070/", Some("s3cret")).expect("valid");
-        assert_eq!(t.addr, "127.0.0.1:7070");
+        assert_eq!(t.addr, Addr::Tcp("127.0.0.1:7070".into()));
         assert_eq!(t.host, "127.0.0.1:7070");
         assert_eq!(t.path("/health"), "/health");
         assert_eq!(
@@ -228,15 +263,20 @@ mod tests {
         );
 
         let t = HttpTarget::parse("http://db.example/base", None).expect("valid");
-        assert_eq!(t.addr, "db.example:80");
+        assert_eq!(t.addr, Addr::Tcp("db.example:80".into()));
         assert_eq!(t.path("/v1/tables"), "/base/v1/tables");
         assert!(t.auth.is_none());
+
+        let t = HttpTarget::parse("unix:/run/mirrordb/api.sock", None).expect("valid");
+        assert_eq!(t.addr, Addr::Unix("/run/mirrordb/api.sock".into()));
+        assert_eq!(t.path("/health"), "/health");
 
         for bad in [
             "https://127.0.0.1:7070",
             "127.0.0.1:7070",
             "http://",
             "not a url",
+            "unix:",
         ] {
             assert!(HttpTarget::parse(bad, None).is_err(), "{bad} was accepted");
         }
