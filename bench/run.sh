@@ -8,8 +8,11 @@
 #      appending (the journal's pattern) and over preallocated blocks
 #   4. REPEAT rounds; in each, every system in turn, 32 clients then 1 client
 #      (so a noisy moment hits one round, not one system):
-#        mirrordb HTTP   mirrordb serve on a fresh dir + mirrordb bench
-#                        (server peak RSS, VmHWM, read after the load)
+#        mirrordb HTTP   mirrordb serve on a fresh dir + mirrordb bench over
+#                        TCP (server peak RSS, VmHWM, read after the load),
+#                        then on a fresh dir again over the node's Unix
+#                        socket (api.unix_socket), as pgbench reaches
+#                        PostgreSQL over its own
 #        mirrordb engine mirrordb bench --in-process (no HTTP)
 #        PostgreSQL      throwaway cluster, synchronous_commit=on, pgbench
 #                        with an upsert script (installed from Debian if missing)
@@ -142,6 +145,9 @@ listen = "127.0.0.1:$PORT"
 flush_interval = "$flush"
 dirty_bytes_max = "$dirty"
 cache_bytes = "${CACHE_MIB}MiB"
+
+[api]
+unix_socket = "$WORK/$name.sock"
 EOF
     "$BIN" serve --config "$WORK/$name.toml" --json >> "$WORK/$name.log" 2>&1 &
     SERVER_PID=$!
@@ -183,6 +189,15 @@ round_http() {
     echo "server VmHWM $(cat "$OUT/rss_hwm_kib.$r.val") KiB"
     mbench "$OUT/http1.$r.json" --url "http://127.0.0.1:$PORT" --clients 1
     show "$OUT/http1.$r.json" "HTTP, 1 client"
+    stop_server
+    rm -rf "$WORK/http"
+    # The same API over the node's Unix socket, as pgbench reaches
+    # PostgreSQL below: a fresh node again.
+    start_server http
+    mbench "$OUT/uhttp.$r.json" --url "unix:$WORK/http.sock" --clients "$CLIENTS"
+    show "$OUT/uhttp.$r.json" "HTTP over the Unix socket, $CLIENTS clients"
+    mbench "$OUT/uhttp1.$r.json" --url "unix:$WORK/http.sock" --clients 1
+    show "$OUT/uhttp1.$r.json" "HTTP over the Unix socket, 1 client"
     stop_server
     rm -rf "$WORK/http"
 }
@@ -348,7 +363,7 @@ R["fsync_append_p50_us"] = med("fsync", lambda j: j["latency"]["p50_us"])
 R["fsync_append_p99_us"] = med("fsync", lambda j: j["latency"]["p99_us"])
 R["fsync_prealloc_p50_us"] = med("fsync", lambda j: j["preallocated"]["p50_us"])
 R["fsync_prealloc_p99_us"] = med("fsync", lambda j: j["preallocated"]["p99_us"])
-for sys_ in ("http", "http1", "engine", "engine1"):
+for sys_ in ("http", "http1", "uhttp", "uhttp1", "engine", "engine1"):
     R[sys_ + "_ops_s"] = med(sys_, ops)
     if R[sys_ + "_ops_s"] is not None:
         R[sys_ + "_p50_us"] = statistics.median(p50(j) for j in runs(sys_))
@@ -367,6 +382,7 @@ def ratio(a, b):
     return None if R.get(a) is None or not R.get(b) else round(R[a] / R[b], 2)
 
 R["http_vs_pg"] = ratio("http_ops_s", "pg_ops_s")
+R["uhttp_vs_pg"] = ratio("uhttp_ops_s", "pg_ops_s")
 R["engine_vs_sqlite"] = ratio("engine_ops_s", "sqlite_ops_s")
 def round_ratio(name, key):
     """Median over rounds of (1-client p50 of `name`) / (that round's fdatasync p50)."""
@@ -377,6 +393,7 @@ def round_ratio(name, key):
 
 R["http1_p50_vs_fsync"] = round_ratio("http1", "latency")
 R["http1_p50_vs_prealloc_fsync"] = round_ratio("http1", "preallocated")
+R["uhttp1_p50_vs_fsync"] = round_ratio("uhttp1", "latency")
 R["engine1_p50_vs_fsync"] = round_ratio("engine1", "latency")
 
 print(f"machine: {R['cpu']}, {R['nproc']} cores, {R['mem_mib']} MiB, {R['fs']}, kernel {R['kernel']}, {R['os']}")
@@ -396,22 +413,30 @@ def fmt(v, unit=""):
     return "-" if v is None else (f"{v:,.0f}{unit}" if isinstance(v, (int, float)) else str(v))
 row("fdatasync p50 / p99 (append)", f"{fmt(R['fsync_append_p50_us'])} / {fmt(R['fsync_append_p99_us'])} us", "", None)
 row("fdatasync p50 / p99 (preallocated)", f"{fmt(R['fsync_prealloc_p50_us'])} / {fmt(R['fsync_prealloc_p99_us'])} us", "", None)
-row(f"HTTP durable writes/s ({clients} clients)", fmt(R["http_ops_s"]), ">= 20,000",
+row(f"HTTP durable writes/s ({clients} clients, TCP)", fmt(R["http_ops_s"]), ">= 20,000",
     None if R["http_ops_s"] is None else R["http_ops_s"] >= 20000)
+row(f"HTTP durable writes/s ({clients} clients, Unix socket)", fmt(R["uhttp_ops_s"]), ">= 20,000",
+    None if R["uhttp_ops_s"] is None else R["uhttp_ops_s"] >= 20000)
 row(f"engine writes/s ({clients} clients)", fmt(R["engine_ops_s"]), ">= 50,000",
     None if R["engine_ops_s"] is None else R["engine_ops_s"] >= 50000)
 row("1-client HTTP p50 / fdatasync p50 (append, per round)",
     f"{fmt(R.get('http1_p50_us'))} us = {R['http1_p50_vs_fsync']}x", "<= 1.5x",
     None if R["http1_p50_vs_fsync"] is None else R["http1_p50_vs_fsync"] <= 1.5)
 row("1-client HTTP p50 / fdatasync p50 (prealloc)", f"{R['http1_p50_vs_prealloc_fsync']}x", "(info)", None)
+row("1-client HTTP p50 / fdatasync p50 (Unix socket)",
+    f"{fmt(R.get('uhttp1_p50_us'))} us = {R['uhttp1_p50_vs_fsync']}x", "<= 1.5x",
+    None if R["uhttp1_p50_vs_fsync"] is None else R["uhttp1_p50_vs_fsync"] <= 1.5)
 row("1-client engine p50 / fdatasync p50 (append)",
     f"{fmt(R.get('engine1_p50_us'))} us = {R['engine1_p50_vs_fsync']}x", "(info)", None)
 row(f"PostgreSQL upserts/s ({clients} / 1 clients)", f"{fmt(R['pg_ops_s'])} / {fmt(R['pg1_ops_s'])}", "", None)
 row(f"SQLite upserts/s ({clients} / 1 threads)", f"{fmt(R['sqlite_ops_s'])} / {fmt(R['sqlite1_ops_s'])}", "", None)
 def x(v):
     return "-" if v is None else f"{v}x"
-row("mirrordb HTTP / PostgreSQL", x(R["http_vs_pg"]), ">= 1.5x",
-    None if R["http_vs_pg"] is None else R["http_vs_pg"] >= 1.5)
+# pgbench reaches PostgreSQL over its Unix socket: like for like is
+# mirrordb over its own; over TCP is shown beside it.
+row("mirrordb HTTP (Unix socket) / PostgreSQL (Unix socket)", x(R["uhttp_vs_pg"]), ">= 1.5x",
+    None if R["uhttp_vs_pg"] is None else R["uhttp_vs_pg"] >= 1.5)
+row("mirrordb HTTP (TCP) / PostgreSQL (Unix socket)", x(R["http_vs_pg"]), "(info)", None)
 row("mirrordb engine / SQLite", x(R["engine_vs_sqlite"]), ">= 10x",
     None if R["engine_vs_sqlite"] is None else R["engine_vs_sqlite"] >= 10)
 if "replay_entries_s" in R:
