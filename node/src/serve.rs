@@ -4,12 +4,16 @@
 //! ```text
 //! Config ──► engine_config ──► open_engine (recovery, blocking thread)
 //!                                   │
-//!            start: check listen rule, bind, serve api::router ──► Server
+//!            start: check listen rule, bind TCP (+ the Unix socket),
+//!                   serve api::router on both ──► Server
 //!                                   │
 //! SIGTERM/SIGINT or Server::shutdown: stop accepting, finish requests,
+//!                                     remove the socket file,
 //!                                     Engine::shutdown (flush, DataFileClose)
 //! ```
 //!
+//! The Unix socket (`api.unix_socket`) serves the same router as TCP;
+//! requests there carry [`api::UnixPeer`] instead of a peer address.
 //! Tests use the same path: `open_engine` + `start` on `127.0.0.1:0`.
 
 use crate::api::{self, ApiState};
