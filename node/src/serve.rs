@@ -96,7 +96,6 @@ pub async fn open_engine(cfg: EngineConfig) -> Result<Engine, ServeError> {
 /// A node serving HTTP.
 pub struct Server {
     addr: SocketAddr,
-    unix_socket: Option<std::path::PathBuf>,
     engine: Engine,
     shared: crate::cluster::SharedEngine,
     cluster: Option<crate::cluster::ClusterNode>,
@@ -168,7 +167,7 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
         let Some((unix, path)) = unix else {
             return tcp.await;
         };
-        let local = axum::serve(
+        let on_socket = axum::serve(
             unix,
             app.layer(axum::Extension(api::UnixPeer))
                 .into_make_service(),
@@ -177,7 +176,7 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
         .into_future();
         // Either failing ends both (the node stops on it); both end
         // together at a graceful shutdown.
-        let served = tokio::try_join!(tcp, local).map(|_| ());
+        let served = tokio::try_join!(tcp, on_socket).map(|_| ());
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "could not remove the API's Unix socket");
         }
@@ -189,7 +188,6 @@ pub async fn start(cfg: &Config, engine: Engine) -> Result<Server, ServeError> {
     }
     Ok(Server {
         addr: local,
-        unix_socket: cfg.api.unix_socket.clone(),
         engine,
         shared,
         cluster,
@@ -241,11 +239,6 @@ impl Server {
     /// `http://ip:port`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// The Unix socket the API is also served on (`api.unix_socket`).
-    pub fn unix_socket(&self) -> Option<&std::path::Path> {
-        self.unix_socket.as_deref()
     }
 
     /// The engine this server started with (a mirror's reseed may replace
