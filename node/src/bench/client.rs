@@ -1,5 +1,6 @@
 //! The HTTP side of `mirrordb bench`: one keep-alive HTTP/1.1 connection per
-//! client, driven by hyper's connection API inside the client's own task.
+//! client, over TCP or the node's Unix socket (`--url unix:PATH`), driven by
+//! hyper's connection API inside the client's own task.
 //!
 //! A load generator shares the machine with the node it measures, so every
 //! microsecond of CPU it spends per request is taken from the node. A
