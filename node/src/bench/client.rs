@@ -174,19 +174,19 @@ impl HttpConn {
     }
 
     async fn exchange(&mut self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
-        if let Some(link) = self.link.as_mut()
+        let mut kept = self.link.take();
+        if let Some(link) = kept.as_mut()
             && futures::poll!(&mut link.conn).is_ready()
         {
             // The server closed the connection while it sat idle: replace
             // it rather than fail a request that was never sent.
-            self.link = None;
+            kept = None;
         }
-        if self.link.is_none() {
-            self.link = Some(connect(&self.target.addr).await?);
-        }
-        let Some(Link { sender, conn }) = self.link.as_mut() else {
-            return Err("no connection".to_owned());
+        let link = match kept {
+            Some(link) => link,
+            None => connect(&self.target.addr).await?,
         };
+        let Link { sender, conn } = self.link.insert(link);
         let (outcome, closed) = {
             let answer = async {
                 sender.ready().await?;

@@ -212,8 +212,9 @@ impl Store {
     }
 
     /// [`Store::apply`] for a large batch replayed from the journal or a
-    /// backup (recovery, restore, a mirror's catch-up): record writes are held back and applied
-    /// at the end of the batch in key order, only the last one per key.
+    /// backup (recovery, restore, a mirror's catch-up): record writes are
+    /// held back and applied at the end of the batch in key order, only the
+    /// last one per key.
     /// The result is the same as applying them one by one; the B-tree is
     /// walked in order (its pages stay in the CPU's caches) and a key
     /// written many times in the batch is written once.
