@@ -7,7 +7,11 @@
 //! share it. If something else installed a recorder first, `/metrics` renders
 //! an empty registry and a warning is logged, instead of failing start-up.
 
+use axum::http::Method;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -129,19 +133,108 @@ fn describe() {
     );
 }
 
+/// The label of a request method: the standard methods by name, any other
+/// `other`, so clients choosing methods cannot grow the registry.
+fn method_label(method: &Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The HTTP metrics' handles of one route: (method, status, request
+/// counter, latency histogram).
+type RouteHandles = Vec<(&'static str, u16, Counter, Histogram)>;
+
+thread_local! {
+    /// Handles already registered, by route: the recorder is process-wide
+    /// and never replaced, so a handle stays valid, and a request then
+    /// costs no label allocation nor registry lookup.
+    static HTTP_HANDLES: RefCell<HashMap<String, RouteHandles>> = RefCell::new(HashMap::new());
+}
+
 /// Records one answered HTTP request.
-pub fn record_http(method: &str, route: &str, status: u16, elapsed: Duration) {
-    metrics::counter!(
-        HTTP_REQUESTS_TOTAL,
-        "method" => method.to_owned(),
-        "route" => route.to_owned(),
-        "status" => status.to_string()
-    )
-    .increment(1);
-    metrics::histogram!(
-        HTTP_REQUEST_SECONDS,
-        "method" => method.to_owned(),
-        "route" => route.to_owned()
-    )
-    .record(elapsed.as_secs_f64());
+pub fn record_http(method: &Method, route: &str, status: u16, elapsed: Duration) {
+    let method = method_label(method);
+    HTTP_HANDLES.with_borrow_mut(|cache| {
+        if !cache.contains_key(route) {
+            cache.insert(route.to_owned(), Vec::new());
+        }
+        let Some(handles) = cache.get_mut(route) else {
+            return;
+        };
+        let at = match handles.iter().position(|h| h.0 == method && h.1 == status) {
+            Some(at) => at,
+            None => {
+                handles.push((
+                    method,
+                    status,
+                    metrics::counter!(
+                        HTTP_REQUESTS_TOTAL,
+                        "method" => method,
+                        "route" => route.to_owned(),
+                        "status" => status.to_string()
+                    ),
+                    metrics::histogram!(
+                        HTTP_REQUEST_SECONDS,
+                        "method" => method,
+                        "route" => route.to_owned()
+                    ),
+                ));
+                handles.len() - 1
+            }
+        };
+        let (_, _, requests, latency) = &handles[at];
+        requests.increment(1);
+        latency.record(elapsed.as_secs_f64());
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_requests_are_counted_per_method_route_and_status_with_bounded_methods() {
+        let h = handle();
+        let route = "/test/metrics/{id}";
+        let odd = Method::from_bytes(b"FROBNICATE").unwrap();
+        for _ in 0..3 {
+            record_http(&Method::PUT, route, 200, Duration::from_micros(300));
+        }
+        record_http(&Method::PUT, route, 409, Duration::from_micros(300));
+        record_http(&odd, route, 405, Duration::from_micros(300));
+        let text = h.render();
+        let count = |labels: &str| {
+            text.lines()
+                .find(|l| l.starts_with(HTTP_REQUESTS_TOTAL) && l.contains(labels))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        assert_eq!(
+            count(r#"method="PUT",route="/test/metrics/{id}",status="200""#),
+            Some(3),
+            "{text}"
+        );
+        assert_eq!(
+            count(r#"method="PUT",route="/test/metrics/{id}",status="409""#),
+            Some(1),
+            "{text}"
+        );
+        assert_eq!(
+            count(r#"method="other",route="/test/metrics/{id}",status="405""#),
+            Some(1),
+            "{text}"
+        );
+        assert!(!text.contains("FROBNICATE"), "{text}");
+    }
 }

@@ -104,25 +104,34 @@ pub fn check(
     })
 }
 
-/// Middleware: authorises the request or answers 401/403.
-pub async fn authorize(State(st): State<ApiState>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_owned();
-    if PUBLIC_PATHS.contains(&path.as_str()) {
-        return next.run(req).await;
+/// Authorises `req`, putting the [`Authorized`] outcome in its extensions,
+/// or answers the 401/403 to send instead.
+pub fn authorize_request(st: &ApiState, req: &mut Request) -> Result<(), ApiError> {
+    let path = req.uri().path();
+    if PUBLIC_PATHS.contains(&path) {
+        return Ok(());
     }
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match check(&st.inner.tokens, req.method(), &path, auth) {
+    match check(&st.inner.tokens, req.method(), path, auth) {
         Ok(a) => {
             req.extensions_mut().insert(a);
-            next.run(req).await
+            Ok(())
         }
         Err(e) => {
             tracing::debug!(path, code = e.code, "request refused");
-            e.into_response()
+            Err(e)
         }
+    }
+}
+
+/// Middleware: authorises the request or answers 401/403.
+pub async fn authorize(State(st): State<ApiState>, mut req: Request, next: Next) -> Response {
+    match authorize_request(&st, &mut req) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
     }
 }
 

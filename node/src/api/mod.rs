@@ -1,7 +1,7 @@
 //! The HTTP/JSON API of one node (DESIGN §2), on axum.
 //!
 //! ```text
-//! request ─► TraceLayer ─► track (metrics) ─► authorize (bearer token, role)
+//! request ─► TraceLayer ─► front: metrics, authorise (bearer token, role), redirect
 //!        ─► routing ─► handler: parse + check limits ─► Engine ─► JSON answer / ApiError
 //! ```
 //!
@@ -197,12 +197,7 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Outside routing: unknown paths are refused before they are
         // revealed as unknown.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authorize,
-        ))
-        .layer(middleware::from_fn(redirect_to_same_path))
-        .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn_with_state(state.clone(), front))
         // A 5xx is an answer the node chose (not_primary during a failover,
         // journal_unavailable, …), each logged where it is decided; logging
         // every one again at ERROR would flood the log in exactly the
@@ -236,58 +231,57 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-/// A `not_primary` redirect names the primary's base URL; point it at the
-/// same path and query there, so clients that follow redirects just work.
-async fn redirect_to_same_path(req: Request, next: Next) -> Response {
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
-    let mut resp = next.run(req).await;
-    if resp.status() == StatusCode::TEMPORARY_REDIRECT {
-        let joined = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .map(|base| format!("{}{target}", base.trim_end_matches('/')))
-            .and_then(|l| header::HeaderValue::from_str(&l).ok());
-        if let Some(l) = joined {
-            resp.headers_mut().insert(header::LOCATION, l);
-        }
-    }
-    resp
-}
-
-/// The route template a request matched, carried out in the response's
-/// extensions for [`track`] (which runs outside routing).
-#[derive(Clone, Debug)]
-struct RouteLabel(String);
-
-/// Copies the matched route template into the response.
-async fn tag_route(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let mut resp = next.run(req).await;
-    if let Some(r) = route {
-        resp.extensions_mut().insert(RouteLabel(r));
-    }
-    resp
-}
-
-/// Records the request count and latency per route (`unmatched` for
-/// unknown paths and requests refused before routing).
-async fn track(req: Request, next: Next) -> Response {
+/// The one middleware outside routing (each layer costs every request a
+/// clone of the service below it): times the request for the per-route
+/// metrics, authorises it (so unknown paths are refused before they are
+/// revealed as unknown), and points a `not_primary` redirect at the same
+/// path and query on the primary.
+async fn front(State(st): State<ApiState>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let resp = next.run(req).await;
+    let method = req.method().clone();
+    let target = req.uri().path_and_query().cloned();
+    let mut resp = match auth::authorize_request(&st, &mut req) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
+    };
+    if resp.status() == StatusCode::TEMPORARY_REDIRECT {
+        redirect_to_same_path(&mut resp, target.as_ref().map_or("", |t| t.as_str()));
+    }
     let route = resp
         .extensions()
         .get::<RouteLabel>()
         .map_or("unmatched", |r| r.0.as_str());
     crate::metrics::record_http(&method, route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// A `not_primary` redirect names the primary's base URL; point it at
+/// `target` (the request's path and query) there, so clients that follow
+/// redirects just work.
+fn redirect_to_same_path(resp: &mut Response, target: &str) {
+    let joined = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .map(|base| format!("{}{target}", base.trim_end_matches('/')))
+        .and_then(|l| header::HeaderValue::from_str(&l).ok());
+    if let Some(l) = joined {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+}
+
+/// The route template a request matched, carried out in the response's
+/// extensions for [`front`] (which runs outside routing).
+#[derive(Clone, Debug)]
+struct RouteLabel(MatchedPath);
+
+/// Copies the matched route template into the response.
+async fn tag_route(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let mut resp = next.run(req).await;
+    if let Some(r) = route {
+        resp.extensions_mut().insert(RouteLabel(r));
+    }
     resp
 }
 
