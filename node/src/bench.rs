@@ -17,10 +17,11 @@
 
 mod client;
 
+pub use client::{HttpConn, HttpTarget};
+
 use crate::engine::{Engine, EngineConfig};
 use crate::model::{ClientIdentity, SessionId, WriteOp};
 use anyhow::{Context, anyhow, bail};
-use client::{HttpConn, HttpTarget};
 use hyper::Method;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

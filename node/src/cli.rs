@@ -160,7 +160,8 @@ pub struct ServeArgs {
 /// `mirrordb healthcheck`.
 #[derive(Debug, Clone, Args)]
 pub struct HealthcheckArgs {
-    /// The node's base URL.
+    /// The node's base URL (plain `http://`), or `unix:PATH` for the node's
+    /// `api.unix_socket`.
     #[arg(long, env = "MIRRORDB_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
     /// Bearer token (not needed for /health, sent if given).
@@ -430,21 +431,23 @@ async fn node_call(
 
 async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
     let url = format!("{}/health", a.url.trim_end_matches('/'));
-    let client = match reqwest::Client::builder().timeout(a.timeout).build() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("mirrordb healthcheck: {e}");
-            return ExitCode::FAILURE;
+    let unhealthy = |e: &str| {
+        if a.json {
+            println!("{}", serde_json::json!({"error": e}));
+        } else {
+            eprintln!("unhealthy: {url}: {e}");
         }
+        ExitCode::FAILURE
     };
-    let mut req = client.get(&url);
-    if let Some(t) = &a.token {
-        req = req.bearer_auth(t);
-    }
-    match req.send().await {
-        Ok(resp) => {
-            let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
+    let target = match crate::bench::HttpTarget::parse(&a.url, a.token.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return unhealthy(&e),
+    };
+    let path = target.path("/health");
+    let mut conn = crate::bench::HttpConn::new(target, a.timeout);
+    match conn.request(hyper::Method::GET, &path, None).await {
+        Ok((status, body)) => {
+            let body = String::from_utf8_lossy(&body);
             if a.json {
                 println!("{body}");
             } else if status.is_success() {
@@ -452,20 +455,13 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
             } else {
                 println!("unhealthy: {url} answered {status}: {body}");
             }
-            if status == reqwest::StatusCode::OK {
+            if status == hyper::StatusCode::OK {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             }
         }
-        Err(e) => {
-            if a.json {
-                println!("{}", serde_json::json!({"error": e.to_string()}));
-            } else {
-                eprintln!("unhealthy: {url}: {e}");
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => unhealthy(&e),
     }
 }
 

@@ -1555,6 +1555,43 @@ async fn config_errors_stop_the_binary_naming_the_key() {
 }
 
 #[tokio::test]
+async fn healthcheck_reaches_a_node_over_its_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!("[api]\nunix_socket = {:?}\n", sock.to_str().unwrap()),
+    )
+    .unwrap();
+    let node = ChildNode::spawn_with(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let url = format!("unix:{}", sock.display());
+
+    phase("healthcheck over the socket: exit 0 and the node's answer");
+    let (status, out, err) = run_mirrordb(&["healthcheck", "--url", &url, "--json"]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], "ok");
+
+    phase("node stopped, socket removed: exit 1, saying why");
+    let status = node.terminate().unwrap();
+    assert!(status.success(), "{status}");
+    let (status, out, err) =
+        run_mirrordb(&["healthcheck", "--url", &url, "--timeout", "500ms"]).unwrap();
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(err.contains("unhealthy"), "{err}");
+
+    phase("a URL it cannot use: exit 1 with the reason");
+    let (status, out, err) =
+        run_mirrordb(&["healthcheck", "--url", "https://127.0.0.1:1", "--json"]).unwrap();
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("plain http://"), "{out}");
+}
+
+#[tokio::test]
 async fn child_process_serves_stops_cleanly_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

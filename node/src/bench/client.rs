@@ -12,6 +12,8 @@
 //! fair. A connection the server closed while it sat idle is replaced before
 //! it is used; one that breaks during a request fails that request (the
 //! bench counts it as an error) and is reopened for the next.
+//! `mirrordb healthcheck` uses the same client, so it reaches a node over
+//! either transport too.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
