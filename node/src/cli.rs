@@ -164,6 +164,12 @@ pub struct HealthcheckArgs {
     /// `api.unix_socket`.
     #[arg(long, env = "MIRRORDB_URL", default_value = "http://127.0.0.1:7070")]
     pub url: String,
+    /// The path probed under the URL: `/health` (the node is up), or on a
+    /// cluster node `/primary` (a writable primary) or `/mirror` (a mirror
+    /// within its lag). A URL with a `#fragment` probes the URL's own path,
+    /// as a browser would send it.
+    #[arg(long, default_value = "/health")]
+    pub path: String,
     /// Bearer token (not needed for /health, sent if given).
     #[arg(long, env = "MIRRORDB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -430,7 +436,13 @@ async fn node_call(
 }
 
 async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
-    let url = format!("{}/health", a.url.trim_end_matches('/'));
+    // A fragment is never sent, and it swallows the path appended after it:
+    // `http://host:7070/primary#` probes /primary.
+    let (base, probe) = match a.url.split_once('#') {
+        Some((base, _)) => (base, ""),
+        None => (a.url.as_str(), a.path.as_str()),
+    };
+    let url = format!("{}{probe}", base.trim_end_matches('/'));
     let unhealthy = |e: &str| {
         if a.json {
             println!("{}", serde_json::json!({"error": e}));
@@ -439,11 +451,17 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
         }
         ExitCode::FAILURE
     };
-    let target = match crate::bench::HttpTarget::parse(&a.url, a.token.as_deref()) {
+    if !probe.is_empty() && !probe.starts_with('/') {
+        return unhealthy(&format!("--path {probe:?} must start with /"));
+    }
+    let target = match crate::bench::HttpTarget::parse(base, a.token.as_deref()) {
         Ok(t) => t,
         Err(e) => return unhealthy(&e),
     };
-    let path = target.path("/health");
+    let mut path = target.path(probe);
+    if path.is_empty() {
+        path.push('/');
+    }
     let mut conn = crate::bench::HttpConn::new(target, a.timeout);
     match conn.request(hyper::Method::GET, &path, None).await {
         Ok((status, body)) => {

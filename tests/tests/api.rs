@@ -1576,6 +1576,19 @@ async fn healthcheck_reaches_a_node_over_its_unix_socket() {
     assert!(status.success(), "{out}{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], "ok");
 
+    phase("--path /primary: the role probe, which a standalone node passes");
+    let (status, out, err) =
+        run_mirrordb(&["healthcheck", "--url", &url, "--path", "/primary", "--json"]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["primary"],
+        true,
+        "{out}"
+    );
+    let (status, out, err) =
+        run_mirrordb(&["healthcheck", "--url", &url, "--path", "/v1/nothing"]).unwrap();
+    assert_eq!(status.code(), Some(1), "a 404 is unhealthy: {out}{err}");
+
     phase("node stopped, socket removed: exit 1, saying why");
     let status = node.terminate().unwrap();
     assert!(status.success(), "{status}");
@@ -1610,6 +1623,15 @@ async fn child_process_serves_stops_cleanly_and_restarts() {
     let (status, out, _) = run_mirrordb(&["healthcheck", "--url", &node.base, "--json"]).unwrap();
     assert!(status.success(), "{out}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], "ok");
+    // A fragment is not sent and swallows the /health appended after it.
+    let fragment = format!("{}/primary#", node.base);
+    let (status, out, _) = run_mirrordb(&["healthcheck", "--url", &fragment, "--json"]).unwrap();
+    assert!(status.success(), "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["primary"],
+        true,
+        "{out}"
+    );
 
     phase("SIGTERM: clean exit 0");
     let base = node.base.clone();
