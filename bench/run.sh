@@ -40,7 +40,9 @@
 #   RESULTS_JSON=path  also write every figure as one JSON object there
 #
 # Everything it creates lives in one scratch directory that is removed on
-# exit (also on failure or Ctrl-C); servers it started are stopped.
+# exit (also on failure or Ctrl-C); servers it started are stopped. One run
+# at a time: a second one refuses to start (a lock in BENCH_DIR), and a run
+# stops if something else already answers on PORT.
 
 set -euo pipefail
 
@@ -96,6 +98,13 @@ loadavg() { cut -d' ' -f1 /proc/loadavg | tee -a "$OUT/loads.txt"; }
 command -v curl >/dev/null || die "curl is needed (apt-get install -y curl)"
 command -v python3 >/dev/null || die "python3 is needed"
 
+# One run at a time: a second run beside this one would use the same ports
+# (its clients could measure this run's servers) and load the same cores.
+if command -v flock >/dev/null; then
+    exec 9>"$BENCH_DIR/mirrordb-bench.lock"
+    flock -n 9 || die "another bench/run.sh is running (it holds $BENCH_DIR/mirrordb-bench.lock); runs share ports and cores: wait for it"
+fi
+
 # ---------------------------------------------------------------- 1. machine
 log "machine"
 put nproc "$(nproc)"
@@ -134,6 +143,9 @@ cat "$WORK/fsync.txt"
 # start_server NAME [FLUSH_INTERVAL DIRTY_MAX]: mirrordb serve on $WORK/NAME.
 start_server() {
     local name=$1 flush=${2:-1s} dirty=${3:-64MiB}
+    if curl -fsS -o /dev/null "http://127.0.0.1:$PORT/health" 2>/dev/null; then
+        die "something already answers on port $PORT: stop it or set PORT"
+    fi
     mkdir -p "$WORK/$name"
     cat > "$WORK/$name.toml" <<EOF
 [node]
@@ -149,7 +161,7 @@ cache_bytes = "${CACHE_MIB}MiB"
 [api]
 unix_socket = "$WORK/$name.sock"
 EOF
-    "$BIN" serve --config "$WORK/$name.toml" --json >> "$WORK/$name.log" 2>&1 &
+    "$BIN" serve --config "$WORK/$name.toml" --json >> "$WORK/$name.log" 2>&1 9>&- &
     SERVER_PID=$!
     for _ in $(seq 600); do
         if curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then return 0; fi
@@ -238,7 +250,7 @@ wal_sync_method = fdatasync
 full_page_writes = on
 shared_buffers = 256MB
 EOF
-    su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -D '$PG_DATA' -l '$WORK/pg/log' -w start" >/dev/null
+    su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -D '$PG_DATA' -l '$WORK/pg/log' -w start" >/dev/null 9>&-
     "$PG_BIN/psql" -X -q -h "$WORK/pg/sock" -p "$PG_PORT" -U postgres -d postgres \
         -c "CREATE TABLE kv (k text PRIMARY KEY, v jsonb NOT NULL)"
     # The same 256-byte JSON object mirrordb bench writes, as jsonb.
