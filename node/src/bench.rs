@@ -15,11 +15,8 @@
 //! access pattern can be repeated. The figures are what the client saw:
 //! for HTTP they include the request round trip.
 
-mod client;
-
-pub use client::{HttpConn, HttpTarget};
-
 use crate::engine::{Engine, EngineConfig};
+use crate::http_client::{HttpConn, HttpTarget};
 use crate::model::{ClientIdentity, SessionId, WriteOp};
 use anyhow::{Context, anyhow, bail};
 use hyper::Method;

@@ -454,7 +454,7 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
     if !probe.is_empty() && !probe.starts_with('/') {
         return unhealthy(&format!("--path {probe:?} must start with /"));
     }
-    let target = match crate::bench::HttpTarget::parse(base, a.token.as_deref()) {
+    let target = match crate::http_client::HttpTarget::parse(base, a.token.as_deref()) {
         Ok(t) => t,
         Err(e) => return unhealthy(&e),
     };
@@ -462,7 +462,7 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
     if path.is_empty() {
         path.push('/');
     }
-    let mut conn = crate::bench::HttpConn::new(target, a.timeout);
+    let mut conn = crate::http_client::HttpConn::new(target, a.timeout);
     match conn.request(hyper::Method::GET, &path, None).await {
         Ok((status, body)) => {
             let body = String::from_utf8_lossy(&body);

@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod http_client;
 pub mod journal;
 pub mod metrics;
 pub mod model;

@@ -1,6 +1,7 @@
-//! The HTTP side of `mirrordb bench`: one keep-alive HTTP/1.1 connection per
-//! client, over TCP or the node's Unix socket (`--url unix:PATH`), driven by
-//! hyper's connection API inside the client's own task.
+//! A lean HTTP/1.1 client for the node's own tools: one keep-alive
+//! connection per caller, over TCP or the node's Unix socket (`--url
+//! unix:PATH`), driven by hyper's connection API inside the caller's task.
+//! `mirrordb bench` runs one per load client; `mirrordb healthcheck` one.
 //!
 //! A load generator shares the machine with the node it measures, so every
 //! microsecond of CPU it spends per request is taken from the node. A
@@ -12,8 +13,6 @@
 //! fair. A connection the server closed while it sat idle is replaced before
 //! it is used; one that breaks during a request fails that request (the
 //! bench counts it as an error) and is reopened for the next.
-//! `mirrordb healthcheck` uses the same client, so it reaches a node over
-//! either transport too.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
