@@ -165,37 +165,49 @@ thread_local! {
 pub fn record_http(method: &Method, route: &str, status: u16, elapsed: Duration) {
     let method = method_label(method);
     HTTP_HANDLES.with_borrow_mut(|cache| {
-        if !cache.contains_key(route) {
-            cache.insert(route.to_owned(), Vec::new());
+        if let Some(handles) = cache.get_mut(route) {
+            record_in(handles, method, route, status, elapsed);
+        } else {
+            let mut handles = RouteHandles::new();
+            record_in(&mut handles, method, route, status, elapsed);
+            cache.insert(route.to_owned(), handles);
         }
-        let Some(handles) = cache.get_mut(route) else {
-            return;
-        };
-        let at = match handles.iter().position(|h| h.0 == method && h.1 == status) {
-            Some(at) => at,
-            None => {
-                handles.push((
-                    method,
-                    status,
-                    metrics::counter!(
-                        HTTP_REQUESTS_TOTAL,
-                        "method" => method,
-                        "route" => route.to_owned(),
-                        "status" => status.to_string()
-                    ),
-                    metrics::histogram!(
-                        HTTP_REQUEST_SECONDS,
-                        "method" => method,
-                        "route" => route.to_owned()
-                    ),
-                ));
-                handles.len() - 1
-            }
-        };
-        let (_, _, requests, latency) = &handles[at];
-        requests.increment(1);
-        latency.record(elapsed.as_secs_f64());
     });
+}
+
+/// Records one request in its route's handles, registering the (method,
+/// status) pair on its first use.
+fn record_in(
+    handles: &mut RouteHandles,
+    method: &'static str,
+    route: &str,
+    status: u16,
+    elapsed: Duration,
+) {
+    let at = match handles.iter().position(|h| h.0 == method && h.1 == status) {
+        Some(at) => at,
+        None => {
+            handles.push((
+                method,
+                status,
+                metrics::counter!(
+                    HTTP_REQUESTS_TOTAL,
+                    "method" => method,
+                    "route" => route.to_owned(),
+                    "status" => status.to_string()
+                ),
+                metrics::histogram!(
+                    HTTP_REQUEST_SECONDS,
+                    "method" => method,
+                    "route" => route.to_owned()
+                ),
+            ));
+            handles.len() - 1
+        }
+    };
+    let (_, _, requests, latency) = &handles[at];
+    requests.increment(1);
+    latency.record(elapsed.as_secs_f64());
 }
 
 #[cfg(test)]
