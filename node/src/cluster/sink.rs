@@ -375,22 +375,7 @@ impl JournalSink for EngineSink {
         // every epoch: created at the current epoch, it refused entry 1 as
         // stale (`stale_epoch`) for ever. Fencing a deposed primary is the
         // session's job (its fence epoch comes from the control plane).
-        let epoch = REWOUND_EPOCH;
-        let new_dir = sibling(&self.cfg.data_dir, NEW_SUFFIX);
-        let nd = new_dir.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-            if nd.exists() {
-                std::fs::remove_dir_all(&nd).map_err(io_err("remove an unfinished build"))?;
-            }
-            let b = DataFileBuilder::create(&nd, db_id, epoch, 0)
-                .map_err(|e| StorageError::Io(format!("build an empty data directory: {e}")))?;
-            b.finish(None)
-                .map_err(|e| StorageError::Io(format!("build an empty data directory: {e}")))?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageError::Io(format!("build task: {e}")))??;
-        self.swap_in(new_dir, false).await?;
+        self.reset_to_empty(db_id, REWOUND_EPOCH).await?;
         Ok(self.position())
     }
 
