@@ -427,6 +427,23 @@ pub fn run_mirrordb(args: &[&str]) -> anyhow::Result<(ExitStatus, String, String
     ))
 }
 
+/// The record count of table `table` in a node's `GET /v1/tables` (at
+/// `url`), or `None` when it is not listed; with the listing itself, for an
+/// assertion's message.
+pub async fn table_records(
+    client: &reqwest::Client,
+    url: &str,
+    table: &str,
+) -> anyhow::Result<(Option<u64>, serde_json::Value)> {
+    let tables: serde_json::Value = client.get(url).send().await?.json().await?;
+    let count = tables
+        .as_array()
+        .or_else(|| tables["tables"].as_array())
+        .and_then(|a| a.iter().find(|t| t["name"] == table))
+        .map(|t| t["records"].as_u64().unwrap_or(0));
+    Ok((count, tables))
+}
+
 /// Sends raw bytes over a new TCP connection and reads the answer until the
 /// server closes it, a complete JSON answer has arrived, or `timeout`
 /// passes; for requests a well-behaved HTTP client will not send (a

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use mirrordb_tests::{ChildNode, phase};
+use mirrordb_tests::{ChildNode, phase, table_records};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,19 +74,9 @@ async fn a_missing_data_file_is_restored_from_backups_and_the_journal() {
     let node = ChildNode::spawn_with(&data, &["--config", cfg]).unwrap();
     let report = node.recovery_report().unwrap();
     eprintln!("recovery report: {report}");
-    let tables: Value = c
-        .get(node.url("/v1/tables"))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let (count, tables) = table_records(&c, &node.url("/v1/tables"), "t")
         .await
         .unwrap();
-    let count = tables
-        .as_array()
-        .or_else(|| tables["tables"].as_array())
-        .and_then(|a| a.iter().find(|t| t["name"] == "t"))
-        .map(|t| t["records"].as_u64().unwrap_or(0));
     assert_eq!(count, Some(60), "{tables}");
     for k in ["a0", "b19", "c19"] {
         let r = c

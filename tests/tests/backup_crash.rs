@@ -10,7 +10,7 @@
 
 use mirrordb::backup::verify::{VerifyOptions, verify};
 use mirrordb::backup::{Catalog, RestoreTarget, Until, restore_into};
-use mirrordb_tests::{ChildNode, phase, seed};
+use mirrordb_tests::{ChildNode, phase, seed, table_records};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -110,19 +110,9 @@ async fn killed_mid_backup_leaves_no_complete_looking_partial_set() {
             .await
             .unwrap();
         assert_eq!(h["journal_available"], true, "{h}");
-        let tables: Value = c
-            .get(node.url("/v1/tables"))
-            .send()
-            .await
-            .unwrap()
-            .json()
+        let (count, tables) = table_records(&c, &node.url("/v1/tables"), "t")
             .await
             .unwrap();
-        let count = tables
-            .as_array()
-            .or_else(|| tables["tables"].as_array())
-            .and_then(|a| a.iter().find(|t| t["name"] == "t"))
-            .map(|t| t["records"].as_u64().unwrap_or(0));
         assert_eq!(count, Some(RECORDS as u64), "{tables}");
         let list: Value = c
             .get(node.url("/v1/backups"))
