@@ -740,8 +740,9 @@ impl BackupService {
         // runs (a snapshot held 6-10 s under 32 writers, nothing read:
         // 0.69 of the write rate without one; 0.83-0.87 with this flush).
         // It also puts the checkpoint past S, so the archived segments can
-        // be dropped at the end. After it the periodic flush waits until
-        // the snapshot is dropped (`FlushHold`, taken by the barrier).
+        // be dropped at the end. After it the periodic flush runs more
+        // often until the snapshot is dropped (`OpenSnapshot`, taken by
+        // the barrier).
         if let Err(e) = self.engine().flush().await {
             tracing::warn!(error = %e, "flush after the backup barrier");
         }

@@ -317,8 +317,7 @@ impl Lane {
 
     /// Flushes when something is unflushed and the interval has passed, the
     /// dirty bytes reached their bound, or `force`; while a backup snapshot
-    /// is open only when forced or far past the bound
-    /// ([`super::backup::FlushHold`]).
+    /// is open the interval is shorter ([`super::backup::OpenSnapshot`]).
     pub fn maybe_flush(&mut self, force: bool) {
         let behind =
             self.replayer.complete_lsn() > self.shared.checkpoint_lsn.load(Ordering::Relaxed);
@@ -326,18 +325,23 @@ impl Lane {
         if !(behind || history || self.dirty_bytes > 0) {
             return;
         }
-        let held = self.shared.flush_holds.load(Ordering::Acquire) > 0
-            && self.dirty_bytes
-                < self
-                    .dirty_bytes_max
-                    .saturating_mul(super::backup::FLUSH_HOLD_DIRTY_FACTOR);
+        let snapshot_open = self.shared.open_snapshots.load(Ordering::Acquire) > 0;
         let due = force
-            || (!held
-                && (self.dirty_bytes >= self.dirty_bytes_max
-                    || self.last_flush.elapsed() >= self.flush_interval));
+            || self.dirty_bytes >= self.dirty_bytes_max
+            || self.last_flush.elapsed() >= flush_interval(self.flush_interval, snapshot_open);
         if due && let Err(e) = self.flush() {
             tracing::error!(error = %e, "data file flush failed");
         }
+    }
+}
+
+/// The periodic flush's interval: the configured one, or a quarter of it
+/// while a backup snapshot is open ([`super::backup::OpenSnapshot`]).
+fn flush_interval(configured: Duration, snapshot_open: bool) -> Duration {
+    if snapshot_open {
+        configured / super::backup::SNAPSHOT_FLUSH_DIVISOR
+    } else {
+        configured
     }
 }
 
@@ -402,5 +406,17 @@ fn run(lane: &Mutex<Lane>, wake: &Receiver<()>) {
         if l.failed.is_none() {
             l.maybe_flush(false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_periodic_flush_runs_four_times_as_often_while_a_snapshot_is_open() {
+        let configured = Duration::from_secs(1);
+        assert_eq!(flush_interval(configured, false), configured);
+        assert_eq!(flush_interval(configured, true), Duration::from_millis(250));
     }
 }

@@ -137,9 +137,9 @@ pub(crate) struct Shared {
     pub lease_until_ms: AtomicU64,
     pub lock: Mutex<backup::LockStatus>,
     pub sessions: Mutex<HashMap<ClientIdentity, SessionId>>,
-    /// Backup snapshots open now: the periodic flush waits while there are
-    /// any ([`backup::FlushHold`]).
-    pub flush_holds: AtomicUsize,
+    /// Backup snapshots open now: the periodic flush runs more often while
+    /// there are any ([`backup::OpenSnapshot`]).
+    pub open_snapshots: AtomicUsize,
 }
 
 impl Shared {
@@ -272,7 +272,7 @@ impl Engine {
             role: Mutex::new(cfg.role.clone()),
             epoch_history: Mutex::new(rec.epoch_history.clone()),
             epoch: AtomicU64::new(rec.journal.epoch()),
-            flush_holds: AtomicUsize::new(0),
+            open_snapshots: AtomicUsize::new(0),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);

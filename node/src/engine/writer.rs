@@ -1240,7 +1240,7 @@ impl Writer {
             segments,
             snapshot: Snapshot {
                 view,
-                _hold: super::backup::FlushHold::new(self.shared.clone()),
+                _open: super::backup::OpenSnapshot::new(self.shared.clone()),
             },
         })
     }
