@@ -18,9 +18,10 @@
 //!
 //! [`Lane`] holds the data file's write side: the store, the [`Replayer`]
 //! and the flush state. Whoever changes the data file holds the lane's
-//! mutex. On the primary each batch is applied right after its fsync and
-//! before it is acknowledged (by the apply stage, or by the writer when
-//! nothing waits), so an acknowledged write is visible to the next read. On
+//! mutex. On the primary each batch is applied by the apply stage during
+//! its fsync and committed right after it, and a read waits for the
+//! commits of the writes acknowledged before it ([`super::visible`]), so
+//! an acknowledged write is visible to the next read. On
 //! a mirror the writer only appends and fsyncs replicated entries; the
 //! applier thread follows the durable journal and applies it, so neither a
 //! slow apply nor a 50–100 ms flush delays the mirror's acknowledgement.
@@ -195,6 +196,7 @@ impl Lane {
             *v = applied;
             changed
         });
+        self.shared.read_gate.wake();
         self.shared
             .dirty_bytes
             .store(self.dirty_bytes, Ordering::Relaxed);
@@ -262,6 +264,7 @@ impl Lane {
             self.shared.record_error(msg.clone());
             self.failed = Some(msg);
             self.shared.apply_failed.store(true, Ordering::Release);
+            self.shared.read_gate.wake();
         }
         e
     }

@@ -18,6 +18,7 @@ pub mod replay;
 pub mod replica;
 mod stage;
 pub mod store;
+mod visible;
 mod writer;
 
 pub use backup::{
@@ -140,6 +141,9 @@ pub(crate) struct Shared {
     /// Backup snapshots open now: the periodic flush runs more often while
     /// there are any ([`backup::OpenSnapshot`]).
     pub open_snapshots: AtomicUsize,
+    /// Writes acknowledged before the data file held them, and the reads
+    /// waiting for it to ([`visible`]).
+    pub read_gate: visible::ReadGate,
 }
 
 impl Shared {
@@ -273,6 +277,7 @@ impl Engine {
             epoch_history: Mutex::new(rec.epoch_history.clone()),
             epoch: AtomicU64::new(rec.journal.epoch()),
             open_snapshots: AtomicUsize::new(0),
+            read_gate: visible::ReadGate::default(),
         });
         metrics::gauge!("mirrordb_journal_available").set(1.0);
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE_DEPTH);
@@ -462,7 +467,8 @@ impl Engine {
     }
 
     /// Writes records: one operation is a single write, more are one atomic
-    /// transaction. Answers after the entries are durable and applied.
+    /// transaction. Answers after the entries are durable; a read that
+    /// starts after the answer sees them (it waits for the data file).
     pub async fn write(
         &self,
         session: SessionId,
@@ -590,15 +596,23 @@ impl Engine {
         .await
     }
 
+    /// A read view holding every write acknowledged so far.
+    fn view(&self) -> Result<store::ReadView, ReadError> {
+        self.inner
+            .shared
+            .wait_visible()
+            .map_err(ReadError::Storage)?;
+        self.inner
+            .store
+            .read()
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
     /// One record, if present.
     pub fn get(&self, table: &str, key: &str) -> Result<Option<Record>, ReadError> {
         model::validate_table(table)?;
         model::validate_key(key)?;
-        let view = self
-            .inner
-            .store
-            .read()
-            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let view = self.view()?;
         view.get(table, key)
             .map_err(|e| ReadError::Storage(e.to_string()))
     }
@@ -613,22 +627,14 @@ impl Engine {
     ) -> Result<ScanPage, ReadError> {
         model::validate_table(table)?;
         let limit = limit.clamp(1, model::MAX_SCAN_LIMIT);
-        let view = self
-            .inner
-            .store
-            .read()
-            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let view = self.view()?;
         view.scan(table, prefix, start_after, limit)
             .map_err(|e| ReadError::Storage(e.to_string()))
     }
 
     /// Every table.
     pub fn tables(&self) -> Result<Vec<TableInfo>, ReadError> {
-        let view = self
-            .inner
-            .store
-            .read()
-            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let view = self.view()?;
         view.tables().map_err(|e| ReadError::Storage(e.to_string()))
     }
 
@@ -636,11 +642,7 @@ impl Engine {
     pub fn blob(&self, table: &str, key: &str) -> Result<Option<BlobStream>, ReadError> {
         model::validate_table(table)?;
         model::validate_key(key)?;
-        let view = self
-            .inner
-            .store
-            .read()
-            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let view = self.view()?;
         let Some(meta) = view
             .blob(table, key)
             .map_err(|e| ReadError::Storage(e.to_string()))?
@@ -700,11 +702,7 @@ impl Engine {
 
     /// Number of records and a digest of the whole content.
     pub fn digest(&self) -> Result<(u64, u32), ReadError> {
-        let view = self
-            .inner
-            .store
-            .read()
-            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let view = self.view()?;
         view.digest().map_err(|e| ReadError::Storage(e.to_string()))
     }
 

@@ -1,14 +1,17 @@
 //! The primary's apply stage: it applies a group-commit batch to the data
 //! file while the writer thread fdatasyncs that batch's journal entries,
-//! and acknowledges it once both are done.
+//! and commits it once they are durable.
 //!
 //! ```text
-//! writer thread:  plan N ─ hand N over ─ write + fdatasync N ─ synced(N) ─ plan N+1 ─ hand N+1 over ─ …
-//! apply stage:                 apply N ─────── wait ────────── commit N, ack N    apply N+1 ─ …
+//! writer thread:  plan N ─ hand N over ─ write + fdatasync N ─ synced(N), ack N ─ plan N+1 ─ hand N+1 over ─ …
+//! apply stage:                 apply N ─────── wait ────────── commit N    apply N+1 ─ …
 //! ```
 //!
-//! A write is acknowledged only once it is durable *and* applied, as
-//! before. The stage's data-file transaction commits (becomes visible to
+//! The writer answers a batch of journal entries itself once they are
+//! durable, and reads wait for the stage's commit ([`super::visible`]);
+//! the stage answers a batch that also writes an unjournaled table (the
+//! data file is that write's only copy) once it is durable *and* applied.
+//! The stage's data-file transaction commits (becomes visible to
 //! readers) only after the writer reports the batch's entries durable
 //! ([`Stage::synced`]), and is abandoned, its clients answered
 //! `journal_unavailable`, if the journal write or sync failed
@@ -55,14 +58,15 @@ use std::thread::JoinHandle;
 /// Batches handed over and not yet taken by the stage.
 const QUEUE: usize = 4;
 
-/// A reply waiting for its batch to become durable and applied.
+/// A reply waiting for its batch to become durable (and, when the stage
+/// answers it, applied).
 pub(crate) enum Pending {
     Ack(Reply<WriteAck>, WriteAck),
     Session(Reply<SessionId>, SessionId),
 }
 
 impl Pending {
-    fn send_ok(self) {
+    pub fn send_ok(self) {
         match self {
             Pending::Ack(r, a) => {
                 let _ = r.send(Ok(a));

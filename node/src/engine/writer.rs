@@ -5,21 +5,24 @@
 //!        ▲                                                    │
 //!        │                        hand over ◄─────────────────┤
 //!        │                            │              one write + one fdatasync
-//!     acks ◄── commit ◄── apply stage (applies meanwhile) ◄── report synced
+//!     acks ◄──────────────────────────┼───────────────── report synced
+//!                                     ▼                        │
+//!                 apply stage (applies meanwhile) ── commit ◄──┘
 //! ```
 //!
 //! The apply stage ([`super::stage`]) applies a batch while this thread
-//! syncs it, and commits and acknowledges it once it is durable.
+//! syncs it, and commits it once it is durable.
 //!
 //! Every write goes through this thread, so LSNs are dense and a
 //! transaction's entries are contiguous. A request is acknowledged only
-//! after its entries are durable and applied (so a read after an
-//! acknowledged write sees it). If a journal write or fdatasync fails the
+//! after its entries are durable; reads wait until the data file holds
+//! every acknowledged write ([`super::visible`]), so a read after an
+//! acknowledged write sees it. If a journal write or fdatasync fails the
 //! journal becomes unavailable: the failed batch and every later write are
 //! refused with `journal_unavailable`, and the error is never retried
 //! (DESIGN §3). Reads go on. The data file's write side (applying, the
-//! cache flush) is the [`Lane`] of `engine::apply`: the apply stage (or this
-//! thread, when nothing waits) applies the primary's batches; on a mirror
+//! cache flush) is the [`Lane`] of `engine::apply`: the apply stage applies
+//! the primary's batches; on a mirror
 //! this thread only appends and fsyncs, and the applier thread applies and
 //! flushes.
 
@@ -578,6 +581,16 @@ impl Writer {
         }
         drop(view);
         let journaled = !entries.is_empty();
+        // A batch that is all journal entries is answered here as soon as
+        // it is durable; reads wait for the stage's commit instead
+        // ([`super::visible`]). Writes to unjournaled tables are durable
+        // only through the data file: their batch is answered by the stage.
+        let answer_here = journaled && unjournaled.is_empty();
+        let (pending, early, ops_staged) = if answer_here {
+            (Vec::new(), pending, 0)
+        } else {
+            (pending, Vec::new(), ops_acked)
+        };
         // The stage applies the batch while it is written and synced, and
         // commits it once it is reported durable.
         self.stage.hand_over(Batch {
@@ -585,7 +598,7 @@ impl Writer {
             entries,
             unjournaled,
             pending,
-            ops: ops_acked,
+            ops: ops_staged,
         });
         if journaled && self.unavailable.is_none() {
             if let Err(e) = self.journal.write_out() {
@@ -603,14 +616,40 @@ impl Writer {
             }
         }
         if journaled && let Some(msg) = self.unavailable.clone() {
+            for p in early {
+                p.send_err(WriteError::JournalUnavailable(msg.clone()));
+            }
             self.stage.sync_failed(seq, msg);
             return;
         }
         let last = self.journal.last_lsn();
         self.shared.durable_lsn.store(last, Ordering::Release);
         let _ = self.shared.durable_tx.send_replace(last);
+        // The stage first: reads wait for its commit, the answers only for
+        // this thread.
         self.stage.synced(seq);
+        if !early.is_empty() {
+            self.answer_durable(early, last, ops_acked);
+        }
         self.after_batch();
+    }
+
+    /// Answers a batch whose entries (up to `last`) are durable, before
+    /// the stage commits it: reads wait for that commit from now on.
+    fn answer_durable(&mut self, early: Vec<Pending>, last: u64, ops: u64) {
+        if self.lease_lapsed() {
+            // Durable here, but the lease ran out meanwhile: another node
+            // may be primary already, so this node does not acknowledge it.
+            for p in early {
+                p.send_err(fenced("written locally but not acknowledged"));
+            }
+            return;
+        }
+        self.shared.read_gate.acknowledged(last);
+        metrics::counter!("mirrordb_writes_total").increment(ops);
+        for p in early {
+            p.send_ok();
+        }
     }
 
     /// Decides what a write request journals; checks its preconditions
