@@ -103,7 +103,7 @@ pub async fn get_blob(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (table, key) = table_key(path)?;
-    let Some(blob) = st.engine().blob(&table, &key)? else {
+    let Some(blob) = st.engine().reader_async().await?.blob(&table, &key)? else {
         return Err(ApiError::not_found(format!("no BLOB {table}/{key}")));
     };
     let size = blob.size;

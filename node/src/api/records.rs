@@ -162,7 +162,7 @@ pub async fn get_record(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (table, key) = table_key(path)?;
-    let Some(rec) = st.engine().get(&table, &key)? else {
+    let Some(rec) = st.engine().reader_async().await?.get(&table, &key)? else {
         return Err(ApiError::not_found(format!("no record {table}/{key}")));
     };
     let tag = etag(rec.version);
@@ -230,9 +230,11 @@ pub async fn scan(
         )));
     }
     let prefix = q.prefix.unwrap_or_default();
-    let page = st
-        .engine()
-        .scan(&table, &prefix, q.start_after.as_deref(), limit)?;
+    let page =
+        st.engine()
+            .reader_async()
+            .await?
+            .scan(&table, &prefix, q.start_after.as_deref(), limit)?;
     // Stored values are JSON checked at write time: embed them as they are.
     let mut out = Vec::with_capacity(
         64 + page

@@ -39,7 +39,7 @@ pub async fn list(
     query: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     query.map_err(query_error)?;
-    let tables = st.engine().tables()?;
+    let tables = st.engine().reader_async().await?.tables()?;
     Ok(json_ok(&TableList { tables }))
 }
 

@@ -596,28 +596,42 @@ impl Engine {
         .await
     }
 
-    /// A read view holding every write acknowledged so far.
-    fn view(&self) -> Result<store::ReadView, ReadError> {
-        self.inner
-            .shared
-            .wait_visible()
+    /// A reader that sees every write acknowledged before this call: it
+    /// waits, blocking the thread, until the data file holds them (no wait
+    /// when no write is in flight; see [`visible`]).
+    pub fn reader(&self) -> Result<Reader, ReadError> {
+        let shared = &self.inner.shared;
+        shared
+            .wait_visible(shared.read_point())
             .map_err(ReadError::Storage)?;
-        self.inner
+        self.open_reader()
+    }
+
+    /// [`Engine::reader`] for a task: waits without holding up its thread.
+    pub async fn reader_async(&self) -> Result<Reader, ReadError> {
+        let shared = &self.inner.shared;
+        shared
+            .visible_async(shared.read_point())
+            .await
+            .map_err(ReadError::Storage)?;
+        self.open_reader()
+    }
+
+    fn open_reader(&self) -> Result<Reader, ReadError> {
+        let view = self
+            .inner
             .store
             .read()
-            .map_err(|e| ReadError::Storage(e.to_string()))
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        Ok(Reader { view })
     }
 
-    /// One record, if present.
+    /// One record, if present ([`Reader::get`]).
     pub fn get(&self, table: &str, key: &str) -> Result<Option<Record>, ReadError> {
-        model::validate_table(table)?;
-        model::validate_key(key)?;
-        let view = self.view()?;
-        view.get(table, key)
-            .map_err(|e| ReadError::Storage(e.to_string()))
+        self.reader()?.get(table, key)
     }
 
-    /// An ordered page of records (see [`store::ReadView::scan`]).
+    /// An ordered page of records ([`Reader::scan`]).
     pub fn scan(
         &self,
         table: &str,
@@ -625,57 +639,22 @@ impl Engine {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<ScanPage, ReadError> {
-        model::validate_table(table)?;
-        let limit = limit.clamp(1, model::MAX_SCAN_LIMIT);
-        let view = self.view()?;
-        view.scan(table, prefix, start_after, limit)
-            .map_err(|e| ReadError::Storage(e.to_string()))
+        self.reader()?.scan(table, prefix, start_after, limit)
     }
 
-    /// Every table.
+    /// Every table ([`Reader::tables`]).
     pub fn tables(&self) -> Result<Vec<TableInfo>, ReadError> {
-        let view = self.view()?;
-        view.tables().map_err(|e| ReadError::Storage(e.to_string()))
+        self.reader()?.tables()
     }
 
-    /// A BLOB as a stream of chunks, read from one consistent snapshot.
+    /// A BLOB as a stream of chunks ([`Reader::blob`]).
     pub fn blob(&self, table: &str, key: &str) -> Result<Option<BlobStream>, ReadError> {
-        model::validate_table(table)?;
-        model::validate_key(key)?;
-        let view = self.view()?;
-        let Some(meta) = view
-            .blob(table, key)
-            .map_err(|e| ReadError::Storage(e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        let (tx, rx) = mpsc::channel::<Result<Bytes, ReadError>>(4);
-        std::thread::Builder::new()
-            .name("mirrordb-blob-read".into())
-            .spawn(move || {
-                let mut index = 0u32;
-                loop {
-                    match view.blob_chunk(meta.blob_id, index) {
-                        Ok(Some(c)) => {
-                            if tx.blocking_send(Ok(Bytes::from(c))).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => return,
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(ReadError::Storage(e.to_string())));
-                            return;
-                        }
-                    }
-                    index += 1;
-                }
-            })
-            .map_err(|e| ReadError::Storage(e.to_string()))?;
-        Ok(Some(BlobStream {
-            size: meta.size,
-            version: meta.version,
-            rx,
-        }))
+        self.reader()?.blob(table, key)
+    }
+
+    /// Number of records and a digest of the whole content.
+    pub fn digest(&self) -> Result<(u64, u32), ReadError> {
+        self.reader()?.digest()
     }
 
     /// Positions and health.
@@ -698,12 +677,6 @@ impl Engine {
             journal_error: err,
             dirty_bytes: s.dirty_bytes.load(Ordering::Relaxed),
         }
-    }
-
-    /// Number of records and a digest of the whole content.
-    pub fn digest(&self) -> Result<(u64, u32), ReadError> {
-        let view = self.view()?;
-        view.digest().map_err(|e| ReadError::Storage(e.to_string()))
     }
 
     /// Flushes the data file now; answers the new checkpoint LSN.
@@ -795,6 +768,92 @@ impl Stream for BlobStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         self.rx.poll_recv(cx)
+    }
+}
+
+/// A consistent read view of the data file that holds every write
+/// acknowledged before it was opened ([`Engine::reader`]).
+pub struct Reader {
+    view: store::ReadView,
+}
+
+impl Reader {
+    /// One record, if present.
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<Record>, ReadError> {
+        model::validate_table(table)?;
+        model::validate_key(key)?;
+        self.view
+            .get(table, key)
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// An ordered page of records (see [`store::ReadView::scan`]).
+    pub fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, ReadError> {
+        model::validate_table(table)?;
+        let limit = limit.clamp(1, model::MAX_SCAN_LIMIT);
+        self.view
+            .scan(table, prefix, start_after, limit)
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// Every table.
+    pub fn tables(&self) -> Result<Vec<TableInfo>, ReadError> {
+        self.view
+            .tables()
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// A BLOB as a stream of chunks, read from one consistent snapshot.
+    pub fn blob(self, table: &str, key: &str) -> Result<Option<BlobStream>, ReadError> {
+        model::validate_table(table)?;
+        model::validate_key(key)?;
+        let view = self.view;
+        let Some(meta) = view
+            .blob(table, key)
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let (tx, rx) = mpsc::channel::<Result<Bytes, ReadError>>(4);
+        std::thread::Builder::new()
+            .name("mirrordb-blob-read".into())
+            .spawn(move || {
+                let mut index = 0u32;
+                loop {
+                    match view.blob_chunk(meta.blob_id, index) {
+                        Ok(Some(c)) => {
+                            if tx.blocking_send(Ok(Bytes::from(c))).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(ReadError::Storage(e.to_string())));
+                            return;
+                        }
+                    }
+                    index += 1;
+                }
+            })
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        Ok(Some(BlobStream {
+            size: meta.size,
+            version: meta.version,
+            rx,
+        }))
+    }
+
+    /// Number of records and a digest of the whole content.
+    pub fn digest(&self) -> Result<(u64, u32), ReadError> {
+        self.view
+            .digest()
+            .map_err(|e| ReadError::Storage(e.to_string()))
     }
 }
 

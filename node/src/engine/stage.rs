@@ -21,8 +21,10 @@
 //! in-process writes at 32 clients went from 56,000–65,000 to
 //! 61,000–86,000/s in interleaved pairs (BENCHMARKS.md).
 //! Batches are applied in the order they were journaled; at most [`QUEUE`]
-//! wait for the stage, and those that queued up while it was busy go into
-//! one data-file transaction together.
+//! wait for the stage, and those that queued up while it was busy and are
+//! already reported durable go into one data-file transaction together
+//! (never one that is not yet: its failed sync would abandon the batches
+//! before it, which may have been answered).
 //!
 //! Preconditions (`if_version`) of a batch are checked before the batches
 //! ahead of it are applied, so the writer keeps the versions its
@@ -163,6 +165,12 @@ impl Synced {
         self.changed.notify_all();
     }
 
+    /// The last batch reported durable (every batch before it is too).
+    fn durable(&self) -> u64 {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.failed.is_some() { 0 } else { s.synced }
+    }
+
     /// Waits until batch `seq`'s entries are durable; the error is why they
     /// never will be.
     fn wait(&self, seq: u64) -> Result<(), String> {
@@ -218,10 +226,26 @@ impl Stage {
                 .name("mirrordb-apply".into())
                 .spawn(move || {
                     no_wakeup_preemption();
-                    while let Ok(mut group) = rx.recv() {
+                    let mut held: Option<Batch> = None;
+                    loop {
+                        let mut group = match held.take() {
+                            Some(b) => b,
+                            None => match rx.recv() {
+                                Ok(b) => b,
+                                Err(_) => break,
+                            },
+                        };
                         // Batches that queued up while the last was applied
-                        // go into one data-file transaction.
+                        // go into one data-file transaction, those already
+                        // reported durable only: a sync that fails abandons
+                        // the whole transaction, and a batch answered at its
+                        // fdatasync must not go with it.
+                        let durable = synced.durable();
                         while let Ok(next) = rx.try_recv() {
+                            if next.seq > durable {
+                                held = Some(next);
+                                break;
+                            }
                             group.merge(next);
                         }
                         let seq = group.seq;

@@ -949,6 +949,48 @@ fn writes_are_answered_at_their_fsync_and_reads_wait_for_the_data_file() {
     assert_eq!(value(&e, "t", "k").as_deref(), Some("2"));
 }
 
+/// The API's reads wait for the data file the same way but without
+/// holding up their thread: on a one-thread runtime, a timer fires while a
+/// read waits for an acknowledged write the stage cannot commit yet (the
+/// test holds the lane), and the read then sees the write.
+#[test]
+fn async_reads_wait_for_the_data_file_without_blocking_their_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let writes = rt();
+    writes
+        .block_on(e.write(SessionId::SYSTEM, vec![put("t", "k", "1")]))
+        .unwrap();
+    let lane = e.inner.lane.clone();
+    let guard = apply::lock(&lane);
+    writes
+        .block_on(e.write(SessionId::SYSTEM, vec![put("t", "k", "2")]))
+        .unwrap();
+    let one_thread = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let read = one_thread.block_on(async {
+        let reader = {
+            let e = e.clone();
+            tokio::spawn(async move {
+                let r = e.reader_async().await?;
+                r.get("t", "k")
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !reader.is_finished(),
+            "the read answered before the data file held the acknowledged write: {:?}",
+            reader.await
+        );
+        drop(guard);
+        reader.await.unwrap()
+    });
+    let rec = read.unwrap().expect("the acknowledged write is read");
+    assert_eq!(rec.value, b"2".to_vec());
+}
+
 /// When the data file fails to take a batch that was already acknowledged
 /// (it is durable in the journal), nothing more is applied or accepted,
 /// reads answer an error rather than a state without the acknowledged
@@ -1049,6 +1091,61 @@ fn nothing_is_acknowledged_or_applied_after_an_unjournaled_batch_fails_to_apply(
         "a batch behind it was applied"
     );
     assert!(view.get("u", "before").unwrap().is_some());
+}
+
+/// Batches that queue up while the stage is busy share a data-file
+/// transaction only once they are durable: a batch answered at its
+/// fdatasync must not be abandoned with a later batch whose sync failed
+/// (the node would then never show a write it acknowledged). The test
+/// holds the lane so that three batches queue up, reports the first two
+/// durable and the third lost, and lets go.
+#[test]
+fn a_failed_sync_never_takes_an_earlier_answered_batch_with_it() {
+    use super::stage::{Batch, Stage};
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let mut stage = Stage::start(e.inner.lane.clone(), e.inner.shared.clone()).unwrap();
+    let next = e.inner.shared.durable_lsn.load(Ordering::Acquire) + 1;
+    // Answered by the writer at its fdatasync: nothing for the stage to send.
+    let batch = |stage: &mut Stage, lsn: u64, key: &str| Batch {
+        seq: stage.next_seq(),
+        entries: vec![(
+            lsn,
+            Op::Put {
+                session: SessionId::SYSTEM,
+                table: "t".into(),
+                key: key.into(),
+                value: b"1".to_vec(),
+            },
+        )],
+        unjournaled: Vec::new(),
+        pending: Vec::new(),
+        ops: 1,
+    };
+    let guard = apply::lock(&e.inner.lane);
+    let seqs: Vec<u64> = ["first", "answered", "lost"]
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let b = batch(&mut stage, next + i as u64, key);
+            let seq = b.seq;
+            stage.hand_over(b);
+            seq
+        })
+        .collect();
+    stage.synced(seqs[1]);
+    stage.sync_failed(seqs[2], "injected fdatasync failure".into());
+    drop(guard);
+    stage.drain();
+    let view = e.inner.store.read().unwrap();
+    assert!(view.get("t", "first").unwrap().is_some());
+    assert!(
+        view.get("t", "answered").unwrap().is_some(),
+        "a durable batch was abandoned with the lost one behind it"
+    );
+    assert!(view.get("t", "lost").unwrap().is_none());
+    drop(view);
+    drop(stage);
 }
 
 /// A batch refused because the journal failed still counts for the apply
