@@ -4,8 +4,8 @@
 //! every write acknowledged so far.
 //!
 //! ```text
-//! writer:  fdatasync N ─ acked_lsn = last LSN of N ─ answer N's clients ─ synced(N)
-//! stage:                                                 commit N ─ applied_lsn ─ wake readers
+//! writer:  fdatasync N ─ synced(N) ─ acked_lsn = last LSN of N ─ answer N's clients
+//! stage:                      └► commit N ─ applied_lsn ─ wake readers
 //! read:    need = acked_lsn ─ applied_lsn ≥ need? ─ read view   (else wait, at most READ_WAIT)
 //! ```
 //!
@@ -17,8 +17,8 @@
 //! cost a 50/50 read/write load at 32 clients up to a fifth of its
 //! throughput on 2 cores, the async wait nothing measurable. Answering at
 //! the fdatasync takes the stage's wake-up and commit off every write's
-//! latency; one client writing alone went from 201–224 µs to 157–175 µs
-//! in-process (BENCHMARKS.md). If the data file fails to take a batch that
+//! latency; one client writing alone went from 201–255 µs to 136–183 µs
+//! in-process (BENCHMARKS.md, "Answered at the fdatasync"). If the data file fails to take a batch that
 //! was acknowledged, the batch stays in the journal (the next start replays
 //! it), the node refuses writes, and reads answer `storage_error` instead of
 //! a state that misses an acknowledged write.
