@@ -194,16 +194,6 @@ async fn start(
 
 /// Starts `names` (all data nodes unless named `w…`), forms the cluster.
 /// `n1`'s clock runs `n1_behind_ms` behind the others'.
-async fn cluster(
-    net: &MemNetwork,
-    names: &[&str],
-    n1_behind_ms: u64,
-    shutdown: &watch::Receiver<bool>,
-) -> Vec<TestNode> {
-    cluster_timed(net, names, n1_behind_ms, fast_timing(), shutdown).await
-}
-
-/// [`cluster`] with other timings.
 async fn cluster_timed(
     net: &MemNetwork,
     names: &[&str],
@@ -264,6 +254,68 @@ async fn cluster_timed(
             .unwrap();
     }
     nodes
+}
+
+/// One test's nodes on an in-memory network, and the switch that stops
+/// their drivers.
+struct TestCluster {
+    net: MemNetwork,
+    nodes: Vec<TestNode>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+}
+
+impl TestCluster {
+    /// [`cluster_timed`] on a fresh network seeded with [`seed`].
+    async fn start(names: &[&str], n1_behind_ms: u64, timing: Timing) -> TestCluster {
+        Self::start_seeded(seed(), names, n1_behind_ms, timing).await
+    }
+
+    /// [`TestCluster::start`] with a network seed of the test's own.
+    async fn start_seeded(
+        seed: u64,
+        names: &[&str],
+        n1_behind_ms: u64,
+        timing: Timing,
+    ) -> TestCluster {
+        let net = MemNetwork::new(seed);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let nodes = cluster_timed(&net, names, n1_behind_ms, timing, &stop_rx).await;
+        TestCluster {
+            net,
+            nodes,
+            stop_tx,
+            stop_rx,
+        }
+    }
+
+    /// Starts one more node on the network, not yet a member.
+    async fn start_node(&self, name: &str) -> TestNode {
+        start(
+            &self.net,
+            name,
+            system_clock(),
+            fast_timing(),
+            &self.stop_rx,
+        )
+        .await
+    }
+
+    /// The node called `name`.
+    fn by(&self, name: &str) -> &TestNode {
+        match self.nodes.iter().find(|n| n.name.as_str() == name) {
+            Some(n) => n,
+            None => panic!("no node {name}"),
+        }
+    }
+
+    /// Stops every driver, then shuts Raft down on every node.
+    async fn stop(self) {
+        self.stop_tx.send(true).unwrap();
+        for n in &self.nodes {
+            n.raft.shutdown().await.unwrap();
+        }
+    }
 }
 
 /// Polls `f` on `node`'s applied state until it holds.
@@ -364,10 +416,9 @@ async fn primary_with_a_slow_clock_still_fences_first() {
 }
 
 async fn partition_the_primary(n1_behind_ms: u64) {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], n1_behind_ms, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], n1_behind_ms, fast_timing()).await;
+    let (net, nodes) = (&c.net, &c.nodes);
+    let by = |name: &str| c.by(name);
 
     eprintln!("--- a fresh cluster promotes the lowest-named of equal nodes");
     let s = wait_state(by("n1"), "n1 primary", |s| {
@@ -409,7 +460,7 @@ async fn partition_the_primary(n1_behind_ms: u64) {
     by("n1").role.set_position(1, 20);
     by("n2").role.set_position(1, 15);
     by("n3").role.set_position(1, 18);
-    wait_positions(&nodes, &[("n1", 20), ("n2", 15), ("n3", 18)]).await;
+    wait_positions(nodes, &[("n1", 20), ("n2", 15), ("n3", 18)]).await;
 
     eprintln!("--- partition n1 away from n2 and n3");
     net.partition(&[by("n1").id], &[by("n2").id, by("n3").id]);
@@ -436,18 +487,14 @@ async fn partition_the_primary(n1_behind_ms: u64) {
         by("n1").role.first_time(&Told::Unfence).is_none(),
         "a deposed primary never unfences"
     );
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_switchover_waits_for_catch_up_then_swaps_roles() {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], 0, fast_timing()).await;
+    let nodes = &c.nodes;
+    let by = |name: &str| c.by(name);
     wait_state(by("n2"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
@@ -484,22 +531,18 @@ async fn planned_switchover_waits_for_catch_up_then_swaps_roles() {
     })
     .await;
     assert_eq!(s.epoch_history.last(), Some(&(Epoch(2), Lsn(31))));
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn witness_as_raft_leader_promotes_a_data_node() {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
     // The witness forms the cluster, so it is (almost always) the first
     // Raft leader: forcing a later election onto it races the primary's
     // renewals (a voter with a longer log refuses it) and the followers'
     // leader lease, and did not reliably succeed on a loaded machine.
-    let nodes = cluster(&net, &["w", "n1", "n2"], 0, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["w", "n1", "n2"], 0, fast_timing()).await;
+    let net = &c.net;
+    let by = |name: &str| c.by(name);
     wait_state(by("w"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
@@ -544,16 +587,11 @@ async fn witness_as_raft_leader_promotes_a_data_node() {
     .await
     .unwrap()
     .unwrap();
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_survives_a_change_of_raft_leader() {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
     // A lease long enough to outlive a forced change of Raft leader, so
     // the new leader finds the switchover (not a lapsed primary) and must
     // finish it.
@@ -563,8 +601,9 @@ async fn switchover_survives_a_change_of_raft_leader() {
         switchover_timeout_ms: 8000,
         ..fast_timing()
     };
-    let nodes = cluster_timed(&net, &["n1", "n2", "n3"], 0, timing, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], 0, timing).await;
+    let (net, nodes) = (&c.net, &c.nodes);
+    let by = |name: &str| c.by(name);
     wait_state(by("n2"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
@@ -617,18 +656,14 @@ async fn switchover_survives_a_change_of_raft_leader() {
         "held writes were never reopened: {:?}",
         by("n1").role.told()
     );
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_that_times_out_reopens_writes_on_the_same_primary() {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], 0, fast_timing()).await;
+    let nodes = &c.nodes;
+    let by = |name: &str| c.by(name);
     wait_state(by("n2"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
@@ -659,19 +694,15 @@ async fn switchover_that_times_out_reopens_writes_on_the_same_primary() {
     assert_eq!(s.switchover, None);
     assert_eq!(s.primary, Some(NodeId::from("n1")));
     assert_eq!(s.epoch, Epoch(1));
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_mode_fails_over_only_to_the_sync_set() {
     use mirrordb_failover::state::{Applied, CommitPolicy};
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], 0, fast_timing()).await;
+    let net = &c.net;
+    let by = |name: &str| c.by(name);
     wait_state(by("n2"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
@@ -709,10 +740,7 @@ async fn quorum_mode_fails_over_only_to_the_sync_set() {
             .all(|(_, t)| !matches!(t, Told::Primary(..))),
         "n2 must not be promoted"
     );
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 /// Seeded random partitions and message drops while the drivers run; at no
@@ -722,22 +750,22 @@ async fn quorum_mode_fails_over_only_to_the_sync_set() {
 async fn random_partitions_never_give_two_writable_primaries() {
     use rand::{Rng, SeedableRng};
     let seed = seed();
-    let net = MemNetwork::new(seed);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = Arc::new(cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await);
+    let c = Arc::new(TestCluster::start_seeded(seed, &["n1", "n2", "n3"], 0, fast_timing()).await);
+    let (net, nodes) = (&c.net, &c.nodes);
     wait_state(&nodes[1], "a primary", |s| s.primary.is_some()).await;
     let clock = system_clock();
 
     eprintln!("--- sample who accepts writes while the network misbehaves");
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
-        let (nodes, sampling, clock) = (nodes.clone(), sampling.clone(), clock.clone());
+        let (c, sampling, clock) = (c.clone(), sampling.clone(), clock.clone());
         tokio::spawn(async move {
             let mut violations = Vec::new();
             let mut samples = 0u64;
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
                 let now = clock();
-                let writable: Vec<(String, Epoch)> = nodes
+                let writable: Vec<(String, Epoch)> = c
+                    .nodes
                     .iter()
                     .filter_map(|n| n.role.writable(now).map(|e| (n.name.to_string(), e)))
                     .collect();
@@ -814,18 +842,17 @@ async fn random_partitions_never_give_two_writable_primaries() {
         "two writable primaries (seed {seed}): {:?}",
         &violations[..violations.len().min(5)]
     );
-    stop_tx.send(true).unwrap();
-    for n in nodes.iter() {
-        n.raft.shutdown().await.unwrap();
+    match Arc::try_unwrap(c) {
+        Ok(c) => c.stop().await,
+        Err(_) => panic!("the sampler still holds the cluster"),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_down_releases_the_lease_and_a_successor_takes_over() {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], 0, fast_timing()).await;
+    let nodes = &c.nodes;
+    let by = |name: &str| c.by(name);
     wait_state(by("n2"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
@@ -834,7 +861,7 @@ async fn step_down_releases_the_lease_and_a_successor_takes_over() {
     for n in ["n1", "n2", "n3"] {
         by(n).role.set_position(1, 20);
     }
-    wait_positions(&nodes, &[("n1", 20), ("n2", 20), ("n3", 20)]).await;
+    wait_positions(nodes, &[("n1", 20), ("n2", 20), ("n3", 20)]).await;
     // A mirror is not affected.
     by("n3").handle.step_down().await.unwrap();
 
@@ -852,10 +879,7 @@ async fn step_down_releases_the_lease_and_a_successor_takes_over() {
     wait_told(by("n1"), Told::Mirror(NodeId::from("n2"), Epoch(2))).await;
     assert!(by("n1").role.first_time(&Told::Unfence).is_none());
     assert!(by("n3").role.first_time(&Told::Fence).is_none());
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 /// The primary hands Raft leadership to another voter (a witness first), so
@@ -867,10 +891,9 @@ async fn raft_leadership_moves_off_the_primary() {
         (&["n1", "n2", "n3"][..], None),
         (&["n1", "n2", "w1"][..], Some("w1")),
     ] {
-        let net = MemNetwork::new(seed());
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let nodes = cluster(&net, names, 0, &stop_rx).await;
-        let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+        let c = TestCluster::start(names, 0, fast_timing()).await;
+        let nodes = &c.nodes;
+        let by = |name: &str| c.by(name);
         wait_state(by("n1"), "n1 primary", |s| {
             s.primary == Some(NodeId::from("n1"))
         })
@@ -887,7 +910,7 @@ async fn raft_leadership_moves_off_the_primary() {
             }
         );
         let started = Instant::now();
-        let leader = handed_off(&nodes, "n1").await.name.clone();
+        let leader = handed_off(nodes, "n1").await.name.clone();
         eprintln!("--- {leader} leads Raft after {:?}", started.elapsed());
         if let Some(expect) = expect {
             assert_eq!(leader.as_str(), expect, "a witness is the preferred leader");
@@ -915,10 +938,7 @@ async fn raft_leadership_moves_off_the_primary() {
             "the hand-off never fenced the primary: {:?}",
             by("n1").role.told()
         );
-        stop_tx.send(true).unwrap();
-        for n in &nodes {
-            n.raft.shutdown().await.unwrap();
-        }
+        c.stop().await;
     }
 }
 
@@ -929,8 +949,6 @@ async fn raft_leadership_moves_off_the_primary() {
 /// to renew its lease meanwhile, fenced itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_voter_does_not_depose_the_leader() {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
     // The term checks below catch a deposed leader; the lease is long so
     // that a renewal delayed by a loaded machine (one fenced the primary
     // after 260 ms once, in a full test run on 2 cores) is not mistaken
@@ -940,8 +958,9 @@ async fn a_returning_voter_does_not_depose_the_leader() {
         lease_ttl_ms: 2000,
         ..fast_timing()
     };
-    let nodes = cluster_timed(&net, &["n1", "n2", "n3"], 0, timing, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], 0, timing).await;
+    let (net, nodes) = (&c.net, &c.nodes);
+    let by = |name: &str| c.by(name);
     wait_state(by("n1"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
@@ -949,7 +968,7 @@ async fn a_returning_voter_does_not_depose_the_leader() {
     wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
 
     eprintln!("--- wait until the primary n1 has handed Raft leadership over");
-    let leader_node = handed_off(&nodes, "n1").await;
+    let leader_node = handed_off(nodes, "n1").await;
     let (leader, term) = (
         leader_node.id,
         leader_node.raft.metrics().borrow().current_term,
@@ -979,7 +998,7 @@ async fn a_returning_voter_does_not_depose_the_leader() {
     );
     net.heal();
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    for n in &nodes {
+    for n in nodes {
         let m = n.raft.metrics().borrow().clone();
         assert_eq!(m.current_term, term, "{}: the term moved on: {m:?}", n.name);
         assert_eq!(m.current_leader, Some(leader), "{}: another leader", n.name);
@@ -989,26 +1008,22 @@ async fn a_returning_voter_does_not_depose_the_leader() {
         "the primary fenced itself: {:?}",
         by("n1").role.told()
     );
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 /// Before a graceful stop the Raft leader hands leadership to a voter that
 /// is not the primary, and the primary keeps its lease throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_leader_yields_to_a_mirror_not_the_primary() {
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
-    let by = |name: &str| nodes.iter().find(|n| n.name.as_str() == name).unwrap();
+    let c = TestCluster::start(&["n1", "n2", "n3"], 0, fast_timing()).await;
+    let nodes = &c.nodes;
+    let by = |name: &str| c.by(name);
     wait_state(by("n1"), "n1 primary", |s| {
         s.primary == Some(NodeId::from("n1"))
     })
     .await;
     wait_told(by("n1"), Told::Primary(Epoch(1), Lsn(1))).await;
-    let leader = handed_off(&nodes, "n1").await;
+    let leader = handed_off(nodes, "n1").await;
     let other = nodes
         .iter()
         .find(|n| n.id != leader.id && n.name.as_str() != "n1")
@@ -1039,10 +1054,7 @@ async fn a_stopping_leader_yields_to_a_mirror_not_the_primary() {
         "the primary fenced itself: {:?}",
         by("n1").role.told()
     );
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
 
 /// A Raft voter the member records do not name yet (a node half-way
@@ -1056,17 +1068,15 @@ async fn a_stopping_leader_yields_to_a_mirror_not_the_primary() {
 async fn a_voter_not_yet_recorded_as_a_member_never_campaigns() {
     use openraft::ChangeMembers;
     use std::collections::BTreeSet;
-    let net = MemNetwork::new(seed());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut nodes = cluster(&net, &["n1", "n2", "n3"], 0, &stop_rx).await;
-    let n4 = start(&net, "n4", system_clock(), fast_timing(), &stop_rx).await;
+    let mut c = TestCluster::start(&["n1", "n2", "n3"], 0, fast_timing()).await;
+    let n4 = c.start_node("n4").await;
     let leader_of = |nodes: &[TestNode]| {
         nodes
             .iter()
             .find_map(|n| n.raft.metrics().borrow().current_leader)
     };
-    let first = leader_of(&nodes).expect("a leader");
-    let leader = nodes.iter().find(|n| n.id == first).expect("leader node");
+    let first = leader_of(&c.nodes).expect("a leader");
+    let leader = c.nodes.iter().find(|n| n.id == first).expect("leader node");
     leader
         .raft
         .add_learner(
@@ -1100,16 +1110,17 @@ async fn a_voter_not_yet_recorded_as_a_member_never_campaigns() {
             }
         }
     });
-    nodes.push(n4);
+    c.nodes.push(n4);
 
     for round in 0..6 {
-        let old = leader_of(&nodes).expect("a leader");
-        let others: Vec<u64> = nodes.iter().map(|n| n.id).filter(|&i| i != old).collect();
+        let old = leader_of(&c.nodes).expect("a leader");
+        let others: Vec<u64> = c.nodes.iter().map(|n| n.id).filter(|&i| i != old).collect();
         eprintln!("--- round {round}: cut the Raft leader {old:x} off");
-        net.partition(&[old], &others);
+        c.net.partition(&[old], &others);
         let deadline = Instant::now() + WAIT;
         let new = loop {
-            let seen_by_others: Vec<Option<u64>> = nodes
+            let seen_by_others: Vec<Option<u64>> = c
+                .nodes
                 .iter()
                 .filter(|n| n.id != old)
                 .map(|n| n.raft.metrics().borrow().current_leader)
@@ -1127,7 +1138,7 @@ async fn a_voter_not_yet_recorded_as_a_member_never_campaigns() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_ne!(new, n4_id, "round {round}: n4 leads before it is a member");
-        net.heal();
+        c.net.heal();
         tokio::time::sleep(Duration::from_millis(3 * fast_timing().election_max_ms)).await;
     }
     watcher.abort();
@@ -1136,8 +1147,5 @@ async fn a_voter_not_yet_recorded_as_a_member_never_campaigns() {
         None,
         "n4 campaigned before it was a member"
     );
-    stop_tx.send(true).unwrap();
-    for n in &nodes {
-        n.raft.shutdown().await.unwrap();
-    }
+    c.stop().await;
 }
