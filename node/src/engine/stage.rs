@@ -68,7 +68,7 @@ pub(crate) enum Pending {
 }
 
 impl Pending {
-    pub fn send_ok(self) {
+    fn send_ok(self) {
         match self {
             Pending::Ack(r, a) => {
                 let _ = r.send(Ok(a));
@@ -419,9 +419,15 @@ fn finish(lane: &Mutex<Lane>, shared: &Shared, batch: Batch, synced: &Synced) {
         }
         return;
     }
+    answer_durable(shared, pending, ops);
+}
+
+/// Answers the requests of a batch that is durable (and, for the stage's
+/// batches, applied), counting its `ops`: unless the lease ran out
+/// meanwhile, when another node may be primary already and this node
+/// acknowledges nothing.
+pub(crate) fn answer_durable(shared: &Shared, pending: Vec<Pending>, ops: u64) {
     if shared.lease_lapsed() {
-        // Durable here, but the lease ran out meanwhile: another node may
-        // be primary already, so this node does not acknowledge it.
         for p in pending {
             p.send_err(super::writer::fenced(
                 "written locally but not acknowledged",

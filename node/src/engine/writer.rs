@@ -629,27 +629,12 @@ impl Writer {
         // this thread.
         self.stage.synced(seq);
         if !early.is_empty() {
-            self.answer_durable(early, last, ops_acked);
+            // Before the answers go: from now on a read waits for the
+            // stage's commit of this batch.
+            self.shared.read_gate.acknowledged(last);
+            super::stage::answer_durable(&self.shared, early, ops_acked);
         }
         self.after_batch();
-    }
-
-    /// Answers a batch whose entries (up to `last`) are durable, before
-    /// the stage commits it: reads wait for that commit from now on.
-    fn answer_durable(&mut self, early: Vec<Pending>, last: u64, ops: u64) {
-        if self.lease_lapsed() {
-            // Durable here, but the lease ran out meanwhile: another node
-            // may be primary already, so this node does not acknowledge it.
-            for p in early {
-                p.send_err(fenced("written locally but not acknowledged"));
-            }
-            return;
-        }
-        self.shared.read_gate.acknowledged(last);
-        metrics::counter!("mirrordb_writes_total").increment(ops);
-        for p in early {
-            p.send_ok();
-        }
     }
 
     /// Decides what a write request journals; checks its preconditions
