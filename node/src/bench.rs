@@ -611,7 +611,11 @@ impl Conn {
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
-                Planned::Read(k) => engine.get(table, k).map(|_| ()).map_err(|e| e.to_string()),
+                Planned::Read(k) => engine
+                    .get_async(table, k)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
                 Planned::Delete(k) => engine
                     .write(
                         *session,

@@ -162,7 +162,7 @@ pub async fn get_record(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (table, key) = table_key(path)?;
-    let Some(rec) = st.engine().reader_async().await?.get(&table, &key)? else {
+    let Some(rec) = st.engine().get_async(&table, &key).await? else {
         return Err(ApiError::not_found(format!("no record {table}/{key}")));
     };
     let tag = etag(rec.version);

@@ -626,9 +626,27 @@ impl Engine {
         Ok(Reader { view })
     }
 
-    /// One record, if present ([`Reader::get`]).
+    /// One record, if present ([`Reader::get`]), with every acknowledged
+    /// write to it. It waits only for the batches in flight that wrote
+    /// this record (or one sharing its slot, [`visible`]), not for all of
+    /// them as [`Engine::reader`] does, so a read of a record nobody is
+    /// writing answers at once under a write load.
     pub fn get(&self, table: &str, key: &str) -> Result<Option<Record>, ReadError> {
-        self.reader()?.get(table, key)
+        let shared = &self.inner.shared;
+        shared
+            .wait_visible(shared.record_read_point(table, key))
+            .map_err(ReadError::Storage)?;
+        self.open_reader()?.get(table, key)
+    }
+
+    /// [`Engine::get`] for a task: waits without holding up its thread.
+    pub async fn get_async(&self, table: &str, key: &str) -> Result<Option<Record>, ReadError> {
+        let shared = &self.inner.shared;
+        shared
+            .visible_async(shared.record_read_point(table, key))
+            .await
+            .map_err(ReadError::Storage)?;
+        self.open_reader()?.get(table, key)
     }
 
     /// An ordered page of records ([`Reader::scan`]).

@@ -949,6 +949,81 @@ fn writes_are_answered_at_their_fsync_and_reads_wait_for_the_data_file() {
     assert_eq!(value(&e, "t", "k").as_deref(), Some("2"));
 }
 
+/// A read of one record waits only for the acknowledged batches that wrote
+/// it (or changed more than records), not for every write in flight: with
+/// the lane held (the stage cannot commit), a read of a record the pending
+/// write did not touch answers at once, while a read of the written record
+/// and a scan wait. A batch that creates a table holds up every record
+/// read.
+#[test]
+fn a_record_read_waits_only_for_acknowledged_writes_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    rt.block_on(e.write(
+        SessionId::SYSTEM,
+        vec![put("t", "written", "1"), put("t", "other", "7")],
+    ))
+    .unwrap();
+    fn in_thread(
+        e: &Engine,
+        f: impl FnOnce(&Engine) -> Option<String> + Send + 'static,
+    ) -> std::sync::mpsc::Receiver<Option<String>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(f(&e));
+        });
+        rx
+    }
+    let answered = |rx: &std::sync::mpsc::Receiver<Option<String>>| {
+        rx.recv_timeout(Duration::from_millis(300)).ok()
+    };
+    let guard = apply::lock(&e.inner.lane);
+    rt.block_on(e.write(SessionId::SYSTEM, vec![put("t", "written", "2")]))
+        .unwrap();
+
+    let other = in_thread(&e, |e| value(e, "t", "other"));
+    assert_eq!(
+        answered(&other),
+        Some(Some("7".into())),
+        "a read of a record no pending write touched waited"
+    );
+    let written = in_thread(&e, |e| value(e, "t", "written"));
+    let scanned = in_thread(&e, |e| {
+        let page = e.scan("t", "", None, 10).unwrap();
+        Some(page.records.len().to_string() + &String::from_utf8_lossy(&page.records[1].value))
+    });
+    assert_eq!(
+        answered(&written),
+        None,
+        "the written record was read before its commit"
+    );
+    assert_eq!(
+        answered(&scanned),
+        None,
+        "a scan did not wait for the pending write"
+    );
+    drop(guard);
+    let wait = Duration::from_secs(30);
+    assert_eq!(written.recv_timeout(wait).unwrap().as_deref(), Some("2"));
+    assert_eq!(scanned.recv_timeout(wait).unwrap().as_deref(), Some("22"));
+
+    // A write that creates a table: every record read waits for it.
+    let guard = apply::lock(&e.inner.lane);
+    rt.block_on(e.write(SessionId::SYSTEM, vec![put("new", "k", "1")]))
+        .unwrap();
+    let other = in_thread(&e, |e| value(e, "t", "other"));
+    assert_eq!(
+        answered(&other),
+        None,
+        "a record read did not wait for a new table"
+    );
+    drop(guard);
+    assert_eq!(other.recv_timeout(wait).unwrap().as_deref(), Some("7"));
+    assert_eq!(value(&e, "new", "k").as_deref(), Some("1"));
+}
+
 /// The API's reads wait for the data file the same way but without
 /// holding up their thread: on a one-thread runtime, a timer fires while a
 /// read waits for an acknowledged write the stage cannot commit yet (the
@@ -993,9 +1068,10 @@ fn async_reads_wait_for_the_data_file_without_blocking_their_thread() {
 
 /// When the data file fails to take a batch that was already acknowledged
 /// (it is durable in the journal), nothing more is applied or accepted,
-/// reads answer an error rather than a state without the acknowledged
-/// write, and the next start replays it. The test holds the lane while
-/// the write is acknowledged, fails it, and lets go.
+/// reads of what the batch wrote (and scans) answer an error rather than a
+/// state without the acknowledged write, reads of other records go on,
+/// and the next start replays it. The test holds the lane while the write
+/// is acknowledged, fails it, and lets go.
 #[test]
 fn an_acknowledged_write_the_data_file_failed_to_take_is_replayed() {
     let dir = tempfile::tempdir().unwrap();
@@ -1009,9 +1085,12 @@ fn an_acknowledged_write_the_data_file_failed_to_take_is_replayed() {
         .unwrap();
     guard.fail(store::StoreError("injected apply failure".into()));
     drop(guard);
-    let err = e.get("t", "before").unwrap_err();
+    let err = e.get("t", "acked").unwrap_err();
     assert_eq!(err.code(), "storage_error", "{err}");
     assert!(err.to_string().contains("a restart applies them"), "{err}");
+    let err = e.scan("t", "", None, 10).unwrap_err();
+    assert_eq!(err.code(), "storage_error", "{err}");
+    assert_eq!(value(&e, "t", "before").as_deref(), Some("1"));
     let later = rt
         .block_on(e.write(SessionId::SYSTEM, vec![put("t", "later", "1")]))
         .unwrap_err();

@@ -18,12 +18,24 @@
 //! throughput on 2 cores, the async wait nothing measurable. Answering at
 //! the fdatasync takes the stage's wake-up and commit off every write's
 //! latency; one client writing alone went from 201–255 µs to 136–183 µs
-//! in-process (BENCHMARKS.md, "Answered at the fdatasync"). If the data file fails to take a batch that
-//! was acknowledged, the batch stays in the journal (the next start replays
-//! it), the node refuses writes, and reads answer `storage_error` instead of
-//! a state that misses an acknowledged write.
+//! in-process (BENCHMARKS.md, "Answered at the fdatasync"). If the data
+//! file fails to take a batch that was acknowledged, the batch stays in the
+//! journal (the next start replays it), the node refuses writes, and reads
+//! of what it wrote answer `storage_error` instead of a state that misses
+//! an acknowledged write.
+//!
+//! A read of one record ([`Shared::record_read_point`]) waits for less: the
+//! writer also records the batch's LSN in a slot per record it wrote (a
+//! hash of table and key into [`KEY_SLOTS`] slots; records that share a
+//! slot share the highest LSN, which can only make a read wait longer) and
+//! in one slot for batches that changed more than records. Such a read
+//! waits for its own slot and that one, so under a write load it usually
+//! waits for nothing and never for a flush it does not need: at 32 clients
+//! of a 50/50 load, read p99.9 went from 52–87 ms to 8–11 ms.
 
 use super::Shared;
+use crate::model::Op;
+use std::hash::Hasher as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -36,23 +48,90 @@ pub(crate) const READ_WAIT: Duration = Duration::from_secs(10);
 /// publication of the applied LSN wakes the waiters).
 const RECHECK: Duration = Duration::from_millis(20);
 
+/// Slots of the per-record acknowledged LSN (a power of two).
+const KEY_SLOTS: usize = 1 << 13;
+
 /// The acknowledged position and the readers waiting for the data file to
 /// reach it.
-#[derive(Default)]
 pub(crate) struct ReadGate {
     /// The last LSN acknowledged to a client before its batch was committed
     /// to the data file.
     acked_lsn: AtomicU64,
+    /// The same per record, by a hash of table and key: the last LSN of a
+    /// batch that wrote a record of the slot. A slot that several records
+    /// share holds the highest, so a read of one of them may wait for
+    /// another's commit, never miss its own.
+    keys: Box<[AtomicU64]>,
+    /// The last LSN of an acknowledged batch that changed more than records
+    /// (a table, a BLOB, a session): a read of one record waits for it too.
+    others: AtomicU64,
     /// Readers waiting now: the stage wakes them only when there are any.
     waiters: AtomicUsize,
     lock: Mutex<()>,
     changed: Condvar,
 }
 
+impl Default for ReadGate {
+    fn default() -> Self {
+        ReadGate {
+            acked_lsn: AtomicU64::new(0),
+            keys: (0..KEY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            others: AtomicU64::new(0),
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+/// The slot of a record in [`ReadGate`]'s per-record LSNs.
+fn key_slot(table: &str, key: &str) -> usize {
+    // Fixed keys: the slots only need to agree within this process.
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(table.as_bytes());
+    // Never part of UTF-8: table "ab" + key "c" and "a" + "bc" differ.
+    h.write_u8(0xff);
+    h.write(key.as_bytes());
+    (h.finish() as usize) & (KEY_SLOTS - 1)
+}
+
+/// What a batch of journal entries changes, as the read gate needs it: the
+/// slots of the records it writes, and whether it changes anything else.
+#[derive(Default)]
+pub(crate) struct Touched {
+    slots: Vec<usize>,
+    others: bool,
+}
+
+impl Touched {
+    /// Computed before the entries go to the apply stage.
+    pub fn of(entries: &[(u64, Op)]) -> Touched {
+        let mut t = Touched::default();
+        for (_, op) in entries {
+            match op {
+                Op::Put { table, key, .. } | Op::Delete { table, key, .. } => {
+                    t.slots.push(key_slot(table, key));
+                }
+                // A transaction's framing changes nothing a read sees.
+                Op::TxnBegin { .. } | Op::TxnCommit | Op::TxnAbort => {}
+                _ => t.others = true,
+            }
+        }
+        t
+    }
+}
+
 impl ReadGate {
-    /// Records that writes up to `lsn` are acknowledged: from now on a read
-    /// waits until the data file holds them. Called before the answers go.
-    pub fn acknowledged(&self, lsn: u64) {
+    /// Records that the batch `touched`, which ends at `lsn`, is
+    /// acknowledged: from now on a read of what it changed waits until the
+    /// data file holds it. Called before the answers go.
+    pub fn acknowledged(&self, lsn: u64, touched: &Touched) {
+        for &slot in &touched.slots {
+            self.keys[slot].fetch_max(lsn, Ordering::AcqRel);
+        }
+        if touched.others {
+            self.others.fetch_max(lsn, Ordering::AcqRel);
+        }
         self.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
     }
 
@@ -79,6 +158,16 @@ impl Shared {
     /// The LSN a read starting now must see: the last one acknowledged.
     pub fn read_point(&self) -> u64 {
         self.read_gate.acked_lsn.load(Ordering::Acquire)
+    }
+
+    /// The LSN a read of one record starting now must see: the last
+    /// acknowledged batch that wrote it (or a record sharing its slot), or
+    /// that changed more than records. Usually already applied, so the
+    /// read does not wait for the batches in flight.
+    pub fn record_read_point(&self, table: &str, key: &str) -> u64 {
+        let gate = &self.read_gate;
+        let own = gate.keys[key_slot(table, key)].load(Ordering::Acquire);
+        own.max(gate.others.load(Ordering::Acquire))
     }
 
     /// Whether the data file holds everything up to `need`: `Some(Ok)`

@@ -30,6 +30,7 @@ use super::apply::{self, Applier, Lane, Unjournaled};
 use super::backup::{BackupPoint, LockStatus, RotatedSegment, Snapshot};
 use super::stage::{Batch, Pending, Stage};
 use super::store::{Store, StoreError};
+use super::visible::Touched;
 use super::{Shared, WriteError};
 use crate::journal::writer::{JournalWriter, now_us};
 use crate::model::{BLOB_CHUNK_BYTES, ClientIdentity, Op, SessionId, WriteAck, WriteOp};
@@ -586,6 +587,11 @@ impl Writer {
         // ([`super::visible`]). Writes to unjournaled tables are durable
         // only through the data file: their batch is answered by the stage.
         let answer_here = journaled && unjournaled.is_empty();
+        let touched = if answer_here {
+            Touched::of(&entries)
+        } else {
+            Touched::default()
+        };
         let (pending, early, ops_staged) = if answer_here {
             (Vec::new(), pending, 0)
         } else {
@@ -631,7 +637,7 @@ impl Writer {
         if !early.is_empty() {
             // Before the answers go: from now on a read waits for the
             // stage's commit of this batch.
-            self.shared.read_gate.acknowledged(last);
+            self.shared.read_gate.acknowledged(last, &touched);
             super::stage::answer_durable(&self.shared, early, ops_acked);
         }
         self.after_batch();
