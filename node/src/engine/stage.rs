@@ -20,8 +20,8 @@
 //! (the B-tree changes), which took the apply off the clients' latency:
 //! in-process writes at 32 clients went from 56,000–65,000 to
 //! 61,000–86,000/s in interleaved pairs (BENCHMARKS.md).
-//! Batches are applied in the order they were journaled; at most [`QUEUE`]
-//! wait for the stage, and those that queued up while it was busy and are
+//! Batches are applied in the order they were journaled; up to
+//! [`QUEUE_BYTES`] of them wait for the stage, and those that queued up while it was busy and are
 //! already reported durable go into one data-file transaction together
 //! (never one that is not yet: its failed sync would abandon the batches
 //! before it, which may have been answered).
@@ -57,8 +57,11 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Batches handed over and not yet taken by the stage.
-const QUEUE: usize = 4;
+/// Most batches handed over and not yet finished by the stage.
+const QUEUE: usize = 4096;
+/// Most bytes of records in batches handed over and not yet finished (a
+/// batch larger than this alone still goes through, after the rest).
+pub(crate) const QUEUE_BYTES: usize = 64 << 20;
 
 /// A reply waiting for its batch to become durable (and, when the stage
 /// answers it, applied).
@@ -114,6 +117,28 @@ impl Batch {
             pending: Vec::new(),
             ops: 0,
         }
+    }
+
+    /// About how much memory the batch holds: its records' bytes plus a
+    /// little per entry.
+    fn bytes(&self) -> usize {
+        const PER_ENTRY: usize = 64;
+        let entries: usize = self
+            .entries
+            .iter()
+            .map(|(_, op)| match op {
+                Op::Put {
+                    table, key, value, ..
+                } => PER_ENTRY + table.len() + key.len() + value.len(),
+                _ => PER_ENTRY,
+            })
+            .sum();
+        let unjournaled: usize = self
+            .unjournaled
+            .iter()
+            .map(|u| PER_ENTRY + u.table.len() + u.key.len() + u.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        entries + unjournaled
     }
 
     /// Appends a later batch: its entries, writes and replies follow ours.
@@ -204,6 +229,10 @@ pub(crate) struct Stage {
     shared: Arc<Shared>,
     /// The last batch numbered.
     last: u64,
+    /// Batches handed over and not known finished, with their
+    /// [`Batch::bytes`], oldest first; and the sum of those.
+    queued: std::collections::VecDeque<(u64, usize)>,
+    queued_bytes: usize,
 }
 
 impl Stage {
@@ -263,6 +292,8 @@ impl Stage {
             lane,
             shared,
             last: 0,
+            queued: std::collections::VecDeque::new(),
+            queued_bytes: 0,
         })
     }
 
@@ -290,7 +321,22 @@ impl Stage {
     /// it is applied at once and committed after [`Stage::synced`] for its
     /// number (or abandoned after [`Stage::sync_failed`]). Every batch
     /// handed over must get one of the two.
+    ///
+    /// The stage may fall behind the journal by up to [`QUEUE_BYTES`]
+    /// (and [`QUEUE`] batches); past that this waits. A data-file flush
+    /// holds the stage up for as long as it takes (hundreds of
+    /// milliseconds while a backup reads the file), and the writer goes on
+    /// journaling and answering meanwhile: with a queue of 4 batches it
+    /// stopped within a few milliseconds of every flush.
     pub fn hand_over(&mut self, batch: Batch) {
+        if self.tx.is_none() {
+            self.here.push(batch);
+            return;
+        }
+        let bytes = batch.bytes();
+        self.make_room(bytes);
+        self.queued.push_back((batch.seq, bytes));
+        self.queued_bytes += bytes;
         let Some(tx) = &self.tx else {
             self.here.push(batch);
             return;
@@ -330,6 +376,42 @@ impl Stage {
             }
         });
         self.finish_here();
+    }
+
+    /// Waits until `bytes` more fit in the queue ([`QUEUE_BYTES`]), or it
+    /// is empty. Every batch queued has had its sync reported (the writer
+    /// reports one before it plans the next), so the stage can finish
+    /// them all.
+    fn make_room(&mut self, bytes: usize) {
+        loop {
+            let done = self.progress.get();
+            while let Some(&(seq, b)) = self.queued.front()
+                && seq <= done
+            {
+                self.queued.pop_front();
+                self.queued_bytes -= b;
+            }
+            if self.queued_bytes == 0 || self.queued_bytes + bytes <= QUEUE_BYTES {
+                return;
+            }
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return;
+            }
+            let d = self.progress.done.lock().unwrap_or_else(|p| p.into_inner());
+            if *d == done {
+                let _ = self
+                    .progress
+                    .changed
+                    .wait_timeout(d, std::time::Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Batches handed over and not known finished, and their bytes.
+    #[cfg(test)]
+    pub fn queued(&mut self) -> (usize, usize) {
+        self.make_room(0);
+        (self.queued.len(), self.queued_bytes)
     }
 
     /// Waits until every batch handed over is finished.

@@ -1227,6 +1227,112 @@ fn a_failed_sync_never_takes_an_earlier_answered_batch_with_it() {
     drop(stage);
 }
 
+/// Writes are answered while the data file is held up (as by a long
+/// flush): the writer neither waits for the apply stage after a few
+/// batches nor at its periodic tick, which used to wait for the stage
+/// every 200 ms. The test holds the lane for a second of writes.
+#[test]
+fn writes_are_answered_while_the_data_file_is_held_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    rt.block_on(e.write(SessionId::SYSTEM, vec![put("t", "k", "0")]))
+        .unwrap();
+    let guard = apply::lock(&e.inner.lane);
+    let t0 = Instant::now();
+    let mut i = 0;
+    while t0.elapsed() < Duration::from_secs(1) {
+        i += 1;
+        let w = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                e.write(SessionId::SYSTEM, vec![put("t", &format!("k{i}"), "1")]),
+            )
+            .await
+        });
+        w.unwrap_or_else(|_| panic!("write {i} waited for the held data file"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(guard);
+    assert!(i >= 10, "{i} writes");
+    for j in 1..=i {
+        assert_eq!(value(&e, "t", &format!("k{j}")).as_deref(), Some("1"));
+    }
+}
+
+/// The apply stage may fall behind the journal by up to `QUEUE_BYTES`, so
+/// a data-file flush holding it up does not stop the writer at once; past
+/// that the writer waits for it. The test holds the lane (as a flush does)
+/// and hands over a hundred small batches (all go in at once), then two of
+/// half the budget each: the first goes in at once, the second only after
+/// the lane is let go.
+#[test]
+fn the_writer_waits_for_the_apply_stage_only_past_its_byte_budget() {
+    use super::stage::{Batch, QUEUE_BYTES, Stage};
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let mut stage = Stage::start(e.inner.lane.clone(), e.inner.shared.clone()).unwrap();
+    let next = e.inner.shared.durable_lsn.load(Ordering::Acquire) + 1;
+    let batch = |stage: &mut Stage, lsn: u64, key: &str, bytes: usize| Batch {
+        seq: stage.next_seq(),
+        entries: vec![(
+            lsn,
+            Op::Put {
+                session: SessionId::SYSTEM,
+                table: "t".into(),
+                key: key.into(),
+                value: vec![b'1'; bytes],
+            },
+        )],
+        unjournaled: Vec::new(),
+        pending: Vec::new(),
+        ops: 1,
+    };
+    let guard = apply::lock(&e.inner.lane);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let driver = std::thread::spawn(move || {
+        // Many small batches queue up behind the held lane.
+        for i in 0..100 {
+            let b = batch(&mut stage, next + i, &format!("small{i}"), 100);
+            let seq = b.seq;
+            stage.hand_over(b);
+            stage.synced(seq);
+        }
+        tx.send("small").unwrap();
+        let b = batch(&mut stage, next + 100, "first", QUEUE_BYTES / 2);
+        let seq = b.seq;
+        stage.hand_over(b);
+        stage.synced(seq);
+        tx.send("first").unwrap();
+        let b = batch(&mut stage, next + 101, "second", QUEUE_BYTES / 2);
+        let seq = b.seq;
+        stage.hand_over(b);
+        tx.send("second").unwrap();
+        stage.synced(seq);
+        stage.drain();
+        assert_eq!(stage.queued(), (0, 0));
+        drop(stage);
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)),
+        Ok("small"),
+        "small batches waited for the held lane"
+    );
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok("first"));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the second batch went past the byte budget while the first waited"
+    );
+    drop(guard);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok("second"));
+    driver.join().unwrap();
+    let view = e.inner.store.read().unwrap();
+    assert!(view.get("t", "small99").unwrap().is_some());
+    assert!(view.get("t", "first").unwrap().is_some());
+    assert!(view.get("t", "second").unwrap().is_some());
+}
+
 /// A batch refused because the journal failed still counts for the apply
 /// stage: the next request that waits for the stage (here the shutdown,
 /// with no write in between) must not wait for that batch for ever.

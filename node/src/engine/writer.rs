@@ -279,6 +279,16 @@ impl Writer {
                 | Request::OpenSession { .. }
                 | Request::RestorePoint { .. }
                 | Request::Internal { .. } => group.push(env.req),
+                Request::Tick => {
+                    self.commit_group(std::mem::take(&mut group));
+                    // Neither needs the data file current (closing
+                    // sessions waits for the stage when it has any to
+                    // close): a tick waiting for the stage every 200 ms
+                    // stopped the writer for as long as a data-file flush
+                    // held the stage up.
+                    self.close_idle_sessions();
+                    self.expire_lock();
+                }
                 other => {
                     self.commit_group(std::mem::take(&mut group));
                     // Everything below reads or changes the data file, or
@@ -296,10 +306,6 @@ impl Writer {
                             let r = self.write_blob(session, &table, &key, &staged, size);
                             let _ = std::fs::remove_file(&staged);
                             let _ = reply.send(r);
-                        }
-                        Request::Tick => {
-                            self.close_idle_sessions();
-                            self.expire_lock();
                         }
                         Request::Shutdown { reply } => {
                             let r = self.shutdown();
@@ -1049,6 +1055,8 @@ impl Writer {
         for s in &idle {
             self.sessions.remove(s);
         }
+        // `journal_system` applies on this thread: after the stage's batches.
+        self.stage.drain();
         let ops = idle
             .iter()
             .map(|s| Op::SessionClose { session: *s })
