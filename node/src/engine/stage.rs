@@ -21,8 +21,10 @@
 //! in-process writes at 32 clients went from 56,000–65,000 to
 //! 61,000–86,000/s in interleaved pairs (BENCHMARKS.md).
 //! Batches are applied in the order they were journaled; up to
-//! [`QUEUE_BYTES`] of them wait for the stage, and those that queued up while it was busy and are
-//! already reported durable go into one data-file transaction together
+//! [`QUEUE_BYTES`] of them wait for the stage (so a data-file flush that
+//! holds it up does not hold up the writer), and those that queued up
+//! while it was busy and are already reported durable go into one
+//! data-file transaction together
 //! (never one that is not yet: its failed sync would abandon the batches
 //! before it, which may have been answered).
 //!
