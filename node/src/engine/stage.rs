@@ -331,14 +331,12 @@ impl Stage {
     /// journaling and answering meanwhile: with a queue of 4 batches it
     /// stopped within a few milliseconds of every flush.
     pub fn hand_over(&mut self, batch: Batch) {
-        if self.tx.is_none() {
-            self.here.push(batch);
-            return;
+        if self.tx.is_some() {
+            let bytes = batch.bytes();
+            self.make_room(bytes);
+            self.queued.push_back((batch.seq, bytes));
+            self.queued_bytes += bytes;
         }
-        let bytes = batch.bytes();
-        self.make_room(bytes);
-        self.queued.push_back((batch.seq, bytes));
-        self.queued_bytes += bytes;
         let Some(tx) = &self.tx else {
             self.here.push(batch);
             return;
