@@ -67,6 +67,9 @@ pub enum Command {
     /// Undo everything after an LSN: online (one compensating transaction)
     /// or --offline (restore to the LSN into a new directory).
     Rollback(crate::backup::cli::RollbackArgs),
+    /// Return the space a data file grew by (during backups under load) to
+    /// the filesystem. The node must be stopped.
+    Compact(CompactArgs),
     /// Start a three-node cluster on loopback, kill its primary under
     /// writes, and tell step by step how a mirror takes over and the old
     /// primary rejoins.
@@ -155,6 +158,20 @@ pub struct ServeArgs {
     /// Backup destination; overrides `backup.destination`.
     #[arg(long)]
     pub backup_dir: Option<PathBuf>,
+}
+
+/// `mirrordb compact`.
+#[derive(Debug, Clone, Args)]
+pub struct CompactArgs {
+    /// Configuration file (TOML) of the stopped node.
+    #[arg(long, short, env = "MIRRORDB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory; overrides `node.data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `mirrordb healthcheck`.
@@ -256,6 +273,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => crate::backup::cli::verify_cmd(a).await,
         Command::Restore(a) => crate::backup::cli::restore_cmd(a).await,
         Command::Rollback(a) => crate::backup::cli::rollback_cmd(a).await,
+        Command::Compact(a) => Ok(compact_cmd(a).await),
         Command::Demo(a) => crate::demo::demo(a).await,
         Command::Drill(a) => crate::demo::drill(a).await,
         Command::Journal(JournalCommand::Show(a)) => {
@@ -480,6 +498,52 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
             }
         }
         Err(e) => unhealthy(&e),
+    }
+}
+
+async fn compact_cmd(a: CompactArgs) -> ExitCode {
+    let cfg = match Config::resolve(a.config.as_deref(), &overrides(a.data_dir, None)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrordb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let dir = cfg.node.data_dir.clone();
+    // The cache size fits in memory: `Config::validate` checked it.
+    let cache = usize::try_from(cfg.cache.cache_bytes.0).unwrap_or(usize::MAX);
+    if !a.json {
+        eprintln!("compacting {} (the node must be stopped)…", dir.display());
+    }
+    let done =
+        tokio::task::spawn_blocking(move || crate::engine::compact::compact_data_dir(&dir, cache))
+            .await;
+    match done {
+        Ok(Ok(r)) => {
+            if a.json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+                println!(
+                    "{}: {:.1} MiB -> {:.1} MiB ({:.1} MiB returned, {} pass(es), {:.1} s)",
+                    r.data_file.display(),
+                    mib(r.bytes_before),
+                    mib(r.bytes_after),
+                    mib(r.bytes_before.saturating_sub(r.bytes_after)),
+                    r.passes,
+                    r.seconds
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("mirrordb compact: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("mirrordb compact: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -115,6 +115,11 @@ fn describe() {
         "Last LSN whose effects are durable in the data file."
     );
     describe_gauge!(
+        "mirrordb_data_file_bytes",
+        Unit::Bytes,
+        "Length of the data file, read at each scrape (it grows, and stays grown, while a backup snapshot pins old pages; `mirrordb compact` returns the space)."
+    );
+    describe_gauge!(
         "mirrordb_flush_lag_entries",
         "Journal entries applied but not yet flushed to the data file."
     );

@@ -1140,6 +1140,7 @@ async fn health_status_and_metrics() {
         "mirrordb_fsync_seconds",
         "mirrordb_last_lsn",
         "mirrordb_journal_available",
+        "mirrordb_data_file_bytes",
         "mirrordb_http_requests_total",
         "mirrordb_http_request_seconds",
     ] {

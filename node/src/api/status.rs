@@ -97,6 +97,9 @@ pub async fn metrics(st: St) -> Response {
     if let Some(t) = st.replication_tracker() {
         crate::cluster::runtime::publish_lag_gauges(&t, std::time::Instant::now());
     }
+    // Read at each scrape: a recorder installed after the engine opened
+    // would miss a value set at open, and a file's length is one stat.
+    metrics::gauge!("mirrordb_data_file_bytes").set(st.engine().data_file_bytes() as f64);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

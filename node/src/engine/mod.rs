@@ -12,6 +12,7 @@
 
 mod apply;
 pub mod backup;
+pub mod compact;
 pub mod error;
 pub mod recovery;
 pub mod replay;
@@ -217,7 +218,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn lock_data_dir(dir: &Path) -> Result<File, OpenError> {
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, OpenError> {
     let path = dir.join("LOCK");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -673,6 +674,11 @@ impl Engine {
     /// Number of records and a digest of the whole content.
     pub fn digest(&self) -> Result<(u64, u32), ReadError> {
         self.reader()?.digest()
+    }
+
+    /// Bytes the data file takes on disk (0 if its length cannot be read).
+    pub fn data_file_bytes(&self) -> u64 {
+        self.inner.store.file_bytes()
     }
 
     /// Positions and health.

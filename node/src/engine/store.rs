@@ -38,6 +38,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub const DATA_FORMAT: u32 = 1;
 /// Name of the data file inside the data directory.
 pub const DATA_FILE: &str = "mirrordb.redb";
+/// Most compaction passes [`Store::compact`] runs (each one that moves
+/// pages is followed by another; a bound keeps a pathological file from
+/// looping).
+pub const COMPACT_PASSES: u32 = 64;
 
 /// A data-file error: the message of the underlying redb error.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -142,6 +146,30 @@ impl Store {
     /// The data file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Bytes the data file takes on disk (its length; 0 if it cannot be
+    /// read, which only a metric asks).
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Compacts the data file at `path`, which no process may have open:
+    /// redb moves the live pages towards the start of the file and
+    /// truncates the free space after them. Refuses a file without
+    /// mirrordb's metadata before changing anything. Answers how many
+    /// passes moved pages (redb compacts until a pass finds nothing to
+    /// move; at most [`COMPACT_PASSES`]).
+    pub fn compact(path: &Path, cache_bytes: usize) -> Result<u32, StoreError> {
+        let store = Store::open(path, cache_bytes)?;
+        store.meta()?;
+        let mut db = Arc::into_inner(store.db)
+            .ok_or_else(|| StoreError("the data file is still in use".into()))?;
+        let mut passes = 0;
+        while passes < COMPACT_PASSES && db.compact()? {
+            passes += 1;
+        }
+        Ok(passes)
     }
 
     /// Reads the database id, epoch and checkpoint.
