@@ -517,34 +517,31 @@ async fn compact_cmd(a: CompactArgs) -> ExitCode {
     }
     let done =
         tokio::task::spawn_blocking(move || crate::engine::compact::compact_data_dir(&dir, cache))
-            .await;
-    match done {
-        Ok(Ok(r)) => {
-            if a.json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            } else {
-                let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-                println!(
-                    "{}: {:.1} MiB -> {:.1} MiB ({:.1} MiB returned, {} pass(es), {:.1} s)",
-                    r.data_file.display(),
-                    mib(r.bytes_before),
-                    mib(r.bytes_after),
-                    mib(r.bytes_before.saturating_sub(r.bytes_after)),
-                    r.passes,
-                    r.seconds
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(Err(e)) => {
-            eprintln!("mirrordb compact: {e}");
-            ExitCode::FAILURE
-        }
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+    let r = match done {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("mirrordb compact: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    } else {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        println!(
+            "{}: {:.1} MiB -> {:.1} MiB ({:.1} MiB returned, {} pass(es), {:.1} s)",
+            r.data_file.display(),
+            mib(r.bytes_before),
+            mib(r.bytes_after),
+            mib(r.bytes_before.saturating_sub(r.bytes_after)),
+            r.passes,
+            r.seconds
+        );
     }
+    ExitCode::SUCCESS
 }
 
 fn config_cmd(c: ConfigCommand) -> ExitCode {
