@@ -27,6 +27,10 @@ disk, in a scratch directory) and measures, in one run on this machine:
    DATA/journal` is timed (the set plus the integration of its archive and
    the live journal). Target: <= 30 s; the integration rate is printed.
 
+Also printed: the data file's length before and after phase 2 (it grows
+while a backup's snapshot is open under writes) and what `mirrordb
+compact` returns once the node is stopped.
+
 Only the Python standard library. Usage:
 
     cargo build --release -p mirrordb
@@ -252,11 +256,13 @@ def main():
         # --write-seconds run; with, over exactly the seconds the backup ran
         # (the load runs until it is done).
         load = ["--clients", "32", "--value-bytes", "256", "--keys", "1000000"]
+        sizes = [os.path.getsize(node.data_file())]
         sampler = WriteSampler(node)
         m0 = node.metrics()
         q_start = time.time()
         quiet = bench(args.bin, node.url, *load, "--duration", f"{args.write_seconds}s")
         q_end = time.time()
+        sizes.append(os.path.getsize(node.data_file()))
         m1 = node.metrics()
         with subprocess.Popen([args.bin, "bench", "--url", node.url, *load, "--duration", "600s"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
@@ -266,6 +272,7 @@ def main():
             b_end = time.time()
             m2 = node.metrics()
             p.terminate()
+        sizes.append(os.path.getsize(node.data_file()))
         sampler.stop()
         quiet_rate = sampler.rate(q_start + 1, q_end - 0.5)
         busy_rate = sampler.rate(b_start, b_end)
@@ -296,6 +303,10 @@ def main():
         print(f"   journal fsyncs: {fsync[0][1] / q_s:.0f}/s, mean {fsync[0][0] / max(1, fsync[0][1]) * 1e3:.2f} ms "
               f"without; {fsync[1][1] / b_s:.0f}/s, mean {fsync[1][0] / max(1, fsync[1][1]) * 1e3:.2f} ms with")
         print(f"   with / without = {w_ratio:.2f}; target >= 0.80: {verdict(w_ratio >= 0.8)}")
+        summary["writes"]["data_file_bytes"] = sizes
+        print(f"   data file: {sizes[0] / 2**20:.0f} MiB before, {sizes[1] / 2**20:.0f} MiB after the writes "
+              f"without a backup, {sizes[2] / 2**20:.0f} MiB after the backup under writes (the snapshot "
+              f"pins the pages rewritten meanwhile)")
         if barrier_le is not None:
             ms = barrier_le * 1000
             print(f"   barrier (writers wait only here): every one of {barriers} took <= {ms:g} ms; "
@@ -306,6 +317,10 @@ def main():
         bench(args.bin, node.url, "--clients", "32", "--count", str(args.journal_entries),
               "--value-bytes", "256", "--keys", "1000000")
         node.stop()
+        c = run_json([args.bin, "compact", "--data-dir", node.data, "--json"])
+        summary["compact"] = c
+        print(f"   mirrordb compact (node stopped): {c.get('bytes_before', 0) / 2**20:.0f} -> "
+              f"{c.get('bytes_after', 0) / 2**20:.0f} MiB in {c.get('seconds', 0):.1f} s")
         restored = os.path.join(work, "restored")
         t = time.time()
         rr = run_json([args.bin, "restore", "--from", node.backups, "--to", restored,
