@@ -223,6 +223,27 @@ fn now_rfc3339() -> String {
 }
 
 /// Human size.
+/// Growth of the data file below which a backup says nothing about it.
+const GROWTH_NOTED_BYTES: u64 = 64 << 20;
+
+/// The line that tells an operator the data file grew by at least
+/// [`GROWTH_NOTED_BYTES`] and a tenth while backup `number` ran: pages the
+/// load rewrote while the snapshot was open could not be reused (see
+/// `engine::compact`).
+fn growth_line(number: u32, before: u64, after: u64) -> Option<String> {
+    let grown = after.checked_sub(before)?;
+    if before == 0 || grown < GROWTH_NOTED_BYTES || grown < before / 10 {
+        return None;
+    }
+    Some(format!(
+        "backup {number}: the data file grew from {} to {} while the backup ran \
+         (pages rewritten while its snapshot was open cannot be reused until it closes); \
+         the space is reused from now on, and `mirrordb compact` returns it with the node stopped",
+        human_bytes(before),
+        human_bytes(after)
+    ))
+}
+
 pub fn human_bytes(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -470,10 +491,15 @@ impl BackupService {
                 dest.display()
             ),
         );
+        let file_before = self.engine().data_file_bytes();
         let result = match self.hook_start(number).await {
             Err(e) => Err(e),
             Ok(()) => self.backup(number, &dest, cancel.clone()).await,
         };
+        if let Some(line) = growth_line(number, file_before, self.engine().data_file_bytes()) {
+            tracing::warn!("{line}");
+            inner.log.line(LineKind::Info, &line);
+        }
         let duration_ms = t0.elapsed().as_millis() as u64;
         let mut history = history;
         let scheduled = match &trigger {
@@ -1462,6 +1488,26 @@ pub fn plan_retention(sets: &[u32], archives: &[u32], keep_last: u32) -> Retenti
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backup_notes_only_a_real_growth_of_the_data_file() {
+        let mib = |n: u64| n << 20;
+        assert_eq!(growth_line(1, mib(1088), mib(1088)), None);
+        assert_eq!(growth_line(1, mib(1088), mib(1000)), None, "shrunk");
+        assert_eq!(growth_line(1, mib(1088), mib(1140)), None, "under 64 MiB");
+        assert_eq!(
+            growth_line(1, mib(8192), mib(8192 + 500)),
+            None,
+            "under a tenth"
+        );
+        assert_eq!(growth_line(1, 0, mib(512)), None, "no file before");
+        let line = growth_line(7, mib(1088), mib(4096)).expect("noted");
+        assert!(
+            line.starts_with("backup 7: the data file grew from 1.1 GiB to 4.0 GiB"),
+            "{line}"
+        );
+        assert!(line.contains("mirrordb compact"), "{line}");
+    }
 
     #[cfg(target_os = "linux")]
     #[test]
