@@ -222,7 +222,6 @@ fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// Human size.
 /// Growth of the data file below which a backup says nothing about it.
 const GROWTH_NOTED_BYTES: u64 = 64 << 20;
 
@@ -244,6 +243,7 @@ fn growth_line(number: u32, before: u64, after: u64) -> Option<String> {
     ))
 }
 
+/// Human size.
 pub fn human_bytes(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -496,10 +496,7 @@ impl BackupService {
             Err(e) => Err(e),
             Ok(()) => self.backup(number, &dest, cancel.clone()).await,
         };
-        if let Some(line) = growth_line(number, file_before, self.engine().data_file_bytes()) {
-            tracing::warn!("{line}");
-            inner.log.line(LineKind::Info, &line);
-        }
+        let growth = growth_line(number, file_before, self.engine().data_file_bytes());
         let duration_ms = t0.elapsed().as_millis() as u64;
         let mut history = history;
         let scheduled = match &trigger {
@@ -623,6 +620,10 @@ impl BackupService {
                 LineKind::Error,
                 &format!("backup {number} {}: {e}", e.code()),
             ),
+        }
+        if let Some(line) = growth {
+            tracing::warn!("{line}");
+            inner.log.line(LineKind::Info, &line);
         }
         self.hook_finish(number, &outcome).await;
         outcome
