@@ -780,14 +780,7 @@ impl BackupService {
             .tables()
             .map(|ts| ts.iter().map(|t| 1 + t.records + t.blobs).sum::<u64>())
             .unwrap_or(0);
-        let bytes_total = fs::metadata(
-            engine
-                .config()
-                .data_dir
-                .join(crate::engine::store::DATA_FILE),
-        )
-        .map(|m| m.len())
-        .unwrap_or(0);
+        let bytes_total = engine.data_file_bytes();
         self.update(|p| {
             p.lsn = Some(lsn);
             p.items_total = items_total;
