@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use thiserror::Error;
@@ -538,8 +539,36 @@ const COMPRESS_QUEUE_CHUNKS: usize = 4;
 /// Bytes reserved at the start of a chunk buffer for its header.
 const CHUNK_HEAD_LEN: usize = 12;
 
-/// What the compressing thread hands back: its compressor and the pipe.
-type Compressing = (zstd::bulk::Compressor<'static>, SetPipe);
+/// What the compressing thread hands back: its compressor, the pipe and
+/// the chunks' manifest entries.
+type Compressing = (zstd::bulk::Compressor<'static>, SetPipe, Vec<ChunkInfo>);
+
+/// Asked by a [`SnapshotWriter`] whose compressor is behind: `true` puts
+/// the chunk in the spool instead of waiting.
+pub type Spill = Box<dyn Fn() -> bool + Send>;
+
+/// A chunk of `items` items on its way to the compressing thread (which
+/// fills in its header): in memory, or in the spool at `offset`.
+enum Work {
+    Chunk {
+        buf: Vec<u8>,
+        items: u32,
+    },
+    Spooled {
+        spool: std::sync::Arc<File>,
+        offset: u64,
+        len: usize,
+        items: u32,
+    },
+}
+
+/// Fills in a chunk buffer's header (its payload follows the header's
+/// space) and answers its manifest entry.
+fn seal_chunk(buf: &mut [u8], items: u32) -> ChunkInfo {
+    let (head, info) = chunk_head(&buf[CHUNK_HEAD_LEN..], items);
+    buf[..CHUNK_HEAD_LEN].copy_from_slice(&head);
+    info
+}
 
 /// Writes a snapshot stream, compressed, into a file. Items are encoded
 /// into chunks by the caller's thread; compression and writing run on a
@@ -551,21 +580,41 @@ type Compressing = (zstd::bulk::Compressor<'static>, SetPipe);
 /// matched through its slower split-window path (together a fifth of the
 /// compressing thread's samples). The file is still one zstd stream —
 /// frames concatenate — so readers and `zstd -d` see the same bytes.
+///
+/// When [`COMPRESS_QUEUE_CHUNKS`] chunks already wait for the compressor
+/// and the [`Spill`] given to [`SnapshotWriter::create_with`] says so, the next chunk goes to a spool
+/// instead: an unnamed file beside the snapshot file (gone when the writer
+/// is, a crash included), read back by the compressing thread in its turn.
+/// The caller then reads its snapshot as fast as it can and can release
+/// it long before compression ends; the file written is the same.
 pub struct SnapshotWriter {
-    /// Chunk buffers: header space, then the payload.
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    tx: Option<std::sync::mpsc::Sender<Work>>,
     /// Chunk buffers the compressor is done with, to be filled again.
     spare: Receiver<Vec<u8>>,
+    /// Spare buffers taken while waiting for the compressor.
+    kept: Vec<Vec<u8>>,
+    /// Chunks sent to the compressing thread, and how many it has written.
+    sent: u64,
+    taken: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Set when the writer is dropped unfinished: the thread stops at its
+    /// next chunk instead of compressing what is queued.
+    abandoned: std::sync::Arc<AtomicBool>,
+    /// In-memory chunks sent and not yet compressed.
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     compressor: Option<std::thread::JoinHandle<io::Result<Compressing>>>,
     written: std::sync::Arc<std::sync::atomic::AtomicU64>,
     path: PathBuf,
+    spill: Option<Spill>,
+    /// In-memory chunks allowed to wait ([`COMPRESS_QUEUE_CHUNKS`]).
+    queue_limit: usize,
+    spool: Option<std::sync::Arc<File>>,
+    spooled: u64,
     /// The chunk being built: [`CHUNK_HEAD_LEN`] bytes for its header,
     /// then its payload.
     payload: Vec<u8>,
     items_in_chunk: u32,
     items: u64,
     raw_bytes: u64,
-    chunks: Vec<ChunkInfo>,
 }
 
 /// Compresses `src` as one zstd frame and writes it.
@@ -587,6 +636,24 @@ fn chunk_buffer() -> Vec<u8> {
     v
 }
 
+/// Returns a spooled range's memory (its page cache) once it is read:
+/// the spool is never read twice, and its pages need never reach the disk.
+#[cfg(target_os = "linux")]
+fn release_spooled(spool: &File, offset: u64, len: usize) {
+    use rustix::fs::{FallocateFlags, fallocate};
+    // Only memory is at stake: a file system without hole punching
+    // keeps the pages until the spool is closed.
+    let _ = fallocate(
+        spool,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len as u64,
+    );
+}
+
+#[cfg(not(target_os = "linux"))]
+fn release_spooled(_spool: &File, _offset: u64, _len: usize) {}
+
 impl SnapshotWriter {
     /// Creates `path` and writes the header.
     pub fn create(
@@ -594,43 +661,97 @@ impl SnapshotWriter {
         header: SnapshotHeader,
         level: i32,
     ) -> Result<SnapshotWriter, FormatError> {
+        SnapshotWriter::create_with(path, header, level, None)
+    }
+
+    /// [`SnapshotWriter::create`] with a [`Spill`]: chunks the compressor
+    /// has no room for go to the spool whenever it says so.
+    pub fn create_with(
+        path: &Path,
+        header: SnapshotHeader,
+        level: i32,
+        spill: Option<Spill>,
+    ) -> Result<SnapshotWriter, FormatError> {
         let mut pipe = SetPipe::create(path).map_err(io_at(path))?;
         let mut zc = zstd::bulk::Compressor::new(level).map_err(io_at(path))?;
         let mut out = Vec::new();
         write_frame(&mut zc, &mut out, &mut pipe, &header.encode()).map_err(io_at(path))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(COMPRESS_QUEUE_CHUNKS);
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let (back, spare) = sync_channel::<Vec<u8>>(COMPRESS_QUEUE_CHUNKS + 2);
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(pipe.bytes()));
-        let w2 = written.clone();
+        let (q2, w2) = (queued.clone(), written.clone());
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let abandoned = std::sync::Arc::new(AtomicBool::new(false));
+        let (t2, a2) = (taken.clone(), abandoned.clone());
         let compressor = std::thread::Builder::new()
             .name("mirrordb-backup-zstd".into())
             .spawn(move || -> io::Result<Compressing> {
-                for mut chunk in rx {
-                    write_frame(&mut zc, &mut out, &mut pipe, &chunk)?;
-                    w2.store(pipe.bytes(), std::sync::atomic::Ordering::Relaxed);
-                    chunk.truncate(CHUNK_HEAD_LEN);
-                    let _ = back.try_send(chunk);
+                use std::os::unix::fs::FileExt;
+                use std::sync::atomic::Ordering::Relaxed;
+                let mut read_back = Vec::new();
+                let mut chunks = Vec::new();
+                for work in rx {
+                    if a2.load(Relaxed) {
+                        return Err(io::Error::other("the snapshot writer was abandoned"));
+                    }
+                    match work {
+                        Work::Chunk { mut buf, items } => {
+                            chunks.push(seal_chunk(&mut buf, items));
+                            write_frame(&mut zc, &mut out, &mut pipe, &buf)?;
+                            buf.truncate(CHUNK_HEAD_LEN);
+                            q2.fetch_sub(1, Relaxed);
+                            let _ = back.try_send(buf);
+                        }
+                        Work::Spooled {
+                            spool,
+                            offset,
+                            len,
+                            items,
+                        } => {
+                            read_back.resize(len, 0);
+                            spool.read_exact_at(&mut read_back, offset)?;
+                            release_spooled(&spool, offset, len);
+                            chunks.push(seal_chunk(&mut read_back, items));
+                            write_frame(&mut zc, &mut out, &mut pipe, &read_back)?;
+                        }
+                    }
+                    w2.store(pipe.bytes(), Relaxed);
+                    t2.fetch_add(1, Relaxed);
                 }
-                Ok((zc, pipe))
+                Ok((zc, pipe, chunks))
             })
             .map_err(io_at(path))?;
         Ok(SnapshotWriter {
             tx: Some(tx),
             spare,
+            kept: Vec::new(),
+            sent: 0,
+            taken,
+            abandoned,
+            queued,
             compressor: Some(compressor),
             written,
             path: path.to_owned(),
+            spill,
+            queue_limit: COMPRESS_QUEUE_CHUNKS,
+            spool: None,
+            spooled: 0,
             payload: chunk_buffer(),
             items_in_chunk: 0,
             items: 0,
             raw_bytes: 0,
-            chunks: Vec::new(),
         })
     }
 
     /// Compressed bytes written to the file so far.
     pub fn file_bytes(&self) -> u64 {
         self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of chunks that went to the spool so far.
+    pub fn spooled_bytes(&self) -> u64 {
+        self.spooled
     }
 
     /// Items added so far.
@@ -686,40 +807,133 @@ impl SnapshotWriter {
         if self.items_in_chunk == 0 {
             return Ok(());
         }
-        let next = self.spare.try_recv().unwrap_or_else(|_| chunk_buffer());
-        let mut chunk = std::mem::replace(&mut self.payload, next);
-        let (head, info) = chunk_head(&chunk[CHUNK_HEAD_LEN..], self.items_in_chunk);
-        chunk[..CHUNK_HEAD_LEN].copy_from_slice(&head);
-        self.raw_bytes += u64::from(info.bytes);
-        self.chunks.push(info);
+        let items = self.items_in_chunk;
+        self.raw_bytes += (self.payload.len() - CHUNK_HEAD_LEN) as u64;
+        self.items_in_chunk = 0;
+        let work = match self.wait_for_room()? {
+            true => {
+                let next = self
+                    .kept
+                    .pop()
+                    .or_else(|| self.spare.try_recv().ok())
+                    .unwrap_or_else(chunk_buffer);
+                self.queued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Work::Chunk {
+                    buf: std::mem::replace(&mut self.payload, next),
+                    items,
+                }
+            }
+            false => {
+                let work = self.spool_chunk(items)?;
+                self.payload.truncate(CHUNK_HEAD_LEN);
+                work
+            }
+        };
         let sent = self
             .tx
             .as_ref()
-            .map(|tx| tx.send(chunk).is_ok())
+            .map(|tx| tx.send(work).is_ok())
             .unwrap_or(false);
-        self.items_in_chunk = 0;
         if !sent {
-            // The compressing thread stopped: its error says why.
-            self.join()?;
-            return Err(FormatError::damaged(
+            return Err(self.compressor_stopped());
+        }
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the compressing thread to have written
+    /// every chunk added so far; answers whether it has. (The caller of a
+    /// writer whose chunks went to the spool can report progress and
+    /// honour a stop while compression catches up.)
+    pub fn wait_compressed(&self, limit: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            let done = self.taken.load(std::sync::atomic::Ordering::Relaxed) >= self.sent;
+            if done || self.compressor.as_ref().is_none_or(|h| h.is_finished()) {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the compressor has room for one more chunk in memory
+    /// (`true`), unless the spill option says to spool it (`false`).
+    fn wait_for_room(&mut self) -> Result<bool, FormatError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            if self.queued.load(Relaxed) < self.queue_limit {
+                return Ok(true);
+            }
+            if self.spill.as_ref().is_some_and(|spill| spill()) {
+                return Ok(false);
+            }
+            // A returned buffer means one chunk fewer in the queue; the
+            // timeout covers a buffer the compressor could not return.
+            match self
+                .spare
+                .recv_timeout(std::time::Duration::from_millis(20))
+            {
+                Ok(buf) => self.kept.push(buf),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self.compressor_stopped());
+                }
+            }
+        }
+    }
+
+    /// Appends the chunk being built to the spool (created the first time)
+    /// and answers where it is.
+    fn spool_chunk(&mut self, items: u32) -> Result<Work, FormatError> {
+        use std::os::unix::fs::FileExt;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let spool = match &self.spool {
+            Some(s) => s.clone(),
+            None => {
+                let s = std::sync::Arc::new(tempfile::tempfile_in(dir).map_err(io_at(dir))?);
+                self.spool = Some(s.clone());
+                s
+            }
+        };
+        let offset = self.spooled;
+        spool
+            .write_all_at(&self.payload, offset)
+            .map_err(io_at(dir))?;
+        self.spooled += self.payload.len() as u64;
+        Ok(Work::Spooled {
+            spool,
+            offset,
+            len: self.payload.len(),
+            items,
+        })
+    }
+
+    /// The compressing thread stopped early: its error says why.
+    fn compressor_stopped(&mut self) -> FormatError {
+        match self.join() {
+            Err(e) => e,
+            Ok(_) => FormatError::damaged(
                 &self.path.display().to_string(),
                 0,
                 "the compressing thread stopped",
-            ));
+            ),
         }
-        Ok(())
     }
 
     /// Writes the end marker and trailer, finishes compression and fsyncs.
     pub fn finish(mut self) -> Result<SnapshotSummary, FormatError> {
         self.flush_chunk()?;
         let path = self.path.clone();
-        let (mut zc, mut pipe) = self.join()?;
+        let (mut zc, mut pipe, chunks) = self.join()?;
         let mut tail = Vec::with_capacity(CHUNK_HEAD_LEN + 20);
         write_chunk(&mut tail, &[], 0).map_err(io_at(&path))?;
         let mut trailer = [0u8; 20];
         trailer[0..8].copy_from_slice(&self.items.to_le_bytes());
-        trailer[8..16].copy_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        trailer[8..16].copy_from_slice(&(chunks.len() as u64).to_le_bytes());
         let crc = crc32c::crc32c(&trailer[0..16]);
         trailer[16..20].copy_from_slice(&crc.to_le_bytes());
         tail.extend_from_slice(&trailer);
@@ -731,14 +945,17 @@ impl SnapshotWriter {
             raw_bytes: self.raw_bytes,
             file_bytes,
             sha256,
-            chunks: std::mem::take(&mut self.chunks),
+            chunks,
         })
     }
 }
 
 impl Drop for SnapshotWriter {
     fn drop(&mut self) {
-        // An abandoned writer (error, stop) lets its thread end.
+        // An abandoned writer (error, stop) lets its thread end, without
+        // compressing what was queued.
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.tx = None;
         if let Some(h) = self.compressor.take() {
             let _ = h.join();
@@ -1417,6 +1634,58 @@ mod tests {
         assert_eq!(parse_numbered("db[12].backup", "db", SET_SUFFIX), None);
         assert_eq!(parse_numbered("dbx[0012].backup", "db", SET_SUFFIX), None);
         assert_eq!(parse_numbered("db[0012].journal", "db", SET_SUFFIX), None);
+    }
+
+    /// The snapshot file a writer produced when chunks went through the
+    /// spool: `spill` and `queue_limit` as the writer gets them.
+    fn write_spilling(dir: &Path, spill: Spill, queue_limit: usize) -> (Vec<u8>, SnapshotSummary) {
+        let p = dir.join("spilled.zst");
+        let mut w = SnapshotWriter::create_with(&p, header(), 3, Some(spill)).unwrap();
+        w.queue_limit = queue_limit;
+        for it in items() {
+            w.add(&it).unwrap();
+        }
+        let spooled = w.spooled_bytes();
+        // Everything added so far gets compressed without `finish`.
+        while !w.wait_compressed(std::time::Duration::from_secs(1)) {}
+        assert!(w.file_bytes() > SNAPSHOT_HEADER_LEN as u64 / 2);
+        let s = w.finish().unwrap();
+        if queue_limit == 0 {
+            // Every chunk so far, header space included (the last one goes
+            // at `finish`).
+            let before_last: u64 = s.chunks[..s.chunks.len() - 1]
+                .iter()
+                .map(|c| u64::from(c.bytes) + CHUNK_HEAD_LEN as u64)
+                .sum();
+            assert_eq!(spooled, before_last, "every chunk spooled");
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        (bytes, s)
+    }
+
+    #[test]
+    fn a_snapshot_written_through_the_spool_is_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, plain) = write_snapshot(dir.path());
+        let want = std::fs::read(&p).unwrap();
+        // Every chunk through the spool.
+        let (got, s) = write_spilling(dir.path(), Box::new(|| true), 0);
+        assert_eq!(s, plain);
+        assert!(got == want, "spooled file differs");
+        // Chunks in memory and in the spool, interleaved.
+        let flip = std::sync::atomic::AtomicBool::new(false);
+        let spill: Spill =
+            Box::new(move || !flip.fetch_xor(true, std::sync::atomic::Ordering::Relaxed));
+        let (got, s) = write_spilling(dir.path(), spill, 1);
+        assert_eq!(s, plain);
+        assert!(got == want, "interleaved file differs");
+        // The spool has no name: nothing is left beside the snapshot.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(SNAPSHOT_FILE)]);
     }
 
     #[test]

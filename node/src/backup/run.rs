@@ -860,36 +860,7 @@ impl BackupService {
         let stopped = || cancel.load(Ordering::Acquire);
         let t_start = Utc::now();
 
-        // 1. The journal archive of the segments ≤ S.
-        self.update(|p| p.phase = "archiving");
-        let mut archive_entry = None;
-        let mut archive_path = None;
-        if !point.segments.is_empty() {
-            let mut w = ArchiveWriter::create(&tmp_archive, point.db_id, cfg.compression_level)
-                .map_err(derr)?;
-            for seg in &point.segments {
-                if stopped() {
-                    return Err(BackupError::Interrupted);
-                }
-                w.add_segment(seg, point.lsn).map_err(derr)?;
-            }
-            let summary = w.finish().map_err(derr)?;
-            let final_path = dest.join(&archive_name);
-            fs::rename(&tmp_archive, &final_path).map_err(|e| derr(io_at(&final_path)(e)))?;
-            format::sync_dir(dest).map_err(derr)?;
-            archive_entry = Some(ArchiveEntry {
-                number: number - 1,
-                file: FileEntry {
-                    path: archive_name.clone(),
-                    bytes: summary.file_bytes,
-                    sha256: summary.sha256.clone(),
-                },
-                summary,
-            });
-            archive_path = Some(final_path);
-        }
-
-        // 2. The snapshot, streamed while writes go on.
+        // 1. The snapshot, streamed while writes go on.
         self.update(|p| p.phase = "snapshot");
         fs::create_dir(&tmp_dir).map_err(|e| derr(io_at(&tmp_dir)(e)))?;
         let snap_path = tmp_dir.join(SNAPSHOT_FILE);
@@ -898,12 +869,22 @@ impl BackupService {
             lsn: point.lsn,
             epoch: point.epoch,
         };
+        // The snapshot pins every page the load rewrites while it is open
+        // (see the barrier's flush): while writes go on, chunks the
+        // compressor has no room for wait in a spool rather than hold the
+        // snapshot open (on an idle node, nothing is pinned and this
+        // thread waits for the compressor).
+        let applied = self.engine().applied_lsn_watch();
+        let since = point.lsn;
+        let spill: format::Spill = Box::new(move || *applied.borrow() > since);
         let mut w =
-            SnapshotWriter::create(&snap_path, header, cfg.compression_level).map_err(derr)?;
+            SnapshotWriter::create_with(&snap_path, header, cfg.compression_level, Some(spill))
+                .map_err(derr)?;
         let mut digest = Digest::default();
         let (mut tables, mut blobs) = (0u64, 0u64);
         let mut raw = 0u64;
         let mut last_update = Instant::now();
+        let opened = Instant::now();
         let visit = point.snapshot.for_each(|item: SnapshotItem| {
             if stopped() {
                 return Err(BackupError::Interrupted);
@@ -935,14 +916,58 @@ impl BackupService {
         if stopped() {
             return Err(BackupError::Interrupted);
         }
-        let snap = w.finish().map_err(derr)?;
         drop(point.snapshot);
+        tracing::info!(
+            number,
+            seconds = opened.elapsed().as_secs_f64(),
+            spooled_bytes = w.spooled_bytes(),
+            "backup snapshot read and released"
+        );
+        self.update(|p| p.phase = "compressing");
+        while !w.wait_compressed(Duration::from_millis(100)) {
+            if stopped() {
+                return Err(BackupError::Interrupted);
+            }
+            let written = w.file_bytes();
+            self.update(|p| p.bytes_written = written);
+        }
+        let snap = w.finish().map_err(derr)?;
         self.update(|p| {
             p.items_done = snap.items;
             p.bytes_done = raw.max(p.bytes_total);
             p.bytes_written = snap.file_bytes;
-            p.phase = "attached";
         });
+
+        // 2. The journal archive of the segments ≤ S.
+        self.update(|p| p.phase = "archiving");
+        let mut archive_entry = None;
+        let mut archive_path = None;
+        if !point.segments.is_empty() {
+            let mut w = ArchiveWriter::create(&tmp_archive, point.db_id, cfg.compression_level)
+                .map_err(derr)?;
+            for seg in &point.segments {
+                if stopped() {
+                    return Err(BackupError::Interrupted);
+                }
+                w.add_segment(seg, point.lsn).map_err(derr)?;
+            }
+            let summary = w.finish().map_err(derr)?;
+            let final_path = dest.join(&archive_name);
+            fs::rename(&tmp_archive, &final_path).map_err(|e| derr(io_at(&final_path)(e)))?;
+            format::sync_dir(dest).map_err(derr)?;
+            archive_entry = Some(ArchiveEntry {
+                number: number - 1,
+                file: FileEntry {
+                    path: archive_name.clone(),
+                    bytes: summary.file_bytes,
+                    sha256: summary.sha256.clone(),
+                },
+                summary,
+            });
+            archive_path = Some(final_path);
+        }
+
+        self.update(|p| p.phase = "attached");
 
         // 3. Attached files: a missing one makes the backup partial.
         let mut attached = Vec::new();
