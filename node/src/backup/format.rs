@@ -582,11 +582,12 @@ fn seal_chunk(buf: &mut [u8], items: u32) -> ChunkInfo {
 /// frames concatenate — so readers and `zstd -d` see the same bytes.
 ///
 /// When [`COMPRESS_QUEUE_CHUNKS`] chunks already wait for the compressor
-/// and the [`Spill`] given to [`SnapshotWriter::create_with`] says so, the next chunk goes to a spool
-/// instead: an unnamed file beside the snapshot file (gone when the writer
-/// is, a crash included), read back by the compressing thread in its turn.
-/// The caller then reads its snapshot as fast as it can and can release
-/// it long before compression ends; the file written is the same.
+/// and the [`Spill`] given to [`SnapshotWriter::create_with`] says so,
+/// the next chunk goes to a spool instead: an unnamed file beside the
+/// snapshot file (gone when the writer is, a crash included), read back by
+/// the compressing thread in its turn. The caller then reads its snapshot
+/// as fast as it can and can release it long before compression ends; the
+/// file written is the same.
 pub struct SnapshotWriter {
     tx: Option<std::sync::mpsc::Sender<Work>>,
     /// Chunk buffers the compressor is done with, to be filled again.
@@ -607,6 +608,8 @@ pub struct SnapshotWriter {
     spill: Option<Spill>,
     /// In-memory chunks allowed to wait ([`COMPRESS_QUEUE_CHUNKS`]).
     queue_limit: usize,
+    /// Where the spool is made: beside the snapshot file.
+    spool_dir: PathBuf,
     spool: Option<std::sync::Arc<File>>,
     spooled: u64,
     /// The chunk being built: [`CHUNK_HEAD_LEN`] bytes for its header,
@@ -735,6 +738,7 @@ impl SnapshotWriter {
             path: path.to_owned(),
             spill,
             queue_limit: COMPRESS_QUEUE_CHUNKS,
+            spool_dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
             spool: None,
             spooled: 0,
             payload: chunk_buffer(),
@@ -812,11 +816,7 @@ impl SnapshotWriter {
         self.items_in_chunk = 0;
         let work = match self.wait_for_room()? {
             true => {
-                let next = self
-                    .kept
-                    .pop()
-                    .or_else(|| self.spare.try_recv().ok())
-                    .unwrap_or_else(chunk_buffer);
+                let next = self.spare_buffer();
                 self.queued
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Work::Chunk {
@@ -824,11 +824,27 @@ impl SnapshotWriter {
                     items,
                 }
             }
-            false => {
-                let work = self.spool_chunk(items)?;
-                self.payload.truncate(CHUNK_HEAD_LEN);
-                work
-            }
+            false => match self.spool_chunk(items) {
+                Ok(work) => {
+                    self.payload.truncate(CHUNK_HEAD_LEN);
+                    work
+                }
+                Err(e) => {
+                    // A spool is a help, not a need (a destination with room
+                    // for the set may have none for it): wait instead.
+                    tracing::warn!(error = %e, "backup spool unusable; the snapshot's reader waits for the compressor");
+                    self.spill = None;
+                    self.queue_limit = self.queue_limit.max(1);
+                    self.wait_for_room()?;
+                    let next = self.spare_buffer();
+                    self.queued
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Work::Chunk {
+                        buf: std::mem::replace(&mut self.payload, next),
+                        items,
+                    }
+                }
+            },
         };
         let sent = self
             .tx
@@ -840,6 +856,14 @@ impl SnapshotWriter {
         }
         self.sent += 1;
         Ok(())
+    }
+
+    /// An empty chunk buffer: one the compressor gave back, or a new one.
+    fn spare_buffer(&mut self) -> Vec<u8> {
+        self.kept
+            .pop()
+            .or_else(|| self.spare.try_recv().ok())
+            .unwrap_or_else(chunk_buffer)
     }
 
     /// Waits up to `limit` for the compressing thread to have written
@@ -890,7 +914,7 @@ impl SnapshotWriter {
     /// and answers where it is.
     fn spool_chunk(&mut self, items: u32) -> Result<Work, FormatError> {
         use std::os::unix::fs::FileExt;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = &self.spool_dir;
         let spool = match &self.spool {
             Some(s) => s.clone(),
             None => {
@@ -1662,6 +1686,26 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::remove_file(&p).unwrap();
         (bytes, s)
+    }
+
+    #[test]
+    fn a_writer_whose_spool_cannot_be_made_waits_for_the_compressor_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, plain) = write_snapshot(dir.path());
+        let want = std::fs::read(&p).unwrap();
+        let q = dir.path().join("second.zst");
+        let mut w = SnapshotWriter::create_with(&q, header(), 3, Some(Box::new(|| true))).unwrap();
+        // Every chunk would go to the spool, which cannot be made.
+        w.queue_limit = 0;
+        w.spool_dir = dir.path().join("missing");
+        for it in items() {
+            w.add(&it).unwrap();
+        }
+        assert_eq!(w.spooled_bytes(), 0);
+        assert!(w.spill.is_none(), "spilling turned off");
+        let s = w.finish().unwrap();
+        assert_eq!(s, plain);
+        assert!(std::fs::read(&q).unwrap() == want, "file differs");
     }
 
     #[test]
