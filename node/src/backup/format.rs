@@ -815,15 +815,7 @@ impl SnapshotWriter {
         self.raw_bytes += (self.payload.len() - CHUNK_HEAD_LEN) as u64;
         self.items_in_chunk = 0;
         let work = match self.wait_for_room()? {
-            true => {
-                let next = self.spare_buffer();
-                self.queued
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Work::Chunk {
-                    buf: std::mem::replace(&mut self.payload, next),
-                    items,
-                }
-            }
+            true => self.in_memory(items),
             false => match self.spool_chunk(items) {
                 Ok(work) => {
                     self.payload.truncate(CHUNK_HEAD_LEN);
@@ -836,13 +828,7 @@ impl SnapshotWriter {
                     self.spill = None;
                     self.queue_limit = self.queue_limit.max(1);
                     self.wait_for_room()?;
-                    let next = self.spare_buffer();
-                    self.queued
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Work::Chunk {
-                        buf: std::mem::replace(&mut self.payload, next),
-                        items,
-                    }
+                    self.in_memory(items)
                 }
             },
         };
@@ -858,12 +844,20 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    /// An empty chunk buffer: one the compressor gave back, or a new one.
-    fn spare_buffer(&mut self) -> Vec<u8> {
-        self.kept
+    /// The chunk being built, handed over in memory (counted as queued);
+    /// the next one starts in a buffer the compressor gave back, or a new one.
+    fn in_memory(&mut self, items: u32) -> Work {
+        let next = self
+            .kept
             .pop()
             .or_else(|| self.spare.try_recv().ok())
-            .unwrap_or_else(chunk_buffer)
+            .unwrap_or_else(chunk_buffer);
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Work::Chunk {
+            buf: std::mem::replace(&mut self.payload, next),
+            items,
+        }
     }
 
     /// Waits up to `limit` for the compressing thread to have written
