@@ -22,8 +22,8 @@ disk, in a scratch directory) and measures, in one run on this machine:
    the rate without a backup (the ratio to the run before alone is printed
    too). Target: >= 80 % of the throughput without one; all rates come
    from the node's write counter (sampled every 0.25 s), the one with a
-   backup over exactly the seconds it ran. Also printed: the barrier's duration
-   (`mirrordb_backup_barrier_seconds`, the only moment writers wait;
+   backup over exactly the seconds it ran. Also printed: the barrier's
+   duration (`mirrordb_backup_barrier_seconds`, the only moment writers wait;
    target for the write p99 during it: <= 10 ms), and where the writer's
    time went in both phases (cache flushes, journal fsyncs);
 3. restore: --journal-entries more writes after the last set, the node is
