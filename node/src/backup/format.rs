@@ -28,9 +28,11 @@ use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Magic bytes at the start of a decompressed snapshot stream.
@@ -555,7 +557,7 @@ enum Work {
         items: u32,
     },
     Spooled {
-        spool: std::sync::Arc<File>,
+        spool: Arc<File>,
         offset: u64,
         len: usize,
         items: u32,
@@ -589,28 +591,28 @@ fn seal_chunk(buf: &mut [u8], items: u32) -> ChunkInfo {
 /// as fast as it can and can release it long before compression ends; the
 /// file written is the same.
 pub struct SnapshotWriter {
-    tx: Option<std::sync::mpsc::Sender<Work>>,
+    tx: Option<Sender<Work>>,
     /// Chunk buffers the compressor is done with, to be filled again.
     spare: Receiver<Vec<u8>>,
     /// Spare buffers taken while waiting for the compressor.
     kept: Vec<Vec<u8>>,
     /// Chunks sent to the compressing thread, and how many it has written.
     sent: u64,
-    taken: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    taken: Arc<AtomicU64>,
     /// Set when the writer is dropped unfinished: the thread stops at its
     /// next chunk instead of compressing what is queued.
-    abandoned: std::sync::Arc<AtomicBool>,
+    abandoned: Arc<AtomicBool>,
     /// In-memory chunks sent and not yet compressed.
-    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    compressor: Option<std::thread::JoinHandle<io::Result<Compressing>>>,
-    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    queued: Arc<AtomicUsize>,
+    compressor: Option<JoinHandle<io::Result<Compressing>>>,
+    written: Arc<AtomicU64>,
     path: PathBuf,
     spill: Option<Spill>,
     /// In-memory chunks allowed to wait ([`COMPRESS_QUEUE_CHUNKS`]).
     queue_limit: usize,
     /// Where the spool is made: beside the snapshot file.
     spool_dir: PathBuf,
-    spool: Option<std::sync::Arc<File>>,
+    spool: Option<Arc<File>>,
     spooled: u64,
     /// The chunk being built: [`CHUNK_HEAD_LEN`] bytes for its header,
     /// then its payload.
@@ -679,19 +681,19 @@ impl SnapshotWriter {
         let mut zc = zstd::bulk::Compressor::new(level).map_err(io_at(path))?;
         let mut out = Vec::new();
         write_frame(&mut zc, &mut out, &mut pipe, &header.encode()).map_err(io_at(path))?;
-        let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let (tx, rx) = channel::<Work>();
         let (back, spare) = sync_channel::<Vec<u8>>(COMPRESS_QUEUE_CHUNKS + 2);
-        let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(pipe.bytes()));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicU64::new(pipe.bytes()));
         let (q2, w2) = (queued.clone(), written.clone());
-        let taken = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let abandoned = std::sync::Arc::new(AtomicBool::new(false));
+        let taken = Arc::new(AtomicU64::new(0));
+        let abandoned = Arc::new(AtomicBool::new(false));
         let (t2, a2) = (taken.clone(), abandoned.clone());
         let compressor = std::thread::Builder::new()
             .name("mirrordb-backup-zstd".into())
             .spawn(move || -> io::Result<Compressing> {
+                use Ordering::Relaxed;
                 use std::os::unix::fs::FileExt;
-                use std::sync::atomic::Ordering::Relaxed;
                 let mut read_back = Vec::new();
                 let mut chunks = Vec::new();
                 for work in rx {
@@ -750,7 +752,7 @@ impl SnapshotWriter {
 
     /// Compressed bytes written to the file so far.
     pub fn file_bytes(&self) -> u64 {
-        self.written.load(std::sync::atomic::Ordering::Relaxed)
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Bytes of chunks that went to the spool so far.
@@ -852,8 +854,7 @@ impl SnapshotWriter {
             .pop()
             .or_else(|| self.spare.try_recv().ok())
             .unwrap_or_else(chunk_buffer);
-        self.queued
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.queued.fetch_add(1, Ordering::Relaxed);
         Work::Chunk {
             buf: std::mem::replace(&mut self.payload, next),
             items,
@@ -864,24 +865,24 @@ impl SnapshotWriter {
     /// every chunk added so far; answers whether it has. (The caller of a
     /// writer whose chunks went to the spool can report progress and
     /// honour a stop while compression catches up.)
-    pub fn wait_compressed(&self, limit: std::time::Duration) -> bool {
-        let until = std::time::Instant::now() + limit;
+    pub fn wait_compressed(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
         loop {
-            let done = self.taken.load(std::sync::atomic::Ordering::Relaxed) >= self.sent;
+            let done = self.taken.load(Ordering::Relaxed) >= self.sent;
             if done || self.compressor.as_ref().is_none_or(|h| h.is_finished()) {
                 return true;
             }
-            if std::time::Instant::now() >= until {
+            if Instant::now() >= until {
                 return false;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     /// Waits until the compressor has room for one more chunk in memory
     /// (`true`), unless the spill option says to spool it (`false`).
     fn wait_for_room(&mut self) -> Result<bool, FormatError> {
-        use std::sync::atomic::Ordering::Relaxed;
+        use Ordering::Relaxed;
         loop {
             if self.queued.load(Relaxed) < self.queue_limit {
                 return Ok(true);
@@ -891,13 +892,10 @@ impl SnapshotWriter {
             }
             // A returned buffer means one chunk fewer in the queue; the
             // timeout covers a buffer the compressor could not return.
-            match self
-                .spare
-                .recv_timeout(std::time::Duration::from_millis(20))
-            {
+            match self.spare.recv_timeout(Duration::from_millis(20)) {
                 Ok(buf) => self.kept.push(buf),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
                     return Err(self.compressor_stopped());
                 }
             }
@@ -912,7 +910,7 @@ impl SnapshotWriter {
         let spool = match &self.spool {
             Some(s) => s.clone(),
             None => {
-                let s = std::sync::Arc::new(tempfile::tempfile_in(dir).map_err(io_at(dir))?);
+                let s = Arc::new(tempfile::tempfile_in(dir).map_err(io_at(dir))?);
                 self.spool = Some(s.clone());
                 s
             }
@@ -972,8 +970,7 @@ impl Drop for SnapshotWriter {
     fn drop(&mut self) {
         // An abandoned writer (error, stop) lets its thread end, without
         // compressing what was queued.
-        self.abandoned
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.abandoned.store(true, Ordering::Relaxed);
         self.tx = None;
         if let Some(h) = self.compressor.take() {
             let _ = h.join();
@@ -1665,7 +1662,7 @@ mod tests {
         }
         let spooled = w.spooled_bytes();
         // Everything added so far gets compressed without `finish`.
-        while !w.wait_compressed(std::time::Duration::from_secs(1)) {}
+        while !w.wait_compressed(Duration::from_secs(1)) {}
         assert!(w.file_bytes() > SNAPSHOT_HEADER_LEN as u64 / 2);
         let s = w.finish().unwrap();
         if queue_limit == 0 {
@@ -1712,9 +1709,8 @@ mod tests {
         assert_eq!(s, plain);
         assert!(got == want, "spooled file differs");
         // Chunks in memory and in the spool, interleaved.
-        let flip = std::sync::atomic::AtomicBool::new(false);
-        let spill: Spill =
-            Box::new(move || !flip.fetch_xor(true, std::sync::atomic::Ordering::Relaxed));
+        let flip = AtomicBool::new(false);
+        let spill: Spill = Box::new(move || !flip.fetch_xor(true, Ordering::Relaxed));
         let (got, s) = write_spilling(dir.path(), spill, 1);
         assert_eq!(s, plain);
         assert!(got == want, "interleaved file differs");
