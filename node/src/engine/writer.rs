@@ -206,11 +206,35 @@ pub(crate) struct Writer {
     pub inflight: HashMap<(String, String), (u64, u64)>,
 }
 
+/// How long an idle writer keeps looking for the next request before it
+/// sleeps.
+const IDLE_SPIN: Duration = Duration::from_micros(250);
+
+/// The next request, `None` once every sender is gone. An idle writer
+/// first looks again for a while, yielding its core to anything runnable
+/// between looks: a client that writes one request at a time sends its
+/// next one a request's round trip after the answer, and a writer found
+/// awake saves that request a thread wake-up.
+fn next_request(rx: &mut mpsc::Receiver<Envelope>) -> Option<Envelope> {
+    let start = Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(env) => return Some(env),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        if start.elapsed() >= IDLE_SPIN {
+            return rx.blocking_recv();
+        }
+        std::thread::yield_now();
+    }
+}
+
 impl Writer {
     /// Runs until shutdown or until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Envelope>) {
         let mut batch = Vec::with_capacity(256);
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = next_request(&mut rx) {
             batch.push(first);
             while batch.len() < MAX_BATCH_REQUESTS {
                 match rx.try_recv() {
@@ -1522,4 +1546,54 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod next_request_tests {
+    use super::*;
+
+    fn tick() -> Envelope {
+        Envelope {
+            req: Request::Tick,
+            deadline: Instant::now() + Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_request_is_taken_whether_it_comes_while_the_writer_looks_or_sleeps() {
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.try_send(tick()).expect("room");
+        assert!(matches!(
+            next_request(&mut rx),
+            Some(Envelope {
+                req: Request::Tick,
+                ..
+            })
+        ));
+        for wait in [Duration::from_micros(50), IDLE_SPIN * 40] {
+            let sender = tx.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(wait);
+                sender.blocking_send(tick()).expect("writer there");
+            });
+            assert!(
+                matches!(
+                    next_request(&mut rx),
+                    Some(Envelope {
+                        req: Request::Tick,
+                        ..
+                    })
+                ),
+                "sent after {wait:?}"
+            );
+            t.join().expect("sender thread");
+        }
+        // Every sender gone, while the writer looks and while it sleeps.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(IDLE_SPIN * 40);
+            drop(tx);
+        });
+        assert!(next_request(&mut rx).is_none());
+        t.join().expect("sender thread");
+    }
 }
