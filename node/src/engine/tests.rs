@@ -1505,3 +1505,86 @@ fn an_uncommitted_batch_rewinds_the_replayer_to_its_last_complete_point() {
     // The data file holds entries the journal does not: not opened again.
     drop(e);
 }
+
+#[test]
+fn a_call_gets_its_answer_whether_it_comes_while_it_looks_or_sleeps() {
+    rt().block_on(async {
+        let calls = AtomicUsize::new(0);
+        for wait in [Duration::ZERO, Duration::from_micros(50), ANSWER_SPIN * 20] {
+            let (reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(wait);
+                let _ = reply.send(Ok(7));
+            });
+            let _counted = CallCount::enter(&calls);
+            assert_eq!(
+                answer(rx, &calls).await.expect("answered"),
+                7,
+                "after {wait:?}"
+            );
+            t.join().expect("writer thread");
+        }
+        // No answer at all: the writer dropped the reply.
+        for wait in [Duration::from_micros(50), ANSWER_SPIN * 20] {
+            let (reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(wait);
+                drop(reply);
+            });
+            let _counted = CallCount::enter(&calls);
+            assert!(matches!(answer(rx, &calls).await, Err(WriteError::Closed)));
+            t.join().expect("writer thread");
+        }
+        // With another call waiting it sleeps at once and still gets it.
+        let _other = CallCount::enter(&calls);
+        let (reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
+        let _counted = CallCount::enter(&calls);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            let _ = reply.send(Ok(9));
+        });
+        assert_eq!(answer(rx, &calls).await.expect("answered"), 9);
+        t.join().expect("writer thread");
+    });
+}
+
+#[test]
+fn a_call_given_up_is_no_longer_counted() {
+    rt().block_on(async {
+        let calls = AtomicUsize::new(0);
+        let (_reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
+        let waiting = async {
+            let _counted = CallCount::enter(&calls);
+            answer(rx, &calls).await
+        };
+        let r = tokio::time::timeout(Duration::from_millis(5), waiting).await;
+        assert!(r.is_err(), "no answer was sent");
+        assert_eq!(calls.load(Ordering::Relaxed), 0);
+    });
+}
+
+#[test]
+fn a_lone_write_and_many_at_once_are_all_answered_and_leave_no_call_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = Engine::open(cfg(dir.path())).expect("open");
+    rt().block_on(async {
+        e.write(SessionId::SYSTEM, vec![put("t", "lone", "1")])
+            .await
+            .expect("lone write");
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let e = e.clone();
+            tasks.push(tokio::spawn(async move {
+                e.write(SessionId::SYSTEM, vec![put("t", &format!("k{i}"), "2")])
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task").expect("write");
+        }
+        assert_eq!(e.inner.calls.load(Ordering::Relaxed), 0);
+        assert_eq!(value(&e, "t", "lone").as_deref(), Some("1"));
+        assert_eq!(value(&e, "t", "k63").as_deref(), Some("2"));
+        e.shutdown().await.expect("shutdown");
+    });
+}
