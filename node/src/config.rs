@@ -291,6 +291,9 @@ pub struct JournalSection {
     /// Keep zeroed blocks ahead of the writer (up to the segment size), so
     /// that a group commit's fdatasync writes no file metadata.
     pub preallocate: bool,
+    /// The idle writer, and a write waiting alone for its answer, look
+    /// again for a few hundred microseconds before they sleep.
+    pub busy_poll: bool,
 }
 
 impl Default for JournalSection {
@@ -298,6 +301,7 @@ impl Default for JournalSection {
         JournalSection {
             segment_bytes: ByteSize(64 << 20),
             preallocate: true,
+            busy_poll: true,
         }
     }
 }
@@ -685,6 +689,7 @@ mod tests {
             [journal]
             segment_bytes = "16MiB"
             preallocate = false
+            busy_poll = false
             [cache]
             flush_interval = "250ms"
             dirty_bytes_max = 1048576
@@ -711,6 +716,7 @@ mod tests {
         assert_eq!(c.node.name, "n1");
         assert_eq!(c.journal.segment_bytes.0, 16 << 20);
         assert!(!c.journal.preallocate);
+        assert!(!c.journal.busy_poll);
         assert_eq!(c.cache.flush_interval.0, Duration::from_millis(250));
         assert_eq!(c.cache.dirty_bytes_max.0, 1 << 20);
         assert!(c.recovery.auto_restore);

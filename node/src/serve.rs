@@ -67,6 +67,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
     e.cache_bytes = usize::try_from(cfg.cache.cache_bytes.0).unwrap_or(usize::MAX);
     e.segment_bytes = cfg.journal.segment_bytes.0;
     e.preallocate = cfg.journal.preallocate;
+    e.busy_poll = cfg.journal.busy_poll;
     e.auto_restore = cfg.recovery.auto_restore;
     // Automatic restore at start finds the backups here.
     e.backup_dir = Some(cfg.backup.destination.clone());
@@ -353,6 +354,7 @@ mod tests {
         c.cache.cache_bytes = ByteSize(5 << 20);
         c.journal.segment_bytes = ByteSize(7 << 20);
         c.journal.preallocate = false;
+        c.journal.busy_poll = false;
         c.recovery.auto_restore = true;
         c.session.idle_timeout = ConfigDuration(Duration::from_secs(9));
         c.api.write_timeout = ConfigDuration(Duration::from_millis(1500));
@@ -364,6 +366,7 @@ mod tests {
         assert_eq!(e.cache_bytes, 5 << 20);
         assert_eq!(e.segment_bytes, 7 << 20);
         assert!(!e.preallocate);
+        assert!(!e.busy_poll);
         assert!(e.auto_restore);
         assert_eq!(e.session_idle, Duration::from_secs(9));
         assert_eq!(e.write_timeout, Duration::from_millis(1500));

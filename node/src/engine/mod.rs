@@ -69,6 +69,9 @@ pub struct EngineConfig {
     pub segment_bytes: u64,
     /// Keep zeroed blocks ahead of the journal writer (`journal.preallocate`).
     pub preallocate: bool,
+    /// Look again before sleeping: the idle writer for its next request,
+    /// a lone call for its answer (`journal.busy_poll`).
+    pub busy_poll: bool,
     pub auto_restore: bool,
     pub session_idle: Duration,
     pub write_timeout: Duration,
@@ -91,6 +94,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("cache_bytes", &self.cache_bytes)
             .field("segment_bytes", &self.segment_bytes)
             .field("preallocate", &self.preallocate)
+            .field("busy_poll", &self.busy_poll)
             .field("auto_restore", &self.auto_restore)
             .finish_non_exhaustive()
     }
@@ -98,7 +102,7 @@ impl std::fmt::Debug for EngineConfig {
 
 impl EngineConfig {
     /// Defaults: flush every 1 s or past 64 MiB dirty, 256 MiB cache,
-    /// 64 MiB preallocated segments, no auto-restore, sessions idle after 60 s, writes
+    /// 64 MiB preallocated segments, busy polling, no auto-restore, sessions idle after 60 s, writes
     /// time out after 5 s, the real disk.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         EngineConfig {
@@ -109,6 +113,7 @@ impl EngineConfig {
             cache_bytes: 256 << 20,
             segment_bytes: 64 << 20,
             preallocate: true,
+            busy_poll: true,
             auto_restore: false,
             session_idle: Duration::from_secs(60),
             write_timeout: Duration::from_secs(5),
@@ -215,17 +220,18 @@ impl Drop for CallCount<'_> {
 
 /// The writer's answer to one call. While it is the only call waiting, the
 /// caller looks for the answer between the runtime's other work (its task
-/// yields, so other tasks and I/O still run) for up to [`ANSWER_SPIN`]
-/// before it sleeps: a lone client's write is answered about one fdatasync
+/// yields, so other tasks and I/O still run) for up to `spin`
+/// ([`ANSWER_SPIN`], zero with busy polling off) before it sleeps: a lone client's write is answered about one fdatasync
 /// after it was sent, and an answer found by a task still running saves the
 /// thread wake-up that would carry it. With more calls waiting it sleeps at
 /// once, and the runtime's threads stay free for them.
 async fn answer<T>(
     mut rx: oneshot::Receiver<Result<T, WriteError>>,
     calls: &AtomicUsize,
+    spin: Duration,
 ) -> Result<T, WriteError> {
     let start = Instant::now();
-    while calls.load(Ordering::Relaxed) == 1 && start.elapsed() < ANSWER_SPIN {
+    while calls.load(Ordering::Relaxed) == 1 && start.elapsed() < spin {
         match rx.try_recv() {
             Ok(r) => return r,
             Err(oneshot::error::TryRecvError::Closed) => return Err(WriteError::Closed),
@@ -366,6 +372,11 @@ impl Engine {
             waiting_barriers: Vec::new(),
             stage,
             inflight: HashMap::new(),
+            idle_spin: if cfg.busy_poll {
+                writer::IDLE_SPIN
+            } else {
+                Duration::ZERO
+            },
             unjournaled_blob_seq: (1u64 << 63) | (crate::journal::writer::now_us() << 8),
         };
         let handle = std::thread::Builder::new()
@@ -462,7 +473,12 @@ impl Engine {
                 .send(env)
                 .await
                 .map_err(|_| WriteError::Closed)?;
-            answer(rx, &self.inner.calls).await
+            let spin = if self.inner.cfg.busy_poll {
+                ANSWER_SPIN
+            } else {
+                Duration::ZERO
+            };
+            answer(rx, &self.inner.calls, spin).await
         };
         // The writer answers `write_blocked` itself (not applied) when a
         // request waits past its deadline; this outer bound only catches a

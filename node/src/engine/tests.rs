@@ -1510,30 +1510,31 @@ fn an_uncommitted_batch_rewinds_the_replayer_to_its_last_complete_point() {
 fn a_call_gets_its_answer_whether_it_comes_while_it_looks_or_sleeps() {
     rt().block_on(async {
         let calls = AtomicUsize::new(0);
-        for wait in [Duration::ZERO, Duration::from_micros(50), ANSWER_SPIN * 20] {
-            let (reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
-            let t = std::thread::spawn(move || {
-                std::thread::sleep(wait);
-                let _ = reply.send(Ok(7));
-            });
-            let _counted = CallCount::enter(&calls);
-            assert_eq!(
-                answer(rx, &calls).await.expect("answered"),
-                7,
-                "after {wait:?}"
-            );
-            t.join().expect("writer thread");
-        }
-        // No answer at all: the writer dropped the reply.
-        for wait in [Duration::from_micros(50), ANSWER_SPIN * 20] {
-            let (reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
-            let t = std::thread::spawn(move || {
-                std::thread::sleep(wait);
-                drop(reply);
-            });
-            let _counted = CallCount::enter(&calls);
-            assert!(matches!(answer(rx, &calls).await, Err(WriteError::Closed)));
-            t.join().expect("writer thread");
+        // Busy polling on, and off (`journal.busy_poll = false`).
+        for spin in [ANSWER_SPIN, Duration::ZERO] {
+            for wait in [Duration::ZERO, Duration::from_micros(50), ANSWER_SPIN * 20] {
+                let (reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
+                let t = std::thread::spawn(move || {
+                    std::thread::sleep(wait);
+                    let _ = reply.send(Ok(7));
+                });
+                let _counted = CallCount::enter(&calls);
+                let got = answer(rx, &calls, spin).await;
+                assert_eq!(got.expect("answered"), 7, "after {wait:?}, {spin:?}");
+                t.join().expect("writer thread");
+            }
+            // No answer at all: the writer dropped the reply.
+            for wait in [Duration::from_micros(50), ANSWER_SPIN * 20] {
+                let (reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
+                let t = std::thread::spawn(move || {
+                    std::thread::sleep(wait);
+                    drop(reply);
+                });
+                let _counted = CallCount::enter(&calls);
+                let got = answer(rx, &calls, spin).await;
+                assert!(matches!(got, Err(WriteError::Closed)), "{spin:?}");
+                t.join().expect("writer thread");
+            }
         }
         // With another call waiting it sleeps at once and still gets it.
         let _other = CallCount::enter(&calls);
@@ -1543,7 +1544,8 @@ fn a_call_gets_its_answer_whether_it_comes_while_it_looks_or_sleeps() {
             std::thread::sleep(Duration::from_millis(2));
             let _ = reply.send(Ok(9));
         });
-        assert_eq!(answer(rx, &calls).await.expect("answered"), 9);
+        let got = answer(rx, &calls, ANSWER_SPIN).await;
+        assert_eq!(got.expect("answered"), 9);
         t.join().expect("writer thread");
     });
 }
@@ -1555,7 +1557,7 @@ fn a_call_given_up_is_no_longer_counted() {
         let (_reply, rx) = oneshot::channel::<Result<u64, WriteError>>();
         let waiting = async {
             let _counted = CallCount::enter(&calls);
-            answer(rx, &calls).await
+            answer(rx, &calls, ANSWER_SPIN).await
         };
         let r = tokio::time::timeout(Duration::from_millis(5), waiting).await;
         assert!(r.is_err(), "no answer was sent");
@@ -1565,8 +1567,16 @@ fn a_call_given_up_is_no_longer_counted() {
 
 #[test]
 fn a_lone_write_and_many_at_once_are_all_answered_and_leave_no_call_counted() {
+    for busy_poll in [true, false] {
+        lone_and_many_writes(busy_poll);
+    }
+}
+
+fn lone_and_many_writes(busy_poll: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = Engine::open(cfg(dir.path())).expect("open");
+    let mut c = cfg(dir.path());
+    c.busy_poll = busy_poll;
+    let e = Engine::open(c).expect("open");
     rt().block_on(async {
         e.write(SessionId::SYSTEM, vec![put("t", "lone", "1")])
             .await

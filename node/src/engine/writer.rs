@@ -204,18 +204,22 @@ pub(crate) struct Writer {
     /// Versions written by batches the stage has not applied yet:
     /// (table, key) → (version, 0 when deleted; batch number).
     pub inflight: HashMap<(String, String), (u64, u64)>,
+    /// How long the idle writer looks for its next request before it
+    /// sleeps ([`IDLE_SPIN`], zero with `journal.busy_poll` off).
+    pub idle_spin: Duration,
 }
 
 /// How long an idle writer keeps looking for the next request before it
 /// sleeps.
-const IDLE_SPIN: Duration = Duration::from_micros(250);
+pub(super) const IDLE_SPIN: Duration = Duration::from_micros(250);
 
 /// The next request, `None` once every sender is gone. An idle writer
 /// first looks again for a while, yielding its core to anything runnable
 /// between looks: a client that writes one request at a time sends its
 /// next one a request's round trip after the answer, and a writer found
-/// awake saves that request a thread wake-up.
-fn next_request(rx: &mut mpsc::Receiver<Envelope>) -> Option<Envelope> {
+/// awake saves that request a thread wake-up. `spin` zero: it sleeps at
+/// once.
+fn next_request(rx: &mut mpsc::Receiver<Envelope>, spin: Duration) -> Option<Envelope> {
     let start = Instant::now();
     loop {
         match rx.try_recv() {
@@ -223,7 +227,7 @@ fn next_request(rx: &mut mpsc::Receiver<Envelope>) -> Option<Envelope> {
             Err(mpsc::error::TryRecvError::Disconnected) => return None,
             Err(mpsc::error::TryRecvError::Empty) => {}
         }
-        if start.elapsed() >= IDLE_SPIN {
+        if start.elapsed() >= spin {
             return rx.blocking_recv();
         }
         std::thread::yield_now();
@@ -234,7 +238,7 @@ impl Writer {
     /// Runs until shutdown or until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Envelope>) {
         let mut batch = Vec::with_capacity(256);
-        while let Some(first) = next_request(&mut rx) {
+        while let Some(first) = next_request(&mut rx, self.idle_spin) {
             batch.push(first);
             while batch.len() < MAX_BATCH_REQUESTS {
                 match rx.try_recv() {
@@ -1561,39 +1565,44 @@ mod next_request_tests {
 
     #[test]
     fn a_request_is_taken_whether_it_comes_while_the_writer_looks_or_sleeps() {
-        let (tx, mut rx) = mpsc::channel(4);
-        tx.try_send(tick()).expect("room");
-        assert!(matches!(
-            next_request(&mut rx),
-            Some(Envelope {
-                req: Request::Tick,
-                ..
-            })
-        ));
-        for wait in [Duration::from_micros(50), IDLE_SPIN * 40] {
-            let sender = tx.clone();
+        // Busy polling on, and off (`journal.busy_poll = false`).
+        for spin in [IDLE_SPIN, Duration::ZERO] {
+            let (tx, mut rx) = mpsc::channel(4);
+            tx.try_send(tick()).expect("room");
+            let got = next_request(&mut rx, spin);
+            assert!(matches!(
+                got,
+                Some(Envelope {
+                    req: Request::Tick,
+                    ..
+                })
+            ));
+            for wait in [Duration::from_micros(50), IDLE_SPIN * 40] {
+                let sender = tx.clone();
+                let t = std::thread::spawn(move || {
+                    std::thread::sleep(wait);
+                    sender.blocking_send(tick()).expect("writer there");
+                });
+                let got = next_request(&mut rx, spin);
+                assert!(
+                    matches!(
+                        got,
+                        Some(Envelope {
+                            req: Request::Tick,
+                            ..
+                        })
+                    ),
+                    "sent after {wait:?}, {spin:?}"
+                );
+                t.join().expect("sender thread");
+            }
+            // Every sender gone while the writer sleeps.
             let t = std::thread::spawn(move || {
-                std::thread::sleep(wait);
-                sender.blocking_send(tick()).expect("writer there");
+                std::thread::sleep(IDLE_SPIN * 40);
+                drop(tx);
             });
-            assert!(
-                matches!(
-                    next_request(&mut rx),
-                    Some(Envelope {
-                        req: Request::Tick,
-                        ..
-                    })
-                ),
-                "sent after {wait:?}"
-            );
+            assert!(next_request(&mut rx, spin).is_none());
             t.join().expect("sender thread");
         }
-        // Every sender gone, while the writer looks and while it sleeps.
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(IDLE_SPIN * 40);
-            drop(tx);
-        });
-        assert!(next_request(&mut rx).is_none());
-        t.join().expect("sender thread");
     }
 }
