@@ -218,6 +218,20 @@ impl Drop for CallCount<'_> {
     }
 }
 
+/// How long a call looks for its answer before it sleeps: only a client's
+/// write looks (with `journal.busy_poll` on). A mirror's appends of its
+/// primary's stream, barriers and the like gain no client anything from
+/// it, and a mirror's looking took CPU time from the other nodes of a
+/// cluster sharing its machine (BENCHMARKS.md, "Looked for before
+/// sleeping").
+fn answer_spin(busy_poll: bool, req: &Request) -> Duration {
+    if busy_poll && req.is_client_write() {
+        ANSWER_SPIN
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// The writer's answer to one call. While it is the only call waiting, the
 /// caller looks for the answer between the runtime's other work (its task
 /// yields, so other tasks and I/O still run) for up to `spin`
@@ -466,6 +480,7 @@ impl Engine {
             req: make(reply),
             deadline: Instant::now() + budget,
         };
+        let spin = answer_spin(self.inner.cfg.busy_poll, &env.req);
         let fut = async {
             let _counted = CallCount::enter(&self.inner.calls);
             self.inner
@@ -473,11 +488,6 @@ impl Engine {
                 .send(env)
                 .await
                 .map_err(|_| WriteError::Closed)?;
-            let spin = if self.inner.cfg.busy_poll {
-                ANSWER_SPIN
-            } else {
-                Duration::ZERO
-            };
             answer(rx, &self.inner.calls, spin).await
         };
         // The writer answers `write_blocked` itself (not applied) when a

@@ -1598,3 +1598,24 @@ fn lone_and_many_writes(busy_poll: bool) {
         e.shutdown().await.expect("shutdown");
     });
 }
+
+#[test]
+fn only_a_clients_write_looks_for_its_answer() {
+    let (reply, _rx) = oneshot::channel();
+    let write = Request::Write {
+        session: SessionId::SYSTEM,
+        ops: vec![put("t", "k", "1")],
+        reply,
+    };
+    assert_eq!(answer_spin(true, &write), ANSWER_SPIN);
+    assert_eq!(answer_spin(false, &write), Duration::ZERO);
+    let (reply, _rx) = oneshot::channel();
+    let append = Request::AppendFrames {
+        frames: Vec::new(),
+        reply,
+    };
+    assert_eq!(answer_spin(true, &append), Duration::ZERO);
+    let (reply, _rx) = oneshot::channel();
+    let barrier = Request::Barrier { number: 1, reply };
+    assert_eq!(answer_spin(true, &barrier), Duration::ZERO);
+}

@@ -157,7 +157,7 @@ impl Request {
 
     /// Whether this is a client write, refused on a mirror. (A backup
     /// barrier and a rotation are allowed there: backups may run on mirrors.)
-    fn is_client_write(&self) -> bool {
+    pub(super) fn is_client_write(&self) -> bool {
         self.writes() && !matches!(self, Request::Barrier { .. } | Request::Rotate { .. })
     }
 }
@@ -213,6 +213,18 @@ pub(crate) struct Writer {
 /// sleeps.
 pub(super) const IDLE_SPIN: Duration = Duration::from_micros(250);
 
+/// How long the idle writer looks for its next request: `configured` on a
+/// primary; nothing on a mirror, whose requests are its primary's stream
+/// (a writer found awake gains no client anything there, and on a machine
+/// shared with other nodes the looking took CPU time from them:
+/// BENCHMARKS.md, "Looked for before sleeping").
+fn idle_spin(role: &super::replica::Role, configured: Duration) -> Duration {
+    match role {
+        super::replica::Role::Primary => configured,
+        super::replica::Role::Mirror { .. } => Duration::ZERO,
+    }
+}
+
 /// The next request, `None` once every sender is gone. An idle writer
 /// first looks again for a while, yielding its core to anything runnable
 /// between looks: a client that writes one request at a time sends its
@@ -238,7 +250,7 @@ impl Writer {
     /// Runs until shutdown or until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Envelope>) {
         let mut batch = Vec::with_capacity(256);
-        while let Some(first) = next_request(&mut rx, self.idle_spin) {
+        while let Some(first) = next_request(&mut rx, idle_spin(&self.role, self.idle_spin)) {
             batch.push(first);
             while batch.len() < MAX_BATCH_REQUESTS {
                 match rx.try_recv() {
@@ -1561,6 +1573,15 @@ mod next_request_tests {
             req: Request::Tick,
             deadline: Instant::now() + Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn only_a_primary_looks_for_its_next_request() {
+        use crate::engine::replica::Role;
+        assert_eq!(idle_spin(&Role::Primary, IDLE_SPIN), IDLE_SPIN);
+        assert_eq!(idle_spin(&Role::Primary, Duration::ZERO), Duration::ZERO);
+        let mirror = Role::Mirror { primary_http: None };
+        assert_eq!(idle_spin(&mirror, IDLE_SPIN), Duration::ZERO);
     }
 
     #[test]
