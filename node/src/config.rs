@@ -291,8 +291,9 @@ pub struct JournalSection {
     /// Keep zeroed blocks ahead of the writer (up to the segment size), so
     /// that a group commit's fdatasync writes no file metadata.
     pub preallocate: bool,
-    /// The idle writer, and a write waiting alone for its answer, look
-    /// again for a few hundred microseconds before they sleep.
+    /// On a primary, the idle writer and a client's write waiting alone
+    /// for its answer look again for a few hundred microseconds before
+    /// they sleep.
     pub busy_poll: bool,
 }
 

@@ -54,8 +54,8 @@ use writer::{Envelope, Request, Writer};
 const REQUEST_QUEUE_DEPTH: usize = 16_384;
 /// How much longer than a request's deadline a caller waits for the writer.
 const WRITER_GRACE: Duration = Duration::from_secs(2);
-/// How long the only caller waiting on the writer looks for its answer
-/// before it sleeps (see [`Engine::call`]).
+/// How long a client's write, the only call waiting on the writer, looks
+/// for its answer before it sleeps (see [`answer`]).
 const ANSWER_SPIN: Duration = Duration::from_micros(400);
 
 /// How the engine is set up. `new` gives the documented defaults.
@@ -69,8 +69,8 @@ pub struct EngineConfig {
     pub segment_bytes: u64,
     /// Keep zeroed blocks ahead of the journal writer (`journal.preallocate`).
     pub preallocate: bool,
-    /// Look again before sleeping: the idle writer for its next request,
-    /// a lone call for its answer (`journal.busy_poll`).
+    /// Look again before sleeping: a primary's idle writer for its next
+    /// request, a client's lone write for its answer (`journal.busy_poll`).
     pub busy_poll: bool,
     pub auto_restore: bool,
     pub session_idle: Duration,
@@ -102,8 +102,8 @@ impl std::fmt::Debug for EngineConfig {
 
 impl EngineConfig {
     /// Defaults: flush every 1 s or past 64 MiB dirty, 256 MiB cache,
-    /// 64 MiB preallocated segments, busy polling, no auto-restore, sessions idle after 60 s, writes
-    /// time out after 5 s, the real disk.
+    /// 64 MiB preallocated segments, busy polling, no auto-restore,
+    /// sessions idle after 60 s, writes time out after 5 s, the real disk.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         EngineConfig {
             data_dir: data_dir.into(),
@@ -234,11 +234,12 @@ fn answer_spin(busy_poll: bool, req: &Request) -> Duration {
 
 /// The writer's answer to one call. While it is the only call waiting, the
 /// caller looks for the answer between the runtime's other work (its task
-/// yields, so other tasks and I/O still run) for up to `spin`
-/// ([`ANSWER_SPIN`], zero with busy polling off) before it sleeps: a lone client's write is answered about one fdatasync
-/// after it was sent, and an answer found by a task still running saves the
-/// thread wake-up that would carry it. With more calls waiting it sleeps at
-/// once, and the runtime's threads stay free for them.
+/// yields, so other tasks and I/O still run) for up to `spin` (see
+/// [`answer_spin`]) before it sleeps: a lone client's write is answered
+/// about one fdatasync after it was sent, and an answer found by a task
+/// still running saves the thread wake-up that would carry it. With more
+/// calls waiting it sleeps at once, and the runtime's threads stay free
+/// for them.
 async fn answer<T>(
     mut rx: oneshot::Receiver<Result<T, WriteError>>,
     calls: &AtomicUsize,
