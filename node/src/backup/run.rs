@@ -10,9 +10,11 @@
 //!   ├─ on_start hook (non-zero exit cancels)
 //!   ├─ Engine::backup_barrier(number) → S, closed segments ≤ S, snapshot (writes go on)
 //!   ├─ Engine::flush beside the writer: the snapshot then pins no newer page; checkpoint ≥ S
+//!   ├─ stream snapshot → .tmp dir/snapshot.zst (under writes, chunks the compressor has
+//!   │  no room for wait in a spool), release the snapshot, wait for compression
 //!   ├─ archive segments ≤ S → .tmp file → fsync → ‹name›[number-1].journal
-//!   ├─ stream snapshot → .tmp dir/snapshot.zst, attached files, manifest.json,
-//!   │  fsync every file and the dir → rename to ‹name›[number].backup → fsync destination
+//!   ├─ attached files, manifest.json, fsync every file and the dir
+//!   │  → rename to ‹name›[number].backup → fsync destination
 //!   ├─ backupHistory.json, then Engine::drop_segments_upto(S)
 //!   ├─ retention (after success only): keep_last sets and the archives they need
 //!   └─ on_finish hook (status in env), Backup Journal line
@@ -150,7 +152,8 @@ impl Trigger {
 pub struct Progress {
     pub number: u32,
     pub trigger: Trigger,
-    /// `preparing`, `barrier`, `archiving`, `snapshot`, `attached`, `finishing`.
+    /// `preparing`, `barrier`, `snapshot`, `compressing`, `archiving`,
+    /// `attached`, `finishing`.
     pub phase: &'static str,
     pub started: String,
     pub elapsed_ms: u64,
