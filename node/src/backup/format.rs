@@ -19,6 +19,7 @@
 //! return [`FormatError`] on any damage: bytes from disk never panic.
 
 use super::SnapshotItem;
+use super::pace::Pace;
 use crate::journal::format::{
     self as jformat, FRAME_HEADER_LEN, FrameError, HEADER_LEN, MAX_PAYLOAD_BYTES, SEGMENT_MAGIC,
     SegmentHeader,
@@ -534,6 +535,8 @@ pub struct SnapshotSummary {
     pub file_bytes: u64,
     pub sha256: String,
     pub chunks: Vec<ChunkInfo>,
+    /// How long compression waited for writers ([`Pace`]).
+    pub paced: Duration,
 }
 
 /// Chunks queued between the encoding thread and the compressing thread.
@@ -541,9 +544,14 @@ const COMPRESS_QUEUE_CHUNKS: usize = 4;
 /// Bytes reserved at the start of a chunk buffer for its header.
 const CHUNK_HEAD_LEN: usize = 12;
 
-/// What the compressing thread hands back: its compressor, the pipe and
-/// the chunks' manifest entries.
-type Compressing = (zstd::bulk::Compressor<'static>, SetPipe, Vec<ChunkInfo>);
+/// What the compressing thread hands back: its compressor, the pipe, the
+/// chunks' manifest entries and how long it waited for writers.
+type Compressing = (
+    zstd::bulk::Compressor<'static>,
+    SetPipe,
+    Vec<ChunkInfo>,
+    Duration,
+);
 
 /// Asked by a [`SnapshotWriter`] whose compressor is behind: `true` puts
 /// the chunk in the spool instead of waiting.
@@ -666,16 +674,18 @@ impl SnapshotWriter {
         header: SnapshotHeader,
         level: i32,
     ) -> Result<SnapshotWriter, FormatError> {
-        SnapshotWriter::create_with(path, header, level, None)
+        SnapshotWriter::create_with(path, header, level, None, Pace::off())
     }
 
-    /// [`SnapshotWriter::create`] with a [`Spill`]: chunks the compressor
-    /// has no room for go to the spool whenever it says so.
+    /// [`SnapshotWriter::create`] with a [`Spill`] (chunks the compressor
+    /// has no room for go to the spool whenever it says so) and a [`Pace`]
+    /// for the compressing thread (each chunk waits for it).
     pub fn create_with(
         path: &Path,
         header: SnapshotHeader,
         level: i32,
         spill: Option<Spill>,
+        mut pace: Pace,
     ) -> Result<SnapshotWriter, FormatError> {
         let mut pipe = SetPipe::create(path).map_err(io_at(path))?;
         let mut zc = zstd::bulk::Compressor::new(level).map_err(io_at(path))?;
@@ -700,6 +710,10 @@ impl SnapshotWriter {
                     if a2.load(Relaxed) {
                         return Err(io::Error::other("the snapshot writer was abandoned"));
                     }
+                    pace.wait(match &work {
+                        Work::Chunk { buf, .. } => buf.len(),
+                        Work::Spooled { len, .. } => *len,
+                    });
                     match work {
                         Work::Chunk { mut buf, items } => {
                             chunks.push(seal_chunk(&mut buf, items));
@@ -724,7 +738,7 @@ impl SnapshotWriter {
                     w2.store(pipe.bytes(), Relaxed);
                     t2.fetch_add(1, Relaxed);
                 }
-                Ok((zc, pipe, chunks))
+                Ok((zc, pipe, chunks, pace.waited()))
             })
             .map_err(io_at(path))?;
         Ok(SnapshotWriter {
@@ -944,7 +958,7 @@ impl SnapshotWriter {
     pub fn finish(mut self) -> Result<SnapshotSummary, FormatError> {
         self.flush_chunk()?;
         let path = self.path.clone();
-        let (mut zc, mut pipe, chunks) = self.join()?;
+        let (mut zc, mut pipe, chunks, paced) = self.join()?;
         let mut tail = Vec::with_capacity(CHUNK_HEAD_LEN + 20);
         write_chunk(&mut tail, &[], 0).map_err(io_at(&path))?;
         let mut trailer = [0u8; 20];
@@ -962,6 +976,7 @@ impl SnapshotWriter {
             file_bytes,
             sha256,
             chunks,
+            paced,
         })
     }
 }
@@ -1239,10 +1254,22 @@ pub struct ArchiveWriter {
     entries: u64,
     segments: u32,
     raw_bytes: u64,
+    pace: Pace,
 }
 
 impl ArchiveWriter {
     pub fn create(path: &Path, db_id: [u8; 16], level: i32) -> Result<ArchiveWriter, FormatError> {
+        ArchiveWriter::create_paced(path, db_id, level, Pace::off())
+    }
+
+    /// [`ArchiveWriter::create`] whose frames wait for `pace` before they
+    /// are compressed.
+    pub fn create_paced(
+        path: &Path,
+        db_id: [u8; 16],
+        level: i32,
+        pace: Pace,
+    ) -> Result<ArchiveWriter, FormatError> {
         let pipe = SetPipe::create(path).map_err(io_at(path))?;
         let enc = zstd::Encoder::new(pipe, level).map_err(io_at(path))?;
         Ok(ArchiveWriter {
@@ -1254,6 +1281,7 @@ impl ArchiveWriter {
             entries: 0,
             segments: 0,
             raw_bytes: 0,
+            pace,
         })
     }
 
@@ -1322,6 +1350,7 @@ impl ArchiveWriter {
                     format!("LSN gap: expected {expected}, found {}", fh.lsn),
                 ));
             }
+            self.pace.wait(buf.len());
             self.enc.write_all(&buf).map_err(io_at(&self.path))?;
             if self.entries == 0 {
                 self.first_lsn = fh.lsn;
@@ -1655,7 +1684,7 @@ mod tests {
     /// spool: `spill` and `queue_limit` as the writer gets them.
     fn write_spilling(dir: &Path, spill: Spill, queue_limit: usize) -> (Vec<u8>, SnapshotSummary) {
         let p = dir.join("spilled.zst");
-        let mut w = SnapshotWriter::create_with(&p, header(), 3, Some(spill)).unwrap();
+        let mut w = SnapshotWriter::create_with(&p, header(), 3, Some(spill), Pace::off()).unwrap();
         w.queue_limit = queue_limit;
         for it in items() {
             w.add(&it).unwrap();
@@ -1685,7 +1714,9 @@ mod tests {
         let (p, plain) = write_snapshot(dir.path());
         let want = std::fs::read(&p).unwrap();
         let q = dir.path().join("second.zst");
-        let mut w = SnapshotWriter::create_with(&q, header(), 3, Some(Box::new(|| true))).unwrap();
+        let mut w =
+            SnapshotWriter::create_with(&q, header(), 3, Some(Box::new(|| true)), Pace::off())
+                .unwrap();
         // Every chunk would go to the spool, which cannot be made.
         w.queue_limit = 0;
         w.spool_dir = dir.path().join("missing");
@@ -1720,6 +1751,53 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from(SNAPSHOT_FILE)]);
+    }
+
+    /// A pace whose position moves at every look: clients always write.
+    fn always_busy(rate: u64) -> Pace {
+        let lsn = AtomicU64::new(0);
+        Pace::new(
+            rate,
+            Box::new(move || lsn.fetch_add(1, Ordering::Relaxed)),
+            None,
+        )
+    }
+
+    #[test]
+    fn a_paced_snapshot_and_archive_are_the_same_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, plain) = write_snapshot(dir.path());
+        let want = std::fs::read(&p).unwrap();
+        let q = dir.path().join("paced.zst");
+        // About 1.7 MB of items at 8 MiB/s while clients write: it waits.
+        let mut w =
+            SnapshotWriter::create_with(&q, header(), 3, None, always_busy(8 << 20)).unwrap();
+        for it in items() {
+            w.add(&it).unwrap();
+        }
+        let s = w.finish().unwrap();
+        assert!(s.paced > Duration::ZERO, "the compressor never waited");
+        assert_eq!(
+            SnapshotSummary {
+                paced: Duration::ZERO,
+                ..s
+            },
+            plain
+        );
+        assert!(std::fs::read(&q).unwrap() == want, "paced file differs");
+
+        let seg = dir.path().join("1.journal");
+        std::fs::write(&seg, segment_bytes([1; 16], 1, 200)).unwrap();
+        let archive = |name: &str, pace: Pace| {
+            let a = dir.path().join(name);
+            let mut w = ArchiveWriter::create_paced(&a, [1; 16], 3, pace).unwrap();
+            w.add_segment(&seg, u64::MAX).unwrap();
+            (w.finish().unwrap(), std::fs::read(&a).unwrap())
+        };
+        assert_eq!(
+            archive("plain.journal", Pace::off()),
+            archive("paced.journal", always_busy(1 << 20))
+        );
     }
 
     #[test]

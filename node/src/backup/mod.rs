@@ -20,6 +20,7 @@ pub mod cli;
 pub mod format;
 pub mod log;
 pub mod manifest;
+pub mod pace;
 pub mod restore;
 pub mod run;
 pub mod schedule;

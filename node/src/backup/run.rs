@@ -33,6 +33,7 @@ use super::log::{BackupLog, LineKind};
 use super::manifest::{
     ArchiveEntry, AttachedEntry, BackupStatus, Catalog, FileEntry, History, HistoryEntry, Manifest,
 };
+use super::pace::Pace;
 use super::schedule::{Action, Scheduler};
 use super::settings::{BackupPriority, BackupSection};
 use crate::engine::{Engine, WriteError};
@@ -843,6 +844,17 @@ impl BackupService {
         })
     }
 
+    /// The pace of the backup's compression: `backup.max_rate_while_writing`
+    /// while the node's applied LSN moves, ending its waits once stopped.
+    fn pace(&self, cfg: &BackupSection, cancel: &Arc<AtomicBool>) -> Pace {
+        let applied = self.engine().applied_lsn_watch();
+        Pace::new(
+            cfg.max_rate_while_writing.0,
+            Box::new(move || *applied.borrow()),
+            Some(cancel.clone()),
+        )
+    }
+
     /// Blocking part of a backup. Everything goes to `.tmp-*` names first;
     /// on any error they are removed.
     fn write_set(
@@ -851,7 +863,7 @@ impl BackupService {
         dest: &Path,
         point: crate::engine::backup::BackupPoint,
         cfg: &BackupSection,
-        cancel: &AtomicBool,
+        cancel: &Arc<AtomicBool>,
     ) -> Result<(PathBuf, Option<PathBuf>, Manifest), BackupError> {
         let pid = std::process::id();
         let set_name = format::set_dir_name(&cfg.name, number);
@@ -880,9 +892,14 @@ impl BackupService {
         let applied = self.engine().applied_lsn_watch();
         let since = point.lsn;
         let spill: format::Spill = Box::new(move || *applied.borrow() > since);
-        let mut w =
-            SnapshotWriter::create_with(&snap_path, header, cfg.compression_level, Some(spill))
-                .map_err(derr)?;
+        let mut w = SnapshotWriter::create_with(
+            &snap_path,
+            header,
+            cfg.compression_level,
+            Some(spill),
+            self.pace(cfg, cancel),
+        )
+        .map_err(derr)?;
         let mut digest = Digest::default();
         let (mut tables, mut blobs) = (0u64, 0u64);
         let mut raw = 0u64;
@@ -935,6 +952,13 @@ impl BackupService {
             self.update(|p| p.bytes_written = written);
         }
         let snap = w.finish().map_err(derr)?;
+        if !snap.paced.is_zero() {
+            tracing::info!(
+                number,
+                seconds = snap.paced.as_secs_f64(),
+                "backup compression waited for writers (backup.max_rate_while_writing)"
+            );
+        }
         self.update(|p| {
             p.items_done = snap.items;
             p.bytes_done = raw.max(p.bytes_total);
@@ -946,8 +970,13 @@ impl BackupService {
         let mut archive_entry = None;
         let mut archive_path = None;
         if !point.segments.is_empty() {
-            let mut w = ArchiveWriter::create(&tmp_archive, point.db_id, cfg.compression_level)
-                .map_err(derr)?;
+            let mut w = ArchiveWriter::create_paced(
+                &tmp_archive,
+                point.db_id,
+                cfg.compression_level,
+                self.pace(cfg, cancel),
+            )
+            .map_err(derr)?;
             for seg in &point.segments {
                 if stopped() {
                     return Err(BackupError::Interrupted);

@@ -3,7 +3,7 @@
 //! `config.rs` embeds this section; `docs/config.md` documents every key.
 
 use super::schedule::Schedule;
-use crate::config::{ConfigDuration, ConfigError};
+use crate::config::{ByteSize, ConfigDuration, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +18,11 @@ pub const MAX_ATTACHED: usize = 256;
 pub const MAX_SCHEDULES: usize = 32;
 /// Most attempts of one scheduled backup.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+/// `backup.max_rate_while_writing` by default, bytes per second.
+pub const DEFAULT_RATE_WHILE_WRITING: u64 = 32 << 20;
+/// The lowest limit `backup.max_rate_while_writing` may set (a chunk of
+/// the snapshot then waits at most about a second).
+pub const MIN_RATE_WHILE_WRITING: u64 = 1 << 20;
 
 /// `backup.priority`: the scheduling class of the backup's threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +98,12 @@ pub struct BackupSection {
     /// only on CPU time no other thread of the machine wants) or a nice
     /// value 0..=19 (0: like every other thread). Ignored off Linux.
     pub priority: BackupPriority,
+    /// While clients write (the journal grew in the last half second), the
+    /// backup compresses at most this many bytes of records per second;
+    /// what the snapshot reader gets ahead waits in the spool, so the
+    /// snapshot is released as early as before. At full speed while nothing
+    /// is written. `0` never limits it. At least 1 MiB.
+    pub max_rate_while_writing: ByteSize,
     /// Files copied into every set (`attached/`); a missing one makes the
     /// backup `partial`, with an error.
     pub attached_files: Vec<PathBuf>,
@@ -125,6 +136,7 @@ impl Default for BackupSection {
             only_if_changed: false,
             compression_level: 1,
             priority: BackupPriority::Idle,
+            max_rate_while_writing: ByteSize(DEFAULT_RATE_WHILE_WRITING),
             attached_files: Vec::new(),
             retry_after: ConfigDuration(Duration::from_secs(300)),
             max_attempts: 3,
@@ -181,6 +193,12 @@ impl BackupSection {
             && !(0..=19).contains(&n)
         {
             return bad(bad_priority(n));
+        }
+        let rate = self.max_rate_while_writing.0;
+        if rate != 0 && rate < MIN_RATE_WHILE_WRITING {
+            return bad(format!(
+                "backup.max_rate_while_writing must be 0 (no limit) or at least 1MiB, got {rate} bytes"
+            ));
         }
         if self.attached_files.len() > MAX_ATTACHED {
             return bad(format!(
@@ -244,6 +262,22 @@ mod tests {
                 .contains("backup.name")
         );
         b.name = "mirrordb".into();
+        for (rate, ok) in [(0, true), (1 << 20, true), (1 << 30, true), (1000, false)] {
+            b.max_rate_while_writing = ByteSize(rate);
+            let r = b.validate();
+            assert_eq!(r.is_ok(), ok, "rate {rate}: {r:?}");
+            if let Err(e) = r {
+                assert!(
+                    e.to_string().contains("backup.max_rate_while_writing"),
+                    "{e}"
+                );
+            }
+        }
+        b.max_rate_while_writing = ByteSize(DEFAULT_RATE_WHILE_WRITING);
+        let parsed: BackupSection = toml::from_str("max_rate_while_writing = \"64MiB\"").unwrap();
+        assert_eq!(parsed.max_rate_while_writing, ByteSize(64 << 20));
+        let parsed: BackupSection = toml::from_str("max_rate_while_writing = 0").unwrap();
+        assert_eq!(parsed.max_rate_while_writing, ByteSize(0));
         for (nice, ok) in [(0, true), (19, true), (20, false), (-1, false)] {
             b.priority = BackupPriority::Nice(nice);
             let r = b.validate();
