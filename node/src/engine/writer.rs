@@ -214,14 +214,19 @@ pub(crate) struct Writer {
 pub(super) const IDLE_SPIN: Duration = Duration::from_micros(250);
 
 /// How long the idle writer looks for its next request: `configured` on a
-/// primary; nothing on a mirror, whose requests are its primary's stream
-/// (a writer found awake gains no client anything there, and on a machine
-/// shared with other nodes the looking took CPU time from them:
-/// BENCHMARKS.md, "Looked for before sleeping").
-fn idle_spin(role: &super::replica::Role, configured: Duration) -> Duration {
+/// primary whose last batch held one request (one client writing alone);
+/// nothing after a larger batch, whose clients' next requests are on their
+/// way through the runtime's workers, which need the CPU the looking would
+/// take (at 32 clients over the Unix socket it cost 5 % of the
+/// throughput: BENCHMARKS.md, "Looked for only after a lone request");
+/// nothing on a mirror, whose requests are its primary's stream (a writer
+/// found awake gains no client anything there, and on a machine shared
+/// with other nodes the looking took CPU time from them: "Looked for
+/// before sleeping").
+fn idle_spin(role: &super::replica::Role, configured: Duration, last_batch: usize) -> Duration {
     match role {
-        super::replica::Role::Primary => configured,
-        super::replica::Role::Mirror { .. } => Duration::ZERO,
+        super::replica::Role::Primary if last_batch <= 1 => configured,
+        super::replica::Role::Primary | super::replica::Role::Mirror { .. } => Duration::ZERO,
     }
 }
 
@@ -250,7 +255,10 @@ impl Writer {
     /// Runs until shutdown or until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Envelope>) {
         let mut batch = Vec::with_capacity(256);
-        while let Some(first) = next_request(&mut rx, idle_spin(&self.role, self.idle_spin)) {
+        let mut last_batch = 0;
+        while let Some(first) =
+            next_request(&mut rx, idle_spin(&self.role, self.idle_spin, last_batch))
+        {
             batch.push(first);
             while batch.len() < MAX_BATCH_REQUESTS {
                 match rx.try_recv() {
@@ -258,6 +266,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            last_batch = batch.len();
             let stop = self.process(&mut batch);
             if self.shared.dirty_bytes.load(Ordering::Relaxed) >= self.dirty_bytes_max {
                 self.applier.wake();
@@ -1576,12 +1585,22 @@ mod next_request_tests {
     }
 
     #[test]
-    fn only_a_primary_looks_for_its_next_request() {
+    fn only_a_primary_after_a_lone_request_looks_for_its_next_one() {
         use crate::engine::replica::Role;
-        assert_eq!(idle_spin(&Role::Primary, IDLE_SPIN), IDLE_SPIN);
-        assert_eq!(idle_spin(&Role::Primary, Duration::ZERO), Duration::ZERO);
+        for last in [0, 1] {
+            assert_eq!(idle_spin(&Role::Primary, IDLE_SPIN, last), IDLE_SPIN);
+            assert_eq!(
+                idle_spin(&Role::Primary, Duration::ZERO, last),
+                Duration::ZERO
+            );
+        }
+        // Several clients: their next requests need the CPU.
+        assert_eq!(idle_spin(&Role::Primary, IDLE_SPIN, 2), Duration::ZERO);
+        assert_eq!(idle_spin(&Role::Primary, IDLE_SPIN, 32), Duration::ZERO);
         let mirror = Role::Mirror { primary_http: None };
-        assert_eq!(idle_spin(&mirror, IDLE_SPIN), Duration::ZERO);
+        for last in [0, 1, 32] {
+            assert_eq!(idle_spin(&mirror, IDLE_SPIN, last), Duration::ZERO);
+        }
     }
 
     #[test]
