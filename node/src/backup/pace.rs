@@ -102,14 +102,15 @@ impl Pace {
         if d < MIN_SLEEP {
             return;
         }
-        let end = Instant::now() + d;
+        let began = Instant::now();
+        let end = began + d;
         loop {
             if self
                 .stop
                 .as_ref()
                 .is_some_and(|s| s.load(Ordering::Acquire))
             {
-                return;
+                break;
             }
             let now = Instant::now();
             if now >= end {
@@ -117,7 +118,7 @@ impl Pace {
             }
             std::thread::sleep((end - now).min(SLICE));
         }
-        self.waited += d;
+        self.waited += began.elapsed();
     }
 
     /// The time spent waiting so far.
@@ -218,5 +219,7 @@ mod tests {
         p.wait(MIB);
         p.wait(100 * MIB);
         assert!(t.elapsed() < Duration::from_secs(5));
+        // What was waited is what was slept, not the 100 s planned.
+        assert!(p.waited() < Duration::from_secs(5), "{:?}", p.waited());
     }
 }
