@@ -686,3 +686,125 @@ async fn without_backups_the_live_journal_alone_serves_restore_and_rollback() {
     assert!(engine.get("t", "c").unwrap().is_none());
     engine.shutdown().await.unwrap();
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// Replaces every `"blake3": h` in `v` by `"sha256": sums[h]`.
+fn to_sha256(v: &mut serde_json::Value, sums: &BTreeMap<String, String>) -> usize {
+    let mut n = 0;
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::String(h)) = m.remove("blake3") {
+                let sha = sums
+                    .get(&h)
+                    .unwrap_or_else(|| panic!("no file hashes to {h}"));
+                m.insert("sha256".into(), sha.clone().into());
+                n += 1;
+            }
+            for x in m.values_mut() {
+                n += to_sha256(x, sums);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for x in a {
+                n += to_sha256(x, sums);
+            }
+        }
+        _ => {}
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sets_recorded_with_sha256_before_blake3_still_verify_and_restore() {
+    use mirrordb::backup::format::{HashKind, checksum_file};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, dest) = (tmp.path().join("a"), tmp.path().join("backups"));
+    let attached = tmp.path().join("settings.txt");
+    std::fs::write(&attached, b"kept with every set").unwrap();
+    let e = open(&a).await;
+    let s = session(&e).await;
+    let svc = BackupService::new(
+        e.clone(),
+        BackupSection {
+            attached_files: vec![attached],
+            ..settings(&dest)
+        },
+    );
+    for round in 0..2 {
+        for i in 0..200 {
+            let ops = vec![WriteOp::Put {
+                table: "t".into(),
+                key: format!("k{i}"),
+                value: format!("{{\"round\":{round},\"i\":{i}}}").into_bytes(),
+                if_version: None,
+            }];
+            e.write(s, ops).await.unwrap();
+        }
+        svc.run(Trigger::Manual { by: "test".into() })
+            .await
+            .unwrap();
+    }
+    let want = e.digest().unwrap();
+    assert_eq!(want.0, 200);
+    e.shutdown().await.unwrap();
+
+    phase("every recorded checksum rewritten as the SHA-256 of its file");
+    let mut files = Vec::new();
+    files_under(&dest, &mut files);
+    let mut sums = BTreeMap::new();
+    for f in &files {
+        let (_, b3) = checksum_file(f, HashKind::Blake3).unwrap();
+        let (_, sha) = checksum_file(f, HashKind::Sha256).unwrap();
+        sums.insert(b3.hex().to_owned(), sha.hex().to_owned());
+    }
+    let mut rewritten = 0;
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "json"))
+    {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap();
+        rewritten += to_sha256(&mut v, &sums);
+        std::fs::write(f, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    }
+    // Two sets: snapshot, archive file and summary, attached file each;
+    // the history lists files too.
+    assert!(rewritten >= 8, "only {rewritten} checksums rewritten");
+
+    phase("verify and restore read and check them");
+    let rep = verify(&dest, &VerifyOptions::default()).unwrap();
+    assert!(rep.ok, "verify found problems: {:#?}", rep.checks);
+    let r = tmp.path().join("restored");
+    restore_into(&dest, &r, RestoreTarget::latest(), None, &|_| {}).unwrap();
+    let restored = open(&r).await;
+    assert_eq!(restored.digest().unwrap(), want, "restored records differ");
+    restored.shutdown().await.unwrap();
+
+    phase("a wrong SHA-256 is found");
+    let m = dest.join("mirrordb[0002].backup").join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    let wrong = "0".repeat(64);
+    v["snapshot"]["sha256"] = wrong.clone().into();
+    std::fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let rep = verify(&dest, &VerifyOptions::default()).unwrap();
+    assert!(!rep.ok, "a wrong SHA-256 passed verify");
+    let e = restore_into(
+        &dest,
+        &tmp.path().join("r2"),
+        RestoreTarget::latest(),
+        None,
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains(&format!("sha256:{wrong}")), "{e}");
+}

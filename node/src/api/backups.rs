@@ -12,6 +12,7 @@
 //! ```
 
 use super::{ApiError, Caller, St, json_ok, read_body};
+use crate::backup::format::Checksum;
 use crate::backup::restore::BackupHistory;
 use crate::backup::{BackupError, Trigger};
 use axum::body::Body;
@@ -93,7 +94,9 @@ struct SetSummary {
     time: String,
     records: u64,
     bytes: u64,
-    sha256: String,
+    /// `"blake3"` (or `"sha256"` for a set written before BLAKE3).
+    #[serde(flatten)]
+    checksum: Checksum,
     dir: String,
     error: Option<String>,
 }
@@ -105,7 +108,8 @@ struct ArchiveSummary {
     first_lsn: Option<u64>,
     last_lsn: Option<u64>,
     bytes: Option<u64>,
-    sha256: Option<String>,
+    #[serde(flatten)]
+    checksum: Option<Checksum>,
 }
 
 #[derive(Serialize)]
@@ -144,7 +148,7 @@ pub async fn list(st: St) -> Result<Response, ApiError> {
                 time: s.manifest.time.clone(),
                 records: s.manifest.records,
                 bytes: s.manifest.snapshot.bytes,
-                sha256: s.manifest.snapshot.sha256.clone(),
+                checksum: s.manifest.snapshot.checksum.clone(),
                 dir: s.dir.display().to_string(),
                 error: s.manifest.error.clone(),
             })
@@ -158,7 +162,7 @@ pub async fn list(st: St) -> Result<Response, ApiError> {
                 first_lsn: a.recorded.as_ref().map(|r| r.summary.first_lsn),
                 last_lsn: a.recorded.as_ref().map(|r| r.summary.last_lsn),
                 bytes: a.recorded.as_ref().map(|r| r.file.bytes),
-                sha256: a.recorded.as_ref().map(|r| r.file.sha256.clone()),
+                checksum: a.recorded.as_ref().map(|r| r.file.checksum.clone()),
             })
             .collect(),
         incomplete: catalog

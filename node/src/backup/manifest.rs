@@ -12,7 +12,8 @@
 //! ```
 
 use super::format::{
-    self, ARCHIVE_SUFFIX, ArchiveSummary, ChunkInfo, FormatError, MANIFEST_FILE, SET_SUFFIX, io_at,
+    self, ARCHIVE_SUFFIX, ArchiveSummary, Checksum, ChunkInfo, FormatError, MANIFEST_FILE,
+    SET_SUFFIX, io_at,
 };
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -66,7 +67,8 @@ pub struct FileEntry {
     /// Relative to the destination.
     pub path: String,
     pub bytes: u64,
-    pub sha256: String,
+    #[serde(flatten)]
+    pub checksum: Checksum,
 }
 
 /// An attached file copied into the set.
@@ -77,7 +79,9 @@ pub struct AttachedEntry {
     /// Relative to the set directory; `None` when it could not be copied.
     pub path: Option<String>,
     pub bytes: u64,
-    pub sha256: Option<String>,
+    /// `None` when it could not be copied.
+    #[serde(flatten)]
+    pub checksum: Option<Checksum>,
     pub error: Option<String>,
 }
 

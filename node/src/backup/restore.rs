@@ -5,7 +5,7 @@
 //! plan:    catalog of the backup dir ─► target (latest | set N | LSN | time | restore point)
 //!          ─► base = newest complete set at or before the target (or none: from LSN 1)
 //!          ─► archives numbered ≥ base, then the live journal (optional)
-//! restore: DataFileBuilder(base S) ◄─ snapshot items (chunk CRCs, file SHA-256, digest)
+//! restore: DataFileBuilder(base S) ◄─ snapshot items (chunk CRCs, file checksum, digest)
 //!          ◄─ frames S+1 .. target from archives, then the live journal (dense LSNs,
 //!             one database id) ─► finish (a new epoch when history after the
 //!             target is left out, so the restored database forks cleanly)
@@ -16,7 +16,8 @@
 //! the live journal given.
 
 use super::format::{
-    self, ArchiveReader, FormatError, HashingReader, SNAPSHOT_FILE, SnapshotReader,
+    self, ArchiveReader, Checksum, FormatError, HashKind, HashingReader, SNAPSHOT_FILE,
+    SnapshotReader,
 };
 use super::log::{BackupLog, LineKind};
 use super::manifest::{Catalog, Manifest, SetInfo};
@@ -179,7 +180,7 @@ pub struct PlanArchive {
     pub last_lsn: Option<u64>,
     pub bytes: u64,
     #[serde(skip)]
-    sha256: Option<String>,
+    checksum: Option<Checksum>,
 }
 
 /// The live journal a plan reads.
@@ -349,7 +350,7 @@ enum Source {
 }
 
 /// Frames of a chain of sources, in LSN order, each LSN once, every
-/// archive's database id checked and its SHA-256 checked when it is read to
+/// archive's database id checked and its checksum checked when it is read to
 /// the end.
 struct ChainFrames {
     sources: VecDeque<Source>,
@@ -361,7 +362,7 @@ struct ChainFrames {
 struct ArchiveFrames {
     reader: Option<ArchiveReader<zstd::Decoder<'static, BufReader<HashingReader<File>>>>>,
     what: String,
-    sha256: Option<String>,
+    checksum: Option<Checksum>,
     db_id: [u8; 16],
 }
 
@@ -383,7 +384,7 @@ impl Iterator for ArchiveFrames {
             }
             Ok(None) => {
                 let reader = self.reader.take()?;
-                let want = self.sha256.take()?;
+                let want = self.checksum.take()?;
                 let hashed = reader
                     .into_inner()
                     .finish()
@@ -394,8 +395,8 @@ impl Iterator for ArchiveFrames {
                     Ok((_, got)) if got == want => None,
                     Ok((_, got)) => Some(Err(RestoreError::Checksum {
                         what: self.what.clone(),
-                        expected: want,
-                        found: got,
+                        expected: want.to_string(),
+                        found: got.to_string(),
                     })),
                     Err(e) => Some(Err(e.into())),
                 }
@@ -425,12 +426,13 @@ impl ChainFrames {
         match s {
             Source::Archive(a) => {
                 let f = File::open(&a.path).map_err(format::io_at(&a.path))?;
-                let dec =
-                    zstd::Decoder::new(HashingReader::new(f)).map_err(format::io_at(&a.path))?;
+                let kind = a.checksum.as_ref().map_or(HashKind::Blake3, Checksum::kind);
+                let dec = zstd::Decoder::new(HashingReader::new(f, kind))
+                    .map_err(format::io_at(&a.path))?;
                 Ok(Box::new(ArchiveFrames {
                     reader: Some(ArchiveReader::new(dec, &a.path.display().to_string())),
                     what: a.path.display().to_string(),
-                    sha256: a.sha256,
+                    checksum: a.checksum,
                     db_id: self.db_id,
                 }))
             }
@@ -577,7 +579,7 @@ pub fn plan(
             first_lsn: head.first_lsn,
             last_lsn: a.recorded.as_ref().map(|r| r.summary.last_lsn),
             bytes,
-            sha256: a.recorded.as_ref().map(|r| r.file.sha256.clone()),
+            checksum: a.recorded.as_ref().map(|r| r.file.checksum.clone()),
         });
     }
     let live = match journal_dir {
@@ -876,7 +878,7 @@ fn first_epoch(plan: &RestorePlan) -> Result<u64, RestoreError> {
 }
 
 /// Loads a set's snapshot into `builder`, checking chunk CRCs against the
-/// manifest, the file's SHA-256 and the content digest. Answers the items loaded.
+/// manifest, the file's checksum and the content digest. Answers the items loaded.
 pub(crate) fn load_set(
     builder: &mut DataFileBuilder,
     set_dir: &Path,
@@ -886,7 +888,8 @@ pub(crate) fn load_set(
     let path = set_dir.join(SNAPSHOT_FILE);
     let what = path.display().to_string();
     let f = File::open(&path).map_err(format::io_at(&path))?;
-    let dec = zstd::Decoder::new(HashingReader::new(f)).map_err(format::io_at(&path))?;
+    let kind = m.snapshot.checksum.kind();
+    let dec = zstd::Decoder::new(HashingReader::new(f, kind)).map_err(format::io_at(&path))?;
     let mut r = SnapshotReader::new(dec, &what)?.expect_chunks(m.chunks.clone());
     let h = r.header();
     if Some(h.db_id) != m.db_id_bytes() || h.lsn != m.lsn {
@@ -919,17 +922,17 @@ pub(crate) fn load_set(
             });
         }
     }
-    let (_, sha) = r
+    let (_, sum) = r
         .into_inner()
         .finish()
         .into_inner()
         .finish()
         .map_err(format::io_at(&path))?;
-    if sha != m.snapshot.sha256 {
+    if sum != m.snapshot.checksum {
         return Err(RestoreError::Checksum {
             what,
-            expected: m.snapshot.sha256,
-            found: sha,
+            expected: m.snapshot.checksum.to_string(),
+            found: sum.to_string(),
         });
     }
     if digest.records != m.digest_records || digest.crc != m.digest {
@@ -974,7 +977,7 @@ impl HistorySource for BackupHistory {
                         first_lsn: head.first_lsn,
                         last_lsn: None,
                         bytes: 0,
-                        sha256: a.recorded.as_ref().map(|r| r.file.sha256.clone()),
+                        checksum: a.recorded.as_ref().map(|r| r.file.checksum.clone()),
                     }));
                 }
             }

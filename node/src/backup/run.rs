@@ -521,7 +521,7 @@ impl BackupService {
                         files.push(FileEntry {
                             path: rel,
                             bytes: 0,
-                            sha256: String::new(),
+                            checksum: format::Checksum::Blake3(String::new()),
                         });
                     }
                 }
@@ -992,7 +992,7 @@ impl BackupService {
                 file: FileEntry {
                     path: archive_name.clone(),
                     bytes: summary.file_bytes,
-                    sha256: summary.sha256.clone(),
+                    checksum: summary.checksum.clone(),
                 },
                 summary,
             });
@@ -1018,13 +1018,14 @@ impl BackupService {
                 let rel = format!("{ATTACHED_DIR}/{i:03}-{base}");
                 match copy_synced(src, &tmp_dir.join(&rel)) {
                     Ok(()) => {
-                        let (bytes, sha) =
-                            format::sha256_file(&tmp_dir.join(&rel)).map_err(derr)?;
+                        let (bytes, sum) =
+                            format::checksum_file(&tmp_dir.join(&rel), format::HashKind::Blake3)
+                                .map_err(derr)?;
                         attached.push(AttachedEntry {
                             source: src.display().to_string(),
                             path: Some(rel),
                             bytes,
-                            sha256: Some(sha),
+                            checksum: Some(sum),
                             error: None,
                         });
                     }
@@ -1036,7 +1037,7 @@ impl BackupService {
                             source: src.display().to_string(),
                             path: None,
                             bytes: 0,
-                            sha256: None,
+                            checksum: None,
                             error: Some(msg),
                         });
                     }
@@ -1081,7 +1082,7 @@ impl BackupService {
             snapshot: FileEntry {
                 path: format!("{set_name}/{SNAPSHOT_FILE}"),
                 bytes: snap.file_bytes,
-                sha256: snap.sha256.clone(),
+                checksum: snap.checksum.clone(),
             },
             snapshot_items: snap.items,
             snapshot_raw_bytes: snap.raw_bytes,

@@ -4,14 +4,14 @@
 //! and content digest with the manifest.
 //!
 //! ```text
-//! for each chosen set: manifest ─► snapshot (chunk CRCs vs manifest, SHA-256, digest)
-//!                      ─► attached files (SHA-256)
-//! chain: archive M ─► SHA-256, every frame CRC, dense LSNs, one database id;
+//! for each chosen set: manifest ─► snapshot (chunk CRCs vs manifest, checksum, digest)
+//!                      ─► attached files (checksum)
+//! chain: archive M ─► checksum, every frame CRC, dense LSNs, one database id;
 //!        archive M starts at or before S(M)+1 and archive M+1 continues it
 //! --restore: restore set N (set only) into scratch ─► count + digest == manifest
 //! ```
 
-use super::format::{self, ArchiveFileReader};
+use super::format::{self, ArchiveFileReader, Checksum};
 use super::log::{BackupLog, LineKind};
 use super::manifest::Catalog;
 use super::restore::{self, RestoreTarget, Until};
@@ -96,7 +96,7 @@ pub fn verify(
         let m = &s.manifest;
         rep.sets_checked.push(m.number);
         let scratch = ScratchDir::new()?;
-        // Loading into a throw-away builder checks chunks, SHA-256 and digest.
+        // Loading into a throw-away builder checks chunks, checksum and digest.
         let r = (|| -> Result<String, String> {
             let mut b = crate::engine::backup::DataFileBuilder::create(
                 &scratch.path().join("d"),
@@ -107,17 +107,17 @@ pub fn verify(
             .map_err(|e| e.to_string())?;
             let n = restore::load_set(&mut b, &s.dir, &|_| {}).map_err(|e| e.to_string())?;
             Ok(format!(
-                "{n} items, {} records, SHA-256 {} ok",
-                m.digest_records, m.snapshot.sha256
+                "{n} items, {} records, {} ok",
+                m.digest_records, m.snapshot.checksum
             ))
         })();
         rep.push(format!("set {} snapshot", m.number), r);
         for a in &m.attached {
             let what = format!("set {} attached {}", m.number, a.source);
-            let r = match (&a.path, &a.sha256) {
-                (Some(p), Some(want)) => match format::sha256_file(&s.dir.join(p)) {
-                    Ok((_, got)) if &got == want => Ok("SHA-256 ok".to_string()),
-                    Ok((_, got)) => Err(format!("SHA-256 {got}, recorded {want}")),
+            let r = match (&a.path, &a.checksum) {
+                (Some(p), Some(want)) => match format::checksum_file(&s.dir.join(p), want.kind()) {
+                    Ok((_, got)) if &got == want => Ok(format!("{want} ok")),
+                    Ok((_, got)) => Err(format!("{got}, recorded {want}")),
                     Err(e) => Err(e.to_string()),
                 },
                 _ => Ok(format!(
@@ -133,7 +133,7 @@ pub fn verify(
     let mut prev_last: Option<u64> = None;
     for a in catalog.archives.iter().filter(|a| a.number >= from) {
         rep.archives_checked.push(a.number);
-        let r = check_archive(&a.path, a.recorded.as_ref().map(|r| r.file.sha256.as_str()));
+        let r = check_archive(&a.path, a.recorded.as_ref().map(|r| &r.file.checksum));
         let what = format!("archive {} ({})", a.number, a.path.display());
         match r {
             Ok((first, last, entries)) => {
@@ -261,11 +261,11 @@ pub fn verify(
 }
 
 /// Reads an archive to its end: (first LSN, last LSN, entries).
-fn check_archive(path: &Path, sha256: Option<&str>) -> Result<(u64, u64, u64), String> {
-    if let Some(want) = sha256 {
-        let (_, got) = format::sha256_file(path).map_err(|e| e.to_string())?;
-        if got != want {
-            return Err(format!("SHA-256 {got}, recorded {want}"));
+fn check_archive(path: &Path, want: Option<&Checksum>) -> Result<(u64, u64, u64), String> {
+    if let Some(want) = want {
+        let (_, got) = format::checksum_file(path, want.kind()).map_err(|e| e.to_string())?;
+        if &got != want {
+            return Err(format!("{got}, recorded {want}"));
         }
     }
     let r = ArchiveFileReader::open_file(path).map_err(|e| e.to_string())?;
