@@ -199,6 +199,20 @@ fn error_text(v: &Value) -> String {
     }
 }
 
+/// The bar's message for a backup's progress: its phase, and how long
+/// compression has waited for writers when it has (a backup that slows
+/// itself on purpose says so).
+fn progress_message(p: &Value) -> String {
+    let phase = p["phase"].as_str().unwrap_or("");
+    match p["paced_ms"].as_u64().unwrap_or(0) {
+        0 => phase.to_owned(),
+        ms => format!(
+            "{phase} (waited {:.1} s for writers: backup.max_rate_while_writing)",
+            ms as f64 / 1000.0
+        ),
+    }
+}
+
 fn bar(len: u64, template: &str) -> ProgressBar {
     let b = ProgressBar::new(len);
     if let Ok(s) = ProgressStyle::with_template(template) {
@@ -261,7 +275,7 @@ pub async fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
             pb.set_length(p["bytes_total"].as_u64().unwrap_or(0));
             pb.set_position(p["bytes_done"].as_u64().unwrap_or(0));
             if !interrupted {
-                pb.set_message(p["phase"].as_str().unwrap_or("").to_owned());
+                pb.set_message(progress_message(&p));
             }
         } else {
             // An error answer comes at once: do not ask again at once.
@@ -540,4 +554,22 @@ pub async fn rollback_cmd(a: RollbackArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_message_says_when_compression_waits_for_writers() {
+        let p = serde_json::json!({"phase": "snapshot", "paced_ms": 0});
+        assert_eq!(progress_message(&p), "snapshot");
+        let p = serde_json::json!({"phase": "compressing", "paced_ms": 12_345});
+        assert_eq!(
+            progress_message(&p),
+            "compressing (waited 12.3 s for writers: backup.max_rate_while_writing)"
+        );
+        // A node too old to report it.
+        assert_eq!(progress_message(&serde_json::json!({"phase": "x"})), "x");
+    }
 }

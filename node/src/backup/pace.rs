@@ -17,7 +17,7 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long after the journal last grew the node still counts as written to.
@@ -47,6 +47,9 @@ pub struct Pace {
     next: Instant,
     stop: Option<Arc<AtomicBool>>,
     waited: Duration,
+    /// Where the waits are added up too, in µs, for the backup's progress
+    /// (the snapshot's and the archive's paces share one).
+    shared: Option<Arc<AtomicU64>>,
     /// Bytes given to [`Pace::wait`] and not yet counted ([`STEP`]).
     gathered: usize,
 }
@@ -62,8 +65,15 @@ impl Pace {
             next: Instant::now(),
             stop: None,
             waited: Duration::ZERO,
+            shared: None,
             gathered: 0,
         }
+    }
+
+    /// Adds every wait to `total` (µs) as well, as it ends.
+    pub fn counting_into(mut self, total: Arc<AtomicU64>) -> Pace {
+        self.shared = Some(total);
+        self
     }
 
     /// At most `rate` bytes per second while `position` moves (`rate` 0:
@@ -130,7 +140,11 @@ impl Pace {
             }
             std::thread::sleep((end - now).min(SLICE));
         }
-        self.waited += began.elapsed();
+        let waited = began.elapsed();
+        self.waited += waited;
+        if let Some(total) = &self.shared {
+            total.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        }
     }
 
     /// The time spent waiting so far.
@@ -154,6 +168,34 @@ mod tests {
     }
 
     const MIB: usize = 1 << 20;
+
+    #[test]
+    fn waits_add_up_in_a_shared_total() {
+        let total = Arc::new(AtomicU64::new(0));
+        let (p, lsn) = pace(64 * MIB as u64);
+        let mut p = p.counting_into(total.clone());
+        let l = lsn.clone();
+        let mut q = Pace::new(
+            64 * MIB as u64,
+            Box::new(move || l.load(Ordering::Relaxed)),
+            None,
+        )
+        .counting_into(total.clone());
+        lsn.store(11, Ordering::Relaxed);
+        // The second MiB of each waits ~16 ms at 64 MiB/s.
+        for pace in [&mut p, &mut q] {
+            pace.wait(MIB);
+            pace.wait(MIB);
+        }
+        let waited = (p.waited() + q.waited()).as_micros() as u64;
+        let shared = total.load(Ordering::Relaxed);
+        assert!(p.waited() > Duration::ZERO && q.waited() > Duration::ZERO);
+        // Each wait is added in whole µs.
+        assert!(
+            shared <= waited && shared + 2 >= waited,
+            "{shared} µs of {waited}"
+        );
+    }
 
     #[test]
     fn an_idle_node_is_never_waited_for() {

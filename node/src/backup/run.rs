@@ -42,7 +42,7 @@ use serde::Serialize;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -166,6 +166,10 @@ pub struct Progress {
     pub bytes_total: u64,
     /// Compressed bytes written to the destination so far.
     pub bytes_written: u64,
+    /// How long compression has waited for writers so far
+    /// (`backup.max_rate_while_writing`): while it grows, the backup is
+    /// slowed on purpose, so that clients keep their speed.
+    pub paced_ms: u64,
     pub eta_ms: Option<u64>,
     pub stopping: bool,
 }
@@ -435,6 +439,7 @@ impl BackupService {
                     bytes_done: 0,
                     bytes_total: 0,
                     bytes_written: 0,
+                    paced_ms: 0,
                     eta_ms: None,
                     stopping: false,
                 },
@@ -846,13 +851,15 @@ impl BackupService {
 
     /// The pace of the backup's compression: `backup.max_rate_while_writing`
     /// while the node's applied LSN moves, ending its waits once stopped.
-    fn pace(&self, cfg: &BackupSection, cancel: &Arc<AtomicBool>) -> Pace {
+    /// Its waits are added to `paced` (µs), which the progress shows.
+    fn pace(&self, cfg: &BackupSection, cancel: &Arc<AtomicBool>, paced: &Arc<AtomicU64>) -> Pace {
         let applied = self.engine().applied_lsn_watch();
         Pace::new(
             cfg.max_rate_while_writing.0,
             Box::new(move || *applied.borrow()),
             Some(cancel.clone()),
         )
+        .counting_into(paced.clone())
     }
 
     /// Blocking part of a backup. Everything goes to `.tmp-*` names first;
@@ -892,12 +899,15 @@ impl BackupService {
         let applied = self.engine().applied_lsn_watch();
         let since = point.lsn;
         let spill: format::Spill = Box::new(move || *applied.borrow() > since);
+        // µs compression waited for writers, snapshot and archive together.
+        let paced = Arc::new(AtomicU64::new(0));
+        let paced_ms = || paced.load(Ordering::Relaxed) / 1000;
         let mut w = SnapshotWriter::create_with(
             &snap_path,
             header,
             cfg.compression_level,
             Some(spill),
-            self.pace(cfg, cancel),
+            self.pace(cfg, cancel, &paced),
         )
         .map_err(derr)?;
         let mut digest = Digest::default();
@@ -924,6 +934,7 @@ impl BackupService {
                     p.items_done = items;
                     p.bytes_done = raw;
                     p.bytes_written = written;
+                    p.paced_ms = paced_ms();
                 });
             }
             Ok(())
@@ -949,7 +960,10 @@ impl BackupService {
                 return Err(BackupError::Interrupted);
             }
             let written = w.file_bytes();
-            self.update(|p| p.bytes_written = written);
+            self.update(|p| {
+                p.bytes_written = written;
+                p.paced_ms = paced_ms();
+            });
         }
         let snap = w.finish().map_err(derr)?;
         if !snap.paced.is_zero() {
@@ -974,7 +988,7 @@ impl BackupService {
                 &tmp_archive,
                 point.db_id,
                 cfg.compression_level,
-                self.pace(cfg, cancel),
+                self.pace(cfg, cancel, &paced),
             )
             .map_err(derr)?;
             for seg in &point.segments {
@@ -982,6 +996,7 @@ impl BackupService {
                     return Err(BackupError::Interrupted);
                 }
                 w.add_segment(seg, point.lsn).map_err(derr)?;
+                self.update(|p| p.paced_ms = paced_ms());
             }
             let summary = w.finish().map_err(derr)?;
             let final_path = dest.join(&archive_name);
