@@ -348,6 +348,37 @@ mod tests {
     }
 
     #[test]
+    fn checksums_are_named_by_algorithm_and_a_missing_one_is_absent() {
+        let copied = AttachedEntry {
+            source: "/etc/app.toml".into(),
+            path: Some("attached/000-app.toml".into()),
+            bytes: 6,
+            checksum: Some(Checksum::Blake3("ab".into())),
+            error: None,
+        };
+        let missing = AttachedEntry {
+            source: "/etc/missing.key".into(),
+            path: None,
+            bytes: 0,
+            checksum: None,
+            error: Some("not found".into()),
+        };
+        for a in [copied, missing] {
+            let json = serde_json::to_value(&a).unwrap();
+            assert_eq!(json.get("blake3").is_some(), a.checksum.is_some(), "{json}");
+            assert!(json.get("sha256").is_none());
+            assert_eq!(serde_json::from_value::<AttachedEntry>(json).unwrap(), a);
+        }
+        // As sets written before BLAKE3 recorded them.
+        let old = serde_json::json!({"path": "p", "bytes": 1, "sha256": "cd"});
+        let f: FileEntry = serde_json::from_value(old).unwrap();
+        assert_eq!(f.checksum, Checksum::Sha256("cd".into()));
+        // A file entry must name its checksum.
+        let none = serde_json::json!({"path": "p", "bytes": 1});
+        assert!(serde_json::from_value::<FileEntry>(none).is_err());
+    }
+
+    #[test]
     fn history_round_trips_and_numbers_by_complete_entries() {
         let dir = tempfile::tempdir().unwrap();
         let mut h = History::read(dir.path()).unwrap();

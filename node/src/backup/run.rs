@@ -966,13 +966,6 @@ impl BackupService {
             });
         }
         let snap = w.finish().map_err(derr)?;
-        if !snap.paced.is_zero() {
-            tracing::info!(
-                number,
-                seconds = snap.paced.as_secs_f64(),
-                "backup compression waited for writers (backup.max_rate_while_writing)"
-            );
-        }
         self.update(|p| {
             p.items_done = snap.items;
             p.bytes_done = raw.max(p.bytes_total);
@@ -1012,6 +1005,14 @@ impl BackupService {
                 summary,
             });
             archive_path = Some(final_path);
+        }
+        if paced_ms() > 0 {
+            tracing::info!(
+                number,
+                seconds = paced_ms() as f64 / 1000.0,
+                snapshot_seconds = snap.paced.as_secs_f64(),
+                "backup compression waited for writers (backup.max_rate_while_writing)"
+            );
         }
 
         self.update(|p| p.phase = "attached");
