@@ -115,11 +115,9 @@ pub fn verify(
         for a in &m.attached {
             let what = format!("set {} attached {}", m.number, a.source);
             let r = match (&a.path, &a.checksum) {
-                (Some(p), Some(want)) => match format::checksum_file(&s.dir.join(p), want.kind()) {
-                    Ok((_, got)) if &got == want => Ok(format!("{want} ok")),
-                    Ok((_, got)) => Err(format!("{got}, recorded {want}")),
-                    Err(e) => Err(e.to_string()),
-                },
+                (Some(p), Some(want)) => {
+                    check_file(&s.dir.join(p), want).map(|()| format!("{want} ok"))
+                }
                 _ => Ok(format!(
                     "not in the set (partial backup): {}",
                     a.error.clone().unwrap_or_default()
@@ -260,13 +258,19 @@ pub fn verify(
     Ok(rep)
 }
 
+/// Hashes a file with the algorithm of its recorded checksum and compares.
+fn check_file(path: &Path, want: &Checksum) -> Result<(), String> {
+    let (_, got) = format::checksum_file(path, want.kind()).map_err(|e| e.to_string())?;
+    if &got != want {
+        return Err(format!("{got}, recorded {want}"));
+    }
+    Ok(())
+}
+
 /// Reads an archive to its end: (first LSN, last LSN, entries).
 fn check_archive(path: &Path, want: Option<&Checksum>) -> Result<(u64, u64, u64), String> {
     if let Some(want) = want {
-        let (_, got) = format::checksum_file(path, want.kind()).map_err(|e| e.to_string())?;
-        if &got != want {
-            return Err(format!("{got}, recorded {want}"));
-        }
+        check_file(path, want)?;
     }
     let r = ArchiveFileReader::open_file(path).map_err(|e| e.to_string())?;
     let (mut first, mut last, mut n) = (0u64, 0u64, 0u64);
