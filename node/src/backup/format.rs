@@ -1637,7 +1637,7 @@ impl<R: Read> Iterator for ArchiveReader<R> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -1994,7 +1994,9 @@ mod tests {
         }
     }
 
-    fn segment_bytes(db: [u8; 16], first: u64, n: u64) -> Vec<u8> {
+    /// A journal segment of database `db` holding `n` restore points from
+    /// LSN `first`.
+    pub(in crate::backup) fn segment_bytes(db: [u8; 16], first: u64, n: u64) -> Vec<u8> {
         let mut b = SegmentHeader {
             db_id: db,
             epoch: 1,

@@ -6,12 +6,12 @@
 //! ```text
 //! for each chosen set: manifest ─► snapshot (chunk CRCs vs manifest, checksum, digest)
 //!                      ─► attached files (checksum)
-//! chain: archive M ─► checksum, every frame CRC, dense LSNs, one database id;
+//! chain: archive M ─► checksum and every frame CRC in one pass, dense LSNs, one database id;
 //!        archive M starts at or before S(M)+1 and archive M+1 continues it
 //! --restore: restore set N (set only) into scratch ─► count + digest == manifest
 //! ```
 
-use super::format::{self, ArchiveFileReader, Checksum};
+use super::format::{self, ArchiveReader, Checksum, HashKind, HashingReader};
 use super::log::{BackupLog, LineKind};
 use super::manifest::Catalog;
 use super::restore::{self, RestoreTarget, Until};
@@ -267,22 +267,44 @@ fn check_file(path: &Path, want: &Checksum) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads an archive to its end: (first LSN, last LSN, entries).
+/// Reads an archive to its end in one pass, hashing the compressed bytes as
+/// they are decoded: (first LSN, last LSN, entries). A checksum that differs
+/// from the record is reported first (it says the file changed), then a
+/// damaged frame.
 fn check_archive(path: &Path, want: Option<&Checksum>) -> Result<(u64, u64, u64), String> {
-    if let Some(want) = want {
-        check_file(path, want)?;
-    }
-    let r = ArchiveFileReader::open_file(path).map_err(|e| e.to_string())?;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let kind = want.map_or(HashKind::Blake3, Checksum::kind);
+    let dec = zstd::Decoder::new(HashingReader::new(f, kind))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut r = ArchiveReader::new(dec, &path.display().to_string());
     let (mut first, mut last, mut n) = (0u64, 0u64, 0u64);
-    for f in r {
-        let (_, f) = f.map_err(|e| e.to_string())?;
-        if n == 0 {
-            first = f.header.lsn;
+    let frames = loop {
+        match r.next_frame() {
+            Ok(Some((_, f))) => {
+                if n == 0 {
+                    first = f.header.lsn;
+                }
+                last = f.header.lsn;
+                n += 1;
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.to_string()),
         }
-        last = f.header.lsn;
-        n += 1;
+    };
+    if let Some(want) = want {
+        // The decoder may stop short of the end (damage, or a frame it could
+        // not read): the hasher reads whatever is left of the file.
+        let (_, got) = r
+            .into_inner()
+            .finish()
+            .into_inner()
+            .finish()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if &got != want {
+            return Err(format!("{got}, recorded {want}"));
+        }
     }
-    Ok((first, last, n))
+    frames.map(|()| (first, last, n))
 }
 
 /// A directory under the system's temporary directory, removed on drop.
@@ -304,5 +326,54 @@ impl ScratchDir {
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::backup::format::ArchiveWriter;
+    use crate::backup::format::tests::segment_bytes;
+
+    /// An archive of LSNs 1..=40 and its recorded checksum.
+    fn archive(dir: &Path) -> (PathBuf, Checksum) {
+        let seg = dir.join("1.journal");
+        std::fs::write(&seg, segment_bytes([7; 16], 1, 40)).unwrap();
+        let a = dir.join("a.journal");
+        let mut w = ArchiveWriter::create(&a, [7; 16], 3).unwrap();
+        w.add_segment(&seg, u64::MAX).unwrap();
+        (a, w.finish().unwrap().checksum)
+    }
+
+    #[test]
+    fn an_archive_is_checked_in_one_pass_checksum_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, sum) = archive(dir.path());
+        assert_eq!(check_archive(&a, Some(&sum)).unwrap(), (1, 40, 40));
+        assert_eq!(check_archive(&a, None).unwrap(), (1, 40, 40));
+
+        // Intact frames but another checksum on record: the file changed.
+        let other = format::checksum_file(&dir.path().join("1.journal"), sum.kind())
+            .unwrap()
+            .1;
+        let e = check_archive(&a, Some(&other)).unwrap_err();
+        assert!(e.contains("recorded"), "{e}");
+
+        // A damaged byte: the checksum says so, even though decoding stops
+        // early; without a record, the damaged frame does.
+        let mut b = std::fs::read(&a).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x55;
+        std::fs::write(&a, &b).unwrap();
+        let e = check_archive(&a, Some(&sum)).unwrap_err();
+        assert!(e.contains(&format!("recorded {sum}")), "{e}");
+        assert!(check_archive(&a, None).is_err());
+
+        // Cut short: the same.
+        std::fs::write(&a, &b[..mid]).unwrap();
+        let e = check_archive(&a, Some(&sum)).unwrap_err();
+        assert!(e.contains(&format!("recorded {sum}")), "{e}");
+        assert!(check_archive(&a, None).is_err());
     }
 }
