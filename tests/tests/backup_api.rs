@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mirrordb::backup::format::checksum_file;
 use mirrordb::backup::{BackupSection, BackupService, BackupStatus, History, Trigger};
 use mirrordb::config::{Config, Role, TokenConfig};
 use mirrordb::engine::{Engine, EngineConfig};
@@ -316,6 +317,21 @@ async fn retention_keeps_the_last_sets_by_number_and_deletes_after_success_only(
         [2, 3],
         "as many history entries as retained sets"
     );
+    // Each entry names the files its backup wrote, with their checksums.
+    let files = &h.entries[1].files;
+    assert_eq!(
+        files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+        [
+            "mirrordb[0002].journal",
+            "mirrordb[0003].backup/snapshot.zst"
+        ],
+        "{files:?}"
+    );
+    for f in files {
+        let p = dest.join(&f.path);
+        let (bytes, sum) = checksum_file(&p, f.checksum.kind()).unwrap();
+        assert_eq!((bytes, &sum), (f.bytes, &f.checksum), "{}", f.path);
+    }
 
     phase("a failed backup deletes nothing");
     let failing = BackupService::new(

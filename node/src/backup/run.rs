@@ -190,6 +190,9 @@ pub struct BackupOutcome {
     pub error: Option<String>,
     /// Sets and archives retention deleted.
     pub deleted: Vec<PathBuf>,
+    /// The files written, as the history records them: the journal
+    /// archive (if any), then the snapshot.
+    pub files: Vec<FileEntry>,
 }
 
 struct Running {
@@ -490,6 +493,7 @@ impl BackupService {
                 records: 0,
                 error: None,
                 deleted: Vec::new(),
+                files: Vec::new(),
             });
         }
         inner.log.line(
@@ -515,24 +519,7 @@ impl BackupService {
         let outcome = match result {
             Ok(mut out) => {
                 out.duration_ms = duration_ms;
-                let mut files = vec![];
-                if let Some(a) = &out.archive {
-                    let rel = a.file_name().map(|n| n.to_string_lossy().into_owned());
-                    if let Some(m) = out.set_dir.as_ref().and_then(|d| Manifest::read(d).ok())
-                        && let Some(ae) = m.archive
-                    {
-                        files.push(ae.file);
-                    } else if let Some(rel) = rel {
-                        files.push(FileEntry {
-                            path: rel,
-                            bytes: 0,
-                            checksum: format::Checksum::Blake3(String::new()),
-                        });
-                    }
-                }
-                if let Some(m) = out.set_dir.as_ref().and_then(|d| Manifest::read(d).ok()) {
-                    files.push(m.snapshot.clone());
-                }
+                let files = out.files.clone();
                 history.push(HistoryEntry {
                     number,
                     started: started_at.clone(),
@@ -846,6 +833,12 @@ impl BackupService {
             records: manifest.records,
             error: manifest.error.clone(),
             deleted: Vec::new(),
+            files: manifest
+                .archive
+                .iter()
+                .map(|a| a.file.clone())
+                .chain([manifest.snapshot.clone()])
+                .collect(),
         })
     }
 
