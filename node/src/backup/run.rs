@@ -452,7 +452,7 @@ impl BackupService {
         }
         let _guard = RunningGuard { inner };
         let prepared = self.prepare(&dest).await;
-        let (number, history) = match prepared {
+        let (number, mut history) = match prepared {
             Ok(x) => x,
             Err(e) => {
                 inner.log.line(
@@ -511,68 +511,57 @@ impl BackupService {
         };
         let growth = growth_line(number, file_before, self.engine().data_file_bytes());
         let duration_ms = t0.elapsed().as_millis() as u64;
-        let mut history = history;
         let scheduled = match &trigger {
             Trigger::Scheduled { scheduled, .. } => Some(scheduled.clone()),
             Trigger::Manual { .. } => None,
         };
-        let outcome = match result {
-            Ok(mut out) => {
-                out.duration_ms = duration_ms;
-                let files = out.files.clone();
-                history.push(HistoryEntry {
-                    number,
-                    started: started_at.clone(),
-                    duration_ms,
-                    status: out.status,
-                    trigger: trigger.name(),
-                    scheduled: scheduled.clone(),
-                    lsn: out.lsn,
-                    error: out.error.clone(),
-                    files,
-                });
-                if trigger.is_manual() {
-                    history.automatic_paused = false;
-                    *inner.paused.lock().unwrap_or_else(|p| p.into_inner()) = false;
-                    inner.resume.notify_waiters();
-                }
-                Ok(out)
-            }
-            Err(e) => {
-                history.push(HistoryEntry {
-                    number,
-                    started: started_at.clone(),
-                    duration_ms,
-                    status: if matches!(e, BackupError::Interrupted) {
-                        BackupStatus::Interrupted
-                    } else {
-                        BackupStatus::Failed
-                    },
-                    trigger: trigger.name(),
-                    scheduled: scheduled.clone(),
-                    lsn: None,
-                    error: Some(e.to_string()),
-                    files: vec![],
-                });
-                Err(e)
-            }
+        let mut outcome = result.map(|mut out| {
+            out.duration_ms = duration_ms;
+            out
+        });
+        let (status, lsn, error, files) = match &outcome {
+            Ok(out) => (out.status, out.lsn, out.error.clone(), out.files.clone()),
+            Err(e) => (
+                if matches!(e, BackupError::Interrupted) {
+                    BackupStatus::Interrupted
+                } else {
+                    BackupStatus::Failed
+                },
+                None,
+                Some(e.to_string()),
+                vec![],
+            ),
         };
-        // Retention after success only, then the history records what is left.
-        let outcome = match outcome {
-            Ok(mut out) => {
-                if out.status == BackupStatus::Ok {
-                    match self.retention(&dest, &mut history) {
-                        Ok(d) => out.deleted = d,
-                        Err(e) => inner.log.line(
-                            LineKind::Error,
-                            &format!("backup {number}: retention failed: {e}"),
-                        ),
-                    }
-                }
-                Ok(out)
+        history.push(HistoryEntry {
+            number,
+            started: started_at.clone(),
+            duration_ms,
+            status,
+            trigger: trigger.name(),
+            scheduled,
+            lsn,
+            error,
+            files,
+        });
+        if let Ok(out) = &mut outcome {
+            // A manual backup that ran resumes paused automatic ones.
+            if trigger.is_manual() {
+                history.automatic_paused = false;
+                *inner.paused.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                inner.resume.notify_waiters();
             }
-            Err(e) => Err(e),
-        };
+            // Retention after success only, then the history records what
+            // is left.
+            if out.status == BackupStatus::Ok {
+                match self.retention(&dest, &mut history) {
+                    Ok(d) => out.deleted = d,
+                    Err(e) => inner.log.line(
+                        LineKind::Error,
+                        &format!("backup {number}: retention failed: {e}"),
+                    ),
+                }
+            }
+        }
         if let Err(e) = history.write(&dest) {
             inner.log.line(
                 LineKind::Error,
