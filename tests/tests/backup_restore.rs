@@ -638,6 +638,67 @@ async fn restore_refuses_a_journal_of_another_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_checks_every_archive_and_with_a_set_only_those_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("backups");
+    let e = open(&tmp.path().join("data")).await;
+    let s = session(&e).await;
+    let svc = BackupService::new(e.clone(), settings(&dest));
+    for round in 0..2 {
+        for i in 0..50 {
+            e.write(
+                s,
+                vec![WriteOp::Put {
+                    table: "t".into(),
+                    key: format!("k{i}"),
+                    value: format!("{round}").into_bytes(),
+                    if_version: None,
+                }],
+            )
+            .await
+            .unwrap();
+        }
+        svc.run(Trigger::Manual { by: "test".into() })
+            .await
+            .unwrap();
+    }
+    e.shutdown().await.unwrap();
+    let rep = verify(&dest, &VerifyOptions::default()).unwrap();
+    assert!(rep.ok, "{:#?}", rep.checks);
+    assert_eq!(rep.sets_checked, [1, 2]);
+    assert_eq!(rep.archives_checked, [0, 1], "the history before set 1 too");
+
+    phase("a damaged archive 0 fails verify; verify --set 1 does not read it");
+    let a0 = dest.join("mirrordb[0000].journal");
+    let mut b = std::fs::read(&a0).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x55;
+    std::fs::write(&a0, b).unwrap();
+    let rep = verify(&dest, &VerifyOptions::default()).unwrap();
+    assert!(!rep.ok);
+    let failed: Vec<&str> = rep
+        .checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.what.as_str())
+        .collect();
+    assert!(
+        failed.len() == 1 && failed[0].starts_with("archive 0 "),
+        "{failed:?}"
+    );
+    let rep = verify(
+        &dest,
+        &VerifyOptions {
+            set: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(rep.ok, "{:#?}", rep.checks);
+    assert_eq!(rep.archives_checked, [1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_backups_the_live_journal_alone_serves_restore_and_rollback() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");

@@ -51,7 +51,8 @@ impl VerifyReport {
 /// Options of `verify`.
 #[derive(Clone, Debug, Default)]
 pub struct VerifyOptions {
-    /// Only this set (and the archives after it); default: every set.
+    /// Only this set (and the archives after it); default: every set and
+    /// every archive.
     pub set: Option<u32>,
     /// Also restore (the chosen set, or the newest) into a scratch directory.
     pub restore: bool,
@@ -126,8 +127,10 @@ pub fn verify(
             rep.push(what, r);
         }
     }
-    // The archive chain after the oldest chosen set.
-    let from = sets.first().map(|s| s.manifest.number).unwrap_or(0);
+    // The archive chain: all of it (archive 0 holds the history before the
+    // first set, which a restore to an earlier point needs), or with
+    // `--set N` the archives that roll set N forward.
+    let from = opts.set.unwrap_or(0);
     let mut prev_last: Option<u64> = None;
     for a in catalog.archives.iter().filter(|a| a.number >= from) {
         rep.archives_checked.push(a.number);
