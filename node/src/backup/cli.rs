@@ -337,7 +337,22 @@ pub async fn backups(a: BackupsArgs) -> anyhow::Result<ExitCode> {
         println!("{v}");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    print!("{}", backups_text(&v));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `mirrordb backups` prints: the destination, the sets and the
+/// journal archives as tables, failed runs, the running backup.
+fn backups_text(v: &Value) -> String {
+    use std::fmt::Write;
+    let num = |x: &Value| x.as_u64().map_or_else(|| "?".to_owned(), |n| n.to_string());
+    let size = |x: &Value| {
+        x.as_u64()
+            .map_or_else(|| "?".to_owned(), super::run::human_bytes)
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "destination {}{}",
         v["destination"].as_str().unwrap_or("?"),
         if v["automatic_paused"].as_bool() == Some(true) {
@@ -346,25 +361,51 @@ pub async fn backups(a: BackupsArgs) -> anyhow::Result<ExitCode> {
             ""
         }
     );
-    println!(
-        "{:>6}  {:<8} {:>12}  {:<27} {:>10}",
-        "set", "status", "LSN", "taken", "records"
-    );
-    for s in v["sets"].as_array().into_iter().flatten() {
-        println!(
-            "{:>6}  {:<8} {:>12}  {:<27} {:>10}",
-            s["number"],
-            s["status"].as_str().unwrap_or("?"),
-            s["lsn"],
-            s["time"].as_str().unwrap_or("?"),
-            s["records"]
+    let sets = v["sets"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if sets.is_empty() {
+        let _ = writeln!(out, "no backup sets");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<8} {:>12}  {:<27} {:>10} {:>10}",
+            "set", "status", "LSN", "taken", "records", "size"
         );
+        for s in sets {
+            let _ = writeln!(
+                out,
+                "{:>6}  {:<8} {:>12}  {:<27} {:>10} {:>10}",
+                num(&s["number"]),
+                s["status"].as_str().unwrap_or("?"),
+                num(&s["lsn"]),
+                s["time"].as_str().unwrap_or("?"),
+                num(&s["records"]),
+                size(&s["bytes"]),
+            );
+        }
+    }
+    let archives = v["archives"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !archives.is_empty() {
+        let _ = writeln!(out, "{:>7}  {:>25} {:>10}", "archive", "LSNs", "size");
+        for a in archives {
+            let lsns = format!("{}..={}", num(&a["first_lsn"]), num(&a["last_lsn"]));
+            let _ = writeln!(
+                out,
+                "{:>7}  {:>25} {:>10}",
+                num(&a["number"]),
+                lsns,
+                size(&a["bytes"]),
+            );
+        }
     }
     for e in v["history"].as_array().into_iter().flatten() {
         if e["status"] != "ok" {
-            println!(
+            let _ = writeln!(
+                out,
                 "history: {} {} {} {}",
-                e["number"],
+                num(&e["number"]),
                 e["status"].as_str().unwrap_or("?"),
                 e["started"].as_str().unwrap_or("?"),
                 e["error"].as_str().unwrap_or("")
@@ -372,12 +413,16 @@ pub async fn backups(a: BackupsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(cur) = v.get("current").filter(|c| !c.is_null()) {
-        println!(
-            "running: backup {} ({}), {} of {} bytes",
-            cur["number"], cur["phase"], cur["bytes_done"], cur["bytes_total"]
+        let _ = writeln!(
+            out,
+            "running: backup {} ({}), {} of {}",
+            num(&cur["number"]),
+            cur["phase"].as_str().unwrap_or("?"),
+            size(&cur["bytes_done"]),
+            size(&cur["bytes_total"]),
         );
     }
-    Ok(ExitCode::SUCCESS)
+    out
 }
 
 /// `mirrordb verify`.
@@ -559,6 +604,57 @@ pub async fn rollback_cmd(a: RollbackArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backups_table_lines_up_and_lists_archives() {
+        let v = serde_json::json!({
+            "destination": "/b",
+            "automatic_paused": false,
+            "current": null,
+            "sets": [
+                {"number": 9, "status": "ok", "lsn": 20004, "time": "2026-12-07T13:17:44.075762Z",
+                 "records": 18113, "bytes": 200844},
+                {"number": 10, "status": "partial", "lsn": 1234567, "time": "2026-12-07T13:17:45.395342Z",
+                 "records": 5, "bytes": 3}
+            ],
+            "archives": [{"number": 9, "first_lsn": 20005, "last_lsn": 1234567, "bytes": 363715}],
+            "history": [{"number": 11, "status": "failed", "started": "2026-12-07T14:00:00Z",
+                         "error": "destination is full"}]
+        });
+        let text = backups_text(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "destination /b");
+        // Every row of a table is as wide as its header, and each value
+        // ends where its column's title ends.
+        assert_eq!(lines[1].len(), lines[2].len(), "{text}");
+        assert_eq!(lines[1].len(), lines[3].len(), "{text}");
+        assert_eq!(
+            lines[1].find("set").map(|i| i + 3),
+            lines[3].find("10").map(|i| i + 2)
+        );
+        assert_eq!(
+            lines[1].find("LSN").map(|i| i + 3),
+            lines[3].find("1234567").map(|i| i + 7)
+        );
+        assert!(lines[2].ends_with("196.1 KiB"), "{text}");
+        assert!(lines[3].ends_with("3 B"), "{text}");
+        assert_eq!(lines[4].len(), lines[5].len(), "{text}");
+        assert!(
+            lines[5].contains("20005..=1234567") && lines[5].ends_with("355.2 KiB"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[6],
+            "history: 11 failed 2026-12-07T14:00:00Z destination is full"
+        );
+        assert_eq!(lines.len(), 7, "{text}");
+
+        let empty = serde_json::json!({"destination": "/b", "automatic_paused": true, "sets": []});
+        assert_eq!(
+            backups_text(&empty),
+            "destination /b (automatic backups PAUSED after failures: run a manual backup)\nno backup sets\n"
+        );
+    }
 
     #[test]
     fn the_progress_message_says_when_compression_waits_for_writers() {
