@@ -256,18 +256,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(o) = &a.owner {
                 body["owner"] = o.clone().into();
             }
-            Ok(node_call(&a.node, reqwest::Method::POST, "/v1/lock", Some(body)).await)
+            Ok(node_call(
+                &a.node,
+                reqwest::Method::POST,
+                "/v1/lock",
+                Some(body),
+                lock_text,
+            )
+            .await)
         }
         Command::Unlock(a) => {
             let path = match &a.owner {
                 Some(o) => format!("/v1/lock?owner={}", percent_encode(o)),
                 None => "/v1/lock".to_owned(),
             };
-            Ok(node_call(&a.node, reqwest::Method::DELETE, &path, None).await)
+            Ok(node_call(&a.node, reqwest::Method::DELETE, &path, None, lock_text).await)
         }
-        Command::Journal(JournalCommand::Rotate(a)) => {
-            Ok(node_call(&a, reqwest::Method::POST, "/v1/journal/rotate", None).await)
-        }
+        Command::Journal(JournalCommand::Rotate(a)) => Ok(node_call(
+            &a,
+            reqwest::Method::POST,
+            "/v1/journal/rotate",
+            None,
+            rotate_text,
+        )
+        .await),
         Command::Backup(a) => crate::backup::cli::backup(a).await,
         Command::Backups(a) => crate::backup::cli::backups(a).await,
         Command::Verify(a) => crate::backup::cli::verify_cmd(a).await,
@@ -405,11 +417,43 @@ const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Calls a node's API and prints the answer: JSON with `--json`, else one
 /// line. Exit 0 on a 2xx answer.
+/// What `mirrordb lock` and `unlock` print without `--json`.
+fn lock_text(v: &serde_json::Value) -> Option<String> {
+    if !v["locked"].as_bool()? {
+        return Some("unlocked: writes go through".into());
+    }
+    let lease = v["expires_in_ms"]
+        .as_u64()
+        .map(|ms| {
+            format!(
+                "; the lease lapses in {:.1} s unless renewed",
+                ms as f64 / 1000.0
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "locked by {} (depth {}: as many unlocks release it){lease}; writes wait",
+        v["owner"].as_str().unwrap_or("?"),
+        v["depth"].as_u64().unwrap_or(1),
+    ))
+}
+
+/// What `mirrordb journal rotate` prints without `--json`.
+fn rotate_text(v: &serde_json::Value) -> Option<String> {
+    Some(match (v["closed"].as_str(), v["last_lsn"].as_u64()) {
+        (Some(closed), Some(lsn)) => format!("closed {closed} (last LSN {lsn})"),
+        _ => "nothing to rotate: the open segment holds no entry".into(),
+    })
+}
+
+/// Calls the node; prints its answer through `render` (the JSON itself
+/// with `--json`, or when `render` cannot read it).
 async fn node_call(
     a: &NodeClientArgs,
     method: reqwest::Method,
     path: &str,
     body: Option<serde_json::Value>,
+    render: fn(&serde_json::Value) -> Option<String>,
 ) -> ExitCode {
     let url = format!("{}{path}", a.url.trim_end_matches('/'));
     let client = match reqwest::Client::builder()
@@ -438,10 +482,16 @@ async fn node_call(
     };
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    if a.json || status.is_success() {
+    if a.json {
         println!("{text}");
     }
     if status.is_success() {
+        if !a.json {
+            let human = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| render(&v));
+            println!("{}", human.unwrap_or(text));
+        }
         ExitCode::SUCCESS
     } else {
         let message = serde_json::from_str::<serde_json::Value>(&text)
@@ -583,5 +633,34 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn lock_and_rotate_answers_read_as_sentences() {
+        use serde_json::json;
+        let held = json!({"locked": true, "owner": "ops", "depth": 2, "expires_in_ms": 59_500});
+        assert_eq!(
+            lock_text(&held).as_deref(),
+            Some(
+                "locked by ops (depth 2: as many unlocks release it); the lease lapses in 59.5 s \
+                 unless renewed; writes wait"
+            )
+        );
+        let free = json!({"locked": false, "owner": null, "depth": 0, "expires_in_ms": null});
+        assert_eq!(
+            lock_text(&free).as_deref(),
+            Some("unlocked: writes go through")
+        );
+        // Not a lock status: the JSON is printed as it came.
+        assert_eq!(lock_text(&json!({"x": 1})), None);
+        assert_eq!(
+            rotate_text(&json!({"closed": "/d/journal/00000001.journal", "last_lsn": 42}))
+                .as_deref(),
+            Some("closed /d/journal/00000001.journal (last LSN 42)")
+        );
+        assert_eq!(
+            rotate_text(&json!({"closed": null, "last_lsn": null})).as_deref(),
+            Some("nothing to rotate: the open segment holds no entry")
+        );
     }
 }

@@ -1447,12 +1447,24 @@ async fn activity_lock_and_rotation_paths() {
     ))
     .await;
     assert!(st.success(), "{err}");
+    assert!(out.starts_with("locked by snap (depth 1"), "{out}");
+    // Re-entrant, and --json prints the node's answer itself.
+    let (st, out, err) = cli(args(
+        &["lock", "--owner", "snap", "--lease", "10s", "--json"],
+        ADMIN_TOKEN,
+    ))
+    .await;
+    assert!(st.success(), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
-        serde_json::from_str::<Value>(&out).unwrap()["owner"],
-        "snap",
+        (&v["owner"], &v["depth"]),
+        (&json!("snap"), &json!(2)),
         "{out}"
     );
     let (st, out, err) = cli(args(&["unlock", "--owner", "snap"], ADMIN_TOKEN)).await;
+    assert!(st.success(), "{err}");
+    assert!(out.starts_with("locked by snap (depth 1"), "{out}");
+    let (st, out, err) = cli(args(&["unlock", "--owner", "snap", "--json"], ADMIN_TOKEN)).await;
     assert!(st.success(), "{err}");
     assert_eq!(
         serde_json::from_str::<Value>(&out).unwrap()["locked"],
@@ -1461,7 +1473,10 @@ async fn activity_lock_and_rotation_paths() {
     );
     let (st, out, err) = cli(args(&["journal", "rotate"], ADMIN_TOKEN)).await;
     assert!(st.success(), "{err}");
-    assert!(out.contains("last_lsn"), "{out}");
+    assert!(
+        out.starts_with("closed ") && out.contains("(last LSN "),
+        "{out}"
+    );
 
     phase("journal rotation (admin) closes the open segment");
     let r = c
