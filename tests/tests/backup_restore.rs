@@ -741,10 +741,29 @@ async fn without_backups_the_live_journal_alone_serves_restore_and_rollback() {
         backup_dir: none.clone(),
         journal_dir: engine.journal_dir(),
     });
-    let rep = engine.rollback(s, l, history).await.unwrap();
+    let rep = engine.rollback(s, l, history.clone()).await.unwrap();
     assert_eq!((rep.keys_restored, rep.keys_deleted), (1, 1), "{rep:?}");
     assert_eq!(engine.get("t", "a").unwrap().unwrap().value, b"1");
     assert!(engine.get("t", "c").unwrap().is_none());
+
+    phase("LSN 0 is refused; LSN 1, the first start, undoes every write");
+    let e = restore_into(
+        &none,
+        &tmp.path().join("at-zero"),
+        RestoreTarget {
+            set: None,
+            until: Until::Lsn(0),
+        },
+        Some(&engine.journal_dir()),
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("earliest target is LSN 1"), "{e}");
+    let e = engine.rollback(s, 0, history.clone()).await.unwrap_err();
+    assert_eq!(e.code(), "invalid_request", "{e}");
+    engine.rollback(s, 1, history).await.unwrap();
+    assert!(engine.get("t", "a").unwrap().is_none());
+    assert!(engine.get("t", "b").unwrap().is_none());
     engine.shutdown().await.unwrap();
 }
 

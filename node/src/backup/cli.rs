@@ -116,8 +116,10 @@ pub struct RestoreArgs {
     /// target is picked and rolled forward.
     #[arg(long, value_parser = parse_set)]
     pub set: Option<SetChoice>,
-    /// Roll forward up to and including this LSN.
-    #[arg(long, conflicts_with_all = ["until_time", "until_name"])]
+    /// Roll forward up to and including this LSN (1 or more: LSN 1 is a
+    /// database's first entry, its first start, which holds no data).
+    #[arg(long, conflicts_with_all = ["until_time", "until_name"],
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub until_lsn: Option<u64>,
     /// Roll forward through every entry at or before this time: RFC 3339,
     /// "YYYY-MM-DD HH:MM:SS" (UTC) or YYYY-MM-DD.
@@ -142,8 +144,9 @@ pub struct RestoreArgs {
 pub struct RollbackArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Undo everything after this LSN.
-    #[arg(long)]
+    /// Undo everything after this LSN (1 or more: rolling back to LSN 1,
+    /// the database's first start, undoes every write).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub to_lsn: u64,
     /// Instead of a compensating transaction on a running node, restore
     /// the state at the LSN into a new directory (--from, --to).

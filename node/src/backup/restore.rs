@@ -129,6 +129,10 @@ pub enum RestoreError {
     },
     #[error("the history ends at LSN {end}, before the target LSN {target}")]
     TargetBeyondEnd { end: u64, target: u64 },
+    #[error(
+        "LSN 0 comes before a database's first entry: the earliest target is LSN 1 (its first start, which holds no data)"
+    )]
+    BeforeFirstEntry,
     #[error("{0}")]
     Format(#[from] FormatError),
     #[error("{0}")]
@@ -610,6 +614,9 @@ pub fn plan(
         }
         v
     };
+    if target.until == Until::Lsn(0) {
+        return Err(RestoreError::BeforeFirstEntry);
+    }
     // Resolve the target LSN where it can be known up front.
     let target_lsn = match &target.until {
         Until::Lsn(l) => Some(*l),

@@ -332,6 +332,14 @@ impl Engine {
         to_lsn: u64,
         history: Arc<dyn HistorySource>,
     ) -> Result<RollbackReport, WriteError> {
+        if to_lsn == 0 {
+            return Err(crate::model::InvalidInput::Other(
+                "to_lsn 0 comes before the database's first entry: roll back to LSN 1 \
+                 (the database's first start, which holds no data) to undo every write"
+                    .into(),
+            )
+            .into());
+        }
         for attempt in 1..=ROLLBACK_ATTEMPTS {
             let end = self.status().durable_lsn;
             if to_lsn >= end {
