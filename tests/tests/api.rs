@@ -1471,6 +1471,12 @@ async fn activity_lock_and_rotation_paths() {
         false,
         "{out}"
     );
+    // A standalone node has no cluster to show or switch over.
+    for cmd in [&["cluster", "status"][..], &["switchover"][..]] {
+        let (st, _, err) = cli(args(cmd, ADMIN_TOKEN)).await;
+        assert_eq!(st.code(), Some(1), "{cmd:?}: {err}");
+        assert!(err.contains("runs standalone"), "{cmd:?}: {err}");
+    }
     let (st, out, err) = cli(args(&["journal", "rotate"], ADMIN_TOKEN)).await;
     assert!(st.success(), "{err}");
     assert!(

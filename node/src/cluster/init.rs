@@ -510,15 +510,28 @@ pub async fn status(a: StatusArgs) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ok = resp.status().is_success();
+    let status = resp.status();
+    let ok = status.is_success();
     let body = resp.text().await.unwrap_or_default();
-    if a.json || !ok {
+    if a.json {
         println!("{body}");
-        return if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+    }
+    if !ok {
+        if !a.json {
+            let why = if status == reqwest::StatusCode::NOT_FOUND {
+                standalone(&a.url)
+            } else {
+                serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                    .unwrap_or(body)
+            };
+            eprintln!("mirrordb cluster status: {why}");
+        }
+        return ExitCode::FAILURE;
+    }
+    if a.json {
+        return ExitCode::SUCCESS;
     }
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let s = |v: &serde_json::Value| {
@@ -862,10 +875,22 @@ async fn ask_switchover(
         .unwrap_or("(no message)")
         .to_owned();
     match (status, v["error"]["code"].as_str()) {
+        (reqwest::StatusCode::NOT_FOUND, _) => {
+            Asked::Failed(format!("refused: {}", standalone(base)))
+        }
         (_, Some("switchover_in_progress")) => Asked::InProgress(why),
         (reqwest::StatusCode::SERVICE_UNAVAILABLE, _) => Asked::NotYet(why),
         _ => Asked::Failed(format!("refused: {why}")),
     }
+}
+
+/// Why a node answered 404 to a cluster path: it runs alone.
+fn standalone(url: &str) -> String {
+    format!(
+        "{} runs standalone: it has no [cluster] section in its config, so there are no \
+         members, mirrors or failover to show or switch (see `mirrordb cluster init`)",
+        url.trim_end_matches('/')
+    )
 }
 
 /// Runs `mirrordb switchover`: starts a planned switchover and waits until
