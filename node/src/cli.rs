@@ -476,7 +476,8 @@ async fn node_call(
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mirrordb: {method} {url}: {e}");
+            // The error and its causes ("connection refused" is a cause).
+            eprintln!("mirrordb: {method} {url}: {:#}", anyhow::Error::from(e));
             return ExitCode::FAILURE;
         }
     };

@@ -506,7 +506,10 @@ pub async fn status(a: StatusArgs) -> std::process::ExitCode {
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mirrordb cluster status: {url}: {e}");
+            eprintln!(
+                "mirrordb cluster status: {url}: {:#}",
+                anyhow::Error::from(e)
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -862,7 +865,12 @@ async fn ask_switchover(
     }
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(e) => return Asked::Failed(format!(": {base}: {e}")),
+        Err(e) => {
+            return Asked::Failed(format!(
+                "failed: cannot reach {base}: {:#}",
+                anyhow::Error::from(e)
+            ));
+        }
     };
     let status = resp.status();
     let v: serde_json::Value = resp.json().await.unwrap_or_default();
