@@ -108,6 +108,34 @@ pub struct QueryOutcome {
     /// the last segment (a write in progress, or a torn tail that recovery
     /// will cut): where, and why.
     pub tail_note: Option<String>,
+    /// Set when the journal read starts after the first LSN asked for
+    /// (`from_lsn`, or LSN 1): where it starts, so that an empty or short
+    /// answer is not taken for "nothing happened".
+    pub head_note: Option<String>,
+}
+
+/// What a scan says besides its entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanNotes {
+    /// See [`QueryOutcome::tail_note`].
+    pub tail: Option<String>,
+    /// See [`QueryOutcome::head_note`].
+    pub head: Option<String>,
+}
+
+/// The head note for a journal whose first entry is `first` when the
+/// entries `from..=to` were asked for.
+fn head_note(first: Option<u64>, from: Option<u64>, to: Option<u64>) -> Option<String> {
+    let first = first?;
+    let from = from.unwrap_or(1).max(1);
+    let missing_to = first.saturating_sub(1).min(to.unwrap_or(u64::MAX));
+    (first > from).then(|| {
+        format!(
+            "the journal read here starts at LSN {first}: entries {from}..={missing_to} are \
+             not in it (a backup moves the entries it archived out of the live journal; \
+             retention deletes archives that only older sets needed)"
+        )
+    })
 }
 
 /// Why activity could not be read.
@@ -176,7 +204,7 @@ pub fn query(
 ) -> Result<QueryOutcome, ActivityError> {
     let limit = limit.min(MAX_QUERY_LIMIT);
     let mut out = QueryOutcome::default();
-    let tail_note = scan_dir(journal_dir, filter, |e| {
+    let notes = scan_dir(journal_dir, filter, |e| {
         if out.entries.len() >= limit {
             out.truncated = true;
             return Ok(false);
@@ -184,12 +212,13 @@ pub fn query(
         out.entries.push(e);
         Ok(true)
     })?;
-    out.tail_note = tail_note;
+    out.tail_note = notes.tail;
+    out.head_note = notes.head;
     Ok(out)
 }
 
 /// Scans `journal_dir` and hands each matching entry to `sink`, which answers
-/// whether to go on. Returns the tail note (see [`QueryOutcome`]).
+/// whether to go on. Returns the head and tail notes (see [`QueryOutcome`]).
 ///
 /// Identities of sessions opened before the scanned range are resolved by a
 /// second, narrow pass, so entries reach `sink` in pages of
@@ -198,7 +227,7 @@ pub fn scan_dir(
     journal_dir: &Path,
     filter: &Filter,
     mut sink: impl FnMut(ActivityEntry) -> Result<bool, ActivityError>,
-) -> Result<Option<String>, ActivityError> {
+) -> Result<ScanNotes, ActivityError> {
     if let (Some(a), Some(b)) = (filter.from_lsn, filter.to_lsn)
         && a > b
     {
@@ -214,6 +243,11 @@ pub fn scan_dir(
         ));
     }
     let (segments, _torn_header) = scan::list_segments(journal_dir)?;
+    let head = head_note(
+        segments.first().map(|s| s.header.first_lsn),
+        filter.from_lsn,
+        filter.to_lsn,
+    );
     let mut reader = ActivityReader::new(segments.clone(), filter);
     let mut identities: HashMap<u64, ClientIdentity> = HashMap::new();
     let mut page: Vec<ActivityEntry> = Vec::new();
@@ -227,12 +261,18 @@ pub fn scan_dir(
             resolve_identities(&segments, &mut page, &mut identities, reader.tail_segment())?;
             for e in page.drain(..) {
                 if !sink(e)? {
-                    return Ok(reader.tail_note.take());
+                    return Ok(ScanNotes {
+                        tail: reader.tail_note.take(),
+                        head,
+                    });
                 }
             }
         }
         if done {
-            return Ok(reader.tail_note.take());
+            return Ok(ScanNotes {
+                tail: reader.tail_note.take(),
+                head,
+            });
         }
     }
 }
@@ -540,25 +580,34 @@ pub fn run_show(args: JournalShowArgs) -> anyhow::Result<()> {
     let dir = view.as_ref().map_or(live, |v| v.path().to_path_buf());
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    let (shown, truncated, note) = show(&dir, &args, &mut out)?;
+    let (shown, truncated, notes) = show(&dir, &args, &mut out)?;
     out.flush()?;
     drop(out);
-    if let Some(note) = note {
+    if let Some(note) = notes.head {
+        let hint = if args.backups.is_none() {
+            " (add --backups DIR to read a backup destination's archives)"
+        } else {
+            ""
+        };
+        eprintln!("note: {note}{hint}");
+    }
+    if let Some(note) = notes.tail {
         eprintln!("note: {note}");
     }
     if truncated {
-        eprintln!("note: stopped after {shown} entries (--limit)");
+        let entries = if shown == 1 { "entry" } else { "entries" };
+        eprintln!("note: stopped after {shown} {entries} (--limit)");
     }
     Ok(())
 }
 
 /// Renders the matching entries to `out`; returns (entries shown, whether
-/// the limit cut the output, the tail note).
+/// the limit cut the output, the notes).
 fn show(
     dir: &Path,
     args: &JournalShowArgs,
     out: &mut impl Write,
-) -> anyhow::Result<(usize, bool, Option<String>)> {
+) -> anyhow::Result<(usize, bool, ScanNotes)> {
     let limit = if args.limit == 0 {
         usize::MAX
     } else {
@@ -572,7 +621,7 @@ fn show(
     if args.json && args.array {
         out.write_all(b"[")?;
     }
-    let note = scan_dir(dir, &args.filter(), |e| {
+    let notes = scan_dir(dir, &args.filter(), |e| {
         if shown >= limit {
             truncated = true;
             return Ok(false);
@@ -610,7 +659,7 @@ fn show(
     })?;
     if let Some(e) = io_error {
         if e.kind() == io::ErrorKind::BrokenPipe {
-            return Ok((shown, truncated, note));
+            return Ok((shown, truncated, notes));
         }
         return Err(e.into());
     }
@@ -621,7 +670,7 @@ fn show(
     } else if !page.is_empty() || shown == 0 {
         write_table(out, &page, shown == page.len())?;
     }
-    Ok((shown, truncated, note))
+    Ok((shown, truncated, notes))
 }
 
 /// Who did it, in one column: `12 alice@10.0.0.5:41000/web-1`.
@@ -1043,6 +1092,26 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("1969-12-31").is_err());
         assert_eq!(format_time_us(T0), "2025-11-24T16:00:00.000000Z");
+    }
+
+    #[test]
+    fn a_journal_that_starts_late_says_where() {
+        let n = head_note(Some(40006), None, None).unwrap();
+        assert!(
+            n.starts_with(
+                "the journal read here starts at LSN 40006: entries 1..=40005 are not in it"
+            ),
+            "{n}"
+        );
+        let n = head_note(Some(40006), Some(100), None).unwrap();
+        assert!(n.contains("entries 100..=40005 "), "{n}");
+        // Only what was asked for is said to be missing.
+        let n = head_note(Some(40006), Some(100), Some(200)).unwrap();
+        assert!(n.contains("entries 100..=200 "), "{n}");
+        assert_eq!(head_note(Some(1), None, None), None);
+        assert_eq!(head_note(Some(1), Some(0), None), None);
+        assert_eq!(head_note(Some(100), Some(150), None), None);
+        assert_eq!(head_note(None, Some(5), None), None);
     }
 
     #[test]

@@ -482,6 +482,12 @@ async fn activity_analysis_reads_archives_and_the_live_journal() {
     };
     let live = mirrordb::activity::query(&e.journal_dir(), &filter, 1000).unwrap();
     assert!(live.entries.iter().all(|x| x.lsn > before));
+    // ... and says where it starts.
+    let note = live.head_note.unwrap_or_default();
+    assert!(
+        note.contains("starts at LSN") && note.contains("entries 1..="),
+        "{note}"
+    );
 
     phase("archives and live journal together hold every put, in LSN order");
     let all =
@@ -494,6 +500,7 @@ async fn activity_analysis_reads_archives_and_the_live_journal() {
         .map(|x| x.lsn)
         .collect();
     assert_eq!(puts.len(), 6, "{:?}", all.entries);
+    assert_eq!(all.head_note, None, "the archives reach back to LSN 1");
     assert!(puts.windows(2).all(|w| w[0] < w[1]));
     assert!(puts.contains(&after));
     assert!(puts.iter().any(|l| *l <= before));
