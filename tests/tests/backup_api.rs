@@ -261,6 +261,25 @@ async fn backups_restore_points_and_rollback_over_http() {
     assert_eq!(v, json!({"i": 3}));
     assert_eq!(get("k4").await.unwrap().status(), 200);
     assert_eq!(get("new").await.unwrap().status(), 404);
+
+    phase("the Backup Journal records the rollback, and a refused one");
+    let r = c
+        .post(url("/v1/rollback"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"to_lsn": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let log =
+        std::fs::read_to_string(tmp.path().join("data/logs/Backup Journal[001].txt")).unwrap();
+    let want = format!(
+        "rollback to LSN {rp_lsn} (admin): 2 records restored, 1 deleted, 0 unchanged; \
+         compensating transaction at LSN {}",
+        report["lsn"]
+    );
+    assert!(log.contains(&want), "{want}\n{log}");
+    assert!(log.contains("rollback to LSN 0 (admin) failed: "), "{log}");
     server.shutdown().await.unwrap();
 }
 

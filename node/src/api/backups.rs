@@ -13,6 +13,7 @@
 
 use super::{ApiError, Caller, St, json_ok, read_body};
 use crate::backup::format::Checksum;
+use crate::backup::log::LineKind;
 use crate::backup::restore::BackupHistory;
 use crate::backup::{BackupError, Trigger};
 use axum::body::Body;
@@ -286,6 +287,39 @@ pub async fn rollback(
         backup_dir: st.backups().settings().destination.clone(),
         journal_dir: engine.journal_dir(),
     });
-    let report = engine.rollback(session, req.to_lsn, history).await?;
-    Ok(json_ok(&report).into_response())
+    let who = caller.identity.token_name.clone();
+    let log = st.backups().log();
+    match engine.rollback(session, req.to_lsn, history).await {
+        Ok(report) => {
+            log.line(LineKind::Info, &rollback_line(&report, &who));
+            Ok(json_ok(&report).into_response())
+        }
+        Err(e) => {
+            log.line(
+                LineKind::Error,
+                &format!("rollback to LSN {} ({who}) failed: {e}", req.to_lsn),
+            );
+            Err(e.into())
+        }
+    }
+}
+
+/// The Backup Journal's line for a rollback that ran.
+fn rollback_line(r: &crate::engine::RollbackReport, who: &str) -> String {
+    let mut line = format!(
+        "rollback to LSN {} ({who}): {} records restored, {} deleted, {} unchanged",
+        r.to_lsn, r.keys_restored, r.keys_deleted, r.keys_unchanged
+    );
+    if r.lsn > 0 {
+        line.push_str(&format!("; compensating transaction at LSN {}", r.lsn));
+    } else {
+        line.push_str("; nothing to change");
+    }
+    if !r.blobs_not_rolled_back.is_empty() {
+        line.push_str(&format!(
+            "; BLOBs written since, not rolled back: {}",
+            r.blobs_not_rolled_back.join(", ")
+        ));
+    }
+    line
 }
