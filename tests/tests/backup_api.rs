@@ -405,6 +405,20 @@ async fn destination_failures_hooks_stop_and_only_if_changed() {
     assert_eq!(err.code(), "destination_missing", "{err}");
     assert!(!missing.exists());
 
+    phase("a destination that is a file");
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let err = BackupService::new(e.clone(), section(&file))
+        .run(manual())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "destination_missing", "{err}");
+    assert!(
+        err.to_string().contains("is a file, not a directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+
     phase("a destination that cannot be written");
     // /sys refuses new files even to root.
     let svc = BackupService::new(e.clone(), section(Path::new("/sys")));

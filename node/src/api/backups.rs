@@ -35,9 +35,9 @@ fn backup_error(e: BackupError) -> ApiError {
     let status = match &e {
         BackupError::Busy(_) | BackupError::Interrupted => StatusCode::CONFLICT,
         BackupError::DestinationFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
-        BackupError::DestinationMissing(_) | BackupError::DestinationReadOnly { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        BackupError::DestinationMissing(_)
+        | BackupError::DestinationNotADirectory(_)
+        | BackupError::DestinationReadOnly { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::new(status, e.code(), e.to_string())

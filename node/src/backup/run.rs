@@ -58,6 +58,8 @@ const HOOK_OUTPUT_BYTES: usize = 2048;
 pub enum BackupError {
     #[error("backup destination {0} does not exist (is the disk mounted?)")]
     DestinationMissing(PathBuf),
+    #[error("backup destination {0} is a file, not a directory")]
+    DestinationNotADirectory(PathBuf),
     #[error("backup destination {path} is full: {source}")]
     DestinationFull { path: PathBuf, source: io::Error },
     #[error("backup destination {path} is read-only or not writable: {source}")]
@@ -84,7 +86,9 @@ impl BackupError {
     /// The stable error code (API and CLI).
     pub fn code(&self) -> &'static str {
         match self {
-            BackupError::DestinationMissing(_) => "destination_missing",
+            BackupError::DestinationMissing(_) | BackupError::DestinationNotADirectory(_) => {
+                "destination_missing"
+            }
             BackupError::DestinationFull { .. } => "destination_full",
             BackupError::DestinationReadOnly { .. } => "destination_read_only",
             BackupError::Busy(_) => "backup_in_progress",
@@ -617,6 +621,9 @@ impl BackupService {
     /// Checks the destination, removes leftovers, picks the number.
     async fn prepare(&self, dest: &Path) -> Result<(u32, History), BackupError> {
         let cfg = &self.inner.cfg;
+        if dest.exists() && !dest.is_dir() {
+            return Err(BackupError::DestinationNotADirectory(dest.to_owned()));
+        }
         if !dest.is_dir() {
             if !cfg.create_destination {
                 return Err(BackupError::DestinationMissing(dest.to_owned()));
