@@ -120,7 +120,9 @@ pub struct BackupSection {
     /// Hooks are killed after this long (and count as failed).
     pub hook_timeout: ConfigDuration,
     /// Schedules: `"every 6h"`, `"daily at 02:30"`,
-    /// `"weekly on mon,thu at 02:30"`, `"monthly on 1 at 03:00"` (UTC).
+    /// `"weekly on mon,thu at 02:30"`, `"monthly on 1 at 03:00"` (UTC). One
+    /// schedule may be written as a string instead of an array of one.
+    #[serde(deserialize_with = "one_or_many")]
     pub schedule: Vec<String>,
     /// Backup Journal: every line (true) or only start times and errors.
     pub verbose: bool,
@@ -226,10 +228,55 @@ impl BackupSection {
     }
 }
 
+/// A string or an array of strings, as an array.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a schedule string or an array of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(vec![v.to_owned()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_schedule_may_be_a_string() {
+        let parse = |t: &str| toml::from_str::<BackupSection>(t);
+        assert_eq!(
+            parse("schedule = \"daily at 02:30\"").unwrap().schedule,
+            ["daily at 02:30"]
+        );
+        assert_eq!(
+            parse("schedule = [\"every 6h\", \"daily at 02:30\"]")
+                .unwrap()
+                .schedule,
+            ["every 6h", "daily at 02:30"]
+        );
+        assert!(parse("").unwrap().schedule.is_empty());
+        let e = parse("schedule = 5").unwrap_err().to_string();
+        assert!(e.contains("a schedule string or an array of them"), "{e}");
+        let e = parse("schedule = [5]").unwrap_err().to_string();
+        assert!(e.contains("expected a string"), "{e}");
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_values_name_the_key() {
