@@ -205,10 +205,13 @@ pub enum ConfigCommand {
     Defaults,
     /// Load a file, apply the overrides, validate, print the result.
     Check {
+        /// The TOML file to check (without it: the defaults and overrides).
         #[arg(long, short, env = "MIRRORDB_CONFIG")]
         config: Option<PathBuf>,
+        /// Override `node.data_dir`, as `serve --data-dir` does.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Override `node.listen`, as `serve --listen` does.
         #[arg(long)]
         listen: Option<SocketAddr>,
         /// Print the resolved configuration as JSON (tokens redacted).

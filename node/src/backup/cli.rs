@@ -70,7 +70,8 @@ pub struct VerifyArgs {
     /// The backup directory (`backup.destination`).
     #[arg(long, env = "MIRRORDB_BACKUP_DIR", default_value = super::settings::DEFAULT_DESTINATION)]
     pub from: PathBuf,
-    /// Only this set (and the archives after it).
+    /// Only this set and the archives after it (default: every set and
+    /// every archive).
     #[arg(long)]
     pub set: Option<u32>,
     /// Also restore the set (or the newest) into a scratch directory and
@@ -80,6 +81,7 @@ pub struct VerifyArgs {
     /// Log the outcome in this data directory's Backup Journal.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Print the report (every check, with what it found) as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -135,6 +137,7 @@ pub struct RestoreArgs {
     /// Print the plan and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print the plan and the outcome as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -152,8 +155,10 @@ pub struct RollbackArgs {
     /// the state at the LSN into a new directory (--from, --to).
     #[arg(long, requires_all = ["from", "to"])]
     pub offline: bool,
+    /// With --offline: the backup directory (`backup.destination`).
     #[arg(long)]
     pub from: Option<PathBuf>,
+    /// With --offline: the new data directory to build (empty or missing).
     #[arg(long)]
     pub to: Option<PathBuf>,
     /// With --offline: the old node's journal directory, for entries after
