@@ -676,12 +676,7 @@ async fn verify_checks_every_archive_and_with_a_set_only_those_after_it() {
     std::fs::write(&a0, b).unwrap();
     let rep = verify(&dest, &VerifyOptions::default()).unwrap();
     assert!(!rep.ok);
-    let failed: Vec<&str> = rep
-        .checks
-        .iter()
-        .filter(|c| !c.ok)
-        .map(|c| c.what.as_str())
-        .collect();
+    let failed = rep.failed();
     assert!(
         failed.len() == 1 && failed[0].starts_with("archive 0 "),
         "{failed:?}"

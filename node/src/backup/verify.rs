@@ -38,6 +38,15 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// What each failed check was about (empty when all passed).
+    pub fn failed(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.what.as_str())
+            .collect()
+    }
+
     fn push(&mut self, what: String, r: Result<String, String>) {
         let (ok, detail) = match r {
             Ok(d) => (true, d),
@@ -231,12 +240,7 @@ pub fn verify(
     }
     if let Some(d) = &opts.log_dir {
         let log = BackupLog::new(d, true);
-        let failed: Vec<&str> = rep
-            .checks
-            .iter()
-            .filter(|c| !c.ok)
-            .map(|c| c.what.as_str())
-            .collect();
+        let failed = rep.failed();
         if failed.is_empty() {
             log.line(
                 LineKind::Info,
