@@ -128,6 +128,30 @@ fn describe() {
         "1 while the journal can be written, 0 after a journal I/O error."
     );
     describe_counter!(
+        "mirrordb_backups_total",
+        "Backups that ended since the node started, by status: ok, partial, failed, interrupted, skipped (only_if_changed), missed (a scheduled time the node was down for)."
+    );
+    describe_gauge!(
+        "mirrordb_backup_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "When the last backup that ended ok ended (Unix time; from backupHistory.json at start). Alert on time() minus this."
+    );
+    describe_gauge!(
+        "mirrordb_backup_last_success_duration_seconds",
+        Unit::Seconds,
+        "How long the last backup that ended ok took."
+    );
+    describe_gauge!(
+        "mirrordb_backup_last_success_bytes",
+        Unit::Bytes,
+        "Bytes the last backup that ended ok wrote (its set and journal archive)."
+    );
+    describe_gauge!(
+        "mirrordb_backup_automatic_paused",
+        "1 while automatic backups are paused after failed attempts (a manual backup resumes them)."
+    );
+    describe_gauge!("mirrordb_backup_running", "1 while a backup runs.");
+    describe_counter!(
         HTTP_REQUESTS_TOTAL,
         "HTTP requests answered, by method, route and status."
     );

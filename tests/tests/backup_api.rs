@@ -211,6 +211,32 @@ async fn backups_restore_points_and_rollback_over_http() {
         .unwrap();
     assert_eq!(r.status(), 404, "nothing to stop");
 
+    phase("/metrics tells when the last backup succeeded");
+    let text = c
+        .get(url("/metrics"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    assert!(metric("mirrordb_backups_total{status=\"ok\"}") >= 2.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = metric("mirrordb_backup_last_success_timestamp_seconds");
+    assert!(last <= now + 1.0 && last > now - 600.0, "{last} vs {now}");
+    assert!(metric("mirrordb_backup_last_success_bytes") > 0.0);
+    assert_eq!(metric("mirrordb_backup_running"), 0.0);
+    assert_eq!(metric("mirrordb_backup_automatic_paused"), 0.0);
+
     phase("a restore point, a mistake, and an online rollback to the point");
     let rp: Value = c
         .post(url("/v1/restore-points"))

@@ -100,6 +100,7 @@ pub async fn metrics(st: St) -> Response {
     // Read at each scrape: a recorder installed after the engine opened
     // would miss a value set at open, and a file's length is one stat.
     metrics::gauge!("mirrordb_data_file_bytes").set(st.engine().data_file_bytes() as f64);
+    st.backups().publish_metrics();
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

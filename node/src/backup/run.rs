@@ -214,9 +214,40 @@ struct Inner {
     log: BackupLog,
     running: Mutex<Option<Running>>,
     paused: Mutex<bool>,
+    /// The last backup that ended `ok` (from the history at start), for
+    /// the metrics.
+    last_ok: Mutex<Option<LastOk>>,
     resume: Arc<tokio::sync::Notify>,
     /// Woken when a backup gives up the slot ([`BackupService::wait_current`]).
     ended: tokio::sync::Notify,
+}
+
+/// The last backup that ended `ok`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct LastOk {
+    /// When it ended, in seconds since the Unix epoch.
+    ended_unix_s: f64,
+    duration_s: f64,
+    /// Bytes of the files it wrote (set and archive).
+    bytes: u64,
+}
+
+impl LastOk {
+    /// The newest `ok` entry of a history.
+    fn from_history(h: &History) -> Option<LastOk> {
+        let e = h
+            .entries
+            .iter()
+            .filter(|e| e.status == BackupStatus::Ok)
+            .max_by_key(|e| e.number)?;
+        let started = DateTime::parse_from_rfc3339(&e.started).ok()?;
+        let duration_s = e.duration_ms as f64 / 1000.0;
+        Some(LastOk {
+            ended_unix_s: started.timestamp_millis() as f64 / 1000.0 + duration_s,
+            duration_s,
+            bytes: e.files.iter().map(|f| f.bytes).sum(),
+        })
+    }
 }
 
 /// The backup pipeline of one node. Cheap to clone.
@@ -302,9 +333,9 @@ impl BackupService {
     pub fn with_engine_source(engine: EngineSource, cfg: BackupSection) -> BackupService {
         let logs = engine().config().data_dir.join("logs");
         let log = BackupLog::new(&logs, cfg.verbose);
-        let paused = History::read(&cfg.destination)
-            .map(|h| h.automatic_paused)
-            .unwrap_or(false);
+        let history = History::read(&cfg.destination).ok();
+        let paused = history.as_ref().is_some_and(|h| h.automatic_paused);
+        let last_ok = history.as_ref().and_then(LastOk::from_history);
         BackupService {
             inner: Arc::new(Inner {
                 engine,
@@ -312,6 +343,7 @@ impl BackupService {
                 log,
                 running: Mutex::new(None),
                 paused: Mutex::new(paused),
+                last_ok: Mutex::new(last_ok),
                 resume: Arc::new(tokio::sync::Notify::new()),
                 ended: tokio::sync::Notify::new(),
             }),
@@ -331,6 +363,27 @@ impl BackupService {
     /// The Backup Journal.
     pub fn log(&self) -> &BackupLog {
         &self.inner.log
+    }
+
+    /// Sets the backup gauges of `/metrics` (at each scrape): the last
+    /// successful backup's end, duration and size, whether automatic
+    /// backups are paused, whether one is running.
+    pub fn publish_metrics(&self) {
+        let last = *self.inner.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = last {
+            metrics::gauge!("mirrordb_backup_last_success_timestamp_seconds").set(l.ended_unix_s);
+            metrics::gauge!("mirrordb_backup_last_success_duration_seconds").set(l.duration_s);
+            metrics::gauge!("mirrordb_backup_last_success_bytes").set(l.bytes as f64);
+        }
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        metrics::gauge!("mirrordb_backup_automatic_paused").set(flag(self.automatic_paused()));
+        let running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        metrics::gauge!("mirrordb_backup_running").set(flag(running));
     }
 
     /// Whether automatic backups are paused after failures.
@@ -485,6 +538,7 @@ impl BackupService {
                 LineKind::Info,
                 &format!("backup {number} skipped: no data changed since LSN {last}"),
             );
+            metrics::counter!("mirrordb_backups_total", "status" => "skipped").increment(1);
             return Ok(BackupOutcome {
                 number,
                 status: BackupStatus::Ok,
@@ -536,6 +590,14 @@ impl BackupService {
                 vec![],
             ),
         };
+        metrics::counter!("mirrordb_backups_total", "status" => status.as_str()).increment(1);
+        if status == BackupStatus::Ok {
+            *inner.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastOk {
+                ended_unix_s: Utc::now().timestamp_millis() as f64 / 1000.0,
+                duration_s: duration_ms as f64 / 1000.0,
+                bytes: files.iter().map(|f| f.bytes).sum(),
+            });
+        }
         history.push(HistoryEntry {
             number,
             started: started_at.clone(),
@@ -1265,6 +1327,7 @@ async fn scheduler_loop(weak: std::sync::Weak<Inner>, mut sched: Scheduler) {
                     LineKind::Error,
                     &format!("scheduled backup of {when} missed: the node was not running"),
                 );
+                metrics::counter!("mirrordb_backups_total", "status" => "missed").increment(1);
                 h.push(HistoryEntry {
                     number: h.last_number() + 1,
                     started: when.clone(),
@@ -1545,6 +1608,58 @@ pub fn plan_retention(sets: &[u32], archives: &[u32], keep_last: u32) -> Retenti
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_success_comes_from_the_newest_ok_entry() {
+        let entry = |number, status, started: &str, duration_ms, bytes: &[u64]| HistoryEntry {
+            number,
+            started: started.into(),
+            duration_ms,
+            status,
+            trigger: "api".into(),
+            scheduled: None,
+            lsn: Some(1),
+            error: None,
+            files: bytes
+                .iter()
+                .map(|&b| FileEntry {
+                    path: "f".into(),
+                    bytes: b,
+                    checksum: format::Checksum::Blake3("00".into()),
+                })
+                .collect(),
+        };
+        let mut h = History::default();
+        assert_eq!(LastOk::from_history(&h), None);
+        h.entries = vec![
+            entry(
+                3,
+                BackupStatus::Ok,
+                "2026-12-07T10:00:00.000Z",
+                2_500,
+                &[100, 20],
+            ),
+            entry(4, BackupStatus::Failed, "2026-12-07T11:00:00Z", 10, &[]),
+            entry(2, BackupStatus::Ok, "2026-12-07T09:00:00Z", 1_000, &[7]),
+            entry(
+                5,
+                BackupStatus::Partial,
+                "2026-12-07T12:00:00Z",
+                1_000,
+                &[9],
+            ),
+        ];
+        let l = LastOk::from_history(&h).unwrap();
+        // 2026-12-07T10:00:00Z is 1796637600 s after the epoch.
+        assert_eq!(l.ended_unix_s, 1_796_637_600.0 + 2.5);
+        assert_eq!((l.duration_s, l.bytes), (2.5, 120));
+        h.entries[0].started = "yesterday".into();
+        assert_eq!(
+            LastOk::from_history(&h),
+            None,
+            "an unreadable time is no time"
+        );
+    }
 
     #[test]
     fn a_backup_notes_only_a_real_growth_of_the_data_file() {
