@@ -134,7 +134,7 @@ fn describe() {
     describe_gauge!(
         "mirrordb_backup_last_success_timestamp_seconds",
         Unit::Seconds,
-        "When the last backup that ended ok ended (Unix time; from backupHistory.json at start). Alert on time() minus this."
+        "When the last backup that ended ok ended (Unix time; from backupHistory.json at start; 0 before the first). Alert on time() minus this."
     );
     describe_gauge!(
         "mirrordb_backup_last_success_duration_seconds",

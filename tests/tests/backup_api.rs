@@ -68,6 +68,25 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The node's /metrics text.
+async fn scrape(c: &reqwest::Client, url: &str) -> String {
+    c.get(url)
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// One sample of a /metrics text (`name` with its labels, if any).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_restore_points_and_rollback_over_http() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,6 +113,13 @@ async fn backups_restore_points_and_rollback_over_http() {
     let base = server.base_url();
     let c = reqwest::Client::new();
     let url = |p: &str| format!("{base}{p}");
+
+    phase("before any backup, the last success is at time 0 (an age alert fires)");
+    let text = scrape(&c, &url("/metrics")).await;
+    assert_eq!(
+        metric(&text, "mirrordb_backup_last_success_timestamp_seconds"),
+        0.0
+    );
 
     phase("write records, then a backup that the request waits for");
     for i in 0..20 {
@@ -212,20 +238,8 @@ async fn backups_restore_points_and_rollback_over_http() {
     assert_eq!(r.status(), 404, "nothing to stop");
 
     phase("/metrics tells when the last backup succeeded");
-    let text = c
-        .get(url("/metrics"))
-        .bearer_auth(READ_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let metric = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-    };
+    let text = scrape(&c, &url("/metrics")).await;
+    let metric = |name: &str| metric(&text, name);
     assert!(metric("mirrordb_backups_total{status=\"ok\"}") >= 2.0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

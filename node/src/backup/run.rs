@@ -370,11 +370,14 @@ impl BackupService {
     /// backups are paused, whether one is running.
     pub fn publish_metrics(&self) {
         let last = *self.inner.last_ok.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = last {
-            metrics::gauge!("mirrordb_backup_last_success_timestamp_seconds").set(l.ended_unix_s);
-            metrics::gauge!("mirrordb_backup_last_success_duration_seconds").set(l.duration_s);
-            metrics::gauge!("mirrordb_backup_last_success_bytes").set(l.bytes as f64);
-        }
+        // 0 until a backup succeeds: an alert on its age then fires rather
+        // than finding no series.
+        let (ended, duration, bytes) = last.map_or((0.0, 0.0, 0.0), |l| {
+            (l.ended_unix_s, l.duration_s, l.bytes as f64)
+        });
+        metrics::gauge!("mirrordb_backup_last_success_timestamp_seconds").set(ended);
+        metrics::gauge!("mirrordb_backup_last_success_duration_seconds").set(duration);
+        metrics::gauge!("mirrordb_backup_last_success_bytes").set(bytes);
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         metrics::gauge!("mirrordb_backup_automatic_paused").set(flag(self.automatic_paused()));
         let running = self
