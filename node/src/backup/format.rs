@@ -1487,6 +1487,23 @@ pub struct ArchiveReader<R: Read> {
     failed: bool,
 }
 
+/// A set file opened for decoding while its compressed bytes are hashed:
+/// restore and verify check a file's checksum in the pass that reads it.
+pub type HashedDecoder = zstd::Decoder<'static, BufReader<HashingReader<File>>>;
+
+/// Opens `path` for decoding, hashing what is read with `kind` (the kind
+/// of the checksum it is to be compared with).
+pub fn open_hashed(path: &Path, kind: HashKind) -> Result<HashedDecoder, FormatError> {
+    let f = File::open(path).map_err(io_at(path))?;
+    zstd::Decoder::new(HashingReader::new(f, kind)).map_err(io_at(path))
+}
+
+/// Reads whatever the decoder left of the file (all of it after damage
+/// stopped decoding) and answers the file's size and checksum.
+pub fn finish_hashed(dec: HashedDecoder) -> io::Result<(u64, Checksum)> {
+    dec.finish().into_inner().finish()
+}
+
 /// An archive file opened for reading (zstd-decoded).
 pub type ArchiveFileReader = ArchiveReader<zstd::Decoder<'static, BufReader<File>>>;
 

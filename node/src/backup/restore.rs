@@ -16,8 +16,7 @@
 //! the live journal given.
 
 use super::format::{
-    self, ArchiveReader, Checksum, FormatError, HashKind, HashingReader, SNAPSHOT_FILE,
-    SnapshotReader,
+    self, ArchiveReader, Checksum, FormatError, HashKind, SNAPSHOT_FILE, SnapshotReader,
 };
 use super::log::{BackupLog, LineKind};
 use super::manifest::{Catalog, Manifest, SetInfo};
@@ -30,7 +29,7 @@ use crate::model::Op;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use thiserror::Error;
@@ -364,7 +363,7 @@ struct ChainFrames {
 }
 
 struct ArchiveFrames {
-    reader: Option<ArchiveReader<zstd::Decoder<'static, BufReader<HashingReader<File>>>>>,
+    reader: Option<ArchiveReader<format::HashedDecoder>>,
     what: String,
     checksum: Option<Checksum>,
     db_id: [u8; 16],
@@ -389,11 +388,7 @@ impl Iterator for ArchiveFrames {
             Ok(None) => {
                 let reader = self.reader.take()?;
                 let want = self.checksum.take()?;
-                let hashed = reader
-                    .into_inner()
-                    .finish()
-                    .into_inner()
-                    .finish()
+                let hashed = format::finish_hashed(reader.into_inner())
                     .map_err(|e| format::io_at(Path::new(&self.what))(e));
                 match hashed {
                     Ok((_, got)) if got == want => None,
@@ -429,10 +424,8 @@ impl ChainFrames {
     ) -> Result<Box<dyn Iterator<Item = Result<OwnedFrame, RestoreError>>>, RestoreError> {
         match s {
             Source::Archive(a) => {
-                let f = File::open(&a.path).map_err(format::io_at(&a.path))?;
                 let kind = a.checksum.as_ref().map_or(HashKind::Blake3, Checksum::kind);
-                let dec = zstd::Decoder::new(HashingReader::new(f, kind))
-                    .map_err(format::io_at(&a.path))?;
+                let dec = format::open_hashed(&a.path, kind)?;
                 Ok(Box::new(ArchiveFrames {
                     reader: Some(ArchiveReader::new(dec, &a.path.display().to_string())),
                     what: a.path.display().to_string(),
@@ -894,9 +887,7 @@ pub(crate) fn load_set(
     let m = Manifest::read(set_dir)?;
     let path = set_dir.join(SNAPSHOT_FILE);
     let what = path.display().to_string();
-    let f = File::open(&path).map_err(format::io_at(&path))?;
-    let kind = m.snapshot.checksum.kind();
-    let dec = zstd::Decoder::new(HashingReader::new(f, kind)).map_err(format::io_at(&path))?;
+    let dec = format::open_hashed(&path, m.snapshot.checksum.kind())?;
     let mut r = SnapshotReader::new(dec, &what)?.expect_chunks(m.chunks.clone());
     let h = r.header();
     if Some(h.db_id) != m.db_id_bytes() || h.lsn != m.lsn {
@@ -929,12 +920,7 @@ pub(crate) fn load_set(
             });
         }
     }
-    let (_, sum) = r
-        .into_inner()
-        .finish()
-        .into_inner()
-        .finish()
-        .map_err(format::io_at(&path))?;
+    let (_, sum) = format::finish_hashed(r.into_inner()).map_err(format::io_at(&path))?;
     if sum != m.snapshot.checksum {
         return Err(RestoreError::Checksum {
             what,

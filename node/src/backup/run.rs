@@ -235,11 +235,15 @@ struct LastOk {
 impl LastOk {
     /// The newest `ok` entry of a history.
     fn from_history(h: &History) -> Option<LastOk> {
-        let e = h
-            .entries
+        h.entries
             .iter()
             .filter(|e| e.status == BackupStatus::Ok)
-            .max_by_key(|e| e.number)?;
+            .max_by_key(|e| e.number)
+            .and_then(LastOk::from_entry)
+    }
+
+    /// What a history entry says (whatever its status).
+    fn from_entry(e: &HistoryEntry) -> Option<LastOk> {
         let started = DateTime::parse_from_rfc3339(&e.started).ok()?;
         let duration_s = e.duration_ms as f64 / 1000.0;
         Some(LastOk {
@@ -594,14 +598,7 @@ impl BackupService {
             ),
         };
         metrics::counter!("mirrordb_backups_total", "status" => status.as_str()).increment(1);
-        if status == BackupStatus::Ok {
-            *inner.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastOk {
-                ended_unix_s: Utc::now().timestamp_millis() as f64 / 1000.0,
-                duration_s: duration_ms as f64 / 1000.0,
-                bytes: files.iter().map(|f| f.bytes).sum(),
-            });
-        }
-        history.push(HistoryEntry {
+        let entry = HistoryEntry {
             number,
             started: started_at.clone(),
             duration_ms,
@@ -611,7 +608,11 @@ impl BackupService {
             lsn,
             error,
             files,
-        });
+        };
+        if status == BackupStatus::Ok {
+            *inner.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = LastOk::from_entry(&entry);
+        }
+        history.push(entry);
         if let Ok(out) = &mut outcome {
             // A manual backup that ran resumes paused automatic ones.
             if trigger.is_manual() {

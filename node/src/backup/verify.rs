@@ -11,7 +11,7 @@
 //! --restore: restore set N (set only) into scratch ─► count + digest == manifest
 //! ```
 
-use super::format::{self, ArchiveReader, Checksum, HashKind, HashingReader};
+use super::format::{self, ArchiveReader, Checksum, HashKind};
 use super::log::{BackupLog, LineKind};
 use super::manifest::Catalog;
 use super::restore::{self, RestoreTarget, Until};
@@ -279,10 +279,8 @@ fn check_file(path: &Path, want: &Checksum) -> Result<(), String> {
 /// from the record is reported first (it says the file changed), then a
 /// damaged frame.
 fn check_archive(path: &Path, want: Option<&Checksum>) -> Result<(u64, u64, u64), String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let kind = want.map_or(HashKind::Blake3, Checksum::kind);
-    let dec = zstd::Decoder::new(HashingReader::new(f, kind))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let dec = format::open_hashed(path, kind).map_err(|e| e.to_string())?;
     let mut r = ArchiveReader::new(dec, &path.display().to_string());
     let (mut first, mut last, mut n) = (0u64, 0u64, 0u64);
     let frames = loop {
@@ -301,12 +299,8 @@ fn check_archive(path: &Path, want: Option<&Checksum>) -> Result<(u64, u64, u64)
     if let Some(want) = want {
         // The decoder may stop short of the end (damage, or a frame it could
         // not read): the hasher reads whatever is left of the file.
-        let (_, got) = r
-            .into_inner()
-            .finish()
-            .into_inner()
-            .finish()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let (_, got) = format::finish_hashed(r.into_inner())
+            .map_err(|e| format::io_at(path)(e).to_string())?;
         if &got != want {
             return Err(format!("{got}, recorded {want}"));
         }
