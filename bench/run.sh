@@ -108,11 +108,16 @@ fi
 # ---------------------------------------------------------------- 1. machine
 log "machine"
 put nproc "$(nproc)"
-put cpu "\"$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)\""
+# Family, model and clock as well: VMs of one "AMD EPYC" name differ by
+# CPU generation, which moves every CPU-bound figure.
+put cpu "\"$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), $(awk -F': ' '/^cpu family/ {f=$2} /^model[[:space:]]*:/ {m=$2} /^cpu MHz/ {c=$2} END {printf "family %s model %s, %.0f MHz", f, m, c}' /proc/cpuinfo)\""
 put kernel "\"$(uname -r)\""
 put fs "\"$(df -T "$WORK" | awk 'NR==2 {print $2" on "$1}')\""
 put mem_mib "$(awk '/MemTotal/ {printf "%d", $2/1024}' /proc/meminfo)"
 put os "\"$(. /etc/os-release && echo "$PRETTY_NAME")\""
+# CPU time the hypervisor gave other guests (steal) is read again at the
+# summary: a run on a busy host is noisy however quiet this machine is.
+head -1 /proc/stat > "$OUT/stat_start.txt"
 for k in nproc cpu kernel fs mem_mib os; do printf '%-8s %s\n' "$k" "$(cat "$OUT/$k.val")"; done
 
 # ---------------------------------------------------------------- 2. build
@@ -416,6 +421,17 @@ if os.path.exists(loads_file):
     R["load_avg_1m"] = loads
     print(f"1-minute load average at the start of each phase: {min(loads)} .. {max(loads)} "
           f"(this machine has {R['nproc']} cores; above about 1, other work competed with the run)")
+stat_file = os.path.join(out, "stat_start.txt")
+if os.path.exists(stat_file):
+    # /proc/stat's cpu line: user nice system idle iowait irq softirq steal …
+    before = [int(v) for v in open(stat_file).read().split()[1:9]]
+    with open("/proc/stat") as f:
+        after = [int(v) for v in f.readline().split()[1:9]]
+    d = [a - b for a, b in zip(after, before)]
+    if sum(d) > 0:
+        R["steal_pct"] = round(100 * d[7] / sum(d), 1)
+        print(f"CPU time stolen by the hypervisor during the run: {R['steal_pct']} % "
+              f"(other guests on the host; above a few %, figures vary between rounds)")
 print()
 rows = []
 def row(what, val, target, ok):
@@ -449,6 +465,12 @@ def x(v):
 row("mirrordb HTTP (Unix socket) / PostgreSQL (Unix socket)", x(R["uhttp_vs_pg"]), ">= 1.5x",
     None if R["uhttp_vs_pg"] is None else R["uhttp_vs_pg"] >= 1.5)
 row("mirrordb HTTP (TCP) / PostgreSQL (Unix socket)", x(R["http_vs_pg"]), "(info)", None)
+# The ratio of each round (the two systems ran minutes apart within it):
+# how far the median above can be trusted on this machine.
+R["uhttp_vs_pg_rounds"] = [round(u["ops_per_s"] / p["ops_per_s"], 2)
+                           for u, p in zip(runs("uhttp"), runs("pg")) if p["ops_per_s"]]
+if R["uhttp_vs_pg_rounds"]:
+    row("  the same, round by round", ", ".join(f"{v}x" for v in R["uhttp_vs_pg_rounds"]), "(info)", None)
 row("mirrordb engine / SQLite", x(R["engine_vs_sqlite"]), ">= 10x",
     None if R["engine_vs_sqlite"] is None else R["engine_vs_sqlite"] >= 10)
 if "replay_entries_s" in R:
