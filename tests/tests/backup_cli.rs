@@ -97,6 +97,13 @@ async fn operator_commands_back_up_verify_restore_and_roll_back() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("load set 1"));
     assert!(!to.exists());
 
+    phase("a page cache under 1MiB is refused before anything is written");
+    let o = run(&["restore", "--from", d, "--to", t, "--cache", "4KiB"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--cache must be at least 1MiB"), "{err}");
+    assert!(!to.exists());
+
     phase("restore to S: the set, and nothing of the change after it");
     let o = run(&[
         "restore",
@@ -108,6 +115,8 @@ async fn operator_commands_back_up_verify_restore_and_roll_back() {
         j,
         "--until-lsn",
         &l,
+        "--cache",
+        "16MiB",
         "--json",
     ]);
     assert!(o.status.success());

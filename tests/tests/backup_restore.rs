@@ -10,7 +10,8 @@
 #![allow(clippy::unwrap_used)]
 
 use mirrordb::backup::{
-    BackupSection, BackupService, RestoreTarget, Trigger, Until, restore_into,
+    BackupSection, BackupService, RestoreOptions, RestoreTarget, Trigger, Until, restore_into,
+    restore_into_with,
     verify::{VerifyOptions, verify},
 };
 use mirrordb::engine::{Engine, EngineConfig};
@@ -431,10 +432,26 @@ async fn model_based_backups_and_point_in_time_restores() {
         format!("set {n} as taken"),
     ));
     for (i, (target, lsn, what)) in targets.into_iter().enumerate() {
-        eprintln!("restore {i}: {what} (model at LSN {lsn})");
+        // Every other restore with the smallest page cache `--cache`
+        // takes, so the data file is built while redb evicts all the time.
+        let mut opts = RestoreOptions::default();
+        if i % 2 == 1 {
+            opts.cache_bytes = 1 << 20;
+        }
+        eprintln!(
+            "restore {i}: {what} (model at LSN {lsn}; cache {} MiB)",
+            opts.cache_bytes >> 20
+        );
         let into = tmp.path().join(format!("restored-{i}"));
-        let rep = restore_into(&dest, &into, target, Some(&engine.journal_dir()), &|_| {})
-            .unwrap_or_else(|e| panic!("restore {what} failed: {e} (seed {seed})"));
+        let rep = restore_into_with(
+            &dest,
+            &into,
+            target,
+            Some(&engine.journal_dir()),
+            opts,
+            &|_| {},
+        )
+        .unwrap_or_else(|e| panic!("restore {what} failed: {e} (seed {seed})"));
         let want = model_at(&changes, lsn);
         let got = read_all(&into).await;
         assert!(

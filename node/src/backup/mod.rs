@@ -30,8 +30,8 @@ pub mod verify;
 pub use crate::engine::store::SnapshotItem;
 pub use manifest::{BackupStatus, Catalog, History, Manifest};
 pub use restore::{
-    ForkPolicy, RestoreError, RestorePlan, RestoreProgress, RestoreReport, RestoreTarget, Until,
-    plan, restore_into, restore_into_with,
+    DEFAULT_RESTORE_CACHE_BYTES, ForkPolicy, RestoreError, RestoreOptions, RestorePlan,
+    RestoreProgress, RestoreReport, RestoreTarget, Until, plan, restore_into, restore_into_with,
 };
 pub use run::{BackupError, BackupOutcome, BackupService, Progress, Trigger};
 pub use settings::BackupSection;

@@ -525,6 +525,10 @@ impl std::fmt::Debug for DataFileBuilder {
 /// Bytes of buffered work that force a data-file transaction.
 const BUILD_TXN_BYTES: usize = 64 << 20;
 
+/// The data file's page cache while a builder fills it, unless the caller
+/// gives one ([`DataFileBuilder::create_with_cache`]).
+pub const BUILD_CACHE_BYTES: usize = 64 << 20;
+
 fn load_item(
     a: &mut super::store::Applier<'_>,
     blob: &mut Option<LoadingBlob>,
@@ -586,6 +590,20 @@ impl DataFileBuilder {
         epoch: u64,
         base_lsn: u64,
     ) -> Result<Self, OpenError> {
+        Self::create_with_cache(data_dir, db_id, epoch, base_lsn, BUILD_CACHE_BYTES)
+    }
+
+    /// [`DataFileBuilder::create`] with a page cache of `cache_bytes` for
+    /// the data file. Integrating journal entries into a large data file
+    /// reads and rewrites pages all over it: a cache that holds more of it
+    /// makes that faster (BENCHMARKS.md, "Restore with a larger cache").
+    pub fn create_with_cache(
+        data_dir: &Path,
+        db_id: [u8; 16],
+        epoch: u64,
+        base_lsn: u64,
+        cache_bytes: usize,
+    ) -> Result<Self, OpenError> {
         let dd = |source| OpenError::DataDir {
             path: data_dir.to_owned(),
             source,
@@ -601,7 +619,7 @@ impl DataFileBuilder {
                 ),
             });
         }
-        let store = Store::create(&path, 64 << 20, db_id, epoch)?;
+        let store = Store::create(&path, cache_bytes, db_id, epoch)?;
         Ok(DataFileBuilder {
             data_dir: data_dir.to_owned(),
             store,

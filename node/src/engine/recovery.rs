@@ -414,7 +414,9 @@ fn restore_from_backups(
     reason: &str,
 ) -> Result<(Store, RecoveryAction), OpenError> {
     use crate::backup::log::{BackupLog, LineKind};
-    use crate::backup::restore::{ForkPolicy, RestoreTarget, Until, restore_into_with};
+    use crate::backup::restore::{
+        ForkPolicy, RestoreOptions, RestoreTarget, Until, restore_into_with,
+    };
     let backup_dir = cfg.backup_dir.clone().unwrap_or_default();
     let log = BackupLog::new(&cfg.data_dir.join("logs"), true);
     let until = match state.segments.first() {
@@ -451,8 +453,12 @@ fn restore_from_backups(
         &scratch,
         target,
         None,
-        // The same history continues: the live journal is replayed next.
-        ForkPolicy::Never,
+        RestoreOptions {
+            // The same history continues: the live journal is replayed next.
+            fork: ForkPolicy::Never,
+            // The node's own memory budget for its data file.
+            cache_bytes: cfg.cache_bytes,
+        },
         &|_| {},
     )
     .map_err(|e| fail(e.to_string()))?;
