@@ -527,7 +527,7 @@ const BUILD_TXN_BYTES: usize = 64 << 20;
 
 /// The data file's page cache while a builder fills it, unless the caller
 /// gives one ([`DataFileBuilder::create_with_cache`]).
-pub const BUILD_CACHE_BYTES: usize = 64 << 20;
+const BUILD_CACHE_BYTES: usize = 64 << 20;
 
 fn load_item(
     a: &mut super::store::Applier<'_>,
