@@ -1043,7 +1043,14 @@ impl HistorySource for BackupHistory {
     }
 
     fn restore_to(&self, lsn: u64, scratch: &Path) -> Result<(), String> {
-        restore_into(
+        // This runs inside a serving node (online rollback): its scratch
+        // data file gets a small cache beside the node's own, not the
+        // offline restore's default.
+        let opts = RestoreOptions {
+            cache_bytes: crate::engine::backup::BUILD_CACHE_BYTES,
+            ..RestoreOptions::default()
+        };
+        restore_into_with(
             &self.backup_dir,
             scratch,
             RestoreTarget {
@@ -1051,6 +1058,7 @@ impl HistorySource for BackupHistory {
                 until: Until::Lsn(lsn),
             },
             Some(&self.journal_dir),
+            opts,
             &|_| {},
         )
         .map(|_| ())

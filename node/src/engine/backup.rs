@@ -526,8 +526,9 @@ impl std::fmt::Debug for DataFileBuilder {
 const BUILD_TXN_BYTES: usize = 64 << 20;
 
 /// The data file's page cache while a builder fills it, unless the caller
-/// gives one ([`DataFileBuilder::create_with_cache`]).
-const BUILD_CACHE_BYTES: usize = 64 << 20;
+/// gives one ([`DataFileBuilder::create_with_cache`]); also what an online
+/// rollback's scratch restore takes beside the running node's own cache.
+pub(crate) const BUILD_CACHE_BYTES: usize = 64 << 20;
 
 fn load_item(
     a: &mut super::store::Applier<'_>,
