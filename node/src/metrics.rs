@@ -147,6 +147,11 @@ fn describe() {
         "Bytes the last backup that ended ok wrote (its set and journal archive)."
     );
     describe_gauge!(
+        "mirrordb_backup_last_covered_timestamp_seconds",
+        Unit::Seconds,
+        "When the backups were last known to hold every write: the end of the last ok backup, or of a later one skipped by only_if_changed because no data had changed (Unix time; 0 before either). Alert on time() minus this."
+    );
+    describe_gauge!(
         "mirrordb_backup_automatic_paused",
         "1 while automatic backups are paused after failed attempts (a manual backup resumes them)."
     );

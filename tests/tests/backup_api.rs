@@ -248,6 +248,11 @@ async fn backups_restore_points_and_rollback_over_http() {
     let last = metric("mirrordb_backup_last_success_timestamp_seconds");
     assert!(last <= now + 1.0 && last > now - 600.0, "{last} vs {now}");
     assert!(metric("mirrordb_backup_last_success_bytes") > 0.0);
+    assert_eq!(
+        metric("mirrordb_backup_last_covered_timestamp_seconds"),
+        last,
+        "no skip: covered by the last success"
+    );
     assert_eq!(metric("mirrordb_backup_running"), 0.0);
     assert_eq!(metric("mirrordb_backup_automatic_paused"), 0.0);
 
@@ -498,8 +503,22 @@ async fn destination_failures_hooks_stop_and_only_if_changed() {
             ..section(&dest)
         },
     );
+    assert_eq!(
+        svc.last_covered_unix_s(),
+        None,
+        "set 1 is partial: no backup has ended ok yet"
+    );
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        - 1.0;
     let out = svc.run(manual()).await.unwrap();
     assert!(out.skipped, "nothing changed since set 1");
+    // The skip says the newest set still holds every write: the age an
+    // operator alerts on starts again.
+    let covered = svc.last_covered_unix_s().expect("a skip covers");
+    assert!(covered >= before, "{covered} < {before}");
     put(&e, 1).await;
     let out = svc.run(manual()).await.unwrap();
     assert!(!out.skipped);

@@ -217,6 +217,10 @@ struct Inner {
     /// The last backup that ended `ok` (from the history at start), for
     /// the metrics.
     last_ok: Mutex<Option<LastOk>>,
+    /// When a backup skipped by `only_if_changed` last found the newest
+    /// set still holding every write (Unix seconds; not in the history,
+    /// so `None` after a restart until the next skip).
+    last_skip: Mutex<Option<f64>>,
     resume: Arc<tokio::sync::Notify>,
     /// Woken when a backup gives up the slot ([`BackupService::wait_current`]).
     ended: tokio::sync::Notify,
@@ -348,6 +352,7 @@ impl BackupService {
                 running: Mutex::new(None),
                 paused: Mutex::new(paused),
                 last_ok: Mutex::new(last_ok),
+                last_skip: Mutex::new(None),
                 resume: Arc::new(tokio::sync::Notify::new()),
                 ended: tokio::sync::Notify::new(),
             }),
@@ -382,6 +387,8 @@ impl BackupService {
         metrics::gauge!("mirrordb_backup_last_success_timestamp_seconds").set(ended);
         metrics::gauge!("mirrordb_backup_last_success_duration_seconds").set(duration);
         metrics::gauge!("mirrordb_backup_last_success_bytes").set(bytes);
+        metrics::gauge!("mirrordb_backup_last_covered_timestamp_seconds")
+            .set(self.last_covered_unix_s().unwrap_or(0.0));
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         metrics::gauge!("mirrordb_backup_automatic_paused").set(flag(self.automatic_paused()));
         let running = self
@@ -391,6 +398,30 @@ impl BackupService {
             .unwrap_or_else(|p| p.into_inner())
             .is_some();
         metrics::gauge!("mirrordb_backup_running").set(flag(running));
+    }
+
+    /// When the backups were last known to hold every write (Unix
+    /// seconds): the end of the last backup that ended `ok`, or of a later
+    /// one that `only_if_changed` skipped because nothing had changed since
+    /// the newest set. The age an operator alerts on: unlike the last
+    /// success, it does not grow on an idle database whose scheduled
+    /// backups are all skipped.
+    pub fn last_covered_unix_s(&self) -> Option<f64> {
+        let ok = self
+            .inner
+            .last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|l| l.ended_unix_s);
+        let skip = *self
+            .inner
+            .last_skip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match (ok, skip) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether automatic backups are paused after failures.
@@ -546,6 +577,8 @@ impl BackupService {
                 &format!("backup {number} skipped: no data changed since LSN {last}"),
             );
             metrics::counter!("mirrordb_backups_total", "status" => "skipped").increment(1);
+            *inner.last_skip.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Utc::now().timestamp_millis() as f64 / 1000.0);
             return Ok(BackupOutcome {
                 number,
                 status: BackupStatus::Ok,
