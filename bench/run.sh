@@ -19,7 +19,8 @@
 #        SQLite          bench/sqlite_bench.py: WAL, synchronous=FULL
 #      Every figure reported is the median over the rounds.
 #   5. recovery replay: write REPLAY_ENTRIES with flushing held off, SIGKILL
-#      the server, restart it, read the recovery report (entries/s)
+#      the server, restart a fresh copy of the killed directory REPLAY_REPEAT
+#      times, read each recovery report (entries/s; the median is reported)
 #   6. summary: figures, ratios, targets met or missed; RESULTS_JSON
 #
 # Usage: bench/run.sh            (root is needed only to install PostgreSQL
@@ -31,6 +32,7 @@
 #   VALUE_BYTES=256    JSON value size
 #   KEYS=100000        key space
 #   REPLAY_ENTRIES=500000
+#   REPLAY_REPEAT=3     restarts of the killed directory (median reported)
 #   CACHE_MIB=256      mirrordb cache budget (the RSS target is this + 64 MiB)
 #   BENCH_DIR=/var/tmp parent of the scratch directory (put it on the disk
 #                      you want to measure)
@@ -52,6 +54,7 @@ CLIENTS=${CLIENTS:-32}
 VALUE_BYTES=${VALUE_BYTES:-256}
 KEYS=${KEYS:-100000}
 REPLAY_ENTRIES=${REPLAY_ENTRIES:-500000}
+REPLAY_REPEAT=${REPLAY_REPEAT:-3}
 CACHE_MIB=${CACHE_MIB:-256}
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
 PORT=${PORT:-17070}
@@ -320,12 +323,19 @@ if [[ -z "${SKIP_REPLAY:-}" ]]; then
     "$BIN" bench --url "http://127.0.0.1:$PORT" --clients "$CLIENTS" --count "$REPLAY_ENTRIES" \
         --value-bytes "$VALUE_BYTES" --keys "$KEYS" --seed "$SEED" --json > "$WORK/replay_load.json"
     kill -KILL "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
-    : > "$WORK/replay.log"
-    start_server replay 1h 16GiB
-    curl -fsS "http://127.0.0.1:$PORT/v1/status" > "$WORK/status.json" 2>/dev/null || echo '{}' > "$WORK/status.json"
-    stop_server
-    # The recovery report: from /v1/status, else from the log.
-    python3 - "$WORK/status.json" "$WORK/replay.log" > "$OUT/recovery.json" <<'PY'
+    # The killed directory is kept and replayed REPLAY_REPEAT times from a
+    # fresh copy: on a VM the same replay took 340,000 to 740,000 entries/s
+    # from one restart to the next (the kernel's time zeroing first-touched
+    # memory varied, the process's own CPU time did not; BENCHMARKS.md).
+    mv "$WORK/replay" "$WORK/replay.killed"
+    for i in $(seq "$REPLAY_REPEAT"); do
+        rm -rf "$WORK/replay"; cp -a "$WORK/replay.killed" "$WORK/replay"
+        : > "$WORK/replay.log"
+        start_server replay 1h 16GiB
+        curl -fsS "http://127.0.0.1:$PORT/v1/status" > "$WORK/status.json" 2>/dev/null || echo '{}' > "$WORK/status.json"
+        stop_server
+        # The recovery report: from /v1/status, else from the log.
+        python3 - "$WORK/status.json" "$WORK/replay.log" > "$OUT/recovery.$i.json" <<'PY'
 import json, re, sys
 def find(o):
     if isinstance(o, dict):
@@ -345,8 +355,9 @@ if rep is None:
             rep = {"replayed_entries": int(e.group(1)), "replay_ms": int(m.group(1))}
 print(json.dumps(rep or {"replayed_entries": 0, "replay_ms": 0}))
 PY
-    json "$OUT/recovery.json" "'replayed %d entries in %d ms: %d entries/s' % (j['replayed_entries'], j['replay_ms'], j['replayed_entries'] * 1000 / max(j['replay_ms'], 1))"
-    rm -rf "$WORK/replay"
+        json "$OUT/recovery.$i.json" "'restart $i: replayed %d entries in %d ms: %d entries/s' % (j['replayed_entries'], j['replay_ms'], j['replayed_entries'] * 1000 / max(j['replay_ms'], 1))"
+    done
+    rm -rf "$WORK/replay" "$WORK/replay.killed"
 fi
 
 # ---------------------------------------------------------------- 6. summary
@@ -389,11 +400,14 @@ for sys_ in ("pg", "pg1", "sqlite", "sqlite1"):
     R[sys_ + "_ops_s"] = med(sys_, ops)
 rss = [int(open(f).read()) for f in glob.glob(os.path.join(out, "rss_hwm_kib.*.val"))]
 R["rss_hwm_kib_max"] = max(rss) if rss else None
-rec = os.path.join(out, "recovery.json")
-if os.path.exists(rec):
-    j = json.load(open(rec))
+# Replay: the median restart by entries/s, and every restart's rate.
+rec = sorted(runs("recovery"), key=lambda j: j["replayed_entries"] / max(j["replay_ms"], 1))
+if rec:
+    j = rec[(len(rec) - 1) // 2]
     R["replay_entries"], R["replay_ms"] = j["replayed_entries"], j["replay_ms"]
     R["replay_entries_s"] = round(j["replayed_entries"] * 1000 / max(j["replay_ms"], 1))
+    R["replay_entries_s_all"] = [round(j["replayed_entries"] * 1000 / max(j["replay_ms"], 1))
+                                 for j in runs("recovery")]
 
 def ratio(a, b):
     return None if R.get(a) is None or not R.get(b) else round(R[a] / R[b], 2)
@@ -474,8 +488,10 @@ if R["uhttp_vs_pg_rounds"]:
 row("mirrordb engine / SQLite", x(R["engine_vs_sqlite"]), ">= 10x",
     None if R["engine_vs_sqlite"] is None else R["engine_vs_sqlite"] >= 10)
 if "replay_entries_s" in R:
-    row("replay entries/s", f"{fmt(R['replay_entries_s'])} ({R['replay_entries']:,} in {R['replay_ms']} ms)",
+    row("replay entries/s (median restart)", f"{fmt(R['replay_entries_s'])} ({R['replay_entries']:,} in {R['replay_ms']} ms)",
         ">= 500,000", R["replay_entries"] > 0 and R["replay_entries_s"] >= 500000)
+    if len(R["replay_entries_s_all"]) > 1:
+        row("  every restart", ", ".join(fmt(v) for v in R["replay_entries_s_all"]), "(info)", None)
 if R["rss_hwm_kib_max"] is not None:
     row("server peak RSS (VmHWM) under HTTP load", f"{R['rss_hwm_kib_max'] // 1024} MiB",
         f"<= {cache_mib + 64} MiB", R["rss_hwm_kib_max"] <= (cache_mib + 64) * 1024)
