@@ -325,8 +325,8 @@ if [[ -z "${SKIP_REPLAY:-}" ]]; then
     kill -KILL "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
     # The killed directory is kept and replayed REPLAY_REPEAT times from a
     # fresh copy: on a VM the same replay took 340,000 to 740,000 entries/s
-    # from one restart to the next (the kernel's time zeroing first-touched
-    # memory varied, the process's own CPU time did not; BENCHMARKS.md).
+    # from one restart to the next (mostly the kernel's time zeroing
+    # first-touched memory, BENCHMARKS.md run AM).
     mv "$WORK/replay" "$WORK/replay.killed"
     for i in $(seq "$REPLAY_REPEAT"); do
         rm -rf "$WORK/replay"; cp -a "$WORK/replay.killed" "$WORK/replay"
