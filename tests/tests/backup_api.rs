@@ -519,6 +519,17 @@ async fn destination_failures_hooks_stop_and_only_if_changed() {
     // operator alerts on starts again.
     let covered = svc.last_covered_unix_s().expect("a skip covers");
     assert!(covered >= before, "{covered} < {before}");
+    // The history keeps it: a restarted node does not forget the skip.
+    let restarted = BackupService::new(e.clone(), section(&dest));
+    let kept = restarted
+        .last_covered_unix_s()
+        .expect("kept in the history");
+    assert!((kept - covered).abs() < 0.002, "{kept} vs {covered}");
+    assert_eq!(
+        History::read(&dest).unwrap().entries.len(),
+        1,
+        "a skip is no history entry"
+    );
     put(&e, 1).await;
     let out = svc.run(manual()).await.unwrap();
     assert!(!out.skipped);

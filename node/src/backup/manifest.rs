@@ -186,6 +186,11 @@ pub struct History {
     /// manual backup succeeds (4D 1401).
     #[serde(default)]
     pub automatic_paused: bool,
+    /// When a backup skipped by `only_if_changed` last found no data
+    /// changed since the newest set (RFC 3339): the backups held every write
+    /// then. A skip is no entry (the entries are the retained sets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_skipped: Option<String>,
     pub entries: Vec<HistoryEntry>,
 }
 

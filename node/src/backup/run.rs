@@ -218,8 +218,8 @@ struct Inner {
     /// the metrics.
     last_ok: Mutex<Option<LastOk>>,
     /// When a backup skipped by `only_if_changed` last found the newest
-    /// set still holding every write (Unix seconds; not in the history,
-    /// so `None` after a restart until the next skip).
+    /// set still holding every write (Unix seconds; kept in the history as
+    /// `last_skipped`, so a restart does not forget it).
     last_skip: Mutex<Option<f64>>,
     resume: Arc<tokio::sync::Notify>,
     /// Woken when a backup gives up the slot ([`BackupService::wait_current`]).
@@ -344,6 +344,11 @@ impl BackupService {
         let history = History::read(&cfg.destination).ok();
         let paused = history.as_ref().is_some_and(|h| h.automatic_paused);
         let last_ok = history.as_ref().and_then(LastOk::from_history);
+        let last_skip = history
+            .as_ref()
+            .and_then(|h| h.last_skipped.as_deref())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis() as f64 / 1000.0);
         BackupService {
             inner: Arc::new(Inner {
                 engine,
@@ -352,7 +357,7 @@ impl BackupService {
                 running: Mutex::new(None),
                 paused: Mutex::new(paused),
                 last_ok: Mutex::new(last_ok),
-                last_skip: Mutex::new(None),
+                last_skip: Mutex::new(last_skip),
                 resume: Arc::new(tokio::sync::Notify::new()),
                 ended: tokio::sync::Notify::new(),
             }),
@@ -577,8 +582,16 @@ impl BackupService {
                 &format!("backup {number} skipped: no data changed since LSN {last}"),
             );
             metrics::counter!("mirrordb_backups_total", "status" => "skipped").increment(1);
+            let now = Utc::now();
             *inner.last_skip.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Utc::now().timestamp_millis() as f64 / 1000.0);
+                Some(now.timestamp_millis() as f64 / 1000.0);
+            history.last_skipped = Some(now.to_rfc3339_opts(SecondsFormat::Millis, true));
+            if let Err(e) = history.write(&dest) {
+                inner.log.line(
+                    LineKind::Error,
+                    &format!("backup {number}: cannot write the history: {e}"),
+                );
+            }
             return Ok(BackupOutcome {
                 number,
                 status: BackupStatus::Ok,
