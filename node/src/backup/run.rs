@@ -236,6 +236,12 @@ struct LastOk {
     bytes: u64,
 }
 
+/// A time as the seconds since the Unix epoch that the gauges report
+/// (millisecond precision, as the history records it).
+fn unix_s<Tz: chrono::TimeZone>(t: &DateTime<Tz>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
 impl LastOk {
     /// The newest `ok` entry of a history.
     fn from_history(h: &History) -> Option<LastOk> {
@@ -251,7 +257,7 @@ impl LastOk {
         let started = DateTime::parse_from_rfc3339(&e.started).ok()?;
         let duration_s = e.duration_ms as f64 / 1000.0;
         Some(LastOk {
-            ended_unix_s: started.timestamp_millis() as f64 / 1000.0 + duration_s,
+            ended_unix_s: unix_s(&started) + duration_s,
             duration_s,
             bytes: e.files.iter().map(|f| f.bytes).sum(),
         })
@@ -348,7 +354,7 @@ impl BackupService {
             .as_ref()
             .and_then(|h| h.last_skipped.as_deref())
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.timestamp_millis() as f64 / 1000.0);
+            .map(|t| unix_s(&t));
         BackupService {
             inner: Arc::new(Inner {
                 engine,
@@ -423,10 +429,7 @@ impl BackupService {
             .last_skip
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        match (ok, skip) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
+        ok.into_iter().chain(skip).reduce(f64::max)
     }
 
     /// Whether automatic backups are paused after failures.
@@ -583,8 +586,7 @@ impl BackupService {
             );
             metrics::counter!("mirrordb_backups_total", "status" => "skipped").increment(1);
             let now = Utc::now();
-            *inner.last_skip.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(now.timestamp_millis() as f64 / 1000.0);
+            *inner.last_skip.lock().unwrap_or_else(|p| p.into_inner()) = Some(unix_s(&now));
             history.last_skipped = Some(now.to_rfc3339_opts(SecondsFormat::Millis, true));
             if let Err(e) = history.write(&dest) {
                 inner.log.line(
