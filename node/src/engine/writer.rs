@@ -1302,11 +1302,13 @@ impl Writer {
             self.journal_system(vec![Op::BackupMarker { number }])?;
         }
         let lsn = self.journal.last_lsn();
+        let marked = started.elapsed();
         // Everything <= S applied (a mirror's applier may be behind); no
         // flush: the snapshot is an MVCC view, which sees non-durable
         // commits, and a flush would hold writers for 50-250 ms. The
         // pipeline flushes before it drops the archived segments.
         self.settled()?;
+        let applied = started.elapsed();
         let closed = if self.journal.segment_is_empty() {
             self.journal.segment_path().to_owned()
         } else {
@@ -1315,6 +1317,7 @@ impl Writer {
                 WriteError::JournalUnavailable(e.to_string())
             })?
         };
+        let rotated = started.elapsed();
         let view = self
             .store
             .read()
@@ -1328,7 +1331,19 @@ impl Writer {
             .collect();
         let took = started.elapsed();
         metrics::histogram!("mirrordb_backup_barrier_seconds").record(took.as_secs_f64());
-        tracing::info!(number, lsn, closed = %closed.display(), barrier_us = took.as_micros() as u64, "backup barrier");
+        // Where the time went (each a time since the start): the marker
+        // journaled and synced, the apply stage caught up, the segment
+        // closed and the next one created.
+        tracing::info!(
+            number,
+            lsn,
+            closed = %closed.display(),
+            barrier_us = took.as_micros() as u64,
+            marked_us = marked.as_micros() as u64,
+            applied_us = applied.as_micros() as u64,
+            rotated_us = rotated.as_micros() as u64,
+            "backup barrier"
+        );
         Ok(BackupPoint {
             lsn,
             epoch: self.journal.epoch(),
