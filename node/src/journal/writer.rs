@@ -2,8 +2,8 @@
 //! one write and one fdatasync per group-commit batch, and segment rotation.
 //!
 //! With [`JournalWriter::preallocate`], a background thread keeps zeroed
-//! blocks ahead of the writer ([`super::prealloc`]) and rotation trims the
-//! closed segment to its entries.
+//! blocks ahead of the writer ([`super::prealloc`]) and, after a rotation,
+//! trims the closed segment to its entries.
 //!
 //! Contract: `append_*` only buffers and assigns the next dense LSN;
 //! `write_out` hands the buffer to the OS (written); `sync` makes everything
@@ -217,10 +217,9 @@ impl JournalWriter {
     pub fn rotate(&mut self) -> io::Result<PathBuf> {
         debug_assert!(self.buf.is_empty(), "rotate after write_out and sync");
         if let Some(p) = &self.prealloc {
-            // Trim the zeroed blocks: a closed segment ends with its last
-            // entry (the sync below makes the new length durable).
-            let (file, len) = (&mut self.file, self.seg_len);
-            p.close_segment(|| file.set_len(len))?;
+            // Its zeroed blocks are trimmed by the preallocating thread,
+            // off the writer's path.
+            p.close_segment(self.seg_len);
         }
         self.file.sync_data()?;
         let (file, path) = create_segment(
@@ -351,8 +350,7 @@ mod tests {
             if w.wants_rotation() {
                 let len = w.seg_len;
                 let path = w.rotate().unwrap();
-                assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "trimmed");
-                closed.push(path);
+                closed.push((path, len));
             }
         }
         lsn += 1;
@@ -361,7 +359,13 @@ mod tests {
         w.sync().unwrap();
         wait_for_zeros(&w);
         let entries_end = w.seg_len;
+        // Dropped, the writer's thread has trimmed every closed segment
+        // (before the verify below, which would trim them itself).
         drop(w);
+        for (path, len) in &closed {
+            let found = std::fs::metadata(path).unwrap().len();
+            assert_eq!(found, *len, "{} trimmed to its entries", path.display());
+        }
         let st = verify(dir.path(), Some([3; 16]), true).unwrap();
         assert_eq!((st.last_lsn, st.entries, st.cut.clone()), (lsn, lsn, None));
         assert_eq!(st.last_segment_len, entries_end);
