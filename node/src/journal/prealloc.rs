@@ -60,6 +60,10 @@ struct State {
     limit: u64,
     /// No segment to extend (between a rotation's two halves, or failed).
     parked: bool,
+    /// The segment a rotation is closing: trimmed once the next one is
+    /// open, so that the trim's metadata commit does not delay the
+    /// rotation's own fsyncs.
+    closing: Option<Trim>,
     /// Closed segments to cut back to their frames.
     trims: Vec<Trim>,
     stop: bool,
@@ -126,6 +130,7 @@ impl Preallocator {
                 zeroed_end: file_len.max(written_end),
                 limit,
                 parked: false,
+                closing: None,
                 trims: Vec::new(),
                 stop: false,
             }),
@@ -163,19 +168,17 @@ impl Preallocator {
     }
 
     /// First half of a rotation: stops extending the open segment, whose
-    /// frames end at `len`, and has the thread truncate it there (no zeros
-    /// are being written once this returns). If the segment cannot be
-    /// opened for that, it keeps its zeros: readers stop at them and the
-    /// next start trims them.
+    /// frames end at `len`, to have the thread truncate it there after the
+    /// second half (no zeros are being written once this returns). If the
+    /// segment cannot be opened for that, it keeps its zeros: readers stop
+    /// at them and the next start trims them.
     pub fn close_segment(&self, len: u64) {
         let mut st = self.shared.lock();
         st.parked = true;
         match OpenOptions::new().write(true).open(&st.path) {
             Ok(file) => {
                 let path = st.path.clone();
-                st.trims.push(Trim { path, file, len });
-                drop(st);
-                self.shared.wake.notify_one();
+                st.closing = Some(Trim { path, file, len });
             }
             Err(e) => tracing::warn!(
                 path = %st.path.display(),
@@ -186,9 +189,12 @@ impl Preallocator {
     }
 
     /// Second half of a rotation: preallocates the new segment `path`
-    /// (same size limit).
+    /// (same size limit) and trims the closed one.
     pub fn open_segment(&self, path: &Path, written_end: u64) {
         let mut st = self.shared.lock();
+        if let Some(t) = st.closing.take() {
+            st.trims.push(t);
+        }
         st.path = path.to_owned();
         st.generation += 1;
         st.written_end = written_end;
@@ -221,7 +227,8 @@ fn run(shared: &Shared) {
             st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         if st.stop {
-            let trims = std::mem::take(&mut st.trims);
+            let mut trims = std::mem::take(&mut st.trims);
+            trims.extend(st.closing.take());
             drop(st);
             trim(trims);
             return;
