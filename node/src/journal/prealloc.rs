@@ -273,11 +273,20 @@ fn run(shared: &Shared) {
     }
 }
 
-/// Truncates closed segments to their frames, durably. A failure costs
-/// nothing but the space: the zeros stay, and the next start trims them.
+/// Truncates closed segments to their frames, durably; never makes one
+/// longer (a file already at or under its frames' end is left alone). A
+/// failure costs nothing but the space: the zeros stay, and the next start
+/// trims them.
 fn trim(trims: Vec<Trim>) {
     for t in trims {
-        if let Err(e) = t.file.set_len(t.len).and_then(|()| t.file.sync_all()) {
+        let cut = |f: &File| -> io::Result<()> {
+            if f.metadata()?.len() > t.len {
+                f.set_len(t.len)?;
+                f.sync_all()?;
+            }
+            Ok(())
+        };
+        if let Err(e) = cut(&t.file) {
             tracing::warn!(
                 path = %t.path.display(),
                 error = %e,
@@ -372,6 +381,23 @@ mod tests {
         drop(p);
         assert_eq!(std::fs::read(&a).unwrap(), b"aaaa", "trimmed to its frames");
         assert_eq!(std::fs::metadata(&b).unwrap().len(), 3 << 20);
+    }
+
+    #[test]
+    fn a_trim_never_makes_a_segment_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, b"aaaa").unwrap();
+        std::fs::write(&b, b"bbbb").unwrap();
+        // Nothing zeroed yet (limit = its length) and a frames' end past the
+        // file's: shortened by someone else meanwhile, say.
+        let p = Preallocator::start(&a, 4, 4, 4).unwrap();
+        p.close_segment(64);
+        p.open_segment(&b, 4);
+        // Dropped, the thread has done every trim asked of it.
+        drop(p);
+        assert_eq!(std::fs::read(&a).unwrap(), b"aaaa");
     }
 
     #[test]
