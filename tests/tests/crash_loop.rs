@@ -11,6 +11,7 @@
 //! ```text
 //! loop kills times:
 //!   start child ──► writers (puts, deletes, txns) ──► sleep rand ──► SIGKILL
+//!                   + journal rotations every few ms
 //!        ▲                                                              │
 //!        └──── check every key against the model, fold results in ◄─────┘
 //! ```
@@ -43,6 +44,9 @@ const RUN_MS: std::ops::Range<u64> = 20..400;
 const TABLE: &str = "crash";
 /// Flush intervals a round picks from.
 const FLUSH_INTERVALS: [&str; 3] = ["1s", "50ms", "5ms"];
+/// How often a round rotates the journal (`POST /v1/journal/rotate`): a
+/// random interval in this range.
+const ROTATE_MS: std::ops::Range<u64> = 5..80;
 /// Problems listed in a failure message (all are counted).
 const MAX_PROBLEMS_SHOWN: usize = 20;
 
@@ -321,6 +325,28 @@ async fn check(
     Ok((keys.len(), groups.len()))
 }
 
+/// Rotates the journal every `every` until the node is gone, so that kills
+/// also land around rotations (a closed segment's zeroed blocks are trimmed
+/// after the rotation, on another thread: a crash before that leaves zeros
+/// that readers stop at and recovery trims). Returns the rotations done.
+async fn rotator(client: reqwest::Client, base: String, every: Duration) -> u64 {
+    let mut done = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        match client
+            .post(format!("{base}/v1/journal/rotate"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => done += 1,
+            // Refused (say, while the node shuts down): try again.
+            Ok(_) => {}
+            // The node is gone.
+            Err(_) => return done,
+        }
+    }
+}
+
 async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
     let data_dir = dir.join("data");
     let client = reqwest::Client::builder()
@@ -329,6 +355,7 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
     let model = Arc::new(Mutex::new(Model::default()));
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut acked_puts, mut acked_txns) = (0u64, 0u64);
+    let mut rotated = 0u64;
     for round in 0..kills {
         // Some rounds flush the data file often, so kills also land in the
         // middle of a flush, not only between flushes.
@@ -342,9 +369,15 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("round {round}: after restart"))?;
         let run_ms = rng.random_range(RUN_MS);
+        let rotate_ms = rng.random_range(ROTATE_MS);
         phase(&format!(
-            "round {round}: node up at {} (flush every {flush}), {keys} keys and {groups} groups verified; writing for {run_ms} ms, then SIGKILL",
+            "round {round}: node up at {} (flush every {flush}), {keys} keys and {groups} groups verified; writing for {run_ms} ms, rotating the journal every {rotate_ms} ms, then SIGKILL",
             node.base
+        ));
+        let rotations = tokio::spawn(rotator(
+            client.clone(),
+            node.base.clone(),
+            Duration::from_millis(rotate_ms),
         ));
         let mut tasks = Vec::new();
         for w in 0..PUT_WRITERS {
@@ -369,6 +402,7 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
         node.kill().context("killing the node")?;
+        rotated += rotations.await.context("the rotating task panicked")?;
         for (i, t) in tasks.into_iter().enumerate() {
             let end = t.await.context("a writer task panicked")?;
             if let Some(why) = end.refused {
@@ -380,6 +414,9 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
                 acked_txns += end.acks;
             }
         }
+    }
+    if rotated == 0 {
+        bail!("no journal rotation succeeded in {kills} rounds: kills never met one");
     }
     if acked_puts == 0 || acked_txns == 0 {
         bail!(
@@ -393,7 +430,7 @@ async fn crash_loop(seed: u64, kills: usize, dir: &Path) -> anyhow::Result<()> {
         .context("final check")?;
     node.kill()?;
     eprintln!(
-        "crash loop passed: {kills} kills; {acked_puts} acknowledged single writes and {acked_txns} acknowledged transactions; {keys} keys and {groups} transaction groups verified"
+        "crash loop passed: {kills} kills; {acked_puts} acknowledged single writes and {acked_txns} acknowledged transactions; {rotated} journal rotations; {keys} keys and {groups} transaction groups verified"
     );
     Ok(())
 }
