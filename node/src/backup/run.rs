@@ -432,6 +432,17 @@ impl BackupService {
         ok.into_iter().chain(skip).reduce(f64::max)
     }
 
+    /// Writes `backupHistory.json` for backup `number`; a failure is an
+    /// error line in the Backup Journal, not the backup's failure.
+    fn write_history(&self, history: &History, dest: &Path, number: u32) {
+        if let Err(e) = history.write(dest) {
+            self.inner.log.line(
+                LineKind::Error,
+                &format!("backup {number}: cannot write the history: {e}"),
+            );
+        }
+    }
+
     /// Whether automatic backups are paused after failures.
     pub fn automatic_paused(&self) -> bool {
         *self.inner.paused.lock().unwrap_or_else(|p| p.into_inner())
@@ -588,12 +599,7 @@ impl BackupService {
             let now = Utc::now();
             *inner.last_skip.lock().unwrap_or_else(|p| p.into_inner()) = Some(unix_s(&now));
             history.last_skipped = Some(now.to_rfc3339_opts(SecondsFormat::Millis, true));
-            if let Err(e) = history.write(&dest) {
-                inner.log.line(
-                    LineKind::Error,
-                    &format!("backup {number}: cannot write the history: {e}"),
-                );
-            }
+            self.write_history(&history, &dest, number);
             return Ok(BackupOutcome {
                 number,
                 status: BackupStatus::Ok,
@@ -680,12 +686,7 @@ impl BackupService {
                 }
             }
         }
-        if let Err(e) = history.write(&dest) {
-            inner.log.line(
-                LineKind::Error,
-                &format!("backup {number}: cannot write the history: {e}"),
-            );
-        }
+        self.write_history(&history, &dest, number);
         match &outcome {
             Ok(out) => {
                 let kind = if out.status == BackupStatus::Ok {
