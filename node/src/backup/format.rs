@@ -622,6 +622,9 @@ pub struct SnapshotSummary {
 
 /// Chunks queued between the encoding thread and the compressing thread.
 const COMPRESS_QUEUE_CHUNKS: usize = 4;
+/// Frames the encoding thread compressed itself that may wait, beside the
+/// queued chunks, for the compressing thread to write them.
+const COMPRESSED_QUEUE_FRAMES: usize = 4;
 /// Bytes reserved at the start of a chunk buffer for its header.
 const CHUNK_HEAD_LEN: usize = 12;
 
@@ -639,11 +642,18 @@ type Compressing = (
 pub type Spill = Box<dyn Fn() -> bool + Send>;
 
 /// A chunk of `items` items on its way to the compressing thread (which
-/// fills in its header): in memory, or in the spool at `offset`.
+/// fills in its header): in memory, or in the spool at `offset`; or a
+/// chunk the encoding thread sealed and compressed itself, as `frame`, of
+/// `len` bytes before compression.
 enum Work {
     Chunk {
         buf: Vec<u8>,
         items: u32,
+    },
+    Compressed {
+        frame: Vec<u8>,
+        info: ChunkInfo,
+        len: usize,
     },
     Spooled {
         spool: Arc<File>,
@@ -651,6 +661,16 @@ enum Work {
         len: usize,
         items: u32,
     },
+}
+
+/// Where [`SnapshotWriter::wait_for_room`] sends the next chunk.
+enum Room {
+    /// To the compressing thread, in memory.
+    Queue,
+    /// To the spool.
+    Spool,
+    /// Compressed on the caller's thread.
+    Here,
 }
 
 /// Fills in a chunk buffer's header (its payload follows the header's
@@ -679,6 +699,13 @@ fn seal_chunk(buf: &mut [u8], items: u32) -> ChunkInfo {
 /// the compressing thread in its turn. The caller then reads its snapshot
 /// as fast as it can and can release it long before compression ends; the
 /// file written is the same.
+///
+/// Otherwise (an idle node, where nothing is pinned by waiting) the
+/// caller's thread compresses that chunk itself rather than sleep, and
+/// hands the frame over in its place in the queue: compression is the
+/// slower half, so both cores then share it. The frame is the one the
+/// compressing thread would have made (same level, one call over the same
+/// bytes), so the file is the same either way.
 pub struct SnapshotWriter {
     tx: Option<Sender<Work>>,
     /// Chunk buffers the compressor is done with, to be filled again.
@@ -699,6 +726,15 @@ pub struct SnapshotWriter {
     spill: Option<Spill>,
     /// In-memory chunks allowed to wait ([`COMPRESS_QUEUE_CHUNKS`]).
     queue_limit: usize,
+    /// Chunks compressed by the caller's thread beyond `queue_limit`
+    /// ([`COMPRESSED_QUEUE_FRAMES`]; 0: it never compresses).
+    frame_limit: usize,
+    /// The caller's thread's compressor, made when first needed, and the
+    /// level both use.
+    own: Option<zstd::bulk::Compressor<'static>>,
+    level: i32,
+    /// Chunks compressed on the caller's thread so far.
+    compressed_here: u64,
     /// Where the spool is made: beside the snapshot file.
     spool_dir: PathBuf,
     spool: Option<Arc<File>>,
@@ -724,8 +760,13 @@ fn write_frame(
     pipe.write_all(out)
 }
 
+/// A buffer for a chunk (its header, [`CHUNK_TARGET_BYTES`] and the item
+/// that crosses it, when items are small) or for a chunk's frame: buffers
+/// serve as both, so that none has to grow.
 fn chunk_buffer() -> Vec<u8> {
-    let mut v = Vec::with_capacity(CHUNK_HEAD_LEN + CHUNK_TARGET_BYTES + 4096);
+    let mut v = Vec::with_capacity(zstd::zstd_safe::compress_bound(
+        CHUNK_HEAD_LEN + CHUNK_TARGET_BYTES + 8192,
+    ));
     v.resize(CHUNK_HEAD_LEN, 0);
     v
 }
@@ -773,7 +814,8 @@ impl SnapshotWriter {
         let mut out = Vec::new();
         write_frame(&mut zc, &mut out, &mut pipe, &header.encode()).map_err(io_at(path))?;
         let (tx, rx) = channel::<Work>();
-        let (back, spare) = sync_channel::<Vec<u8>>(COMPRESS_QUEUE_CHUNKS + 2);
+        let (back, spare) =
+            sync_channel::<Vec<u8>>(COMPRESS_QUEUE_CHUNKS + COMPRESSED_QUEUE_FRAMES + 2);
         let queued = Arc::new(AtomicUsize::new(0));
         let written = Arc::new(AtomicU64::new(pipe.bytes()));
         let (q2, w2) = (queued.clone(), written.clone());
@@ -793,7 +835,7 @@ impl SnapshotWriter {
                     }
                     pace.wait(match &work {
                         Work::Chunk { buf, .. } => buf.len(),
-                        Work::Spooled { len, .. } => *len,
+                        Work::Spooled { len, .. } | Work::Compressed { len, .. } => *len,
                     });
                     match work {
                         Work::Chunk { mut buf, items } => {
@@ -815,6 +857,16 @@ impl SnapshotWriter {
                             chunks.push(seal_chunk(&mut read_back, items));
                             write_frame(&mut zc, &mut out, &mut pipe, &read_back)?;
                         }
+                        Work::Compressed {
+                            mut frame, info, ..
+                        } => {
+                            chunks.push(info);
+                            pipe.write_all(&frame)?;
+                            q2.fetch_sub(1, Relaxed);
+                            frame.clear();
+                            frame.resize(CHUNK_HEAD_LEN, 0);
+                            let _ = back.try_send(frame);
+                        }
                     }
                     w2.store(pipe.bytes(), Relaxed);
                     t2.fetch_add(1, Relaxed);
@@ -835,6 +887,10 @@ impl SnapshotWriter {
             path: path.to_owned(),
             spill,
             queue_limit: COMPRESS_QUEUE_CHUNKS,
+            frame_limit: COMPRESSED_QUEUE_FRAMES,
+            own: None,
+            level,
+            compressed_here: 0,
             spool_dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
             spool: None,
             spooled: 0,
@@ -853,6 +909,11 @@ impl SnapshotWriter {
     /// Bytes of chunks that went to the spool so far.
     pub fn spooled_bytes(&self) -> u64 {
         self.spooled
+    }
+
+    /// Chunks the caller's thread compressed itself so far.
+    pub fn compressed_here(&self) -> u64 {
+        self.compressed_here
     }
 
     /// Items added so far.
@@ -912,8 +973,9 @@ impl SnapshotWriter {
         self.raw_bytes += (self.payload.len() - CHUNK_HEAD_LEN) as u64;
         self.items_in_chunk = 0;
         let work = match self.wait_for_room()? {
-            true => self.in_memory(items),
-            false => match self.spool_chunk(items) {
+            Room::Queue => self.in_memory(items),
+            Room::Here => self.compress_here(items)?,
+            Room::Spool => match self.spool_chunk(items) {
                 Ok(work) => {
                     self.payload.truncate(CHUNK_HEAD_LEN);
                     work
@@ -924,8 +986,10 @@ impl SnapshotWriter {
                     tracing::warn!(error = %e, "backup spool unusable; the snapshot's reader waits for the compressor");
                     self.spill = None;
                     self.queue_limit = self.queue_limit.max(1);
-                    self.wait_for_room()?;
-                    self.in_memory(items)
+                    match self.wait_for_room()? {
+                        Room::Here => self.compress_here(items)?,
+                        _ => self.in_memory(items),
+                    }
                 }
             },
         };
@@ -941,19 +1005,45 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    /// The chunk being built, handed over in memory (counted as queued);
-    /// the next one starts in a buffer the compressor gave back, or a new one.
-    fn in_memory(&mut self, items: u32) -> Work {
-        let next = self
-            .kept
+    /// A buffer the compressor gave back, or a new one.
+    fn spare_buffer(&mut self) -> Vec<u8> {
+        self.kept
             .pop()
             .or_else(|| self.spare.try_recv().ok())
-            .unwrap_or_else(chunk_buffer);
+            .unwrap_or_else(chunk_buffer)
+    }
+
+    /// The chunk being built, handed over in memory (counted as queued);
+    /// the next one starts in a spare buffer.
+    fn in_memory(&mut self, items: u32) -> Work {
+        let next = self.spare_buffer();
         self.queued.fetch_add(1, Ordering::Relaxed);
         Work::Chunk {
             buf: std::mem::replace(&mut self.payload, next),
             items,
         }
+    }
+
+    /// The chunk being built, sealed and compressed on this thread (counted
+    /// as queued until written); its buffer starts the next chunk.
+    fn compress_here(&mut self, items: u32) -> Result<Work, FormatError> {
+        let info = seal_chunk(&mut self.payload, items);
+        let mut frame = self.spare_buffer();
+        let zc = match &mut self.own {
+            Some(zc) => zc,
+            None => self
+                .own
+                .insert(zstd::bulk::Compressor::new(self.level).map_err(io_at(&self.path))?),
+        };
+        frame.clear();
+        frame.reserve(zstd::zstd_safe::compress_bound(self.payload.len()));
+        zc.compress_to_buffer(&self.payload, &mut frame)
+            .map_err(io_at(&self.path))?;
+        let len = self.payload.len();
+        self.payload.truncate(CHUNK_HEAD_LEN);
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.compressed_here += 1;
+        Ok(Work::Compressed { frame, info, len })
     }
 
     /// Waits up to `limit` for the compressing thread to have written
@@ -974,16 +1064,21 @@ impl SnapshotWriter {
         }
     }
 
-    /// Waits until the compressor has room for one more chunk in memory
-    /// (`true`), unless the spill option says to spool it (`false`).
-    fn wait_for_room(&mut self) -> Result<bool, FormatError> {
+    /// Waits until the compressor has room for one more chunk in memory,
+    /// unless the spill option says to spool it, or this thread can
+    /// compress it while the compressor is behind (see [`SnapshotWriter`]).
+    fn wait_for_room(&mut self) -> Result<Room, FormatError> {
         use Ordering::Relaxed;
         loop {
-            if self.queued.load(Relaxed) < self.queue_limit {
-                return Ok(true);
+            let queued = self.queued.load(Relaxed);
+            if queued < self.queue_limit {
+                return Ok(Room::Queue);
             }
             if self.spill.as_ref().is_some_and(|spill| spill()) {
-                return Ok(false);
+                return Ok(Room::Spool);
+            }
+            if queued < self.queue_limit + self.frame_limit {
+                return Ok(Room::Here);
             }
             // A returned buffer means one chunk fewer in the queue; the
             // timeout covers a buffer the compressor could not return.
@@ -1893,6 +1988,48 @@ pub(super) mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from(SNAPSHOT_FILE)]);
+    }
+
+    #[test]
+    fn chunks_compressed_on_the_callers_thread_make_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, plain) = write_snapshot(dir.path());
+        let want = std::fs::read(&p).unwrap();
+        // No queue: every chunk is compressed where it was encoded.
+        let (got, s, here) = write_with_limits(dir.path(), 0, COMPRESSED_QUEUE_FRAMES);
+        assert_eq!(s, plain);
+        assert!(got == want, "file differs");
+        assert_eq!(
+            here,
+            plain.chunks.len() as u64,
+            "every chunk compressed here"
+        );
+        // No room for frames: the caller waits for the compressor.
+        let (got, s, here) = write_with_limits(dir.path(), 1, 0);
+        assert_eq!((s, here), (plain, 0));
+        assert!(got == want, "file differs");
+    }
+
+    /// The snapshot file of a writer with no spill and the given queue
+    /// limits, its summary, and how many chunks it compressed itself.
+    fn write_with_limits(
+        dir: &Path,
+        queue_limit: usize,
+        frame_limit: usize,
+    ) -> (Vec<u8>, SnapshotSummary, u64) {
+        let p = dir.join("limited.zst");
+        let mut w = SnapshotWriter::create(&p, header(), 3).unwrap();
+        (w.queue_limit, w.frame_limit) = (queue_limit, frame_limit);
+        for it in items() {
+            w.add(&it).unwrap();
+        }
+        // The last chunk is handed over by `finish`.
+        w.flush_chunk().unwrap();
+        let here = w.compressed_here();
+        let s = w.finish().unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        (bytes, s, here)
     }
 
     /// A pace whose position moves at every look: clients always write.

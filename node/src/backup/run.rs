@@ -1056,6 +1056,7 @@ impl BackupService {
             number,
             seconds = opened.elapsed().as_secs_f64(),
             spooled_bytes = w.spooled_bytes(),
+            compressed_by_reader = w.compressed_here(),
             "backup snapshot read and released"
         );
         self.update(|p| p.phase = "compressing");
