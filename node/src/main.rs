@@ -28,7 +28,11 @@ const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 /// `unsafe` of the project: a call into mimalloc's C options API.
 #[allow(unsafe_code)]
 fn tune_allocator() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    // Either name mimalloc reads (the second is its older one).
+    let set = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if !set {
         // SAFETY: called first in `main`, before any other thread exists
         // (mimalloc's option setters are not thread-safe); the option index
         // is checked by a test.
